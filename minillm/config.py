@@ -1,0 +1,324 @@
+"""Typed, frozen configuration: the model's shape, the training run, presets and TOML loading.
+
+No torch at module level: ``minillm --help`` must stay instant.
+
+Resolution order (later wins): preset defaults -> a TOML file's ``[model]``/``[train]`` tables
+(which may name their base with ``preset = "small"``) -> explicit command-line flags.
+Every problem found is gathered into one ``UsageError`` that names the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from minillm.errors import UsageError
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The transformer's shape. Defaults follow the Llama family (pre-norm RMSNorm, SwiGLU, RoPE)."""
+
+    vocab_size: int = _f(0, "vocabulary size; always taken from the tokenizer, padded to a multiple of 64")
+    block_size: int = _f(256, "context length in tokens (the longest sequence the model sees)")
+    n_layer: int = _f(6, "number of transformer blocks")
+    n_head: int = _f(4, "attention heads (query heads)")
+    n_kv_head: int = _f(0, "key/value heads for grouped-query attention; 0 means n_head (plain multi-head)")
+    n_embd: int = _f(256, "model width (embedding size); must be divisible by n_head")
+    mlp: str = _f("swiglu", "feed-forward type: swiglu (Llama) or gelu (GPT-2, 4x wide)", ("swiglu", "gelu"))
+    norm: str = _f("rmsnorm", "normalization layer: rmsnorm (Llama) or layernorm (GPT-2)", ("rmsnorm", "layernorm"))
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    dropout: float = _f(0.0, "dropout on attention and MLP outputs (0 for short runs, 0.1 for many epochs)")
+    bias: bool = _f(False, "biases in linear layers and norms (off in the Llama family)")
+    tie_embeddings: bool = _f(True, "share the input embedding and output layer weights")
+    qk_norm: bool = _f(False, "RMS-normalize queries and keys per head before attention (exports as Qwen3)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    attention: str = _f(
+        "auto",
+        "attention kernel: auto (fastest available), flash, cudnn, efficient, math; does not change the weights",
+        ("auto", "flash", "cudnn", "efficient", "math"),
+    )
+    loss_chunk: int = _f(0, "rows per chunk of the fused output layer + loss (never holds all logits); 0 = all at once; does not change the weights")
+
+    @property
+    def kv_heads(self) -> int:
+        """The effective number of key/value heads."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Hidden width of the MLP: 4x for GELU; for SwiGLU 8/3x rounded to a multiple of 64, so the
+        MLP holds about 8 * n_embd**2 parameters either way."""
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return max(64, int(round(8 * self.n_embd / 3 / 64)) * 64)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: data, optimizer, schedule, precision, evaluation and logging."""
+
+    batch_size: int = _f(32, "micro-batch size (windows per forward pass)")
+    accumulation_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(-1.0, "final learning rate of the cosine decay; negative means lr / 10")
+    warmup_steps: int = _f(100, "linear warmup steps (capped at a tenth of the run)")
+    max_steps: int = _f(0, "stop after this many optimizer steps; 0 means no limit (use epochs)")
+    epochs: float = _f(1.0, "passes over the training windows; the run ends at whichever of epochs/max_steps comes first")
+    max_time: float = _f(0.0, "wall-clock budget in seconds for the whole run; 0 means none")
+    weight_decay: float = _f(0.1, "AdamW weight decay (never on norms, biases and embeddings)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this; 0 disables clipping")
+    optimizer: str = _f("adamw", "optimizer: adamw, or muon for 2-D hidden weights with AdamW for the rest", ("adamw", "muon"))
+    muon_lr: float = _f(0.02, "Muon learning rate for hidden matrices (with --optimizer muon)")
+    eval_every: int = _f(0, "evaluate every N steps; 0 means about 10 times per run")
+    eval_batches: int = _f(20, "validation batches per evaluation")
+    patience: int = _f(0, "stop after this many evaluations without improvement; 0 disables early stopping")
+    log_every: int = _f(10, "print a progress line every N steps")
+    precision: str = _f("auto", "auto (bf16 on capable GPUs, fp16 on older ones, fp32 on CPU), bf16, fp16, fp32",
+                        ("auto", "bf16", "fp16", "fp32"))
+    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA, off for CPU), on, off", ("auto", "on", "off"))
+    device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    seed: int = _f(1337, "random seed for initialization, data order and dropout")
+    num_workers: int = _f(1, "background threads preparing batches ahead of the GPU; 0 prepares them inline")
+    stride: int = _f(0, "step between windows of a long document; 0 means block_size (no overlap)")
+    val_fraction: float = _f(0.05, "fraction of documents held out for validation (at least one document)")
+    doc_masking: bool = _f(False, "restart positions at each document and block attention across documents")
+
+
+# Presets are defined here once. configs/*.toml mirror them (tests/test_config.py checks they agree).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": dict(block_size=64, n_layer=2, n_head=4, n_embd=64),
+        "train": dict(batch_size=16, lr=3e-3, warmup_steps=20, max_steps=300, eval_batches=8, log_every=25),
+    },
+    "small": {
+        "model": dict(block_size=256, n_layer=6, n_head=4, n_embd=256),
+        "train": dict(batch_size=64, lr=1e-3, warmup_steps=100),
+    },
+    "medium": {
+        "model": dict(block_size=512, n_layer=8, n_head=6, n_embd=384),
+        "train": dict(batch_size=32, lr=1e-3, warmup_steps=100),
+    },
+    "large": {
+        "model": dict(block_size=1024, n_layer=10, n_head=10, n_embd=640),
+        "train": dict(batch_size=16, lr=6e-4, warmup_steps=200),
+    },
+    "gpt2-124m": {
+        "model": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        "train": dict(batch_size=16, lr=6e-4, warmup_steps=200),
+    },
+}
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round a vocabulary size up to a multiple of 64 (faster matmuls)."""
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _base_type(tp: Any) -> type:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _check_value(cls: type, key: str, value: Any, where: str) -> str | None:
+    """Return a problem description, or None when ``value`` suits field ``key`` of ``cls``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    f = fields[key]
+    tp = _base_type(typing.get_type_hints(cls)[key])
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        return f"{where}{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        return f"{where}{key}: {value!r} is not one of {', '.join(choices)}"
+    return None
+
+
+def validate(model: ModelConfig, train: TrainConfig) -> list[str]:
+    """Cross-field checks; returns every problem found (empty when all is well)."""
+    p: list[str] = []
+    for name, v in (("n_layer", model.n_layer), ("n_head", model.n_head), ("n_embd", model.n_embd),
+                    ("block_size", model.block_size)):
+        if v < 1:
+            p.append(f"{name} must be >= 1 (got {v})")
+    if model.n_head >= 1 and model.n_embd % model.n_head:
+        ok = [h for h in range(1, 33) if model.n_embd % h == 0]
+        p.append(f"n_embd ({model.n_embd}) must be divisible by n_head ({model.n_head}); n_head could be one of {ok}")
+    if model.n_kv_head < 0 or (model.n_kv_head and model.n_head % model.n_kv_head):
+        ok = [h for h in range(1, model.n_head + 1) if model.n_head % h == 0]
+        p.append(f"n_head ({model.n_head}) must be divisible by n_kv_head ({model.n_kv_head}); n_kv_head could be one of {ok}")
+    if model.n_head >= 1 and model.n_embd % model.n_head == 0 and model.head_dim % 2:
+        p.append(f"head size n_embd/n_head = {model.head_dim} must be even for RoPE")
+    if not 0.0 <= model.dropout < 1.0:
+        p.append(f"dropout must be in [0, 1) (got {model.dropout})")
+    for name, v in (("batch_size", train.batch_size), ("accumulation_steps", train.accumulation_steps),
+                    ("eval_batches", train.eval_batches), ("log_every", train.log_every)):
+        if v < 1:
+            p.append(f"{name} must be >= 1 (got {v})")
+    for name, v in (("max_steps", train.max_steps), ("warmup_steps", train.warmup_steps),
+                    ("eval_every", train.eval_every), ("patience", train.patience), ("stride", train.stride),
+                    ("num_workers", train.num_workers)):
+        if v < 0:
+            p.append(f"{name} must be >= 0 (got {v})")
+    if train.lr <= 0:
+        p.append(f"lr must be > 0 (got {train.lr})")
+    if train.epochs < 0 or train.max_time < 0:
+        p.append("epochs and max_time must be >= 0")
+    if train.epochs == 0 and train.max_steps == 0 and train.max_time == 0:
+        p.append("the run has no end: set epochs, max_steps or max_time")
+    if not 0.0 < train.val_fraction < 1.0:
+        p.append(f"val_fraction must be in (0, 1) (got {train.val_fraction})")
+    if train.stride > model.block_size:
+        p.append(f"stride ({train.stride}) must be <= block_size ({model.block_size}), or tokens are skipped")
+    if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
+        p.append(f"device: {train.device!r} is not one of auto, cpu, cuda, cuda:N")
+    return p
+
+
+def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    mkeys = {f.name for f in dataclasses.fields(ModelConfig)}
+    tkeys = {f.name for f in dataclasses.fields(TrainConfig)}
+    m, t, problems = {}, {}, []
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if k in mkeys:
+            m[k] = v
+        elif k in tkeys:
+            t[k] = v
+        else:
+            problems.append(f"unknown key {k!r}")
+    return m, t, problems
+
+
+def load_toml(path: Path) -> tuple[str | None, dict[str, Any], dict[str, Any], list[str]]:
+    """Read a config TOML file: ``preset = "..."`` plus ``[model]`` and ``[train]`` tables."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config: cannot read {path}: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"--config: {path} is not valid TOML: {e}") from e
+    problems: list[str] = []
+    preset = data.pop("preset", None)
+    if preset is not None and not isinstance(preset, str):
+        problems.append(f"preset: expected a string, one of {', '.join(PRESETS)}")
+        preset = None
+    tables: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for key, value in data.items():
+        if key in tables and isinstance(value, dict):
+            tables[key] = value
+        else:
+            problems.append(f"unknown key {key!r} (allowed at the top level: preset, [model], [train])")
+    for name, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in list(tables[name]):
+            if key not in allowed:
+                problems.append(f"[{name}] unknown key {key!r}; allowed: {', '.join(allowed)}")
+                del tables[name][key]
+    return preset, tables["model"], tables["train"], problems
+
+
+def resolve(config: str = "tiny", overrides: dict[str, Any] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Build the model and training configs from a preset name or TOML file plus explicit overrides.
+
+    Raises ``UsageError`` listing every problem at once.
+    """
+    problems: list[str] = []
+    file_model: dict[str, Any] = {}
+    file_train: dict[str, Any] = {}
+    if config in PRESETS:
+        preset = config
+    elif config.endswith(".toml") or Path(config).is_file():
+        path = Path(config)
+        if not path.is_file():
+            raise UsageError(f"--config: file {config} does not exist; give a preset ({', '.join(PRESETS)}) or a TOML file")
+        preset, file_model, file_train, problems = load_toml(path)
+        if preset is not None and preset not in PRESETS:
+            problems.append(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
+            preset = None
+    else:
+        raise UsageError(f"--config: unknown preset {config!r}; choose one of {', '.join(PRESETS)} or a .toml file")
+    om, ot, extra = _split_overrides(overrides or {})
+    problems += extra
+    base = PRESETS.get(preset or "", {"model": {}, "train": {}})
+    mvals = {**base["model"], **file_model, **om}
+    tvals = {**base["train"], **file_train, **ot}
+    for cls, vals, where in ((ModelConfig, mvals, "[model] "), (TrainConfig, tvals, "[train] ")):
+        for k in list(vals):
+            prob = _check_value(cls, k, vals[k], where)
+            if prob:
+                problems.append(prob)
+                del vals[k]
+            elif _base_type(typing.get_type_hints(cls)[k]) is float:
+                vals[k] = float(vals[k])
+    if problems:
+        raise UsageError("invalid config:\n  " + "\n  ".join(problems))
+    model, train = ModelConfig(**mvals), TrainConfig(**tvals)
+    problems = validate(model, train)
+    if problems:
+        raise UsageError("invalid config:\n  " + "\n  ".join(problems))
+    return model, train
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def model_from_dict(d: dict[str, Any]) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def train_from_dict(d: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``90``, ``90s``, ``2m``, ``1h30m`` or ``1.5h`` into seconds."""
+    import re
+
+    s = text.strip().lower()
+    if not s:
+        raise UsageError("--max-time: empty duration; write e.g. 90s, 2m or 1h")
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?", s)
+    if not parts or not any(parts.groups()):
+        raise UsageError(f"--max-time: cannot read {text!r}; write e.g. 90s, 2m, 1h or 1h30m")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    return h * 3600 + m * 60 + sec

@@ -1,0 +1,335 @@
+"""Corpus input: finding input files, decoding them (UTF-8 with a cp1252 fallback), refusing binary
+files, and streaming their documents. Cleaning lives in ``corpus_clean``, the prepare pipeline in
+``corpus_prepare``, statistics and recommendations in ``corpus_stats``.
+
+Everything here streams: memory holds one document (and one read buffer) at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gzip
+import io
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from minillm.errors import MiniLLMError, UsageError
+
+DOC_SEPARATOR = "<|doc|>"
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # what a directory contributes, besides .jsonl (and .gz of either)
+JSONL_SUFFIXES = (".jsonl",)
+MAX_DOC_CHARS = 8_000_000  # a longer document is cut at its next blank line, so memory stays bounded
+_CHUNK = 1 << 20
+_SNIFF = 1 << 16
+
+
+def iter_documents(path: Path, separator: str = DOC_SEPARATOR) -> Iterator[str]:
+    """Stream the documents of a corpus file: UTF-8 text, documents separated by a line holding only
+    ``separator``. Empty documents are skipped. Memory holds one document at a time."""
+    buf: list[str] = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line in f:
+            if line.rstrip("\r\n") == separator:
+                doc = "".join(buf).strip("\n")
+                if doc.strip():
+                    yield doc
+                buf = []
+            else:
+                buf.append(line)
+    doc = "".join(buf).strip("\n")
+    if doc.strip():
+        yield doc
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How input files are read and cut into documents."""
+
+    separator: str = DOC_SEPARATOR  # a line holding exactly this ends a document
+    split_on_blank_lines: bool = False  # a blank line also ends a document
+    text_field: str = "text"  # the JSON key holding a .jsonl line's text
+    encoding: str = "auto"  # auto (UTF-8, cp1252 fallback per file) or any Python codec name
+    strict: bool = False  # invalid bytes are an error naming the file and byte offset
+
+
+def is_jsonl(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith(JSONL_SUFFIXES)
+
+
+def find_inputs(paths: list[Path]) -> tuple[list[Path], int]:
+    """Expand directories (recursively, sorted, hidden entries skipped) into their .txt/.md/.jsonl
+    files and .gz of them. Returns the files and how many directory entries were skipped."""
+    if not paths:
+        raise UsageError("no inputs given: name one or more files or directories")
+    files: list[Path] = []
+    skipped = 0
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = []
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for n in sorted(names):
+                    base = n.lower().removesuffix(".gz")
+                    if n.startswith("."):
+                        continue
+                    if base.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+                        found.append(Path(root) / n)
+                    else:
+                        skipped += 1
+            if not found:
+                raise UsageError(f"directory {p} holds no .txt, .md or .jsonl files (or .gz of them)")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"input {p} does not exist; check the path")
+    return files, skipped
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _looks_binary(head: bytes) -> str | None:
+    """Why ``head`` is not text, or None. NUL bytes, or more than 30% control bytes, mean binary."""
+    if b"\x00" in head:
+        return "it holds NUL bytes"
+    if head:
+        ctrl = sum(head.count(bytes([c])) for c in (*range(1, 9), 11, 14, 15, *range(16, 27), 28, 29, 30, 31, 127))
+        if ctrl / len(head) > 0.3:
+            return "most of its bytes are control characters"
+    return None
+
+
+def _binary_error(path: Path, why: str) -> MiniLLMError:
+    return MiniLLMError(
+        f"{path} looks like a binary file ({why}); remove it from the inputs "
+        "(or pass --encoding utf-16 if it is UTF-16 text)"
+    )
+
+
+def _wide_codec(encoding: str) -> bool:
+    name = codecs.lookup(encoding).name
+    return name.startswith(("utf-16", "utf-32"))
+
+
+def check_head(path: Path, encoding: str = "auto") -> None:
+    """Refuse a file whose first 64 KiB look binary (cheap; run on every input before writing)."""
+    if encoding != "auto" and _wide_codec(encoding):
+        return
+    try:
+        with _open_binary(path) as f:
+            head = f.read(_SNIFF)
+    except (OSError, EOFError, zlib.error) as e:
+        raise MiniLLMError(f"cannot read {path}: {e}") from e
+    why = _looks_binary(head)
+    if why:
+        raise _binary_error(path, why)
+
+
+def scan_utf8(path: Path, check_binary: bool = True) -> tuple[int, int | None]:
+    """Read the whole file once (C speed). Returns (size in bytes, offset of the first invalid UTF-8
+    byte or None). Raises when a NUL byte shows the file is binary."""
+    offset = 0
+    bad: int | None = None
+    carry = b""
+    try:
+        with _open_binary(path) as f:
+            while chunk := f.read(_CHUNK):
+                if check_binary and b"\x00" in chunk:
+                    nul = offset + chunk.index(b"\x00")
+                    raise _binary_error(path, f"a NUL byte at offset {nul}")
+                if bad is None:
+                    data = carry + chunk
+                    start = offset - len(carry)
+                    try:
+                        data.decode("utf-8")
+                        carry = b""
+                    except UnicodeDecodeError as e:
+                        if e.reason == "unexpected end of data" and len(data) - e.start < 4:
+                            carry = data[e.start:]
+                        else:
+                            bad = start + e.start
+                offset += len(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise MiniLLMError(f"cannot read {path}: {e}") from e
+    if bad is None and carry:
+        bad = offset - len(carry)
+    return offset, bad
+
+
+@dataclass
+class FileInfo:
+    """What reading one file found."""
+
+    path: str
+    encoding: str
+    bytes: int
+    fallback_from_byte: int | None = None  # first invalid UTF-8 byte when auto fell back to cp1252
+
+
+def resolve_encoding(path: Path, opts: ReadOptions, log: Callable[[str], None]) -> FileInfo:
+    """Decide how to decode ``path``; raise on binary files and, with ``--strict``, on invalid bytes."""
+    enc = opts.encoding.lower()
+    if enc != "auto":
+        try:
+            codecs.lookup(enc)
+        except LookupError:
+            raise UsageError(f"--encoding {opts.encoding!r} is not a known codec; try auto, utf-8, cp1252 or latin-1") from None
+    if enc != "auto" and _wide_codec(enc):
+        return FileInfo(str(path), enc, os.path.getsize(path))
+    size, bad = scan_utf8(path)
+    if enc in ("auto", "utf-8", "utf8"):
+        if bad is not None:
+            if opts.strict:
+                raise MiniLLMError(
+                    f"{path}: invalid UTF-8 at byte offset {bad}; fix the file, pass --encoding cp1252 "
+                    "(or the file's real encoding), or drop --strict to let auto fall back to cp1252"
+                )
+            if enc == "auto":
+                log(f"{path}: not valid UTF-8 (first bad byte at offset {bad}); read as cp1252")
+                return FileInfo(str(path), "cp1252", size, bad)
+        return FileInfo(str(path), "utf-8-sig", size)
+    return FileInfo(str(path), enc, size)
+
+
+def _open_text(path: Path, info: FileInfo, strict: bool) -> IO[str]:
+    """A text stream that keeps line endings untranslated (CRLF stays CRLF until cleaning)."""
+    encoding = info.encoding
+    if encoding == "cp1252":
+        import ftfy.bad_codecs  # noqa: F401  registers sloppy-windows-1252 (cp1252 that never fails)
+
+        encoding = "sloppy-windows-1252"
+    errors = "strict" if strict else "replace"
+    return io.TextIOWrapper(_open_binary(path), encoding=encoding, errors=errors, newline="")
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path, info: FileInfo, strict: bool) -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise MiniLLMError(
+            f"{path}: cannot decode as {info.encoding} ({e.reason}); pass the file's real --encoding"
+            + (" or drop --strict" if strict else "")
+        ) from e
+    except (OSError, EOFError, zlib.error) as e:
+        raise MiniLLMError(f"cannot read {path}: {e}") from e
+
+
+def _split_chunks(f: IO[str], sep: str, on_long: Callable[[], None]) -> Iterator[str]:
+    """Documents of a text stream, read in 1 MiB blocks: the fast path of ``_split_text``.
+
+    A separator line is ``sep`` alone between line breaks (LF, CRLF or CR), as in ``iter_documents``."""
+    sep_re = re.compile(r"(?:^|(?<=\r))" + re.escape(sep) + r"(?:\r\n?|\n|\Z)", re.MULTILINE)
+    parts: list[str] = []  # pieces of the current document
+    size = 0
+    carry = ""
+    while True:
+        chunk = f.read(_CHUNK)
+        block = carry + chunk
+        if chunk:
+            cut = max(block.rfind("\n"), block.rfind("\r")) + 1  # complete lines only
+            if cut == 0 and len(block) < 2 * MAX_DOC_CHARS:
+                carry = block
+                continue
+            block, carry = (block[:cut], block[cut:]) if cut else (block, "")
+        pos = 0
+        for m in sep_re.finditer(block):
+            parts.append(block[pos : m.start()])
+            doc = "".join(parts)
+            if doc:
+                yield doc
+            parts, size, pos = [], 0, m.end()
+        rest = block[pos:]
+        parts.append(rest)
+        size += len(rest)
+        if size > MAX_DOC_CHARS:  # cut a huge document at its last blank line (or here)
+            doc = "".join(parts)
+            brk = doc.rfind("\n\n") + 2
+            if brk < 2 and size < 2 * MAX_DOC_CHARS:
+                parts = [doc]
+            else:
+                brk = brk if brk >= 2 else len(doc)
+                on_long()
+                yield doc[:brk]
+                parts = [doc[brk:]]
+                size = len(parts[0])
+        if not chunk:
+            break
+    doc = "".join(parts)
+    if doc:
+        yield doc
+
+
+def _split_lines(lines: Iterator[str], opts: ReadOptions, on_long: Callable[[], None]) -> Iterator[str]:
+    """Documents of a text stream, line by line (used with --split-on-blank-lines)."""
+    sep = opts.separator
+    buf: list[str] = []
+    n = 0
+    for line in lines:
+        stripped = line.rstrip("\r\n")
+        if stripped == sep or (opts.split_on_blank_lines and not stripped.strip()):
+            if buf:
+                yield "".join(buf)
+            buf, n = [], 0
+            continue
+        buf.append(line)
+        n += len(line)
+        if n > MAX_DOC_CHARS and (not stripped.strip() or n > 2 * MAX_DOC_CHARS):
+            on_long()
+            yield "".join(buf)
+            buf, n = [], 0
+    if buf:
+        yield "".join(buf)
+
+
+def _split_jsonl(path: Path, lines: Iterator[str], field: str) -> Iterator[str]:
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MiniLLMError(f"{path} line {i}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+        if not isinstance(obj, dict) or field not in obj:
+            keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+            raise UsageError(f"{path} line {i}: no field {field!r} (found: {keys}); pass --text-field NAME")
+        value = obj[field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise MiniLLMError(f"{path} line {i}: field {field!r} is {type(value).__name__}, not text")
+        yield value
+
+
+def read_documents(
+    files: list[Path],
+    opts: ReadOptions,
+    infos: list[FileInfo] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+    on_long: Callable[[], None] = lambda: None,
+) -> Iterator[str]:
+    """Stream raw (uncleaned) documents from every file in order; appends a FileInfo per file to ``infos``."""
+    for path in files:
+        info = resolve_encoding(path, opts, log)
+        if infos is not None:
+            infos.append(info)
+        with _open_text(path, info, opts.strict) as f, _read_errors(path, info, opts.strict):
+            if is_jsonl(path):
+                yield from _split_jsonl(path, f, opts.text_field)
+            elif opts.split_on_blank_lines:
+                yield from _split_lines(f, opts, on_long)
+            else:
+                yield from _split_chunks(f, opts.separator, on_long)

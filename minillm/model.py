@@ -1,0 +1,435 @@
+"""The transformer: a Llama-style decoder (pre-norm RMSNorm, RoPE, SwiGLU, no biases) that can also be
+built GPT-2 style (LayerNorm, GELU), with grouped-query attention, optional QK-norm, tied embeddings,
+gradient checkpointing, document masking and a KV cache kept outside the module.
+
+Read top to bottom: norms and RoPE, attention, MLP, the block, the model, the loss, the KV cache,
+and the memory estimate used by ``train --dry-run``.
+
+Module names match Hugging Face's Llama/Qwen3 layout one to one (``attn.q_proj`` ~ ``self_attn.q_proj``,
+``mlp.gate_proj``, ``norm1`` ~ ``input_layernorm``, ...), and RoPE uses the rotate-half convention, so
+export is a renaming of keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from minillm.config import ModelConfig
+from minillm.errors import MiniLLMError
+
+RMS_EPS = 1e-6  # Llama/Qwen3 rms_norm_eps; export writes this value
+LN_EPS = 1e-5  # GPT-2 layer_norm_epsilon
+IGNORE_INDEX = -1  # targets with this value add no loss
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=LN_EPS, bias=cfg.bias)
+    return nn.RMSNorm(dim, eps=RMS_EPS)
+
+
+# --------------------------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables for integer ``positions`` (B|1, T), computed in fp32 -> each (B|1, 1, T, D).
+
+    Computed on the fly (no buffer), so ``model.to(bfloat16)`` cannot round the frequencies and any
+    position works."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate queries or keys ``x`` (B, H, T, D) by their positions (Llama/HF rotate-half convention)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def segment_ids(idx: Tensor, doc_id: int) -> Tensor:
+    """Document index of every token (B, T): a ``<|doc|>`` token starts a new document (it is its BOS)."""
+    return torch.cumsum(idx == doc_id, dim=1)
+
+
+def segment_positions(seg: Tensor) -> Tensor:
+    """Positions that restart at 0 at each document's first token (B, T), from ``segment_ids``."""
+    T = seg.size(1)
+    t = torch.arange(T, device=seg.device).expand_as(seg)  # (B, T)
+    starts = torch.ones_like(seg, dtype=torch.bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # index of the doc's first token
+    return t - first
+
+
+# ---------------------------------------------------------------------------------------- attention
+
+_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
+
+
+def sdpa_context(attention: str, device: torch.device, masked: bool) -> contextlib.AbstractContextManager:
+    """The ``sdpa_kernel`` context forcing the backend ``attention`` names; ``auto`` lets PyTorch pick.
+
+    On CPU only ``math`` is forced (the CUDA kernels do not exist there). Flash attention takes no
+    arbitrary mask, so masked calls (document masking, padded decoding) with ``flash`` fall back to the
+    other fused kernels, then math."""
+    if attention == "auto" or (device.type != "cuda" and attention != "math"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if masked and attention == "flash":
+        names = ["CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+    else:
+        names = [_BACKENDS[attention]]
+    return sdpa_kernel([getattr(SDPBackend, n) for n in names])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_head, self.n_kv, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = self.n_kv != self.n_head
+        native_gqa = gqa and mask is None and self.cfg.attention in ("auto", "flash", "math")
+        if gqa and not native_gqa:  # the kernels that take masks need one key/value head per query head
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        is_causal = mask is None and q.size(2) == k.size(2)  # no mask and a one-token step: attend to all
+        with sdpa_context(self.cfg.attention, x.device, mask is not None):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=native_gqa)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.dropout(self.o_proj(y))
+
+
+# ---------------------------------------------------------------------------------------------- MLP
+
+
+class MLP(nn.Module):
+    """SwiGLU (Llama: ``down(silu(gate(x)) * up(x))``) or GELU (GPT-2: ``down(gelu(up(x)))``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, hidden)
+        else:
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg, cfg.n_embd), Attention(cfg, layer_idx)
+        self.norm2, self.mlp = make_norm(cfg, cfg.n_embd), MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), rope, mask, cache)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise MiniLLMError("ModelConfig.vocab_size is 0: take it from the tokenizer (padded to a multiple of 64)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one tensor, one gradient, counted once
+
+    def _init_weights(self, m: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02); the projections that write into the residual stream (o_proj, down_proj)
+        scaled by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth."""
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        for name in ("o_proj", "down_proj"):
+            if hasattr(m, name):
+                nn.init.normal_(getattr(m, name).weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, seg_ids: Tensor | None = None,
+                cache: KVCache | None = None, positions: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """idx (B, T) -> logits (B, T, V) in fp32, or with ``targets`` (B, T) the loss (``reduction``
+        ``mean``: a scalar over non-ignored targets; ``none``: (B, T), 0 where the target is -1).
+
+        ``seg_ids`` (B, T): document of each token (``segment_ids``); positions restart per document and
+        attention stays inside it. ``cache``: a ``KVCache``; the tokens are appended at ``cache.pos``.
+        ``positions`` (B, T): explicit RoPE positions (default: from ``seg_ids``, or the cache's)."""
+        B, T = idx.shape
+        if cache is None and T > self.cfg.block_size:
+            raise MiniLLMError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}; crop it")
+        if positions is None:
+            positions = default_positions(T, idx.device, seg_ids, cache)  # (B|1, T)
+        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        mask = attention_mask(T, idx.device, seg_ids, cache)  # None: plain causal (or one decode step)
+        remat = self.cfg.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        x = self.tok_emb(idx)  # (B, T, C)
+        for block in self.blocks:
+            if remat:
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.pos += T
+        h = self.norm_f(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(h).float()  # (B, T, V)
+        return self._loss(h, targets, reduction)
+
+    def _loss(self, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
+        """Cross-entropy of the output layer applied to ``h`` (B, T, C), in fp32, ignoring targets -1.
+
+        With ``cfg.loss_chunk`` > 0, the output layer and the loss run over that many rows at a time and
+        never hold the full (B*T, V) logits (``linear_cross_entropy``); otherwise the plain path."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        B, T, C = h.shape
+        chunk = self.cfg.loss_chunk
+        if chunk > 0 and not (reduction == "none" and torch.is_grad_enabled()):
+            losses = linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
+                                          chunk, reduction)
+        else:
+            logits = self.lm_head(h).float()  # (B, T, V)
+            losses = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                     reduction="none")  # (B*T,)
+            if reduction == "mean":
+                losses = losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return losses if reduction == "mean" else losses.view(B, T)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, tied weights counted once. ``non_embedding`` leaves out the token embedding and
+        the output layer (the V x C matrices)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T, N counting every matrix that is
+        multiplied (the output layer, but not the input embedding lookup), T = block_size."""
+        c = self.cfg
+        n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        return 6.0 * n + 12.0 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+
+def default_positions(T: int, device: torch.device, seg_ids: Tensor | None, cache: KVCache | None) -> Tensor:
+    """RoPE positions (B|1, T): restarting per document, continuing the cache (minus each row's left
+    padding), or 0..T-1."""
+    if seg_ids is not None:
+        if cache is not None:
+            raise ValueError("seg_ids with a KV cache is not supported; decode one document per row")
+        return segment_positions(seg_ids)
+    t = torch.arange(T, device=device)[None]  # (1, T)
+    if cache is None:
+        return t
+    t = t + cache.pos
+    return t if cache.offsets is None else (t - cache.offsets[:, None]).clamp(min=0)  # (B, T)
+
+
+def attention_mask(T: int, device: torch.device, seg_ids: Tensor | None, cache: KVCache | None) -> Tensor | None:
+    """Boolean mask (B|1, 1, T, S), True = may attend, or None for the plain causal case (and for a single
+    decode step without padding, where every cached key is visible).
+
+    Every query always sees itself, so a padding row never has all keys masked (that would give NaN)."""
+    if seg_ids is not None:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        same_doc = seg_ids[:, :, None] == seg_ids[:, None, :]  # (B, T, T)
+        return (same_doc & causal)[:, None]
+    if cache is None or (cache.key_mask is None and (cache.pos == 0 or T == 1)):
+        return None
+    S = cache.pos + T
+    q_at = torch.arange(cache.pos, S, device=device)[:, None]  # (T, 1) slot of each new token
+    k_at = torch.arange(S, device=device)[None]  # (1, S)
+    mask = (k_at <= q_at)[None, None]  # (1, 1, T, S)
+    if cache.key_mask is not None:
+        mask = (mask & cache.key_mask[:, None, None, :S]) | (k_at == q_at)  # (B, 1, T, S)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross_entropy(h @ w.T, targets), computed ``chunk`` rows at a time.
+
+    Because the result is a sum (its gradient is a scalar times a fixed tensor), the gradients are
+    computed during the forward pass chunk by chunk and only scaled in backward: no (N, V) tensor ever
+    exists and no matmul is recomputed."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, chunk: int) -> Tensor:  # h (N, C), w (V, C)
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(dev, enabled=False):
+            wc = w.to(dtype)
+            total = torch.zeros((), dtype=acc, device=h.device)
+            gh = torch.empty_like(h) if need_grad else None
+            gw = torch.zeros_like(w, dtype=acc) if need_grad else None
+            for s in range(0, h.size(0), chunk):
+                hc, tc = h[s:s + chunk].to(dtype), targets[s:s + chunk]
+                logits = (hc @ wc.T).to(acc)  # (n, V)
+                valid = tc != IGNORE_INDEX
+                tgt = tc.clamp(min=0)[:, None]
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
+                if need_grad:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    g.scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=g.dtype))
+                    g = (g * valid[:, None]).to(dtype)  # (n, V) d(sum of losses)/d(logits)
+                    gh[s:s + chunk] = g @ wc
+                    gw += (g.T @ hc).to(acc)
+        ctx.save_for_backward(gh, gw.to(w.dtype) if need_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gh, gw = ctx.saved_tensors
+        gh = gh * grad.to(gh.dtype) if ctx.needs_input_grad[0] else None
+        gw = gw * grad if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of ``h @ w.T`` (h (N, C), w (V, C), targets (N,), -1 ignored) without ever
+    materializing the (N, V) logits: ``mean`` over non-ignored rows, or ``none`` -> (N,) (no gradient)."""
+    if reduction == "none":
+        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+            raise ValueError("linear_cross_entropy: reduction='none' is for evaluation (no gradient)")
+        out = []
+        for s in range(0, h.size(0), chunk):
+            logits = h[s:s + chunk] @ w.T  # (n, V)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            out.append(F.cross_entropy(logits, targets[s:s + chunk], ignore_index=IGNORE_INDEX, reduction="none"))
+        return torch.cat(out)
+    total = _LinearCrossEntropy.apply(h, w, targets, chunk)
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to ``max_len`` slots.
+
+    ``pos``: slots filled so far (``GPT.forward`` writes its new tokens at ``pos`` and advances it).
+    Batched prompts of different lengths are LEFT-padded; call ``set_left_padding(pad_lens)`` before the
+    first forward: padded slots are masked out as keys and each row's RoPE positions start at its first
+    real token, so every row decodes exactly as it would alone."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, Hkv, max_len, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size, self.max_len, self.pos = batch_size, max_len, 0
+        self.key_mask: Tensor | None = None  # (B, max_len) bool, False at padding slots
+        self.offsets: Tensor | None = None  # (B,) left padding of each row
+
+    def reset(self) -> None:
+        self.pos, self.key_mask, self.offsets = 0, None, None
+
+    def set_left_padding(self, pad_lens: Tensor | list[int]) -> None:
+        """Mark the first ``pad_lens[b]`` slots of row b as padding (call while ``pos`` is 0)."""
+        pad = torch.as_tensor(pad_lens, device=self.k.device, dtype=torch.long)  # (B,)
+        self.offsets = pad
+        self.key_mask = torch.arange(self.max_len, device=self.k.device)[None] >= pad[:, None]  # (B, max_len)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new keys/values (B, Hkv, T, D) of ``layer`` at ``pos``; return all so far (B, Hkv, S, D)."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise MiniLLMError(f"KV cache is full ({self.max_len} slots); crop the context or make a larger cache")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ------------------------------------------------------------------------------------ memory estimate
+
+
+def estimate_memory(cfg: ModelConfig, batch_size: int, precision: str = "bf16") -> dict[str, int]:
+    """Rough training memory in bytes: fp32 weights, fp32 gradients, AdamW's two fp32 moments, and the
+    activations saved for backward (flash attention assumed, so no T x T term; the output layer's
+    fp32 logits counted in full unless ``loss_chunk`` is set).
+
+    Activations per token and layer, in elements: 2·C saved norm inputs (fp32 under autocast) and
+    about 7·C + 4·Ckv + 5·hidden (SwiGLU; 3·hidden for GELU) of matmul inputs/outputs in the compute
+    dtype. With gradient checkpointing only each block's input is kept, plus one block recomputed."""
+    act = 2 if precision in ("bf16", "fp16") else 4
+    c, L = cfg, cfg.n_layer
+    C, Ckv, Hd = c.n_embd, c.kv_heads * c.head_dim, c.mlp_hidden
+    n_params = c.vocab_size * C * (1 if c.tie_embeddings else 2) + L * (
+        2 * C * C + 2 * C * Ckv + (3 if c.mlp == "swiglu" else 2) * C * Hd + 2 * C) + C
+    tokens = batch_size * c.block_size
+    per_layer = 4 * 2 * C + act * (7 * C + 4 * Ckv + (5 if c.mlp == "swiglu" else 3) * Hd)  # bytes per token
+    chunk = c.loss_chunk
+    logit_rows = min(chunk, tokens) if chunk > 0 else tokens
+    head = tokens * 4 * C + logit_rows * c.vocab_size * (act + 4 + 4)  # final norm; logits, fp32 copy, grad
+    if c.gradient_checkpointing:
+        blocks = tokens * (L * 4 * C + per_layer)
+    else:
+        blocks = tokens * L * per_layer
+    out = {"params": 4 * n_params, "grads": 4 * n_params, "optimizer": 8 * n_params,
+           "activations": blocks + head}
+    out["total"] = sum(out.values())
+    return out

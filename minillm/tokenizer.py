@@ -1,0 +1,141 @@
+"""Training, saving and loading Hugging Face ``tokenizers`` models, and the special tokens.
+
+Every document is stored as ``<|doc|>`` followed by its tokens. Special-token strings that occur
+inside text are encoded as ordinary text (``encode_special_tokens``), never as the special id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from minillm.errors import MiniLLMError, UsageError
+
+DOC = "<|doc|>"
+PAD = "<|pad|>"
+UNK = "<|unk|>"
+DEFAULT_SPECIALS = (DOC, PAD)
+MODELS = ("bpe", "unigram", "wordpiece")
+
+
+def special_tokens_for(model: str, extra: Iterable[str] = ()) -> list[str]:
+    """The special tokens a tokenizer of this type holds: ``<|doc|>``, ``<|pad|>``, ``<|unk|>`` where the
+    model type needs one, then the user's extra tokens (deduplicated, order kept)."""
+    specials = list(DEFAULT_SPECIALS) + ([UNK] if model != "bpe" else [])
+    for s in extra:
+        s = s.strip()
+        if s and s not in specials:
+            specials.append(s)
+    return specials
+
+
+def min_vocab_size(model: str, n_specials: int) -> int:
+    """Smallest vocabulary that holds the base alphabet and the special tokens."""
+    return (256 if model == "bpe" else 1) + n_specials
+
+
+def train_tokenizer(
+    texts: Iterator[str] | Iterable[str],
+    vocab_size: int,
+    model: str = "bpe",
+    min_frequency: int = 2,
+    special_tokens: Iterable[str] = (),
+    length: int | None = None,
+    show_progress: bool = False,
+):
+    """Train a tokenizer from an iterator of documents (streamed: nothing is held in memory but the
+    tokenizer's own counts). Returns a ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if model not in MODELS:
+        raise UsageError(f"--model: {model!r} is not one of {', '.join(MODELS)}")
+    specials = special_tokens_for(model, special_tokens)
+    minimum = min_vocab_size(model, len(specials))
+    if vocab_size < minimum:
+        raise UsageError(
+            f"--vocab-size {vocab_size} is too small: a {model} tokenizer needs at least {minimum} "
+            f"({'256 bytes + ' if model == 'bpe' else ''}{len(specials)} special tokens); try 8000 or more"
+        )
+    if model == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+        )
+    elif model == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=specials, unk_token=UNK, show_progress=show_progress
+        )
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=show_progress
+        )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    tok.encode_special_tokens = True
+    return tok
+
+
+def load_tokenizer(path: Path | str):
+    """Load a ``tokenizer.json``; raises ``MiniLLMError`` naming the file when it is not one."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise MiniLLMError(f"tokenizer file {path} does not exist; create one with `minillm init-tokenizer`")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception on malformed JSON
+        raise MiniLLMError(f"{path} is not a tokenizer file ({str(e)[:120]}); create one with `minillm init-tokenizer`") from e
+    if tok.token_to_id(DOC) is None:
+        raise MiniLLMError(f"tokenizer {path} has no {DOC} token; create one with `minillm init-tokenizer`")
+    tok.encode_special_tokens = True
+    return tok
+
+
+def doc_id(tok) -> int:
+    return int(tok.token_to_id(DOC))
+
+
+def pad_id(tok) -> int:
+    i = tok.token_to_id(PAD)
+    return int(i) if i is not None else doc_id(tok)
+
+
+def encode_documents(tok, docs: list[str]) -> list[list[int]]:
+    """Encode documents in one parallel batch, each as ``<|doc|>`` + its tokens."""
+    d = doc_id(tok)
+    return [[d, *e.ids] for e in tok.encode_batch(docs, add_special_tokens=False)]
+
+
+def save_tokenizer(tok, path: Path) -> None:
+    from minillm.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), tok.to_str(pretty=False))
+
+
+def describe(tok, sample: list[str], n_examples: int = 3) -> dict:
+    """Vocabulary size, bytes per token on a sample and a few sample tokenizations."""
+    encs = tok.encode_batch(sample, add_special_tokens=False) if sample else []
+    n_bytes = sum(len(s.encode("utf-8")) for s in sample)
+    n_tok = sum(len(e.ids) for e in encs)
+    examples = []
+    for s, e in list(zip(sample, encs, strict=True))[:n_examples]:
+        examples.append({"text": s[:80], "tokens": e.tokens[:24]})
+    return {
+        "vocab_size": tok.get_vocab_size(),
+        "bytes_per_token": round(n_bytes / n_tok, 3) if n_tok else None,
+        "examples": examples,
+    }
+
+
+def vocab_json(tok) -> str:
+    return json.dumps(tok.get_vocab(), ensure_ascii=False)

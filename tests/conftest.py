@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny corpora, a tokenizer trained in-process, the CLI runner."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "minillm" / "data" / "sample_es.txt"
+
+WORDS = ("el la los las de del y en que a por con para una un su sus se lo como mas pero sus fue dijo "
+         "tierra cielo agua luz dia noche hombre mujer casa camino rey pueblo ciudad monte rio mar").split()
+
+
+def make_corpus(path: Path, n_docs: int = 40, words_per_doc: tuple[int, int] = (30, 120), seed: int = 0) -> Path:
+    """A small synthetic corpus in the design's format (documents separated by <|doc|> lines)."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n_docs):
+        n = rng.randint(*words_per_doc)
+        body = " ".join(rng.choice(WORDS) for _ in range(n))
+        docs.append(f"Documento {i}\n\n{body.capitalize()}.")
+    path.write_text("\n<|doc|>\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture
+def tokenizer_path(tmp_path: Path, corpus: Path) -> Path:
+    from minillm.corpus import iter_documents
+    from minillm.tokenizer import save_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(iter_documents(corpus), 300)
+    out = tmp_path / "tokenizer.json"
+    save_tokenizer(tok, out)
+    return out
+
+
+@pytest.fixture
+def runner():
+    from typer.testing import CliRunner
+
+    try:
+        return CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always separates stderr
+        return CliRunner()

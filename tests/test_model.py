@@ -1,0 +1,440 @@
+"""The model, proven on tiny CPU configs: causality, RoPE, tying, checkpointing, KV cache, GQA,
+document masking, preset sizes, init loss, overfitting, state dict, losses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from minillm.config import PRESETS, ModelConfig
+from minillm.errors import MiniLLMError
+from minillm.model import (
+    GPT,
+    KVCache,
+    apply_rope,
+    estimate_memory,
+    linear_cross_entropy,
+    rope_cos_sin,
+    segment_ids,
+    segment_positions,
+)
+
+V = 64
+DOC = 1  # the <|doc|> id in these tests
+PAD = 0
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    return ModelConfig(**{**base, **kw})
+
+
+def model(seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny(**kw)).eval()
+
+
+def tokens(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, V, (B, T), generator=g)  # never DOC or PAD
+
+
+VARIANTS = [
+    {},
+    {"n_kv_head": 1},
+    {"n_kv_head": 2},
+    {"qk_norm": True},
+    {"mlp": "gelu", "norm": "layernorm", "bias": True, "tie_embeddings": False},
+]
+
+
+# ------------------------------------------------------------------------------------- basics
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_causality(kw):
+    m = model(**kw)
+    x = tokens(2, 20)
+    y = x.clone()
+    y[:, 12:] = tokens(2, 8, seed=7)
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    assert a.shape == (2, 20, V) and a.dtype == torch.float32
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    D, theta = 16, 10000.0
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+
+    def score(m: int, n: int) -> torch.Tensor:
+        cq, sq = rope_cos_sin(torch.tensor([[m]]), D, theta)
+        ck, sk = rope_cos_sin(torch.tensor([[n]]), D, theta)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    for m, n in [(5, 2), (9, 9), (3, 7)]:
+        for shift in (1, 17, 250):
+            torch.testing.assert_close(score(m, n), score(m + shift, n + shift), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(score(5, 2), score(5, 3))  # and it does depend on the offset
+
+
+def test_rope_is_rotate_half_convention():
+    """Llama/HF convention: the head dim splits in halves, (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    D = 8
+    x = torch.arange(1.0, D + 1).view(1, 1, 1, D)
+    cos, sin = rope_cos_sin(torch.tensor([[3]]), D, 10000.0)
+    inv = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
+    ang = 3 * inv
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], dim=-1)
+    torch.testing.assert_close(apply_rope(x, cos, sin), want)
+
+
+def test_tied_weights_are_one_tensor_counted_once():
+    tied, untied = model(), model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    assert untied.num_params() - tied.num_params() == V * 32
+    assert tied.num_params() == sum(p.numel() for p in set(tied.parameters()))
+    assert tied.num_params(non_embedding=True) == tied.num_params() - V * 32
+    assert untied.num_params(non_embedding=True) == untied.num_params() - 2 * V * 32
+    x = tokens(2, 8)
+    tied(x, x).backward()
+    assert tied.tok_emb.weight.grad is tied.lm_head.weight.grad
+
+
+def test_residual_projections_scaled_by_depth():
+    torch.manual_seed(0)
+    m = GPT(tiny(n_layer=8, n_embd=256, n_head=4))
+    assert abs(m.blocks[0].attn.q_proj.weight.std().item() - 0.02) < 0.002
+    want = 0.02 / math.sqrt(16)
+    for b in m.blocks:
+        assert abs(b.attn.o_proj.weight.std().item() - want) < 0.1 * want
+        assert abs(b.mlp.down_proj.weight.std().item() - want) < 0.1 * want
+
+
+@pytest.mark.parametrize("n_embd,vocab", [(32, 64), (256, 4096)])
+def test_loss_at_init_is_near_ln_vocab(n_embd, vocab):
+    torch.manual_seed(0)
+    m = GPT(tiny(n_embd=n_embd, vocab_size=vocab))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, vocab, (4, 32), generator=g), torch.randint(0, vocab, (4, 32), generator=g)
+    with torch.no_grad():
+        loss = m(x, y).item()
+    assert abs(loss - math.log(vocab)) < 0.3
+
+
+def test_one_batch_overfits():
+    m = model().train()
+    x = tokens(4, 16)
+    y = torch.roll(x, -1, dims=1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = m(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_state_dict_round_trip(tmp_path):
+    m = model(qk_norm=True)
+    path = tmp_path / "m.pt"
+    torch.save(m.state_dict(), path)
+    fresh = model(seed=5, qk_norm=True)
+    x = tokens(2, 12)
+    assert not torch.allclose(fresh(x), m(x))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+    assert fresh.lm_head.weight is fresh.tok_emb.weight  # still tied after loading
+
+
+def test_module_names_follow_llama_layout():
+    names = set(dict(model(qk_norm=True).named_parameters()))
+    for want in ("tok_emb.weight", "norm_f.weight", "blocks.1.norm1.weight", "blocks.1.norm2.weight",
+                 "blocks.0.attn.q_proj.weight", "blocks.0.attn.k_proj.weight", "blocks.0.attn.v_proj.weight",
+                 "blocks.0.attn.o_proj.weight", "blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.weight",
+                 "blocks.0.mlp.gate_proj.weight", "blocks.0.mlp.up_proj.weight", "blocks.0.mlp.down_proj.weight"):
+        assert want in names, want
+    assert not any("bias" in n for n in names)
+
+
+def test_too_long_sequence_is_refused():
+    with pytest.raises(MiniLLMError, match="block_size"):
+        model()(tokens(1, 33))
+
+
+# ---------------------------------------------------------------------------------- losses
+
+
+def test_reduction_none_and_ignore_index():
+    m = model()
+    x = tokens(2, 10)
+    y = torch.roll(x, -1, dims=1)
+    y[0, 3:6] = -1
+    y[1, 9] = -1
+    with torch.no_grad():
+        per_tok = m(x, y, reduction="none")
+        mean = m(x, y)
+        logits = m(x)
+    assert per_tok.shape == (2, 10)
+    assert (per_tok[y == -1] == 0).all() and (per_tok[y != -1] > 0).all()
+    torch.testing.assert_close(mean, per_tok[y != -1].mean())
+    want = torch.nn.functional.cross_entropy(logits[y != -1], y[y != -1])
+    torch.testing.assert_close(mean, want)
+    assert torch.isfinite(m(x, torch.full_like(y, -1))).all()  # all ignored -> 0, not NaN
+    with pytest.raises(ValueError):
+        m(x, y, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 1000])
+def test_chunked_loss_matches_plain(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, 32, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (40,))
+    t[::5] = -1
+    loss = linear_cross_entropy(h, w, t, chunk)
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=-1)
+    torch.testing.assert_close(loss, ref)
+    gh, gw = torch.autograd.grad(loss * 3.0, (h, w))
+    rh, rw = torch.autograd.grad(ref * 3.0, (h, w))
+    torch.testing.assert_close(gh, rh)
+    torch.testing.assert_close(gw, rw)
+    with torch.no_grad():
+        per_tok = linear_cross_entropy(h, w, t, chunk, reduction="none")
+        ref_tok = torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=-1, reduction="none")
+    torch.testing.assert_close(per_tok, ref_tok)
+
+
+def test_model_with_loss_chunk_matches_plain():
+    plain, chunked = model(), model()
+    chunked.cfg = dataclasses.replace(chunked.cfg, loss_chunk=5)
+    x = tokens(2, 12)
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = -1
+    a, b = plain(x, y), chunked(x, y)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    for (n, p), q in zip(plain.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, y, reduction="none"), chunked(x, y, reduction="none"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 loss, same numerics
+        torch.testing.assert_close(plain(x, y), chunked(x, y), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------ gradient checkpointing
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_same_loss_and_grads(dropout):
+    x = tokens(2, 16)
+    y = torch.roll(x, -1, dims=1)
+    results = []
+    for ckpt in (False, True):
+        m = model(dropout=dropout, gradient_checkpointing=ckpt).train()
+        torch.manual_seed(42)  # same dropout masks; checkpointing replays the RNG state
+        loss = m(x, y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], msg=n)
+
+
+def test_gradient_checkpointing_saves_fewer_tensors():
+    def saved_bytes(ckpt: bool) -> int:
+        m = model(n_layer=4, gradient_checkpointing=ckpt).train()
+        x = tokens(4, 32)
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            m(x, x)
+        return total
+
+    assert saved_bytes(True) < 0.5 * saved_bytes(False)
+
+
+# --------------------------------------------------------------------------------- KV cache, GQA
+
+
+@pytest.mark.parametrize("kw", VARIANTS)
+def test_kv_cache_decoding_equals_full_forward(kw):
+    m = model(**kw)
+    x = tokens(2, 20)
+    with torch.no_grad():
+        full = m(x)
+        cache = KVCache(m.cfg, batch_size=2, max_len=32)
+        steps = [m(x[:, :8], cache=cache)]  # prefill 8, then 3 tokens, then one at a time
+        steps.append(m(x[:, 8:11], cache=cache))
+        steps += [m(x[:, t:t + 1], cache=cache) for t in range(11, 20)]
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.pos == 0
+
+
+def test_kv_cache_overflow_is_an_error():
+    m = model()
+    cache = KVCache(m.cfg, batch_size=1, max_len=4)
+    with torch.no_grad(), pytest.raises(MiniLLMError, match="KV cache is full"):
+        m(tokens(1, 5), cache=cache)
+
+
+def greedy(m: GPT, prompt: torch.Tensor, n: int, pad_lens: list[int] | None = None):
+    """Greedy decoding with the cache; returns (new tokens (B, n), last-step logits (B, n, V))."""
+    B = prompt.size(0)
+    cache = KVCache(m.cfg, B, prompt.size(1) + n)
+    if pad_lens is not None:
+        cache.set_left_padding(pad_lens)
+    out, logits = [], []
+    with torch.no_grad():
+        step = m(prompt, cache=cache)[:, -1]
+        for _ in range(n):
+            logits.append(step)
+            nxt = step.argmax(-1, keepdim=True)  # (B, 1)
+            out.append(nxt)
+            step = m(nxt, cache=cache)[:, -1]
+    return torch.cat(out, 1), torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1}, {"qk_norm": True}])
+def test_left_padded_batch_decodes_like_each_prompt_alone(kw):
+    m = model(**kw)
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 9, 6)]
+    L = max(len(p) for p in prompts)
+    pad_lens = [L - len(p) for p in prompts]
+    batch = torch.stack([torch.cat([torch.full((L - len(p),), PAD), p]) for p in prompts])
+    got, got_logits = greedy(m, batch, 10, pad_lens)
+    for i, p in enumerate(prompts):
+        want, want_logits = greedy(m, p[None], 10)
+        assert got[i].tolist() == want[0].tolist()
+        torch.testing.assert_close(got_logits[i], want_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_positions_match_cache_offsets():
+    m = model()
+    p = tokens(1, 5)
+    padded = torch.cat([torch.full((1, 3), PAD), p], dim=1)
+    cache = KVCache(m.cfg, 1, 8)
+    cache.set_left_padding([3])
+    positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        a = m(padded, cache=cache)[:, 3:]
+        b = m(padded, cache=KVCache(m.cfg, 1, 8), positions=positions)[:, 3:]  # no key mask: pads are seen
+        c = m(p)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(b, c, atol=1e-3)  # positions alone do not hide the padding
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_gqa_equals_multi_head_with_shared_kv(n_kv):
+    """A GQA model equals a plain multi-head model whose key/value heads are copies within each group."""
+    gqa = model(n_kv_head=n_kv)
+    mha = model(seed=9)
+    rep = 4 // n_kv
+    sd = gqa.state_dict()
+    for i in range(2):
+        for name in ("k_proj", "v_proj"):
+            w = sd[f"blocks.{i}.attn.{name}.weight"]  # (n_kv * D, C)
+            sd[f"blocks.{i}.attn.{name}.weight"] = w.view(n_kv, 8, 32).repeat_interleave(rep, 0).reshape(32, 32)
+    mha.load_state_dict(sd)
+    assert gqa.num_params() == mha.num_params() - 2 * 2 * (32 - n_kv * 8) * 32
+    x = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x), mha(x), atol=1e-5, rtol=1e-5)
+        one_doc = torch.zeros_like(x)  # forces the masked path (repeated kv heads) instead of native GQA
+        torch.testing.assert_close(gqa(x, seg_ids=one_doc), gqa(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forced_math_backend_matches_auto():
+    a, b = model(), model(attention="math")
+    x = tokens(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+# ------------------------------------------------------------------------------ document masking
+
+
+def test_segment_ids_and_positions():
+    idx = torch.tensor([[5, DOC, 7, 8, DOC, 9], [DOC, 2, 3, 4, 5, 6]])
+    seg = segment_ids(idx, DOC)
+    assert seg.tolist() == [[0, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 1]]
+    assert segment_positions(seg).tolist() == [[0, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}])
+def test_document_masking(kw):
+    m = model(**kw)
+    doc_a, doc_a2, doc_b = tokens(1, 7, seed=1), tokens(1, 7, seed=2), tokens(1, 9, seed=3)
+    bos = torch.tensor([[DOC]])
+    w1 = torch.cat([bos, doc_a, bos, doc_b], dim=1)  # (1, 18)
+    w2 = torch.cat([bos, doc_a2, bos, doc_b], dim=1)  # the previous document changed
+    alone = torch.cat([bos, doc_b], dim=1)
+    with torch.no_grad():
+        l1 = m(w1, seg_ids=segment_ids(w1, DOC))
+        l2 = m(w2, seg_ids=segment_ids(w2, DOC))
+        la = m(alone, seg_ids=segment_ids(alone, DOC))
+        unmasked = m(w1)
+    torch.testing.assert_close(l1[:, 8:], l2[:, 8:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1[:, 8:], la, atol=1e-5, rtol=1e-5)  # positions restart at the <|doc|>
+    assert not torch.allclose(l1[:, 8:], unmasked[:, 8:], atol=1e-4)  # without seg_ids the past leaks in
+    # the loss path takes the same masks
+    y = torch.roll(w1, -1, dims=1)
+    with torch.no_grad():
+        per_tok = m(w1, y, seg_ids=segment_ids(w1, DOC), reduction="none")
+    want = torch.nn.functional.cross_entropy(la[0, :-1], y[0, 8:-1], reduction="none")
+    torch.testing.assert_close(per_tok[0, 8:-1], want, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- presets, memory
+
+
+@pytest.mark.parametrize("name,vocab,low,high", [
+    ("small", 32000, 12.5e6, 13.5e6),
+    ("medium", 32000, 26e6, 28e6),
+    ("large", 32000, 68e6, 72e6),
+    ("gpt2-124m", 50304, 122e6, 126e6),
+])
+def test_preset_parameter_counts(name, vocab, low, high):
+    cfg = ModelConfig(vocab_size=vocab, **PRESETS[name]["model"])
+    with torch.device("meta"):
+        m = GPT(cfg)
+    assert low <= m.num_params() <= high
+    # SwiGLU keeps the MLP at about 8·C² (a GELU 4x model of the same shape has 8·C² exactly)
+    mlp = sum(p.numel() for p in m.blocks[0].mlp.parameters())
+    assert abs(mlp - 8 * cfg.n_embd ** 2) / (8 * cfg.n_embd ** 2) < 0.07
+    est = estimate_memory(cfg, 8)
+    assert est["params"] == 4 * m.num_params()
+
+
+def test_flops_per_token_palm_formula():
+    m = model()
+    c = m.cfg
+    n = m.num_params()  # tied: the one V x C matrix is the output layer; the lookup costs nothing
+    assert m.flops_per_token() == 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+
+
+def test_estimate_memory():
+    cfg = ModelConfig(vocab_size=32000, **PRESETS["large"]["model"])
+    plain = estimate_memory(cfg, 64)
+    ckpt = estimate_memory(dataclasses.replace(cfg, gradient_checkpointing=True), 64)
+    assert set(plain) == {"params", "grads", "optimizer", "activations", "total"}
+    assert plain["total"] == sum(v for k, v in plain.items() if k != "total")
+    assert ckpt["activations"] < 0.6 * plain["activations"]
+    assert estimate_memory(cfg, 128)["activations"] == 2 * plain["activations"]
+    assert estimate_memory(cfg, 64, "fp32")["activations"] > plain["activations"]
