@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -296,9 +295,48 @@ def val_windows(stream: np.ndarray, block_size: int, batch_size: int, n_batches:
     return [gather(stream, pick[i : i + batch_size], block_size + 1) for i in range(0, n, batch_size)]
 
 
+@dataclass
+class RunData:
+    """What the trainer needs from the data: a loader, fixed validation batches and facts to record."""
+
+    loader: Loader
+    val_batches: list[np.ndarray]
+    vocab_size: int
+    doc_id: int
+    val_doc_ids: list[int]
+    meta: dict[str, Any]  # recorded under "data" in the run's config.json (resume refuses changes)
+
+
+def prepare_data(tokenizer: Path, corpus: Path, cache_dir: Path, block_size: int, tcfg,
+                 val_file: Path | None = None) -> RunData:
+    """Encode (or reuse) the token cache, split train/validation by document, and build the loader."""
+    cache = build_token_cache(tokenizer, corpus, cache_dir)
+    if val_file:
+        vcache = build_token_cache(tokenizer, val_file, cache_dir / "val")
+        val_ids = np.zeros(0, dtype=np.int64)
+        train_stream = write_stream(cache, np.arange(cache.n_docs), cache_dir / "train.bin")
+        val_stream = write_stream(vcache, np.arange(vcache.n_docs), cache_dir / "val.bin")
+    else:
+        val_ids = split_documents(cache.n_docs, tcfg.val_fraction, tcfg.seed)
+        train_ids = np.setdiff1d(np.arange(cache.n_docs), val_ids)
+        train_stream = write_stream(cache, train_ids, cache_dir / "train.bin")
+        val_stream = write_stream(cache, val_ids, cache_dir / "val.bin")
+    starts = window_starts(len(train_stream), block_size, tcfg.stride or block_size)
+    if len(starts) == 0:
+        n = len(train_stream)
+        raise MiniLLMError(
+            f"the training documents hold {n} tokens, fewer than one block of {block_size + 1}; use "
+            f"--block-size {max(8, 2 ** int(np.log2(max(2, n // 4))))} --stride "
+            f"{max(4, 2 ** int(np.log2(max(2, n // 8))))} or a larger corpus"
+        )
+    val_batches = val_windows(val_stream, block_size, tcfg.batch_size, tcfg.eval_batches)
+    loader = Loader(train_stream, starts, block_size, tcfg.batch_size, tcfg.seed)
+    meta = {"corpus_sha256": cache.meta["corpus_sha256"], "corpus": str(corpus),
+            "val_file": str(val_file) if val_file else None, "n_docs": cache.n_docs,
+            "train_tokens": int(len(train_stream))}
+    return RunData(loader, val_batches, int(cache.meta["vocab_size"]), int(cache.meta["doc_id"]),
+                   val_ids.tolist(), meta)
+
+
 def cache_dir_for(outdir: Path, cache_dir: Path | None) -> Path:
     return Path(cache_dir) if cache_dir else Path(outdir) / "cache"
-
-
-def env_threads() -> int:
-    return os.cpu_count() or 1

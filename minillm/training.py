@@ -221,35 +221,15 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        cache_dir = ds.cache_dir_for(spec.outdir, spec.cache_dir)
-        _log(spec, f"encoding {spec.corpus} into the token cache {cache_dir}")
-        cache = ds.build_token_cache(spec.tokenizer, spec.corpus, cache_dir)
-        mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(cache.meta["vocab_size"]))
-        if spec.val_file:
-            vcache = ds.build_token_cache(spec.tokenizer, spec.val_file, cache_dir / "val")
-            val_ids = np.zeros(0, dtype=np.int64)
-            train_stream = ds.write_stream(cache, np.arange(cache.n_docs), cache_dir / "train.bin")
-            val_stream = ds.write_stream(vcache, np.arange(vcache.n_docs), cache_dir / "val.bin")
-        else:
-            val_ids = ds.split_documents(cache.n_docs, tcfg.val_fraction, tcfg.seed)
-            train_ids = np.setdiff1d(np.arange(cache.n_docs), val_ids)
-            train_stream = ds.write_stream(cache, train_ids, cache_dir / "train.bin")
-            val_stream = ds.write_stream(cache, val_ids, cache_dir / "val.bin")
-        starts = ds.window_starts(len(train_stream), mcfg.block_size, tcfg.stride or mcfg.block_size)
-        if len(starts) == 0:
-            raise MiniLLMError(
-                f"the training documents hold {len(train_stream)} tokens, fewer than one block of "
-                f"{mcfg.block_size + 1}; use --block-size {max(8, 2 ** int(math.log2(max(2, len(train_stream) // 4))))} "
-                f"and --stride {max(4, 2 ** int(math.log2(max(2, len(train_stream) // 8))))} or a larger corpus"
-            )
-        val_batches = ds.val_windows(val_stream, mcfg.block_size, tcfg.batch_size, tcfg.eval_batches)
+        _log(spec, f"encoding {spec.corpus} into the token cache")
+        data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
+                               mcfg.block_size, tcfg, val_file=spec.val_file)
+        mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))
         tok_sha = sha256_file(spec.tokenizer)
         run_cfg = {
             "format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg), "train": to_dict(tcfg),
-            "data": {"tokenizer_sha256": tok_sha, "corpus_sha256": cache.meta["corpus_sha256"],
-                     "corpus": str(spec.corpus), "val_file": str(spec.val_file) if spec.val_file else None,
-                     "n_docs": cache.n_docs, "train_tokens": int(len(train_stream))},
-            "val_doc_ids": val_ids.tolist(),
+            "data": {"tokenizer_sha256": tok_sha, **data.meta},
+            "val_doc_ids": data.val_doc_ids,
         }
         if spec.resume:
             old = json.loads((spec.outdir / "config.json").read_text())
@@ -265,7 +245,7 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
         model = GPT(mcfg).to(device)
         optimizers = configure_optimizer(model, tcfg, device)
         scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-        loader = ds.Loader(train_stream, starts, mcfg.block_size, tcfg.batch_size, tcfg.seed)
+        loader = data.loader
         state = RunState()
         if spec.resume:
             ck = load_checkpoint(spec.outdir / "ckpt_last.pt")
@@ -283,10 +263,10 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
             _log(spec, f"resuming at step {state.step}; the schedule runs to step {total}")
         n_params = model.num_params()
         _log(spec, "run", params=f"{n_params / 1e6:.2f}M", device=str(device), precision=str(dtype).split(".")[-1],
-             steps=total or "time-bound", windows=len(starts), train_tokens=len(train_stream))
+             steps=total or "time-bound", windows=loader.windows_per_epoch, train_tokens=data.meta["train_tokens"])
         compiled = torch.compile(model) if (tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")) else model
         ctx = dict(model=model, compiled=compiled, optimizers=optimizers, scaler=scaler, loader=loader,
-                   val_batches=val_batches, device=device, dtype=dtype, doc_id=int(cache.meta["doc_id"]),
+                   val_batches=data.val_batches, device=device, dtype=dtype, doc_id=data.doc_id,
                    total=total, run_cfg=run_cfg, tok_sha=tok_sha)
         return fit(spec, mcfg, tcfg, state, ctx)
 
