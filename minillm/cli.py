@@ -95,61 +95,110 @@ def _root(
 @app.command("prepare-corpus")
 @handle_errors
 def prepare_corpus(
-    input: list[Path] = typer.Option(..., "--input", "-i", help="Input file(s); repeat for several."),
-    output: Path = typer.Option(..., "--output", "-o", help="Clean corpus to write (documents separated by <|doc|> lines)."),
-    separator: str = typer.Option("<|doc|>", "--separator", help="The input's document separator line."),
+    input: list[Path] = typer.Option(..., "--input", "-i", help="Input file or directory (recursive: .txt/.md/.jsonl and .gz of them); repeat for several."),
+    output: Path = typer.Option(..., "--output", "-o", help="Clean corpus to write (documents separated by <|doc|> lines); never one of the inputs."),
+    separator: str = typer.Option("<|doc|>", "--separator", help="A line holding exactly this ends a document in the input."),
+    split_on_blank_lines: bool = typer.Option(False, "--split-on-blank-lines", help="Also end a document at every blank line."),
+    text_field: str = typer.Option("text", "--text-field", help="JSON key holding the text of each .jsonl line."),
+    encoding: str = typer.Option("auto", "--encoding", help="auto (UTF-8, falling back to cp1252 per file, said on stderr), utf-8, cp1252, latin-1, or any Python codec."),
+    strict: bool = typer.Option(False, "--strict", help="Make undecodable bytes an error naming the file and byte offset (no fallback)."),
+    ftfy: bool = typer.Option(True, "--ftfy/--no-ftfy", help="Repair mojibake and broken HTML entities with ftfy."),
+    nfc: bool = typer.Option(True, "--nfc/--no-nfc", help="Normalize Unicode to NFC."),
+    control: bool = typer.Option(True, "--remove-control/--keep-control", help="Remove control characters except tab and newline."),
+    newlines: bool = typer.Option(True, "--fix-newlines/--no-fix-newlines", help="Turn CRLF and lone CR line endings into LF."),
+    trailing: bool = typer.Option(True, "--strip-trailing/--no-strip-trailing", help="Strip spaces and tabs at line ends (indentation is kept)."),
+    blank_lines: bool = typer.Option(True, "--collapse-blank-lines/--no-collapse-blank-lines", help="Turn three or more newlines into two."),
+    lowercase: bool = typer.Option(False, "--lowercase/--preserve-case", help="Lowercase all text (default: preserve case)."),
+    min_chars: int = typer.Option(1, "--min-chars", help="Drop documents shorter than this many characters after cleaning."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicate documents (hash of whitespace-normalized text)."),
+    near_dedup: bool = typer.Option(False, "--near-dedup", help="Also drop near-duplicates (MinHash + LSH; needs pip install 'minillm[dedup]')."),
+    dedup_threshold: float = typer.Option(0.8, "--dedup-threshold", help="Estimated Jaccard similarity (word 3-grams) from which --near-dedup drops a document."),
+    workers: int = typer.Option(0, "--workers", help="Processes cleaning documents; 0 means one per CPU core."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout instead of a table."),
 ) -> None:
-    """Clean raw text into a corpus file: one document per block, separated by <|doc|> lines."""
-    from minillm.checkpoint import atomic_open
-    from minillm.corpus import iter_documents
+    """Clean raw text into a corpus file: documents separated by <|doc|> lines, deduplicated."""
+    from minillm.corpus import ReadOptions
+    from minillm.corpus_clean import CleanOptions
+    from minillm.corpus_prepare import DedupOptions
+    from minillm.corpus_prepare import prepare_corpus as run_prepare
 
-    for p in input:
-        if not p.is_file():
-            raise MiniLLMError(f"--input: {p} does not exist")
-        if p.resolve() == output.resolve():
-            raise MiniLLMError(f"--output {output} is also an --input; write to another file")
-    n = 0
-    with atomic_open(output, "w", encoding="utf-8") as f:
-        for p in input:
-            for doc in iter_documents(p, separator):
-                f.write(("\n<|doc|>\n" if n else "") + doc)
-                n += 1
-        f.write("\n")
-    typer.echo(f"wrote {n} documents to {output}", err=True)
+    if not near_dedup and dedup_threshold != 0.8:
+        _err("--dedup-threshold has no effect without --near-dedup")
+        raise typer.Exit(2)
+    read = ReadOptions(separator=separator, split_on_blank_lines=split_on_blank_lines, text_field=text_field,
+                       encoding=encoding, strict=strict)
+    clean = CleanOptions(ftfy=ftfy, newlines=newlines, control=control, nfc=nfc, trailing=trailing,
+                         blank_lines=blank_lines, lowercase=lowercase, min_chars=min_chars)
+    summary = run_prepare(list(input), output, read, clean, DedupOptions(dedup, near_dedup, dedup_threshold),
+                          workers, log=lambda m: typer.echo(f"note: {m}", err=True))
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"prepare-corpus -> {output}")
+    t.add_column("")
+    t.add_column("in", justify="right")
+    t.add_column("out", justify="right")
+    t.add_row("files", f"{summary.files:,}", "")
+    t.add_row("documents", f"{summary.documents_in:,}", f"{summary.documents_out:,}")
+    t.add_row("bytes", f"{summary.bytes_in:,}", f"{summary.bytes_out:,}")
+    for reason, n in summary.removed.items():
+        t.add_row(f"removed: {reason.replace('_', ' ')}", "", f"{n:,}")
+    t.add_row("repaired by ftfy", "", f"{summary.repaired_by_ftfy:,}")
+    t.add_row("special strings rewritten", "", f"{summary.special_rewritten:,}")
+    t.add_row("files read as cp1252", f"{len(summary.fallback_files):,}", "")
+    if summary.long_documents_split:
+        t.add_row("documents over 8M chars split", "", f"{summary.long_documents_split:,}")
+    t.add_row("speed", f"{summary.mb_per_s:,.1f} MB/s", f"{summary.seconds:,.1f} s, {summary.workers} workers")
+    Console(stderr=True).print(t)
 
 
 @app.command("analyze-corpus")
 @handle_errors
 def analyze_corpus(
-    corpus: Path = typer.Option(..., "--corpus", "-c", help="Corpus file to analyze."),
+    corpus: Path = typer.Option(..., "--corpus", "-c", help="Corpus file to analyze (documents separated by --separator lines)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="tokenizer.json for exact token counts; without it tokens are estimated as bytes / 4."),
+    separator: str = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line."),
+    lang: str = typer.Option("en", "--lang", help="Language of the summary lines: en or es."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a histogram of document lengths to this PNG file."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Report corpus statistics and recommend block size, stride and model size."""
-    from minillm.corpus import iter_documents
+    """Report corpus statistics and recommend block size, stride, model size, epochs and vocabulary."""
+    from minillm.corpus_stats import (
+        LABELS,
+        analyze,
+        plot_lengths,
+        recommend,
+        render_table,
+        report,
+        summary_lines,
+    )
 
-    if not corpus.is_file():
-        raise MiniLLMError(f"--corpus: {corpus} does not exist")
-    docs = list(iter_documents(corpus))
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    report = {"documents": len(docs), "bytes": n_bytes, "est_tokens": n_bytes // 4}
-    typer.echo(json.dumps(report, indent=2) if as_json else "\n".join(f"{k}: {v:,}" for k, v in report.items()))
+    if lang not in LABELS:
+        _err(f"--lang {lang!r}: use en or es")
+        raise typer.Exit(2)
+    tok = None
+    if tokenizer is not None:
+        from minillm.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    stats = analyze(corpus, separator, tok)
+    rec = recommend(stats.lengths, stats.bytes)
+    if plot is not None:
+        plot_lengths(stats.lengths, plot, stats.tokens_estimated)
+        typer.echo(f"wrote {plot}", err=True)
+    if as_json:
+        typer.echo(json.dumps(report(stats, rec), indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+
+    Console().print(render_table(stats, rec))
+    typer.echo("\n".join(summary_lines(stats, rec, lang)))
 
 
 # ---------------------------------------------------------------- init-tokenizer
-
-
-def _iter_text_files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise MiniLLMError(f"--files: {p} does not exist")
-    if not files:
-        raise MiniLLMError("--files: no input files found")
-    return files
 
 
 @app.command("init-tokenizer")
@@ -164,22 +213,16 @@ def init_tokenizer(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Train a tokenizer (byte-level BPE by default) on corpus files and write tokenizer.json."""
-    from minillm.corpus import iter_documents
-    from minillm.tokenizer import describe, save_tokenizer, train_tokenizer
+    from minillm import tokenizer as tk
 
-    paths = _iter_text_files(files)
+    paths = tk.collect_files(files)
     if any(p.resolve() == out.resolve() for p in paths):
         raise MiniLLMError(f"--out {out} is also an input; write the tokenizer to another file")
-
-    def texts():
-        for p in paths:
-            yield from iter_documents(p)
-
-    tok = train_tokenizer(texts(), vocab_size, model=model, min_frequency=min_frequency,
-                          special_tokens=special_tokens, show_progress=sys.stderr.isatty())
-    save_tokenizer(tok, out)
-    sample = [d for _, d in zip(range(200), texts(), strict=False)]
-    info = describe(tok, sample)
+    tok = tk.train_tokenizer(tk.iter_training_texts(paths), vocab_size, model=model, min_frequency=min_frequency,
+                             special_tokens=special_tokens, show_progress=sys.stderr.isatty())
+    tk.save_tokenizer(tok, out)
+    sample = [d[:20000] for _, d in zip(range(200), tk.iter_training_texts(paths), strict=False)]
+    info = tk.describe(tok, sample)
     info["path"] = str(out)
     if as_json:
         typer.echo(json.dumps(info, ensure_ascii=False, indent=2))
@@ -196,7 +239,8 @@ def init_tokenizer(
 @handle_errors
 def train(
     tokenizer: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json from init-tokenizer."),
-    corpus: Path = typer.Option(..., "--corpus", "-c", help="Clean corpus file from prepare-corpus."),
+    corpus: list[Path] = typer.Option(..., "--corpus", "-c", help="Clean corpus file from prepare-corpus; repeat to mix several (see --mix)."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Weights of the --corpus files, comma-separated in the same order (e.g. 0.7,0.3): each window's corpus is drawn by weight. Default: proportional to their sizes."),
     outdir: Path = typer.Option(..., "--outdir", "-o", help="Run directory for checkpoints, history and plots."),
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, small, medium, large, gpt2-124m) or a TOML file."),
     val_file: Optional[Path] = typer.Option(None, "--val-file", help="Separate validation corpus instead of a split."),
@@ -205,6 +249,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --outdir."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, parameter count, FLOPs and memory estimate, then exit."),
     log_format: str = typer.Option("text", "--log-format", help="Progress lines on stderr: text or json."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files to OUTDIR/tb (needs `pip install tensorboard`)."),
     max_time: Optional[str] = typer.Option(None, "--max-time", help="Wall-clock budget for the whole run, e.g. 90s, 2m, 1h."),
     block_size: Optional[int] = typer.Option(None, "--block-size", help="Context length in tokens."),
     n_layer: Optional[int] = typer.Option(None, "--n-layer", help="Number of transformer blocks."),
@@ -240,6 +285,11 @@ def train(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of documents held out for validation."),
 ) -> None:
     """Train a model: encode the corpus into a token cache, then train with evaluation and checkpoints."""
+    import time
+
+    from minillm.checkpoint import process_started_at
+
+    started = process_started_at() or time.time()  # --max-time counts from the process's start
     from minillm.config import parse_duration, resolve
     from minillm.errors import UsageError
 
@@ -249,18 +299,26 @@ def train(
     if max_time is not None:
         overrides["max_time"] = parse_duration(max_time)
     mcfg, tcfg = resolve(config, overrides)
-    for p, flag in ((tokenizer, "--tokenizer"), (corpus, "--corpus")):
+    for p, flag in ((tokenizer, "--tokenizer"), *((c, "--corpus") for c in corpus)):
         if not p.is_file():
             raise MiniLLMError(f"{flag}: {p} does not exist")
+    from minillm.dataset import Mixture
+
+    corpus_arg = Mixture.parse(corpus, mix)
     if dry_run:
         _dry_run(tokenizer, mcfg, tcfg)
         return
-    from minillm.training import RunSpec
+    from minillm.training import Interrupted, RunSpec
     from minillm.training import train as run_train
 
-    spec = RunSpec(tokenizer=tokenizer, corpus=corpus, outdir=outdir, val_file=val_file, cache_dir=cache_dir,
-                   resume=resume, overwrite=overwrite, log_format=log_format, config_name=config)
-    summary = run_train(spec, mcfg, tcfg)
+    spec = RunSpec(tokenizer=tokenizer, corpus=corpus_arg, outdir=outdir, val_file=val_file, cache_dir=cache_dir,
+                   resume=resume, overwrite=overwrite, log_format=log_format, config_name=config,
+                   tensorboard=tensorboard, started=started)
+    try:
+        summary = run_train(spec, mcfg, tcfg)
+    except Interrupted as e:  # Ctrl-C (130) / SIGTERM (143): not an error, the checkpoint is saved
+        typer.secho(str(e), fg="yellow", err=True)
+        raise typer.Exit(e.exit_code) from None
     typer.echo(json.dumps(summary))
 
 
@@ -299,76 +357,164 @@ def _dry_run(tokenizer: Path, mcfg, tcfg) -> None:
 def generate(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint (ckpt_best.pt / ckpt_last.pt) or run directory."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the run's tokenizer.json)."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue; empty starts a new document."),
-    max_tokens: int = typer.Option(200, "--max-tokens", help="Maximum new tokens."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue; empty (the default) starts a new document."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="UTF-8 file with one prompt per line (blank lines skipped)."),
+    max_tokens: int = typer.Option(200, "--max-tokens", help="Maximum new tokens per sample."),
     temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(50, "--top-k", help="Keep the k most likely tokens (0 disables)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
     repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="CTRL repetition penalty (1 disables)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop when this text appears (not printed); repeatable."),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", help="Samples per prompt."),
+    batch_generate: bool = typer.Option(False, "--batch-generate", help="Decode prompts and samples together in batches of --batch-size."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows per batch with --batch-generate (default 8)."),
+    stream: bool = typer.Option(False, "--stream", help="Print text as it is produced (one sample at a time)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results to this file instead of stdout."),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines, one per sample: prompt, completion, tokens, seconds, finish_reason."),
     seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    compile: str = typer.Option("auto", "--compile", help="Compiled, CUDA-graph decode step: auto (CUDA only), on, off."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
 ) -> None:
-    """Generate text from a trained checkpoint."""
+    """Generate text from a trained checkpoint. Samples are separated by a <|doc|> line in text output."""
     import torch
 
     from minillm.checkpoint import load_model, resolve_tokenizer
-    from minillm.generation import check_sampling
-    from minillm.generation import generate as gen
-    from minillm.tokenizer import doc_id, load_tokenizer
+    from minillm.errors import UsageError
+    from minillm.generation import DOC_JOIN, Sampling, check_sampling, complete, use_compiled
+    from minillm.tokenizer import load_tokenizer
     from minillm.training import resolve_device
 
     check_sampling(temperature, top_k, top_p, repetition_penalty)
+    problems = [m for bad, m in (
+        (prompt is not None and prompt_file is not None, "give --prompt or --prompt-file, not both"),
+        (max_tokens < 0, "--max-tokens must be >= 0"), (num_samples < 1, "--num-samples must be >= 1"),
+        (batch_size is not None and not batch_generate, "--batch-size needs --batch-generate"),
+        (batch_size is not None and batch_size < 1, "--batch-size must be >= 1"),
+        (stream and batch_generate, "--stream prints one sample at a time; drop --batch-generate"),
+        (stream and (as_json or output is not None), "--stream prints text to the terminal; drop --json / --output"),
+    ) if bad]
+    if problems:
+        raise UsageError("; ".join(problems))
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise MiniLLMError(f"--prompt-file: {prompt_file} does not exist")
+        prompts = [line for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise MiniLLMError(f"--prompt-file: {prompt_file} holds no prompts (one per line)")
+    else:
+        prompts = [prompt or ""]
     dev = resolve_device(device)
+    mode = "compiled" if use_compiled(dev, compile) else "eager"
     model, state = load_model(ckpt, str(dev))
     tok = load_tokenizer(resolve_tokenizer(state, tokenizer, force_tokenizer))
-    ids = [doc_id(tok)] + tok.encode(prompt, add_special_tokens=False).ids
     g = torch.Generator(device=dev).manual_seed(seed)
-    out = gen(model, ids, max_tokens, stop_id=doc_id(tok), temperature=temperature, top_k=top_k, top_p=top_p,
-              repetition_penalty=repetition_penalty, generator=g)
-    typer.echo(prompt + tok.decode(out))
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    records = complete(model, tok, prompts, max_tokens, sampling=Sampling(temperature, top_k, top_p, repetition_penalty),
+                       num_samples=num_samples, batch_size=(batch_size or 8) if batch_generate else 1, stops=stop or (),
+                       generator=g, stream=write if stream else None, warn=lambda m: typer.secho(f"warning: {m}", fg="yellow", err=True),
+                       mode=mode)
+    if stream:
+        write("\n")
+        return
+    if as_json:
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    else:
+        text = DOC_JOIN.join(r["prompt"] + r["completion"] for r in records) + "\n"
+    if output is None:
+        write(text)
+    else:
+        from minillm.checkpoint import atomic_write_text
+
+        atomic_write_text(output, text)
+        typer.echo(f"wrote {len(records)} sample(s) to {output}", err=True)
 
 
 @app.command()
 @handle_errors
 def evaluate(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint or run directory."),
-    test_file: Optional[Path] = typer.Option(None, "--test-file", help="Corpus file to score."),
+    test_file: Optional[Path] = typer.Option(None, "--test-file", help="Corpus file to score (documents separated by <|doc|> lines)."),
+    split: Optional[str] = typer.Option(None, "--split", help="val: score exactly the run's validation documents (from RUN/config.json)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the run's tokenizer.json)."),
-    stride: int = typer.Option(0, "--stride", help="Sliding-window stride (default half the block)."),
+    stride: int = typer.Option(0, "--stride", help="Sliding-window stride in tokens (default half the block)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass (does not change the result)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
 ) -> None:
-    """Score a checkpoint on a corpus: loss, perplexity and bits per byte."""
+    """Score a checkpoint on whole documents: loss, perplexity and bits per byte."""
+    from tqdm import tqdm
+
     from minillm.checkpoint import load_model, resolve_tokenizer
     from minillm.corpus import iter_documents
-    from minillm.evaluation import score, summarize
-    from minillm.tokenizer import doc_id, encode_documents, load_tokenizer, pad_id
+    from minillm.errors import UsageError
+    from minillm.evaluation import n_windows, score, summarize, validation_texts
+    from minillm.tokenizer import encode_documents, load_tokenizer, pad_id
     from minillm.training import resolve_device
 
-    if test_file is None:
-        raise MiniLLMError("--test-file is required")
-    if not test_file.is_file():
+    if (test_file is None) == (split is None):
+        raise UsageError("give --test-file FILE or --split val (one of them)")
+    if split is not None and split != "val":
+        raise UsageError(f"--split: {split!r} is not supported; use --split val or --test-file")
+    if test_file is not None and not test_file.is_file():
         raise MiniLLMError(f"--test-file: {test_file} does not exist")
+    if stride < 0 or batch_size < 1:
+        raise UsageError("--stride must be >= 0 (0 = half the block) and --batch-size >= 1")
     dev = resolve_device(device)
     model, state = load_model(ckpt, str(dev))
     tok = load_tokenizer(resolve_tokenizer(state, tokenizer, force_tokenizer))
-    texts = list(iter_documents(test_file))
-    if not texts:
-        raise MiniLLMError(f"--test-file: {test_file} holds no documents")
+    if split:
+        texts, source = validation_texts(Path(state["path"]).parent)
+    else:
+        texts, source = list(iter_documents(test_file)), str(test_file)
+        if not texts:
+            raise MiniLLMError(f"--test-file: {test_file} holds no documents")
     docs = encode_documents(tok, texts)
-    stride = stride or max(1, model.cfg.block_size // 2)
-    masking = bool(state.get("train_config", {}).get("doc_masking", False))
-    total, n = score(model, docs, stride, batch_size, pad_id(tok), masking, doc_id(tok))
+    block = model.cfg.block_size
+    stride = min(stride or max(1, block // 2), block)
+    with tqdm(total=sum(n_windows(len(d), block, stride) for d in docs), unit="win", file=sys.stderr,
+              disable=not sys.stderr.isatty(), desc="evaluate") as bar:
+        total, n = score(model, docs, stride, batch_size, pad_id(tok), progress=bar.update)
     res = summarize(total, n, sum(len(t.encode("utf-8")) for t in texts))
-    res["documents"] = len(texts)
+    res.update(documents=len(texts), source=source, stride=stride, block_size=block)
     if as_json:
-        typer.echo(json.dumps(res, indent=2))
+        typer.echo(json.dumps(res, indent=2, ensure_ascii=False))
     else:
         typer.echo(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  bits/byte {res['bits_per_byte']:.4f}  "
                    f"({res['tokens']:,} tokens, {res['documents']} documents)")
+
+
+# ---------------------------------------------------------------- export
+
+
+@app.command()
+@handle_errors
+def export(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint, run directory, or an earlier export to convert."),
+    out: Path = typer.Option(..., "--out", "-o", help="hf: the directory to create; safetensors: the *.safetensors file to write."),
+    format: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory, Llama or Qwen3 format) or safetensors (weights alone, config as metadata)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer to ship (default: the run's tokenizer.json)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto (the checkpoint's own), fp32, bf16 or fp16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
+    force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Export a model to a Hugging Face directory (transformers loads it offline) or a safetensors file."""
+    from minillm.export import export as run_export
+
+    res = run_export(ckpt, out, format, tokenizer=tokenizer, force_tokenizer=force_tokenizer,
+                     overwrite=overwrite, dtype=dtype)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        arch = f" ({res['architecture']})" if "architecture" in res else ""
+        typer.echo(f"wrote {res['out']}{arch}: {res['params']:,} parameters in {res['tensors']} tensors, "
+                   f"{res['dtype']}; files: {', '.join(res['files'])}")
 
 
 def main() -> None:

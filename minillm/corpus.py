@@ -105,7 +105,7 @@ def _looks_binary(head: bytes) -> str | None:
     """Why ``head`` is not text, or None. NUL bytes, or more than 30% control bytes, mean binary."""
     if b"\x00" in head:
         return "it holds NUL bytes"
-    if head:
+    if len(head) >= 256:  # too little text says nothing
         ctrl = sum(head.count(bytes([c])) for c in (*range(1, 9), 11, 14, 15, *range(16, 27), 28, 29, 30, 31, 127))
         if ctrl / len(head) > 0.3:
             return "most of its bytes are control characters"
@@ -117,6 +117,14 @@ def _binary_error(path: Path, why: str) -> MiniLLMError:
         f"{path} looks like a binary file ({why}); remove it from the inputs "
         "(or pass --encoding utf-16 if it is UTF-16 text)"
     )
+
+
+def validate_encoding(encoding: str) -> None:
+    if encoding.lower() != "auto":
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise UsageError(f"--encoding {encoding!r} is not a known codec; try auto, utf-8, cp1252 or latin-1") from None
 
 
 def _wide_codec(encoding: str) -> bool:
@@ -182,11 +190,7 @@ class FileInfo:
 def resolve_encoding(path: Path, opts: ReadOptions, log: Callable[[str], None]) -> FileInfo:
     """Decide how to decode ``path``; raise on binary files and, with ``--strict``, on invalid bytes."""
     enc = opts.encoding.lower()
-    if enc != "auto":
-        try:
-            codecs.lookup(enc)
-        except LookupError:
-            raise UsageError(f"--encoding {opts.encoding!r} is not a known codec; try auto, utf-8, cp1252 or latin-1") from None
+    validate_encoding(enc)
     if enc != "auto" and _wide_codec(enc):
         return FileInfo(str(path), enc, os.path.getsize(path))
     size, bad = scan_utf8(path)

@@ -148,14 +148,14 @@ def shingles(text: str, n: int = 3) -> set[bytes]:
 
 
 def minhash_values(text: str, num_perm: int):
-    """MinHash signature (numpy uint64 array of ``num_perm``) of the text's word 3-grams (datasketch)."""
+    """MinHash signature of the text's word 3-grams (datasketch): (hash values, scheme or None)."""
     from datasketch import MinHash
 
     m = MinHash(num_perm=num_perm, hashfunc=zlib.crc32, seed=1)
     sh = list(shingles(text))
     for i in range(0, len(sh), 8192):  # bounded memory: datasketch broadcasts (shingles, num_perm)
         m.update_batch(sh[i : i + 8192])
-    return m.hashvalues
+    return m.hashvalues, getattr(m, "scheme", None)  # datasketch >= 2 needs the scheme to rebuild it
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minillm.corpus import DOC_SEPARATOR, FileInfo, ReadOptions, check_head, find_inputs, read_documents
+from minillm.corpus import (
+    DOC_SEPARATOR,
+    FileInfo,
+    ReadOptions,
+    check_head,
+    find_inputs,
+    read_documents,
+    validate_encoding,
+)
 from minillm.corpus_clean import CleanOptions, CleanResult, clean_batch
 from minillm.errors import MiniLLMError, UsageError
 
 BATCH_CHARS = 1 << 20  # characters per unit of work sent to a worker
 BATCH_DOCS = 2000
-NUM_PERM = 128  # MinHash permutations for --near-dedup
+NUM_PERM = 128
+SMALL_INPUT = 4_000_000  # bytes under which --workers 0 cleans in-process  # MinHash permutations for --near-dedup
 
 
 @dataclass(frozen=True)
@@ -103,9 +112,10 @@ class _NearDedup:
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.n = 0
 
-    def seen(self, values) -> bool:
+    def seen(self, signature) -> bool:
         """True when a near-duplicate was kept before; otherwise index this document and return False."""
-        m = self._minhash(num_perm=self.num_perm, hashvalues=values)
+        values, scheme = signature
+        m = self._minhash(num_perm=self.num_perm, hashvalues=values, **({"scheme": scheme} if scheme else {}))
         if self.lsh.query(m):
             return True
         self.lsh.insert(self.n, m, check_duplication=False)
@@ -144,10 +154,13 @@ def prepare_corpus(
         raise UsageError(f"--min-chars {clean.min_chars} must be >= 0")
     if not read.separator or "\n" in read.separator:
         raise UsageError("--separator must be a non-empty single line, e.g. '<|doc|>'")
-    workers = workers or os.cpu_count() or 1
     if workers < 0:
         raise UsageError(f"--workers {workers} must be >= 0 (0 means one per CPU core)")
+    validate_encoding(read.encoding)
     files, skipped = validate_paths(inputs, output)
+    if workers == 0:  # one per core, but not worth starting processes for a few megabytes
+        small = sum(f.stat().st_size for f in files) < SMALL_INPUT
+        workers = 1 if small else (os.cpu_count() or 1)
     for f in files:
         check_head(f, read.encoding)
     near = _NearDedup(dedup.threshold, NUM_PERM) if dedup.near else None

@@ -2,21 +2,27 @@
 
 Each document is scored on its own as ``<|doc|>`` followed by its tokens: every token of the document is
 scored (the first given ``<|doc|>`` alone) and ``<|doc|>`` itself is not. Long documents are scored with
-sliding windows ``stride`` apart, each token scored once with up to a block of context.
+sliding windows ``stride`` apart, each token scored exactly once, with at least ``block - stride`` tokens
+of context (all of them when the document fits in a block).
 Bits per byte = summed loss in bits over the scored tokens / the UTF-8 bytes of the documents' text.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+
+from minillm.errors import MiniLLMError
 
 
 def doc_windows(ids: list[int], block: int, stride: int) -> Iterator[tuple[list[int], list[int]]]:
     """(inputs, targets) windows over one document's tokens; targets already scored are -1."""
     n = len(ids) - 1  # number of targets
+    step = max(1, min(stride, block))
     start = scored = 0
     while n > 0:
         end = min(start + block, n)
@@ -25,15 +31,23 @@ def doc_windows(ids: list[int], block: int, stride: int) -> Iterator[tuple[list[
         scored = end
         if end == n:
             break
-        start += min(stride, block)
+        start += step
+
+
+def n_windows(n_ids: int, block: int, stride: int) -> int:
+    """How many windows ``doc_windows`` yields for a document of ``n_ids`` tokens."""
+    n, step = n_ids - 1, max(1, min(stride, block))
+    if n <= 0:
+        return 0
+    return 1 + max(0, -(-(n - block) // step))
 
 
 @torch.no_grad()
 def score(model, docs: list[list[int]], stride: int, batch_size: int, pad_id: int,
-          doc_masking: bool = False, doc_id: int | None = None, progress=None) -> tuple[float, int]:
-    """Summed loss in nats and number of scored tokens over ``docs`` (each starting with ``<|doc|>``)."""
-    from minillm.model import segment_ids
-
+          progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """Summed loss in nats and number of scored tokens over ``docs`` (each starting with ``<|doc|>``).
+    Windows of several documents share a forward pass, right-padded; causal attention keeps them apart
+    from the padding, so the result does not depend on ``batch_size``. ``progress(n)`` after each batch."""
     block = model.cfg.block_size
     device = next(model.parameters()).device
     total, count = 0.0, 0
@@ -42,10 +56,9 @@ def score(model, docs: list[list[int]], stride: int, batch_size: int, pad_id: in
     def flush() -> None:
         nonlocal total, count
         T = max(len(i) for i, _ in batch)
-        x = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in batch], device=device)
-        y = torch.tensor([t + [-1] * (T - len(t)) for _, t in batch], device=device)
-        seg = segment_ids(x, doc_id) if doc_masking and doc_id is not None else None
-        losses = model(x, y, seg_ids=seg, reduction="none")  # (B, T)
+        x = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in batch], device=device)  # (B, T)
+        y = torch.tensor([t + [-1] * (T - len(t)) for _, t in batch], device=device)  # (B, T)
+        losses = model(x, y, reduction="none")  # (B, T), 0 where the target is -1
         total += float(losses.double().sum())
         count += int((y >= 0).sum())
         if progress:
@@ -66,3 +79,49 @@ def summarize(total_nats: float, n_tokens: int, n_bytes: int) -> dict:
     loss = total_nats / max(1, n_tokens)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bits_per_byte": total_nats / math.log(2) / max(1, n_bytes),
             "tokens": n_tokens, "bytes": n_bytes}
+
+
+def validation_texts(run_dir: Path) -> tuple[list[str], str]:
+    """The documents a run held out for validation, read from its ``config.json``: the ``data.val_file``
+    if it had one, else documents ``val_doc_ids`` of ``data.corpus`` (document i = the i-th yielded by
+    ``iter_documents``). Returns the texts and a description of where they came from."""
+    from minillm.checkpoint import sha256_file
+    from minillm.corpus import iter_documents
+
+    cfg_path = Path(run_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise MiniLLMError(f"--split val: {cfg_path} does not exist; give the checkpoint inside its run directory, "
+                           f"or score a file with --test-file")
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    data = cfg.get("data", {})
+    if data.get("val_file"):
+        path = Path(data["val_file"])
+        _check_exists(path, "data.val_file")
+        return list(iter_documents(path)), f"{path} (the run's --val-file)"
+    # one corpus: corpus, corpus_sha256, val_doc_ids; a mixture (--corpus a --corpus b): a list of each
+    corpora, shas, id_lists = data.get("corpus"), data.get("corpus_sha256"), cfg.get("val_doc_ids")
+    if not isinstance(corpora, list):
+        corpora, shas, id_lists = [corpora or ""], [shas], [id_lists]
+    texts: list[str] = []
+    for corpus, want, doc_ids in zip(corpora, shas or [None] * len(corpora), id_lists or [None] * len(corpora),
+                                     strict=True):
+        path = Path(corpus)
+        _check_exists(path, "data.corpus")
+        if want and sha256_file(path) != want:
+            raise MiniLLMError(f"--split val: the corpus {path} changed since training (sha256 differs), so its "
+                               f"validation documents are unknown; restore it, or score a file with --test-file")
+        ids = set(doc_ids or [])
+        found = [t for i, t in enumerate(iter_documents(path)) if i in ids]
+        if len(found) != len(ids):
+            raise MiniLLMError(f"--split val: {path} holds fewer documents than the run's val_doc_ids need; "
+                               f"is it the training corpus?")
+        texts += found
+    if not texts:
+        raise MiniLLMError(f"--split val: {cfg_path} lists no validation documents; score a file with --test-file")
+    return texts, f"{len(texts)} validation documents of {', '.join(map(str, corpora))}"
+
+
+def _check_exists(path: Path, key: str) -> None:
+    if not path.is_file():
+        raise MiniLLMError(f"--split val: {key} {path} (from the run's config.json) does not exist; run evaluate "
+                           f"from the directory train ran in, or score the file with --test-file")

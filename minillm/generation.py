@@ -1,13 +1,35 @@
-"""Sampling: ``sample_next_token`` (temperature, top-k, top-p, repetition penalty) and ``generate``
-(KV-cached incremental decoding, streaming, stop strings)."""
+"""Sampling and generation: ``sample_next_token`` (temperature, top-k, top-p, repetition penalty),
+``generate_batch`` (left-padded batches over a preallocated KV cache, sliding when the context fills),
+an optional compiled one-token decode step for CUDA, and ``complete`` (text in, text out: stop strings,
+streaming that never splits a character, several samples per prompt).
+
+Sliding: a row's context is its most recent tokens, at most ``block_size``. When a new token would
+overflow it, the context restarts at the most recent ``slide_keep(block)`` tokens, which are
+re-encoded. The rule depends only on the row's own length, so cached, uncached, batched and
+one-by-one decoding all see the same contexts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from minillm.errors import UsageError
+from minillm.errors import MiniLLMError, UsageError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked."""
+
+    temperature: float = field(default=1.0, metadata={"help": "divide the logits by this; 0 is greedy"})
+    top_k: int = field(default=0, metadata={"help": "keep only the k most likely tokens; 0 disables"})
+    top_p: float = field(default=1.0, metadata={"help": "keep the smallest set of tokens reaching this probability"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL penalty on tokens in the context; 1 disables"})
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
@@ -25,80 +47,363 @@ def check_sampling(temperature: float, top_k: int, top_p: float, repetition_pena
 
 
 def sample_next_token(
-    logits: torch.Tensor,  # (B, V)
+    logits: Tensor,  # (B, V)
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
-    context: torch.Tensor | None = None,  # (B, T) tokens already in the context
+    context: Tensor | None = None,  # (B, T) token ids already in the context
     generator: torch.Generator | None = None,
-) -> torch.Tensor:  # (B,)
-    """Pick the next token of each row. Temperature 0 is greedy (and ignores the generator).
-    The repetition penalty follows CTRL: positive logits of tokens already in the context are divided by
-    it, negative ones multiplied."""
+    seen: Tensor | None = None,  # (B, V) bool, True for tokens in the context (instead of ``context``)
+) -> Tensor:  # (B,)
+    """Pick the next token of each row. Temperature 0 is greedy and never touches the generator.
+    Repetition penalty (CTRL): logits of tokens in the context are divided by it when positive and
+    multiplied by it when negative. Then temperature, top-k, top-p (the first token is always kept)."""
     logits = logits.float().clone()
-    if repetition_penalty != 1.0 and context is not None and context.numel():
-        seen = torch.gather(logits, 1, context)
-        seen = torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty)
-        logits.scatter_(1, context, seen)
+    if repetition_penalty != 1.0:
+        if seen is None and context is not None and context.numel():
+            seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, context, True)
+        if seen is not None:
+            penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+            logits = torch.where(seen, penalized, logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k > 0 and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    if 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p  # the tokens above already reach top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(
-    model,
-    prompt: list[int],
-    max_new_tokens: int,
-    *,
-    stop_id: int | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
-    on_token: Callable[[int], bool] | None = None,
-    use_cache: bool = True,
-) -> list[int]:
-    """Continue ``prompt`` (token ids, usually starting with ``<|doc|>``) by up to ``max_new_tokens``.
-    Stops at ``stop_id`` (not included) or when ``on_token`` returns True. The prompt is cut from the left
-    to fit the context."""
+def slide_keep(block: int) -> int:
+    """Tokens kept (and re-encoded) when a row's context is full: three quarters of the block."""
+    return max(1, block - max(1, block // 4))
+
+
+def use_compiled(device: torch.device, compile: str) -> bool:
+    """``--compile``: auto = the compiled decode step on CUDA only; on; off."""
+    if compile not in ("auto", "on", "off"):
+        raise UsageError(f"--compile: {compile!r} is not one of auto, on, off")
+    return compile == "on" or (compile == "auto" and device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------ decode step
+
+
+class StaticDecodeStep(nn.Module):
+    """One decode step over a preallocated KV cache with fixed shapes, for ``torch.compile`` with CUDA
+    graphs: the new keys/values are written at the tensor ``slot``, and every slot of the cache is
+    attended to through a mask (no slicing to a length that changes each step). Same math as
+    ``GPT.forward`` with a cache; the query heads sharing a key/value head are treated as queries."""
+
+    def __init__(self, model: nn.Module, cache):
+        super().__init__()
+        self.model = model
+        self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, D), shared with the cache
+        self.register_buffer("v", cache.v, persistent=False)
+
+    def forward(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor) -> Tensor:
+        """idx (B, 1), slot (1,) the cache slot of this token, offsets (B,) left padding,
+        key_valid (B, S) False at padding -> logits (B, V)."""
+        from minillm.model import rope_cos_sin
+
+        m = self.model
+        positions = (slot - offsets).clamp(min=0)[:, None]  # (B, 1)
+        rope = rope_cos_sin(positions, m.cfg.head_dim, m.cfg.rope_theta)
+        visible = key_valid & (torch.arange(self.k.size(3), device=idx.device) <= slot)  # (B, S)
+        mask = visible[:, None, None, :]  # (B, 1, 1, S)
+        x = m.tok_emb(idx)  # (B, 1, C)
+        for i, block in enumerate(m.blocks):
+            x = x + self._attend(i, block.attn, block.norm1(x), rope, mask, slot)
+            x = x + block.mlp(block.norm2(x))
+        return m.lm_head(m.norm_f(x)).float()[:, -1]  # (B, V)
+
+    def _attend(self, i: int, a: nn.Module, h: Tensor, rope, mask: Tensor, slot: Tensor) -> Tensor:
+        from minillm.model import apply_rope
+
+        B = h.size(0)
+        q = a.q_norm(a.q_proj(h).view(B, 1, a.n_head, a.head_dim)).transpose(1, 2)  # (B, H, 1, D)
+        k = a.k_norm(a.k_proj(h).view(B, 1, a.n_kv, a.head_dim)).transpose(1, 2)  # (B, Hkv, 1, D)
+        v = a.v_proj(h).view(B, 1, a.n_kv, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        self.k[i].index_copy_(2, slot, k.to(self.k.dtype))
+        self.v[i].index_copy_(2, slot, v.to(self.v.dtype))
+        q = q.reshape(B, a.n_kv, a.n_head // a.n_kv, a.head_dim)  # (B, Hkv, G, D)
+        y = F.scaled_dot_product_attention(q, self.k[i].to(q.dtype), self.v[i].to(q.dtype), attn_mask=mask)
+        return a.o_proj(y.reshape(B, 1, a.n_head * a.head_dim))
+
+
+def cache_len(block: int, batch: int, need: int) -> int:
+    """KV-cache slots for ``need`` = longest prompt + new tokens: that many, rounded up to a multiple of
+    128 (few distinct shapes to compile), when the generation fits in the block; otherwise the block at
+    batch 1, and twice it for batches, so rows of different lengths can slide in place for at least a
+    block of steps before the whole batch is re-encoded. The static decode step attends to every slot,
+    so a cache no larger than needed is faster."""
+    full = block if batch == 1 else 2 * block
+    return full if need > block else min(full, -(-need // 128) * 128)
+
+
+_DECODERS: dict[tuple, tuple] = {}  # (id(model), batch, compiled, dtype, device) -> (model, cache, step)
+
+
+def _static_decoder(model: nn.Module, batch: int, max_len: int, compiled: bool):
+    """The KV cache and static decode step of ``model`` at this shape, built (and compiled) once."""
     from minillm.model import KVCache
 
+    p = next(model.parameters())
+    key = (id(model), batch, max_len, compiled, p.dtype, p.device)
+    hit = _DECODERS.get(key)
+    if hit is None or hit[0] is not model:
+        if len(_DECODERS) >= 8:
+            _DECODERS.clear()
+        cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
+        step = StaticDecodeStep(model, cache)
+        if compiled:  # the cache keeps its address, so CUDA graphs may update it in place
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+            step = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        hit = _DECODERS[key] = (model, cache, step)
+    return hit[1], hit[2]
+
+
+class _Decoder:
+    """Runs the model for ``generate_batch``. ``prefill`` (re)encodes every row's context, left-padded;
+    ``slide`` re-encodes some rows' contexts in place, just before the next slot; ``step`` feeds one new
+    token per row. ``mode``: eager (GPT.forward with the KV cache), static (StaticDecodeStep, eager),
+    compiled (StaticDecodeStep under torch.compile), none (no cache: ``prefill`` every step)."""
+
+    def __init__(self, model: nn.Module, batch: int, mode: str, need: int):
+        from minillm.model import KVCache
+
+        self.model, self.mode = model, mode
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache, self.static = None, None
+        max_len = cache_len(model.cfg.block_size, batch, need)
+        if mode in ("static", "compiled"):
+            self.cache, self.static = _static_decoder(model, batch, max_len, mode == "compiled")
+        elif mode == "eager":
+            self.cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
+        elif mode != "none":
+            raise ValueError(f"unknown decode mode {mode!r}")
+
+    def full(self) -> bool:
+        return self.cache is None or self.cache.pos >= self.cache.max_len
+
+    def prefill(self, windows: list[list[int]]) -> Tensor:  # -> (B, V)
+        if self.cache is None:
+            return torch.cat([self.model(torch.tensor([w], device=self.device))[:, -1] for w in windows])
+        T = max(len(w) for w in windows)
+        pads = [T - len(w) for w in windows]
+        x = torch.tensor([[w[0]] * p + w for w, p in zip(windows, pads, strict=True)], device=self.device)  # (B, T)
+        self.cache.reset()
+        if any(pads) or self.static is not None:
+            self.cache.set_left_padding(pads)
+        return self.model(x, cache=self.cache)[:, -1]
+
+    def slide(self, rows: list[int], contexts: list[list[int]]) -> None:
+        """Give ``rows`` new contexts (all the same length, at most ``pos``) ending just before slot ``pos``:
+        encoded alone, written into the slots before ``pos``; every older slot of those rows is masked out."""
+        from minillm.model import KVCache
+
+        c, n = self.cache, len(contexts[0])
+        s0 = c.pos - n
+        if c.key_mask is None:
+            c.set_left_padding([0] * c.batch_size)
+        if n:
+            tmp = KVCache(self.model.cfg, len(rows), n, self.device, self.dtype)
+            self.model(torch.tensor(contexts, device=self.device), cache=tmp)
+            idx = torch.tensor(rows, device=self.device)
+            c.k[:, idx, :, s0:c.pos] = tmp.k
+            c.v[:, idx, :, s0:c.pos] = tmp.v
+        for b in rows:
+            c.key_mask[b] = torch.arange(c.max_len, device=self.device) >= s0
+            c.offsets[b] = s0
+
+    def step(self, tokens: Tensor) -> Tensor:  # tokens (B,) -> (B, V)
+        if self.static is None:
+            return self.model(tokens[:, None], cache=self.cache)[:, -1]
+        slot = torch.tensor([self.cache.pos], device=self.device)
+        if self.mode == "compiled" and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.static(tokens[:, None], slot, self.cache.offsets, self.cache.key_mask)
+        self.cache.pos += 1
+        return logits.clone()
+
+
+# ------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # the new tokens (without the stop token)
+    reason: str  # "doc" (the model ended the document), "length" (max tokens) or "stop" (on_token said so)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: Sampling = Sampling(),
+    stop_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], bool] | None = None,
+    use_cache: bool = True,
+    mode: str = "eager",
+) -> list[Completion]:
+    """Continue each prompt (token ids, usually starting with ``<|doc|>``; cut to its last ``block_size``
+    tokens) by up to ``max_new_tokens``, all rows decoded together. A row ends at ``stop_id`` (not
+    included) or when ``on_token(row, token)`` returns True. ``mode``: eager, static or compiled (see
+    ``_Decoder``); ignored without ``use_cache``."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MiniLLMError("generate: every prompt needs at least one token (start it with <|doc|>)")
     block = model.cfg.block_size
-    device = next(model.parameters()).device
-    ids = list(prompt[-block:])
-    out: list[int] = []
-    cache = KVCache(model.cfg, 1, block, device, next(model.parameters()).dtype) if use_cache else None
-    pending = torch.tensor([ids], device=device)
-    for _ in range(max_new_tokens):
-        if cache is not None and cache.pos + pending.size(1) > block:
-            cache.reset()  # context full: re-encode the most recent block
-            pending = torch.tensor([ids[-(block - 1):]], device=device)
-        if cache is None:
-            logits = model(torch.tensor([ids[-block:]], device=device))[:, -1]
+    B = len(prompts)
+    seqs = [list(p[-block:]) for p in prompts]
+    start = [0] * B  # each row's context is seqs[b][start[b]:]
+    outs: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    active = [True] * B
+    dec = _Decoder(model, B, mode if use_cache else "none", max(map(len, seqs)) + max_new_tokens)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=dec.device)  # (B, V)
+        for b, s in enumerate(seqs):
+            seen[b, s] = True
+    logits = dec.prefill(seqs) if max_new_tokens > 0 else None
+    for n in range(max_new_tokens):
+        nxt = sample_next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                sampling.repetition_penalty, generator=generator, seen=seen)  # (B,)
+        for b, t in enumerate(nxt.tolist()):
+            if not active[b]:
+                continue
+            if t == stop_id:
+                active[b], reasons[b] = False, "doc"
+                continue
+            seqs[b].append(t)
+            outs[b].append(t)
+            if on_token is not None and on_token(b, t):
+                active[b], reasons[b] = False, "stop"
+        if not any(active) or n == max_new_tokens - 1:
+            break
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        slid = []
+        for b in range(B):
+            if active[b] and len(seqs[b]) - start[b] > block:
+                start[b] = len(seqs[b]) - slide_keep(block)
+                slid.append(b)
+        if dec.full():  # no cache, or no free slot: re-encode every row's context
+            logits = dec.prefill([s[start[b]:] if active[b] else s[-1:] for b, s in enumerate(seqs)])
+            continue
+        if slid:
+            dec.slide(slid, [seqs[b][start[b]:-1] for b in slid])
+        logits = dec.step(nxt)
+    return [Completion(o, r) for o, r in zip(outs, reasons, strict=True)]
+
+
+def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, stop_id: int | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             generator: torch.Generator | None = None, on_token: Callable[[int], bool] | None = None,
+             use_cache: bool = True, mode: str = "eager") -> list[int]:
+    """One prompt: the new token ids. ``on_token(token)`` returning True stops."""
+    cb = None if on_token is None else (lambda _row, t: on_token(t))
+    return generate_batch(model, [prompt], max_new_tokens, sampling=Sampling(temperature, top_k, top_p, repetition_penalty),
+                          stop_id=stop_id, generator=generator, on_token=cb, use_cache=use_cache, mode=mode)[0].tokens
+
+
+# ------------------------------------------------------------------------------------------- text
+
+
+class TextStream:
+    """Decodes one completion as it grows. ``push(token)`` returns the newly printable text: never the
+    start of a multi-byte character still being completed (a trailing U+FFFD is held back), nor what
+    may be the start of a stop string. ``text`` is the completion so far, cut before the first stop
+    string; ``stopped`` says one appeared; ``finish()`` returns whatever was held back."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
+        self.decode, self.stops = decode, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, text = True, text[: min(hits)]
+            safe = len(text)
         else:
-            logits = model(pending, cache=cache)[:, -1]
-        ctx = torch.tensor([ids], device=device)
-        nxt = int(sample_next_token(logits, temperature, top_k, top_p, repetition_penalty, ctx, generator)[0])
-        if stop_id is not None and nxt == stop_id:
-            break
-        ids.append(nxt)
-        out.append(nxt)
-        pending = torch.tensor([[nxt]], device=device)
-        if on_token is not None and on_token(nxt):
-            break
-    return out
+            safe = len(text.rstrip("\ufffd"))
+            for s in self.stops:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+        self.text = text
+        new = text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return new
+
+    def finish(self) -> str:
+        rest, self.emitted = self.text[self.emitted:], len(self.text)
+        return rest
+
+
+DOC_JOIN = "\n<|doc|>\n"  # between samples in text output (the corpus format)
+
+
+def complete(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int, *, sampling: Sampling = Sampling(),
+             num_samples: int = 1, batch_size: int = 1, stops: Sequence[str] = (),
+             generator: torch.Generator | None = None, stream: Callable[[str], None] | None = None,
+             warn: Callable[[str], None] | None = None, mode: str = "eager") -> list[dict]:
+    """Continue text prompts: ``num_samples`` per prompt, ``batch_size`` rows decoded together.
+    With ``stream`` (batch size 1 only) each sample's prompt and text go to ``stream`` as produced,
+    samples joined by ``DOC_JOIN``. Returns one record per sample: prompt, completion, tokens, seconds
+    (wall time of its batch), finish_reason (doc, length or stop)."""
+    from minillm.tokenizer import doc_id
+
+    if stream is not None and batch_size != 1:
+        raise UsageError("--stream prints one sample at a time; drop --batch-generate")
+    block, d = model.cfg.block_size, doc_id(tok)
+    jobs = []
+    for i, p in enumerate(prompts):
+        ids = [d, *tok.encode(p, add_special_tokens=False).ids]
+        if len(ids) > block:
+            if warn:
+                warn(f"prompt {i + 1} is {len(ids)} tokens with <|doc|>, longer than the context of {block}: "
+                     f"keeping its last {block} tokens")
+            ids = ids[-block:]
+        jobs += [(p, ids)] * num_samples
+    records = []
+    for s in range(0, len(jobs), batch_size):
+        batch = jobs[s:s + batch_size]
+        texts = [TextStream(tok.decode, stops) for _ in batch]
+        if stream:
+            stream((DOC_JOIN if s else "") + batch[0][0])
+
+        def on_token(row: int, t: int, texts: list[TextStream] = texts) -> bool:
+            new = texts[row].push(t)
+            if stream and new:
+                stream(new)
+            return texts[row].stopped
+
+        t0 = time.perf_counter()
+        comps = generate_batch(model, [ids for _, ids in batch], max_new_tokens, sampling=sampling, stop_id=d,
+                               generator=generator, on_token=on_token if stops or stream else None, mode=mode)
+        seconds = time.perf_counter() - t0
+        for (p, _), ts, c in zip(batch, texts, comps, strict=True):
+            if stream:
+                stream(ts.finish())
+            text = ts.text if stops or stream else tok.decode(c.tokens)
+            records.append({"prompt": p, "completion": text, "tokens": len(c.tokens), "seconds": round(seconds, 4),
+                            "finish_reason": c.reason})
+    return records

@@ -84,6 +84,33 @@ def train_tokenizer(
     return tok
 
 
+def collect_files(paths: Iterable[Path]) -> list[Path]:
+    """Expand ``--files``: files as given, directories recursively (sorted, hidden entries skipped)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*")
+                            if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"--files: {p} does not exist")
+    if not files:
+        raise UsageError("--files: no input files found; name corpus files or directories holding them")
+    return files
+
+
+def iter_training_texts(files: Iterable[Path], piece_chars: int = 1 << 20) -> Iterator[str]:
+    """Stream the documents of every file for tokenizer training, one piece at a time (a document longer
+    than ``piece_chars`` comes in line-aligned pieces), so a corpus larger than memory trains. The
+    ``<|doc|>`` separator lines are never part of the text, so no learned token holds one."""
+    from minillm.dataset import iter_pieces
+
+    for f in files:
+        for text, _ in iter_pieces(Path(f), piece_chars):
+            yield text
+
+
 def load_tokenizer(path: Path | str):
     """Load a ``tokenizer.json``; raises ``MiniLLMError`` naming the file when it is not one."""
     from tokenizers import Tokenizer

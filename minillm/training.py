@@ -1,18 +1,25 @@
-"""The training loop: optimizer groups, ``lr_at``, mixed precision, accumulation, clipping, evaluation,
-early stopping, checkpoints and exact resume.
+"""The training run: setup, the loop, evaluation, checkpoints, exact resume, time budgets and faults.
 
-Layering (after litgpt): ``train(spec)`` sets up the run (data, model, optimizer, resume) and calls
-``fit``, the loop itself, which only steps, evaluates and saves.
+Layering (after litgpt): ``train(spec)`` sets up the run (output directory, lock, data, model, optimizer,
+resume) and calls ``fit``, the loop itself, which only steps, logs, evaluates and saves. Beside it:
+``minillm.trainstep`` (one optimizer step, one validation pass), ``minillm.optim`` (optimizer groups and the
+``lr_at`` schedule), ``minillm.rundir`` (existing-run and resume guards) and ``minillm.trainlog`` (progress
+lines, the progress bar, TensorBoard, MFU).
+
+Faults: SIGINT/SIGTERM set a flag the loop checks between steps (a step is never cut in half), then
+``ckpt_last.pt`` is saved and the run exits 130/143; a second signal aborts at once. Every file is written
+atomically, so SIGKILL at any moment leaves the previous checkpoints loadable. A non-finite loss or
+gradient skips the step; several in a row stop the run without touching the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,137 +28,121 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillm.checkpoint import RunLock, atomic_write_json, load_checkpoint, save_checkpoint, sha256_file
+from minillm.checkpoint import (
+    RunLock,
+    atomic_link,
+    atomic_open,
+    atomic_write_json,
+    clean_stale_temps,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError
+from minillm.optim import (
+    UNBOUNDED,
+    Schedule,
+    configure_optimizer,
+    lr_at,
+    rescheduled,
+    schedule_for,
+)
+from minillm.rundir import check_resume, config_diff, prepare_outdir, refuse_diffs
+from minillm.trainlog import (
+    PEAK_FLOPS,
+    TrainLog,
+    check_tensorboard,
+    fmt_duration,
+    is_main_process,
+    peak_flops,
+)
+from minillm.trainstep import (
+    estimate_val_loss,
+    make_train_step,
+    maybe_compile,
+    resolve_device,
+    resolve_precision,
+)
+
+__all__ = ["PEAK_FLOPS", "RunSpec", "RunState", "train", "fit", "lr_at", "configure_optimizer", "peak_flops",
+           "make_train_step", "maybe_compile", "resolve_device", "resolve_precision", "estimate_val_loss"]
 
 RUN_FORMAT = 1
-# Keys that may change on --resume; any other difference is refused.
-RESUMABLE_KEYS = {"max_steps", "epochs", "max_time", "eval_every", "patience", "log_every"}
-# Dense bf16 peak FLOP/s by device name, for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12,
-              "3090": 71e12, "L4": 121e12, "T4": 65e12, "V100": 125e12}
+LENGTH_KEYS = ("max_steps", "epochs", "max_time")
+MAX_BAD_STEPS = 5  # non-finite steps in a row that stop the run
+ARTIFACTS = ("ckpt_best.pt", "ckpt_last.pt", "history.json", "curves.png", "config.json", "tokenizer.json")
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Where a run reads and writes, apart from the model and training configs."""
+    """Where a run reads and writes, and how it reports, apart from the model and training configs."""
 
-    tokenizer: Path
-    corpus: Path
-    outdir: Path
-    val_file: Path | None = None
-    cache_dir: Path | None = None
-    resume: bool = False
-    overwrite: bool = False
-    log_format: str = "text"
-    config_name: str = "tiny"
+    tokenizer: Path  # tokenizer.json the corpus is encoded with (copied into the run)
+    corpus: Any  # clean corpus file (a Path), or a dataset.Mixture of several
+    outdir: Path  # the run directory
+    val_file: Path | None = None  # a separate validation corpus instead of a split
+    cache_dir: Path | None = None  # token cache directory (default OUTDIR/cache)
+    resume: bool = False  # continue from OUTDIR/ckpt_last.pt
+    overwrite: bool = False  # replace the run in OUTDIR
+    log_format: str = "text"  # progress lines: text or json
+    config_name: str = "tiny"  # the preset or TOML file the configs came from (recorded)
+    tensorboard: bool = False  # write TensorBoard event files to OUTDIR/tb
+    started: float = 0.0  # time.time() when the command started (--max-time counts from it); 0 = train()'s call
 
 
 @dataclass
 class RunState:
-    """Everything a checkpoint restores besides weights and optimizer."""
+    """Everything a checkpoint restores besides weights, optimizer, scaler, loader position and RNG."""
 
-    step: int = 0
-    best_val: float = math.inf
-    bad_evals: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    tokens: int = 0
-    elapsed_s: float = 0.0
-
-
-def lr_at(step: int, total_steps: int, cfg: TrainConfig, progress: float | None = None) -> float:
-    """Linear warmup over ``warmup_steps`` (at most a tenth of the run), then cosine decay from ``lr`` to
-    ``min_lr`` (lr/10 when negative) at the end of the run. ``progress`` in [0, 1] overrides
-    ``step / total_steps`` (used by time-budgeted runs)."""
-    min_lr = cfg.lr / 10 if cfg.min_lr < 0 else cfg.min_lr
-    warmup = min(cfg.warmup_steps, max(0, total_steps // 10)) if total_steps else cfg.warmup_steps
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if progress is None:
-        span = max(1, total_steps - warmup)
-        progress = (step - warmup) / span
-    progress = min(1.0, max(0.0, progress))
-    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MiniLLMError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)")
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    if device.type == "cpu" and dt == torch.float16:
-        raise MiniLLMError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    return dt
-
-
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW with weight decay on 2-D weights only (never norms, biases, embeddings); with
-    ``optimizer == "muon"``, Muon takes the 2-D hidden matrices and AdamW the rest."""
-    decay, no_decay, hidden = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_embedding = "tok_emb" in name or "lm_head" in name
-        if cfg.optimizer == "muon" and p.dim() == 2 and not is_embedding:
-            hidden.append(p)
-        elif p.dim() >= 2 and not is_embedding:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    for g in groups:
-        g["base_lr"] = cfg.lr
-    fused = device.type == "cuda"
-    opts: list[torch.optim.Optimizer] = [
-        torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
-    ]
-    if hidden:
-        if not hasattr(torch.optim, "Muon"):
-            raise MiniLLMError("--optimizer muon needs torch >= 2.9 (torch.optim.Muon); use --optimizer adamw")
-        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True)
-        for g in muon.param_groups:
-            g["base_lr"] = cfg.muon_lr
-        opts.append(muon)
-    return opts
+    step: int = 0  # optimizer steps done
+    best_val: float = math.inf  # best validation loss so far
+    bad_evals: int = 0  # evaluations since the best one (the patience counter)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
+    tokens: int = 0  # training tokens seen
+    elapsed_s: float = 0.0  # wall-clock seconds of the run so far, across resumes
+    running: list[float] = field(default_factory=list)  # training losses since the last evaluation
+    schedule: dict[str, Any] | None = None  # the optim.Schedule, as a dict
+    eval_every: int = 0  # evaluation interval fixed by a --max-time plan (0: from --eval-every or total / 10)
+    planned: bool = True  # False until a --max-time run has measured its step time and fixed its total
 
 
 def total_steps_for(cfg: TrainConfig, windows_per_epoch: int) -> int:
-    """Optimizer steps in the run: whichever of ``epochs`` and ``max_steps`` ends first (0 = time-bound)."""
+    """Optimizer steps in the run: whichever of ``epochs`` and ``max_steps`` ends first (0 = neither set)."""
     per_step = cfg.batch_size * cfg.accumulation_steps
     by_epochs = math.ceil(cfg.epochs * windows_per_epoch / per_step) if cfg.epochs > 0 else 0
     cands = [s for s in (by_epochs, cfg.max_steps) if s > 0]
     return max(1, min(cands)) if cands else 0
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+class Interrupted(MiniLLMError):
+    """SIGINT (exit 130) or SIGTERM (exit 143)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.exit_code = code
 
 
 class _Signals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (a step is never cut in half)."""
+    """SIGINT/SIGTERM handling. While ``deferred`` (inside the loop), the first signal only sets ``code``, which
+    the loop checks between steps; outside it, or on a second signal, ``Interrupted`` is raised at once."""
 
     def __init__(self) -> None:
-        self.code = 0
+        self.code, self.deferred, self.outdir = 0, False, Path(".")
         self._old: dict[int, Any] = {}
 
+    def _handle(self, signum: int, _frame: Any) -> None:
+        code = 130 if signum == signal.SIGINT else 143
+        if self.deferred and not self.code:
+            self.code = code
+            return
+        raise Interrupted(code, f"interrupted; checkpoints already in {self.outdir} are intact "
+                                f"(continue with the same command and --resume if ckpt_last.pt exists)")
+
     def __enter__(self) -> _Signals:
-        for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                self._old[sig] = signal.signal(sig, lambda *_, c=code: setattr(self, "code", c))
+                self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
         return self
@@ -161,253 +152,312 @@ class _Signals:
             signal.signal(sig, old)
 
 
-class Interrupted(MiniLLMError):
-    def __init__(self, code: int, path: Path):
-        super().__init__(f"interrupted: saved {path}; continue with the same command and --resume")
-        self.exit_code = code
-
-
-def _log(spec: RunSpec, msg: str, **fields: Any) -> None:
-    if spec.log_format == "json":
-        print(json.dumps({"event": msg, **fields}), file=sys.stderr, flush=True)
-    else:
-        extra = "  ".join(f"{k} {v}" for k, v in fields.items())
-        print(f"{msg}  {extra}".rstrip(), file=sys.stderr, flush=True)
-
-
-def prepare_outdir(spec: RunSpec) -> None:
-    out = spec.outdir
-    if out.exists() and not out.is_dir():
-        raise MiniLLMError(f"--outdir {out} is a file; give a directory")
-    exists = out.is_dir() and any(p.name not in (".lock",) for p in out.iterdir())
-    if spec.resume:
-        if not (out / "ckpt_last.pt").is_file():
-            raise MiniLLMError(f"--resume: no checkpoint {out / 'ckpt_last.pt'}; start the run without --resume")
-    elif exists and not spec.overwrite:
-        raise MiniLLMError(f"--outdir {out} already holds a run; add --resume to continue it or --overwrite to replace it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MiniLLMError(f"--outdir {out}: cannot create it ({e.strerror}); choose a writable directory") from e
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two resolved run configs, except those a resume may change."""
-    diffs = []
-    for section in ("model", "train", "data"):
-        a, b = old.get(section, {}), new.get(section, {})
-        for k in sorted(set(a) | set(b)):
-            if section == "train" and k in RESUMABLE_KEYS:
-                continue
-            if a.get(k) != b.get(k):
-                diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
-    return diffs
+def oom_message(mcfg: ModelConfig, tcfg: TrainConfig, outdir: Path) -> str:
+    b, a = tcfg.batch_size, tcfg.accumulation_steps
+    fixes = []
+    if b > 1:
+        fixes.append(f"--batch-size {b // 2} --accumulation-steps {a * 2} (the same {b * a} windows per step)")
+    if not mcfg.gradient_checkpointing:
+        fixes.append("--gradient-checkpointing (recomputes activations: much less memory, ~30% slower)")
+    fixes.append(f"a smaller --block-size (now {mcfg.block_size}) or model")
+    return (f"CUDA out of memory at --batch-size {b}, --block-size {mcfg.block_size}: try " + "; or ".join(fixes)
+            + f". The last checkpoint in {outdir} is intact (continue with --resume)")
 
 
 def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
     """Set up and run one training run; returns the final summary."""
     from minillm import dataset as ds
+
+    t_entry, main = spec.started or time.time(), is_main_process()
+    if spec.tensorboard:
+        check_tensorboard()
+    device = resolve_device(tcfg.device)  # refuse impossible settings before touching the run directory
+    dtype = resolve_precision(tcfg.precision, device)
+    with _Signals() as sig:
+        sig.outdir = spec.outdir
+        if main:  # under torchrun, rank 0 checks, locks and writes the run directory
+            prepare_outdir(spec)
+        with RunLock(spec.outdir) if main else contextlib.nullcontext():
+            if main:
+                clean_stale_temps(spec.outdir)
+            old = json.loads((spec.outdir / "config.json").read_text()) if spec.resume else None
+            tok_sha = sha256_file(spec.tokenizer)
+            if old is not None:
+                check_resume(spec, old, mcfg, tcfg, tok_sha)
+            torch.manual_seed(tcfg.seed)
+            if device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            log = TrainLog(spec.log_format)
+            log.event(f"encoding {spec.corpus} into the token cache")
+            data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
+                                   mcfg.block_size, tcfg, val_file=spec.val_file)
+            mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))
+            run_cfg = {"format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg),
+                       "train": to_dict(tcfg), "data": {"tokenizer_sha256": tok_sha, **data.meta},
+                       "val_doc_ids": data.val_doc_ids}
+            if old is not None:
+                refuse_diffs(config_diff(old, run_cfg))
+            if main:
+                if spec.overwrite:
+                    for name in ARTIFACTS:
+                        (spec.outdir / name).unlink(missing_ok=True)
+                    shutil.rmtree(spec.outdir / "tb", ignore_errors=True)
+                atomic_write_json(spec.outdir / "config.json", run_cfg)
+                if Path(spec.tokenizer).resolve() != (spec.outdir / "tokenizer.json").resolve():
+                    with open(spec.tokenizer, "rb") as src, atomic_open(spec.outdir / "tokenizer.json") as dst:
+                        shutil.copyfileobj(src, dst)
+            if spec.tensorboard:
+                log.open_tensorboard(spec.outdir / "tb")
+            log.event("config", model=to_dict(mcfg), train=to_dict(tcfg))
+            try:
+                return _build_and_fit(spec, mcfg, tcfg, old, data, device, dtype, tok_sha, t_entry, log, sig)
+            except torch.OutOfMemoryError as e:
+                raise MiniLLMError(oom_message(mcfg, tcfg, spec.outdir)) from e
+
+
+def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dict | None, data, device, dtype,
+                   tok_sha: str, t_entry: float, log: TrainLog, sig: _Signals) -> dict[str, Any]:
+    """Model, optimizer, scaler, restored state and schedule; then the loop."""
     from minillm.model import GPT
 
-    prepare_outdir(spec)
-    with RunLock(spec.outdir):
-        if spec.overwrite and not spec.resume:
-            for name in ("ckpt_best.pt", "ckpt_last.pt", "history.json", "curves.png", "config.json"):
-                (spec.outdir / name).unlink(missing_ok=True)
-        device = resolve_device(tcfg.device)
-        dtype = resolve_precision(tcfg.precision, device)
-        torch.manual_seed(tcfg.seed)
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-        _log(spec, f"encoding {spec.corpus} into the token cache")
-        data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
-                               mcfg.block_size, tcfg, val_file=spec.val_file)
-        mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))
-        tok_sha = sha256_file(spec.tokenizer)
-        run_cfg = {
-            "format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg), "train": to_dict(tcfg),
-            "data": {"tokenizer_sha256": tok_sha, **data.meta},
-            "val_doc_ids": data.val_doc_ids,
-        }
-        if spec.resume:
-            old = json.loads((spec.outdir / "config.json").read_text())
-            diffs = config_diff(old, run_cfg)
-            if diffs:
-                raise MiniLLMError("--resume: the run's config differs from the checkpoint's in:\n  "
-                                   + "\n  ".join(diffs) + "\nonly max_steps, epochs, max_time, eval_every, patience "
-                                   "and log_every may change; start a new --outdir for the rest")
-        atomic_write_json(spec.outdir / "config.json", run_cfg)
-        if Path(spec.tokenizer).resolve() != (spec.outdir / "tokenizer.json").resolve():
-            shutil.copyfile(spec.tokenizer, spec.outdir / "tokenizer.json")
-
-        model = GPT(mcfg).to(device)
-        optimizers = configure_optimizer(model, tcfg, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-        loader = data.loader
-        state = RunState()
-        if spec.resume:
-            ck = load_checkpoint(spec.outdir / "ckpt_last.pt")
-            model.load_state_dict(ck["model"])
-            for opt, sd in zip(optimizers, ck["optimizer"], strict=True):
-                opt.load_state_dict(sd)
-            scaler.load_state_dict(ck["scaler"])
-            loader.load_state_dict(ck["loader"])
-            state = RunState(**ck["run_state"])
-            torch.set_rng_state(ck["rng"]["cpu"])
-            if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-        total = total_steps_for(tcfg, loader.windows_per_epoch)
-        if spec.resume:
-            _log(spec, f"resuming at step {state.step}; the schedule runs to step {total}")
-        n_params = model.num_params()
-        _log(spec, "run", params=f"{n_params / 1e6:.2f}M", device=str(device), precision=str(dtype).split(".")[-1],
-             steps=total or "time-bound", windows=loader.windows_per_epoch, train_tokens=data.meta["train_tokens"])
-        compiled = torch.compile(model) if (tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")) else model
-        ctx = dict(model=model, compiled=compiled, optimizers=optimizers, scaler=scaler, loader=loader,
-                   val_batches=data.val_batches, device=device, dtype=dtype, doc_id=data.doc_id,
-                   total=total, run_cfg=run_cfg, tok_sha=tok_sha)
-        return fit(spec, mcfg, tcfg, state, ctx)
+    model = GPT(mcfg).to(device)
+    opts = configure_optimizer(model, tcfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    state = _restore(spec.outdir / "ckpt_last.pt", model, opts, scaler, data.loader, device) if old else RunState()
+    _set_schedule(state, tcfg, old, total_steps_for(tcfg, data.loader.windows_per_epoch), log)
+    log.event("run", params=f"{model.num_params() / 1e6:.2f}M", device=str(device),
+              precision=str(dtype).split(".")[-1], steps=_total_str(state),
+              windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"])
+    ctx = dict(model=model, compiled=maybe_compile(model, tcfg, device), optimizers=opts, scaler=scaler,
+               loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype, doc_id=data.doc_id,
+               tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=is_main_process())
+    with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
+        return fit(spec, mcfg, tcfg, state, ctx, log, sig)
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.to(device, non_blocking=True)
-    return x[:, :-1], x[:, 1:]
+def _restore(path: Path, model, opts, scaler, loader, device: torch.device) -> RunState:
+    """Load ``ckpt_last.pt`` into the model, optimizers, scaler, loader and RNGs; return the run state."""
+    ck = load_checkpoint(path)
+    try:
+        model.load_state_dict(ck["model"])
+        for opt, sd in zip(opts, ck["optimizer"], strict=True):
+            opt.load_state_dict(sd)
+        scaler.load_state_dict(ck["scaler"])
+        loader.load_state_dict(ck["loader"])
+        names = {f.name for f in dataclasses.fields(RunState)}
+        state = RunState(**{k: v for k, v in ck["run_state"].items() if k in names})
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise MiniLLMError(f"--resume: {path} does not fit this run ({str(e).splitlines()[0][:120]}); "
+                           f"start a new --outdir") from e
+    return state
 
 
-def _forward(model, x, y, mcfg_doc_masking: bool, doc_id: int, device, dtype, reduction="mean"):
-    from minillm.model import segment_ids
+def _set_schedule(state: RunState, tcfg: TrainConfig, old: dict | None, steps_total: int, log: TrainLog) -> None:
+    """Fix the learning-rate schedule: a fresh run's, or a resumed run's, recomputed when its length changed."""
+    target = steps_total or UNBOUNDED
+    if state.schedule is None:
+        state.schedule = dataclasses.asdict(schedule_for(tcfg, target))
+        state.planned = not tcfg.max_time
+        return
+    old_train = (old or {}).get("train", {})
+    if all(old_train.get(k) == getattr(tcfg, k) for k in LENGTH_KEYS):
+        log.event(f"resuming at step {state.step} of {_total_str(state)}")
+        return
+    sched = Schedule(**state.schedule)
+    new = rescheduled(sched, state.step, target)
+    state.schedule, state.planned, state.eval_every = dataclasses.asdict(new), not tcfg.max_time, 0
+    log.event(f"resuming at step {state.step}: the run's length changed, so the cosine decay is recomputed from "
+              f"step {state.step} (lr {lr_at(state.step, new):.2e}) to reach min_lr {new.min_lr:.2e} at step "
+              + (str(new.total) if new.total < UNBOUNDED else "the end of --max-time"))
 
-    seg = segment_ids(x, doc_id) if mcfg_doc_masking else None
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return model(x, y, seg_ids=seg, reduction=reduction)
 
-
-@torch.no_grad()
-def estimate_val_loss(model, batches, tcfg: TrainConfig, doc_id: int, device, dtype) -> float:
-    model.eval()
-    total, count = torch.zeros((), device=device), 0
-    for b in batches:
-        x, y = _to_device(torch.from_numpy(b), device)
-        total += _forward(model, x, y, tcfg.doc_masking, doc_id, device, dtype).float() * len(b)
-        count += len(b)
-    model.train()
-    return float(total.item() / count)
+def _total_str(state: RunState) -> str:
+    total = state.schedule["total"] if state.schedule else 0
+    return str(total) if total < UNBOUNDED else "time-bound"
 
 
 def save_run(path: Path, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: TrainConfig, loader_state) -> None:
+    """Write a resumable checkpoint atomically (rank 0 only)."""
+    if not ctx.get("main", True):
+        return
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(ctx["device"]) if ctx["device"].type == "cuda" else None}
     save_checkpoint(path, {
         "model": ctx["model"].state_dict(), "model_config": to_dict(mcfg), "train_config": to_dict(tcfg),
         "optimizer": [o.state_dict() for o in ctx["optimizers"]], "scaler": ctx["scaler"].state_dict(),
-        "loader": loader_state, "run_state": dataclasses.asdict(state), "rng": rng,
+        "loader": dict(loader_state), "run_state": dataclasses.asdict(state), "rng": rng,
         "tokenizer_sha256": ctx["tok_sha"],
     })
 
 
-def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ctx: dict) -> dict[str, Any]:
-    """The loop: step, log, evaluate, save. Stops at the end of the schedule, on patience, or on a signal."""
+# ---------------------------------------------------------------- evaluation and time budgets
+
+
+def epoch_of(loader, loader_state: dict) -> float:
+    """Epochs consumed at ``loader_state`` (from the consumed position, not the prefetcher's read-ahead)."""
+    per_epoch = int(np.sum(getattr(loader, "n_windows", loader.windows_per_epoch)))
+    return loader_state["epoch"] + loader_state["pos"] / max(1, per_epoch)
+
+
+def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: TrainConfig,
+                      loader_state: dict, lr: float, log: TrainLog) -> None:
+    """Validation loss -> history record, patience counter, ckpt_last (+ ckpt_best), history.json, curves.png."""
     from minillm.plots import plot_curves
 
-    model, compiled, opts, scaler, device, dtype = (ctx[k] for k in ("model", "compiled", "optimizers", "scaler", "device", "dtype"))
-    total, doc_id = ctx["total"], ctx["doc_id"]
-    eval_every = tcfg.eval_every or max(1, (total or 1000) // 10)
+    state.elapsed_s = time.time() - ctx["t_entry"]
+    val = estimate_val_loss(ctx["compiled"], ctx["val_batches"], tcfg, ctx["doc_id"], ctx["device"], ctx["dtype"])
+    if not math.isfinite(val):
+        raise MiniLLMError(f"validation loss is {val} at step {state.step}: the weights diverged; the last good "
+                           f"checkpoint in {spec.outdir} is kept. Lower --lr (now {tcfg.lr:g}) or use --precision "
+                           f"bf16/fp32, then start again or --resume")
+    rec = {"step": state.step, "epoch": round(epoch_of(ctx["loader"], loader_state), 4),
+           "tokens": state.tokens, "train_loss": float(np.mean(state.running)) if state.running else None,
+           "val_loss": val, "val_ppl": math.exp(min(val, 50)), "lr": lr,
+           "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": round(state.elapsed_s, 3)}
+    state.running = []
+    state.history.append(rec)
+    improved = val < state.best_val
+    state.bad_evals = 0 if improved else state.bad_evals + 1
+    state.best_val = min(state.best_val, val)
+    log.event("eval", step=state.step, val_loss=round(val, 4), val_ppl=round(rec["val_ppl"], 2),
+              best="yes" if improved else "no")
+    log.scalars(state.step, {"val/loss": val, "val/ppl": rec["val_ppl"]})
+    log.flush()
+    if ctx["main"]:
+        save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)
+        if improved:  # the same bytes: linked, not written twice
+            atomic_link(spec.outdir / "ckpt_last.pt", spec.outdir / "ckpt_best.pt")
+        atomic_write_json(spec.outdir / "history.json", {"format": 1, "evals": state.history})
+        plot_curves(state.history, spec.outdir / "curves.png")
+
+
+def plan_time_budget(step: int, elapsed: float, max_time: float, step_s: float, eval_s: float,
+                     eval_every: int, limit: int) -> tuple[int, int]:
+    """``(total_steps, eval_every)`` for a run that has done ``step`` steps in ``elapsed`` seconds so that the
+    rest, its evaluations and a final evaluation + checkpoint fit in ``max_time`` (a 3% + 1.5 s margin).
+    ``eval_every`` 0 asks for about 10 evaluations in all (fewer when each one is costly); ``limit`` caps
+    the total (from --max-steps / --epochs)."""
+    left = max_time - elapsed - eval_s - (0.03 * max_time + 1.5)  # margin: jitter and the process's exit
+    if eval_every:
+        steps = left / (step_s + eval_s / eval_every)
+    else:
+        n_evals = min(9, int(0.25 * left / eval_s)) if eval_s > 0 else 9
+        steps = (left - max(0, n_evals) * eval_s) / step_s
+        eval_every = max(1, int(steps / (n_evals + 1))) if n_evals > 0 else UNBOUNDED
+    return max(step, min(limit, step + int(max(0.0, steps)))), eval_every
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ctx: dict, log: TrainLog,
+        sig: _Signals) -> dict[str, Any]:
+    """The loop: step, log, evaluate, save. Ends with the schedule, the time budget, patience or a signal."""
+    from minillm.dataset import Prefetcher
+
+    model, device, loader = ctx["model"], ctx["device"], ctx["loader"]
+    sched = Schedule(**state.schedule)
+    step_fn = make_train_step(model, ctx["compiled"], ctx["optimizers"], tcfg, device, ctx["dtype"], ctx["doc_id"],
+                              ctx["scaler"])
     tokens_per_step = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size
     flops, peak = model.flops_per_token(), peak_flops(device)
-    prefetch = __import__("minillm.dataset", fromlist=["Prefetcher"]).Prefetcher(
-        ctx["loader"], pin=device.type == "cuda", threads=tcfg.num_workers)
-    loader_state = ctx["loader"].state_dict()
-    t_start, t_log, bad_steps, running = time.time() - state.elapsed_s, time.time(), 0, []
-    end_reason = "schedule"
-    with _Signals() as sig:
+    limit = total_steps_for(tcfg, loader.windows_per_epoch) or UNBOUNDED
+    clock = lambda: time.time() - ctx["t_entry"]  # noqa: E731  the run's seconds, across resumes
+    loader_state = loader.state_dict()  # what has been consumed; read before the prefetcher runs ahead
+    prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=tcfg.num_workers)
+    durs: list[float] = []  # seconds of each step this process ran (the first includes compilation)
+    eval_s, bad, end, saved_step, lr = 0.0, 0, "schedule", state.step, lr_at(state.step, sched)
+    last_eval = state.history[-1]["step"] if state.history else -1
+    t_log, step_log = time.time(), state.step
+    sig.deferred = True
+    try:
         while True:
-            elapsed = time.time() - t_start
-            if total and state.step >= total:
-                break
-            if tcfg.max_time and elapsed >= tcfg.max_time:
-                end_reason = "max_time"
-                break
-            progress = elapsed / tcfg.max_time if tcfg.max_time and not total else None
-            lr_scale = lr_at(state.step, total, tcfg, progress) / tcfg.lr
-            for opt in opts:
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * lr_scale
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(tcfg.accumulation_steps):
-                batch, loader_state = prefetch.next()
-                x, y = _to_device(batch, device)
-                loss = _forward(compiled, x, y, tcfg.doc_masking, doc_id, device, dtype) / tcfg.accumulation_steps
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-            loss_val = float(loss_sum.item())
-            if not math.isfinite(loss_val):
-                bad_steps += 1
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                _log(spec, f"step {state.step}: non-finite loss {loss_val}; step skipped")
-                if bad_steps >= 5:
-                    prefetch.close()
-                    raise MiniLLMError(
-                        f"{bad_steps} non-finite losses in a row at step {state.step}: the learning rate is likely "
-                        f"too high (try --lr {tcfg.lr / 3:.2g}) or fp16 overflowed (try --precision bf16 or fp32); "
-                        f"the last good checkpoint is kept in {spec.outdir}")
-                continue
-            bad_steps = 0
-            for opt in opts:
-                scaler.unscale_(opt)
-            if tcfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            for opt in opts:
-                scaler.step(opt)
-            scaler.update()
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens += tokens_per_step
-            running.append(loss_val)
-            if state.step % tcfg.log_every == 0 or state.step == 1:
-                dt = time.time() - t_log
-                tps = tokens_per_step * (tcfg.log_every if state.step > 1 else 1) / max(dt, 1e-9)
-                t_log = time.time()
-                fields = dict(epoch=f"{ctx['loader'].epoch_float:.2f}", loss=f"{loss_val:.4f}",
-                              lr=f"{lr_scale * tcfg.lr:.2e}", tok_s=f"{tps:,.0f}")
-                if peak:
-                    fields["mfu"] = f"{100 * flops * tps / peak:.1f}%"
-                if total:
-                    fields["eta"] = f"{(total - state.step) * tokens_per_step / max(tps, 1):.0f}s"
-                _log(spec, f"step {state.step}/{total or '?'}", **fields)
-            last = bool(total) and state.step >= total
-            if state.step % eval_every == 0 or last or sig.code:
-                state.elapsed_s = time.time() - t_start
-                val = estimate_val_loss(compiled, ctx["val_batches"], tcfg, doc_id, device, dtype)
-                rec = {"step": state.step, "epoch": round(ctx["loader"].epoch_float, 4), "tokens": state.tokens,
-                       "train_loss": float(np.mean(running)) if running else None, "val_loss": val,
-                       "val_ppl": math.exp(min(val, 50)), "lr": lr_scale * tcfg.lr,
-                       "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": state.elapsed_s}
-                running = []
-                state.history.append(rec)
-                improved = val < state.best_val
-                state.bad_evals = 0 if improved else state.bad_evals + 1
-                state.best_val = min(state.best_val, val)
-                _log(spec, f"eval step {state.step}", val_loss=f"{val:.4f}", val_ppl=f"{rec['val_ppl']:.2f}",
-                     best="yes" if improved else "no")
-                save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)
-                if improved:
-                    save_run(spec.outdir / "ckpt_best.pt", ctx, state, mcfg, tcfg, loader_state)
-                atomic_write_json(spec.outdir / "history.json", {"format": 1, "evals": state.history})
-                plot_curves(state.history, spec.outdir / "curves.png")
-                if tcfg.patience and state.bad_evals >= tcfg.patience:
-                    end_reason = "early_stopping"
-                    _log(spec, f"early stopping: {tcfg.patience} evaluations without improvement")
-                    break
             if sig.code:
-                prefetch.close()
-                raise Interrupted(sig.code, spec.outdir / "ckpt_last.pt")
-    prefetch.close()
-    if not state.history or state.history[-1]["step"] != state.step:
-        state.elapsed_s = time.time() - t_start
-        save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)
-    return {"steps": state.step, "best_val_loss": state.best_val, "end": end_reason, "outdir": str(spec.outdir),
-            "elapsed_s": round(time.time() - t_start, 2)}
+                if saved_step != state.step:
+                    state.elapsed_s = clock()
+                    save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)
+                raise Interrupted(sig.code, f"interrupted at step {state.step}: saved {spec.outdir / 'ckpt_last.pt'}; "
+                                            f"continue with the same command and --resume")
+            step_s = _step_time(durs)
+            if state.step >= sched.total:
+                break
+            if tcfg.max_time and clock() + step_s + eval_s + 0.01 * tcfg.max_time > tcfg.max_time:
+                end = "max_time"
+                break
+            lr, t0 = lr_at(state.step, sched), time.time()
+            r = step_fn(prefetch, lr / tcfg.lr)
+            loader_state = r.loader_state
+            if r.skipped:
+                bad += 1
+                log.event(f"step {state.step + 1}: {r.skipped}; update skipped ({bad} in a row)")
+                if bad >= MAX_BAD_STEPS:
+                    raise MiniLLMError(
+                        f"{bad} non-finite steps in a row at step {state.step + 1}: the learning rate is likely too "
+                        f"high (try --lr {tcfg.lr / 3:.2g}), fp16 overflowed (try --precision bf16 or fp32), or "
+                        f"--grad-clip is off; the last good checkpoint in {spec.outdir} is kept")
+                continue
+            bad = 0
+            durs.append(time.time() - t0)
+            state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
+            state.running.append(r.loss)
+            total = sched.total if sched.total < UNBOUNDED else 0
+            eval_every = tcfg.eval_every or state.eval_every or max(1, sched.total // 10)
+            log.progress(state.step, total)
+            if state.step % tcfg.log_every == 0 or state.step == 1:
+                tps = tokens_per_step * (state.step - step_log) / max(time.time() - t_log, 1e-9)
+                left = total - state.step
+                eta = left * _step_time(durs) + (left // eval_every + 1) * eval_s
+                log.step(state.step, total, epoch_of(loader, loader_state), r.loss, lr, tps,
+                         flops * tps / peak if peak else None, eta if total else None)
+                t_log, step_log = time.time(), state.step
+            plan_now = not state.planned and len(durs) >= 2 and (
+                (len(durs) >= 6 and sum(durs[1:]) >= 1.0) or len(durs) >= 50 or sum(durs) >= 0.05 * tcfg.max_time)
+            if plan_now or state.step % eval_every == 0 or state.step >= sched.total:
+                t0 = time.time()
+                evaluate_and_save(spec, ctx, state, mcfg, tcfg, loader_state, lr, log)
+                eval_s, last_eval, saved_step = time.time() - t0, state.step, state.step
+                t_log += eval_s  # tokens/s counts training time only
+                if tcfg.max_time and len(durs) >= 2:
+                    sched = _replan(state, sched, tcfg, clock(), _step_time(durs), eval_s, limit, log)
+                if tcfg.patience and state.bad_evals >= tcfg.patience:
+                    end = "early_stopping"
+                    log.event(f"early stopping: {tcfg.patience} evaluations without improvement")
+                    break
+    finally:
+        sig.deferred = False
+        prefetch.close()
+    if last_eval != state.step and state.step > 0:  # ended by the time budget between evaluations
+        evaluate_and_save(spec, ctx, state, mcfg, tcfg, loader_state, lr, log)
+    state.elapsed_s = clock()
+    best = state.best_val if math.isfinite(state.best_val) else None  # None: never evaluated
+    summary = {"steps": state.step, "best_val_loss": best, "end": end, "outdir": str(spec.outdir),
+               "elapsed_s": round(state.elapsed_s, 2)}
+    log.event("done", **summary)
+    return summary
+
+
+def _step_time(durs: list[float]) -> float:
+    """Mean seconds per step over the last 100 steps, leaving out the first (compilation) while it is among them."""
+    recent = durs[-100:] if len(durs) > 100 else (durs[1:] or durs)
+    return sum(recent) / len(recent) if recent else 0.0
+
+
+def _replan(state: RunState, sched: Schedule, tcfg: TrainConfig, elapsed: float, step_s: float, eval_s: float,
+            limit: int, log: TrainLog) -> Schedule:
+    """Fit the rest of a --max-time run to its budget from measured step and evaluation times; the decay is
+    recomputed from the current step when the total moves by more than 1%."""
+    total, every = plan_time_budget(state.step, elapsed, tcfg.max_time, step_s, eval_s, tcfg.eval_every, limit)
+    first = not state.planned
+    state.planned, state.eval_every = True, (0 if tcfg.eval_every else every)
+    if not first and abs(total - sched.total) <= max(1, 0.01 * sched.total):
+        return sched
+    new = rescheduled(sched, state.step, total)
+    state.schedule = dataclasses.asdict(new)
+    log.event(f"--max-time {fmt_duration(tcfg.max_time)}: {step_s * 1000:.1f} ms/step, {eval_s:.1f} s per evaluation "
+              f"-> {new.total} steps in all, " + (f"evaluating every {tcfg.eval_every or every}"
+                                                   if (tcfg.eval_every or every) < UNBOUNDED else "evaluating at the end"))
+    return new

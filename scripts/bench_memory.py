@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
 import sys
@@ -89,7 +90,9 @@ def run(cfg, args, device: torch.device) -> dict:
     except torch.OutOfMemoryError:
         out.update(peak_bytes=None, step_s=None, tokens_per_s=None, saved_bytes=None, error="out of memory")
     out["estimate_bytes"] = estimate_memory(cfg, B, args.precision)["total"]
-    del model, opt, step_model
+    if args.compile:
+        torch._dynamo.reset()
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -105,8 +108,8 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default 32000; 50304 for gpt2-124m)")
     p.add_argument("--batch-size", type=int, default=None, help="micro-batch (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--block-size", type=int, default=None, help="override the config's block size")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per setting (median reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per setting, median reported (default 10; 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 on CPU)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
     p.add_argument("--attention", default=None, help="attention backend: auto, flash, cudnn, efficient, math")
@@ -120,7 +123,10 @@ def main() -> None:
     cfg, _ = resolve(args.config, overrides)
     vocab = args.vocab_size or (50304 if args.config == "gpt2-124m" else 32000)
     cfg = dataclasses.replace(cfg, vocab_size=vocab)
-    args.batch_size = args.batch_size or (64 if device.type == "cuda" else 4)
+    on_gpu = device.type == "cuda"
+    args.batch_size = args.batch_size or (64 if on_gpu else 4)
+    args.steps = args.steps or (10 if on_gpu else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if on_gpu else 1)
 
     rows = [run(dataclasses.replace(cfg, gradient_checkpointing=gc), args, device) for gc in (False, True)]
     off, on = rows
@@ -129,17 +135,18 @@ def main() -> None:
         "saved": on["saved_bytes"] / off["saved_bytes"] if off.get("saved_bytes") and on.get("saved_bytes") else None,
         "step_time": on["step_s"] / off["step_s"] if off.get("step_s") and on.get("step_s") else None,
     }
+    with torch.device("meta"):
+        n_params = GPT(cfg).num_params()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"config": args.config, "vocab_size": vocab, "batch_size": args.batch_size, "block_size": cfg.block_size,
             "precision": args.precision, "compile": args.compile, "device": name, "torch": torch.__version__,
-            "params": sum(p.numel() for p in GPT(dataclasses.replace(cfg, n_layer=cfg.n_layer)).parameters())
-            if device.type == "cpu" and cfg.n_embd <= 128 else None,
+            "params": n_params,
             "date": time.strftime("%Y-%m-%d")}
     if args.json:
         json.dump({**meta, "runs": rows, "ratio_on_off": ratio}, sys.stdout, indent=2)
         print()
         return
-    print(f"{args.config}: {cfg.n_layer} x {cfg.n_embd}, vocab {vocab}, micro-batch {args.batch_size} x "
+    print(f"{args.config}: {n_params / 1e6:.1f}M params, {cfg.n_layer} x {cfg.n_embd}, vocab {vocab}, micro-batch {args.batch_size} x "
           f"{cfg.block_size}, {args.precision}{', compiled' if args.compile else ''}; {name}; torch {torch.__version__}")
     print(f"{'checkpointing':>13}  {'peak GiB':>9}  {'saved GiB':>9}  {'estimate GiB':>12}  {'step ms':>9}  {'tokens/s':>10}")
     for r in rows:

@@ -1,0 +1,393 @@
+"""analyze-corpus: statistics of a corpus file (streamed) and the training recommendations drawn from
+them. ``recommend`` is a pure function of the document lengths, so it is tested on known distributions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from minillm.corpus import DOC_SEPARATOR, iter_documents
+from minillm.errors import MiniLLMError
+
+BYTES_PER_TOKEN = 4.0  # estimate without --tokenizer: a BPE of 8k-32k tokens on European-language text
+NEAR_EMPTY_CHARS = 16  # a document shorter than this (stripped) counts as near-empty
+TOKENS_PER_PARAM = 20  # Chinchilla: compute-optimal training tokens per parameter
+MAX_EPOCHS = 4  # repeating data up to ~4 epochs is about as good as fresh data (Muennighoff et al. 2023)
+MIN_WINDOWS = 2000  # a block size is halved until the corpus gives at least this many windows
+MAX_BLOCK = 1024
+MIN_BLOCK = 64
+DISTINCT_CAP = 2_000_000  # beyond this many distinct words, count a hash-sampled subset (estimate)
+BATCH_CHARS = 1 << 20
+
+
+@dataclass
+class CorpusStats:
+    """What one pass over the corpus measured."""
+
+    path: str
+    bytes: int = 0
+    characters: int = 0
+    words: int = 0  # whitespace-separated
+    documents: int = 0
+    distinct_words: int = 0
+    distinct_exact: bool = True  # False when the vocabulary was too large and distinct_words is an estimate
+    duplicate_documents: int = 0  # exact repeats of an earlier document
+    near_empty_documents: int = 0  # fewer than 16 characters
+    tokens_estimated: bool = True  # lengths from bytes / 4 (no --tokenizer)
+    lengths: array = field(default_factory=lambda: array("I"), repr=False)  # tokens per document
+    seconds: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return int(sum(self.lengths))
+
+    @property
+    def type_token_ratio(self) -> float:
+        return self.distinct_words / self.words if self.words else 0.0
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    n = 0
+    for d in docs:
+        batch.append(d)
+        n += len(d)
+        if n >= BATCH_CHARS:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+class _Vocab:
+    """Distinct words, exact up to DISTINCT_CAP, then estimated by keeping words whose hash falls in
+    a shrinking fraction (adaptive hash sampling): memory stays bounded on any corpus."""
+
+    def __init__(self) -> None:
+        self.words: set[str] = set()
+        self.level = 0  # keep words with hash % 2**level == 0
+
+    def update(self, words: list[str]) -> None:
+        if self.level == 0:
+            self.words.update(words)
+        else:
+            mask = (1 << self.level) - 1
+            self.words.update(w for w in words if not hash(w) & mask)
+        while len(self.words) > DISTINCT_CAP:
+            self.level += 1
+            mask = (1 << self.level) - 1
+            self.words = {w for w in self.words if not hash(w) & mask}
+
+    @property
+    def count(self) -> int:
+        return len(self.words) << self.level
+
+
+def analyze(path: Path, separator: str = DOC_SEPARATOR, tokenizer=None) -> CorpusStats:
+    """One streaming pass: sizes, words, vocabulary, duplicates, and tokens per document (encoded with
+    ``tokenizer`` on a background thread while this one counts words, or estimated from bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = Path(path)
+    if not path.is_file():
+        raise MiniLLMError(f"--corpus: {path} does not exist; create it with `minillm prepare-corpus`")
+    t0 = time.perf_counter()
+    s = CorpusStats(path=str(path), tokens_estimated=tokenizer is None)
+    vocab = _Vocab()
+    seen: set[int] = set()
+    encode = getattr(tokenizer, "encode_batch_fast", None) or getattr(tokenizer, "encode_batch", None)
+
+    def token_lengths(batch: list[str]) -> list[int]:
+        return [len(e.ids) for e in encode(batch, add_special_tokens=False)]
+
+    pending = None
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            for batch in _batches(iter_documents(path, separator)):
+                fut = pool.submit(token_lengths, batch) if tokenizer is not None else None
+                for doc in batch:
+                    nb = len(doc.encode("utf-8"))
+                    s.characters += len(doc)
+                    words = doc.split()
+                    s.words += len(words)
+                    vocab.update(words)
+                    h = hash(doc)
+                    if h in seen:
+                        s.duplicate_documents += 1
+                    else:
+                        seen.add(h)
+                    if len(doc.strip()) < NEAR_EMPTY_CHARS:
+                        s.near_empty_documents += 1
+                    if fut is None:
+                        s.lengths.append(max(1, round(nb / BYTES_PER_TOKEN)))
+                s.documents += len(batch)
+                if pending is not None:
+                    s.lengths.extend(pending.result())
+                pending = fut
+            if pending is not None:
+                s.lengths.extend(pending.result())
+    except UnicodeDecodeError as e:
+        raise MiniLLMError(f"{path} is not valid UTF-8 ({e.reason}); clean it first with `minillm prepare-corpus`") from e
+    if s.documents == 0:
+        raise MiniLLMError(f"{path} holds no documents; check --separator or run `minillm prepare-corpus`")
+    s.distinct_words = vocab.count
+    s.distinct_exact = vocab.level == 0
+    s.bytes = path.stat().st_size
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+# ---------------------------------------------------------------- recommendations
+
+
+def body_params(n_layer: int, n_embd: int) -> int:
+    """Parameters outside the embeddings: about 12 * n_embd**2 per block (attention 4, MLP 8)."""
+    return 12 * n_layer * n_embd * n_embd
+
+
+def _presets() -> list[tuple[str, int, int, int]]:
+    from minillm.config import PRESETS
+
+    out = []
+    for name, p in PRESETS.items():
+        m = p["model"]
+        out.append((name, m["n_layer"], m["n_embd"], m["n_head"]))
+    return sorted(out, key=lambda x: body_params(x[1], x[2]))
+
+
+def _pow2_ceil(n: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def expected_windows(lengths: Sequence[int], block_size: int, stride: int) -> int:
+    """Training examples (block_size + 1 tokens each) the corpus yields: each document is ``<|doc|>`` +
+    its tokens; long ones are cut with ``stride``, short ones packed together."""
+    ex = block_size + 1
+    windows = 0
+    packed = 0
+    for n in lengths:
+        n += 1
+        if n > ex:
+            windows += 1 + math.ceil((n - ex) / stride)
+        else:
+            packed += n
+    return windows + math.ceil(packed / ex)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """Training settings suggested for a corpus, each with a one-line reason."""
+
+    block_size: int
+    stride: int
+    preset: str  # a preset name, or "custom"
+    n_layer: int
+    n_embd: int
+    n_head: int
+    params: int  # non-embedding parameters of the suggested model
+    epochs: float
+    vocab_size: int
+    windows: int  # expected training windows at this block size and stride
+    reasons: dict[str, str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def recommend(lengths: Sequence[int], total_bytes: int) -> Recommendation:
+    """Pure: block size, stride, model size, epochs and vocabulary size from tokens per document."""
+    import numpy as np
+
+    lens = np.asarray(lengths, dtype=np.int64)
+    if lens.size == 0:
+        raise MiniLLMError("the corpus holds no documents; nothing to recommend")
+    total = int(lens.sum() + lens.size)  # + one <|doc|> per document
+    reasons: dict[str, str] = {}
+
+    # model size: ~20 tokens per parameter over at most 4 epochs
+    target = total * MAX_EPOCHS / TOKENS_PER_PARAM
+    presets = _presets()
+    sizes = [body_params(l_, d) for _, l_, d, _ in presets]
+    if target >= sizes[-1]:
+        preset, n_layer, n_embd, n_head = presets[-1]
+        reasons["model"] = f"{total:,} tokens could feed a {target / 1e6:.0f}M model; {preset} is the largest preset"
+    elif target <= sizes[0]:
+        preset, n_layer, n_embd, n_head = presets[0]
+        reasons["model"] = f"{total:,} tokens x {MAX_EPOCHS} epochs / {TOKENS_PER_PARAM} tokens per parameter is below the smallest preset"
+    else:
+        i = min(range(len(sizes)), key=lambda k: abs(math.log2(sizes[k] / target)))
+        if abs(math.log2(sizes[i] / target)) <= 1:
+            preset, n_layer, n_embd, n_head = presets[i]
+            reasons["model"] = (
+                f"~{TOKENS_PER_PARAM} tokens per parameter over up to {MAX_EPOCHS} epochs suggests "
+                f"~{target / 1e6:.1f}M parameters; {preset} has {sizes[i] / 1e6:.1f}M"
+            )
+        else:
+            n_layer = max(2, round((target / (12 * 64 * 64)) ** (1 / 3)))  # width = 64 * depth
+            n_embd, n_head, preset = 64 * n_layer, n_layer, "custom"
+            reasons["model"] = (
+                f"~{TOKENS_PER_PARAM} tokens per parameter over up to {MAX_EPOCHS} epochs suggests ~{target / 1e6:.1f}M "
+                f"parameters, between presets: n_layer {n_layer}, n_embd {n_embd} (nearest preset {presets[i][0]})"
+            )
+    params = body_params(n_layer, n_embd)
+
+    # epochs: enough passes to reach ~20 tokens per parameter, at most 4
+    want = TOKENS_PER_PARAM * params / total
+    if want > MAX_EPOCHS:
+        epochs = float(MAX_EPOCHS)
+        reasons["epochs"] = f"the model wants {want:.0f} passes for {TOKENS_PER_PARAM} tokens/parameter; more than {MAX_EPOCHS} mostly overfits (add dropout 0.1)"
+    else:
+        epochs = round(max(want, 1.0), 1) if want >= 1 else round(want, 2)
+        reasons["epochs"] = f"{epochs:g} pass(es) give ~{TOKENS_PER_PARAM} training tokens per parameter"
+
+    # block size: a power of two covering 90% of documents, halved while windows are scarce
+    p90 = int(np.percentile(lens, 90)) + 1
+    block = min(max(_pow2_ceil(p90), MIN_BLOCK), MAX_BLOCK)
+    why = f"smallest power of two >= the 90th-percentile document ({p90:,} tokens)"
+    if _pow2_ceil(p90) > MAX_BLOCK:
+        why = f"90th-percentile document is {p90:,} tokens; {MAX_BLOCK} is the largest block these model sizes use"
+    elif _pow2_ceil(p90) < MIN_BLOCK:
+        why = f"documents are short (90th percentile {p90} tokens); {MIN_BLOCK} packs several per window"
+    while block > MIN_BLOCK and total / block < MIN_WINDOWS:
+        block //= 2
+        why = f"halved to {block} so {total:,} tokens give at least {MIN_WINDOWS:,} windows"
+    reasons["block_size"] = why
+
+    # stride: overlap where data is scarce (repeated epochs), none where plentiful
+    if epochs > 1:
+        stride = block // 2
+        reasons["stride"] = "data is scarce (more than one epoch): 50% overlap gives more distinct contexts"
+    else:
+        stride = block
+        reasons["stride"] = "data is plentiful (one epoch or less): no overlap, every token seen once per epoch"
+
+    # vocabulary: grows with the data, but the embeddings should not outweigh the blocks
+    by_data = 4096 if total_bytes < 2e6 else 8192 if total_bytes < 2e7 else 16384 if total_bytes < 2e8 else 32768
+    by_model = max(1024, 1 << int(math.log2(max(params // n_embd, 1))))
+    vocab = min(by_data, by_model)
+    reasons["vocab_size"] = (
+        f"{total_bytes / 1e6:.1f} MB of text supports ~{by_data:,} tokens"
+        + (f"; capped at {vocab:,} so embeddings ({vocab:,} x {n_embd}) stay under the blocks' size" if vocab < by_data else "")
+    )
+
+    windows = expected_windows(lens.tolist(), block, stride)
+    reasons["windows"] = f"{lens.size:,} documents cut into {block + 1}-token examples, stride {stride}"
+    return Recommendation(block, stride, preset, n_layer, n_embd, n_head, params, epochs, vocab, windows, reasons)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def length_summary(lengths: Sequence[int]) -> dict[str, float]:
+    import numpy as np
+
+    a = np.asarray(lengths, dtype=np.int64)
+    return {
+        "min": int(a.min()),
+        "mean": round(float(a.mean()), 1),
+        "median": float(np.median(a)),
+        "p90": float(np.percentile(a, 90)),
+        "max": int(a.max()),
+    }
+
+
+def report(stats: CorpusStats, rec: Recommendation) -> dict:
+    """The --json document (documented in docs/FORMATS.md)."""
+    d = {k: v for k, v in asdict(stats).items() if k != "lengths"}
+    d["seconds"] = round(stats.seconds, 3)
+    d["type_token_ratio"] = round(stats.type_token_ratio, 5)
+    d["tokens"] = {"total": stats.total_tokens, "estimated": stats.tokens_estimated, **length_summary(stats.lengths)}
+    return {"format": 1, **d, "recommendations": rec.to_dict()}
+
+
+LABELS = {
+    "es": ("Tokens totales", "Documentos encontrados", "Longitud promedio", "mínima", "máxima",
+           "Block size sugerido", "Stride sugerido", "solapamiento", "tokens", "(estimado)"),
+    "en": ("Total tokens", "Documents found", "Average length", "min", "max",
+           "Suggested block size", "Suggested stride", "overlap", "tokens", "(estimated)"),
+}
+
+
+def summary_lines(stats: CorpusStats, rec: Recommendation, lang: str = "es") -> list[str]:
+    """The three summary lines of the original tool, in Spanish or English."""
+    if lang not in LABELS:
+        raise MiniLLMError(f"--lang {lang!r}: use es or en")
+    tot, docs, avg, mn, mx, bs, st, ov, tk, est = LABELS[lang]
+    ls = length_summary(stats.lengths)
+    overlap = round(100 * (rec.block_size - rec.stride) / rec.block_size)
+    e = f" {est}" if stats.tokens_estimated else ""
+    return [
+        f"{tot}: {stats.total_tokens:,}{e}   {docs}: {stats.documents:,}",
+        f"{avg}: {ls['mean']:,.0f} {tk}   {mn}: {ls['min']:,}   {mx}: {ls['max']:,}",
+        f"{bs}: {rec.block_size}   {st}: {rec.stride} ({overlap}% {ov})",
+    ]
+
+
+def render_table(stats: CorpusStats, rec: Recommendation):
+    """A rich Table of the statistics and the recommendations with their reasons."""
+    from rich.table import Table
+
+    t = Table(title=f"corpus {stats.path}", show_lines=False)
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_column("note")
+    ls = length_summary(stats.lengths)
+    rows = [
+        ("bytes", f"{stats.bytes:,}", ""),
+        ("characters", f"{stats.characters:,}", ""),
+        ("words", f"{stats.words:,}", "whitespace-separated"),
+        ("documents", f"{stats.documents:,}", ""),
+        ("tokens", f"{stats.total_tokens:,}", "estimated: bytes / 4" if stats.tokens_estimated else "from --tokenizer"),
+        ("doc tokens min/mean/median", f"{ls['min']:,} / {ls['mean']:,.0f} / {ls['median']:,.0f}", ""),
+        ("doc tokens p90/max", f"{ls['p90']:,.0f} / {ls['max']:,}", ""),
+        ("distinct words", f"{stats.distinct_words:,}", "" if stats.distinct_exact else "estimated (large vocabulary)"),
+        ("type/token ratio", f"{stats.type_token_ratio:.4f}", ""),
+        ("duplicate documents", f"{stats.duplicate_documents:,}", "exact repeats"),
+        ("near-empty documents", f"{stats.near_empty_documents:,}", f"< {NEAR_EMPTY_CHARS} characters"),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    t.add_section()
+    model = rec.preset if rec.preset != "custom" else f"custom: n_layer {rec.n_layer}, n_embd {rec.n_embd}, n_head {rec.n_head}"
+    for name, value, key in [
+        ("block size", str(rec.block_size), "block_size"),
+        ("stride", str(rec.stride), "stride"),
+        ("model", f"{model} ({rec.params / 1e6:.1f}M)", "model"),
+        ("epochs", f"{rec.epochs:g}", "epochs"),
+        ("vocabulary size", f"{rec.vocab_size:,}", "vocab_size"),
+        ("training windows", f"{rec.windows:,}", "windows"),
+    ]:
+        t.add_row(f"[bold]suggested {name}[/bold]", value, rec.reasons[key])
+    return t
+
+
+def plot_lengths(lengths: Sequence[int], path: Path, estimated: bool) -> None:
+    """Histogram of document lengths in tokens (log-spaced bins), written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from minillm.checkpoint import atomic_open
+
+    a = np.asarray(lengths, dtype=np.int64)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    hi = max(int(a.max()), 2)
+    bins = np.unique(np.logspace(0, math.log10(hi), 50).astype(int))
+    ax.hist(a, bins=bins if len(bins) > 1 else 10, color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("document length (tokens" + (", estimated)" if estimated else ")"))
+    ax.set_ylabel("documents")
+    ax.axvline(float(np.median(a)), color="tab:orange", label=f"median {np.median(a):,.0f}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_open(Path(path), "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

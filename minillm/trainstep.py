@@ -1,0 +1,123 @@
+"""One training step and one validation pass: device and precision resolution, autocast, gradient
+accumulation, unscaling, clipping, skipping non-finite updates. Used by ``training.fit`` and by
+``scripts/bench_train.py`` (so the benchmark times the trainer's own step)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from minillm.config import TrainConfig
+from minillm.errors import MiniLLMError
+from minillm.optim import clip_gradients, set_lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MiniLLMError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    if device.type == "cpu" and dt == torch.float16:
+        raise MiniLLMError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return dt
+
+
+def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """``torch.compile(model)`` when ``--compile on``, or ``auto`` on CUDA; the model itself otherwise."""
+    if tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda"):
+        return torch.compile(model)
+    return model
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, non_blocking=True)  # (B, T+1)
+    return x[:, :-1], x[:, 1:]  # (B, T), (B, T)
+
+
+def _forward(model, x, y, doc_masking: bool, doc_id: int, device, dtype, reduction: str = "mean") -> torch.Tensor:
+    from minillm.model import segment_ids
+
+    seg = segment_ids(x, doc_id) if doc_masking else None
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model(x, y, seg_ids=seg, reduction=reduction)
+
+
+def accumulate(model, batches: list[torch.Tensor], tcfg: TrainConfig, doc_id: int, device, dtype,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Forward and backward over micro-batches (B, T+1) each, gradients summed as for one batch of all of
+    them (each micro-batch's mean loss weighted 1 / len(batches)). Returns the mean loss (0-d, not synced)."""
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        x, y = _to_device(batch, device)
+        loss = _forward(model, x, y, tcfg.doc_masking, doc_id, device, dtype) / len(batches)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach().float()
+    return total
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean training loss of the step
+    grad_norm: float  # gradient norm before clipping
+    loader_state: dict  # the loader's position after the step's micro-batches
+    skipped: str | None = None  # why the update was skipped (a non-finite loss or gradient), else None
+
+    def __float__(self) -> float:
+        return self.loss
+
+
+def make_train_step(model, compiled, opts, tcfg: TrainConfig, device, dtype, doc_id: int,
+                    scaler: torch.amp.GradScaler | None = None):
+    """One optimizer step: ``step(prefetcher, lr_scale) -> StepResult``. Accumulates ``accumulation_steps``
+    micro-batches, unscales (fp16), clips, and updates unless the loss or (outside fp16, where the scaler
+    skips overflowing steps itself) the gradient norm is non-finite."""
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(prefetch, lr_scale: float) -> StepResult:
+        set_lr(opts, lr_scale)
+        items = [prefetch.next() for _ in range(tcfg.accumulation_steps)]
+        loss = accumulate(compiled, [b for b, _ in items], tcfg, doc_id, device, dtype, scaler)
+        for opt in opts:
+            scaler.unscale_(opt)
+        norm = clip_gradients(params, tcfg.grad_clip)
+        loss_val, norm_val = torch.stack([loss, norm.float()]).tolist()  # the step's one host sync
+        skipped = None
+        if not math.isfinite(loss_val):
+            skipped = f"non-finite loss {loss_val}"
+        elif not math.isfinite(norm_val) and not scaler.is_enabled():
+            skipped = f"non-finite gradient norm {norm_val}"
+        if skipped is None:
+            for opt in opts:
+                scaler.step(opt)
+        scaler.update()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        return StepResult(loss_val, norm_val, items[-1][1], skipped)
+
+    return step
+
+
+@torch.no_grad()
+def estimate_val_loss(model, batches, tcfg: TrainConfig, doc_id: int, device, dtype) -> float:
+    """Mean loss over the fixed validation batches (each (B, T+1)), in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), 0
+    for b in batches:
+        x, y = _to_device(torch.from_numpy(b), device)
+        total += _forward(model, x, y, tcfg.doc_masking, doc_id, device, dtype).float() * len(b)
+        count += len(b)
+    model.train(was_training)
+    return float(total.item() / max(1, count))

@@ -1,0 +1,125 @@
+"""Generation speed: tokens/s at batch 1 with and without the KV cache, and 32 prompts batched versus
+one by one.
+
+Issue 7's targets (H100, ``large`` preset, vocab 32,000, random weights): with the cache >= 5x the
+tokens/s without it and >= 1,000 tokens/s at batch 1; 32 prompts batched >= 10x the throughput of
+running them one by one.
+
+    python scripts/bench_generate.py                               # large, CUDA, compiled decode step
+    python scripts/bench_generate.py --config tiny --device cpu    # smoke test, seconds
+
+Greedy decoding with no stop token, so every run makes exactly the tokens asked for. The batch-1
+prompt is --prompt-len random tokens; the 32 prompts have random lengths in [--prompt-len/4,
+--prompt-len]. Each configuration runs once untimed first (compilation, CUDA-graph capture, warm
+caches; on CUDA only); that warmup time is printed too. "cache (eager)" is GPT.forward with the preallocated KV
+cache; "cache (compiled)" is the static decode step under torch.compile(mode="reduce-overhead"),
+used by default on CUDA. Results to stdout; --json for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+from minillm.config import resolve
+from minillm.generation import Sampling, generate_batch, use_compiled
+from minillm.model import GPT
+
+GREEDY = Sampling(temperature=0)
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, out
+
+
+def measure(name: str, fn, device: torch.device, results: list[dict]) -> dict:
+    """Run ``fn`` (returning a list of Completions) once untimed on CUDA (compilation, graph capture),
+    then timed; record tokens/s."""
+    warm = timed(fn, device)[0] if device.type == "cuda" else 0.0
+    secs, comps = timed(fn, device)
+    tokens = sum(len(c.tokens) for c in comps)
+    rec = {"name": name, "tokens": tokens, "seconds": round(secs, 4), "tokens_per_s": round(tokens / secs, 1),
+           "warmup_s": round(warm, 2)}
+    results.append(rec)
+    print(f"{name:<34} {tokens:>7} tok {secs:>9.3f} s {tokens / secs:>11.1f} tok/s   (warmup {warm:.1f} s)",
+          file=sys.stderr, flush=True)
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="large", help="preset name or TOML file (default large)")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size (padded to a multiple of 64)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight and KV-cache dtype")
+    ap.add_argument("--new-tokens", type=int, default=512, help="new tokens at batch 1")
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (the longest of the batch)")
+    ap.add_argument("--batch", type=int, default=32, help="prompts in the batched comparison")
+    ap.add_argument("--batch-new-tokens", type=int, default=128, help="new tokens per prompt in the batched comparison")
+    ap.add_argument("--compile", default="auto", help="compiled decode step: auto (CUDA only), on, off")
+    ap.add_argument("--no-uncached", action="store_true", help="skip the slow run without the KV cache")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    mcfg, _ = resolve(args.config)
+    mcfg = dataclasses.replace(mcfg, vocab_size=-(-args.vocab // 64) * 64)
+    torch.manual_seed(0)
+    model = GPT(mcfg).to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
+    compiled = use_compiled(device, args.compile)
+    mode = "compiled" if compiled else "eager"
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, mcfg.vocab_size, (args.prompt_len,), generator=g).tolist()
+    lens = torch.randint(max(1, args.prompt_len // 4), args.prompt_len + 1, (args.batch,), generator=g).tolist()
+    prompts = [torch.randint(0, mcfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+    print(f"{args.config}: {model.num_params() / 1e6:.1f}M params, block {mcfg.block_size}, vocab {mcfg.vocab_size}, "
+          f"{args.dtype}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, decode step: {mode}", file=sys.stderr)
+
+    res: list[dict] = []
+    one = [prompt]
+    n = args.new_tokens
+    cached = measure(f"batch 1, cache ({mode})", lambda: generate_batch(model, one, n, sampling=GREEDY, mode=mode),
+                     device, res)
+    if compiled:
+        measure("batch 1, cache (eager)", lambda: generate_batch(model, one, n, sampling=GREEDY, mode="eager"), device, res)
+    if not args.no_uncached:
+        nocache = measure("batch 1, no cache", lambda: generate_batch(model, one, n, sampling=GREEDY, use_cache=False),
+                          device, res)
+    m = args.batch_new_tokens
+    batched = measure(f"{args.batch} prompts batched ({mode})",
+                      lambda: generate_batch(model, prompts, m, sampling=GREEDY, mode=mode), device, res)
+    serial = measure(f"{args.batch} prompts one by one ({mode})",
+                     lambda: [generate_batch(model, [p], m, sampling=GREEDY, mode=mode)[0] for p in prompts], device, res)
+    summary = {"cache_speedup": None if args.no_uncached else round(cached["tokens_per_s"] / nocache["tokens_per_s"], 2),
+               "batch1_tokens_per_s": cached["tokens_per_s"],
+               "batched_speedup": round(batched["tokens_per_s"] / serial["tokens_per_s"], 2)}
+    print(f"KV cache speedup {summary['cache_speedup']}x (target >= 5), batch 1 {summary['batch1_tokens_per_s']} tok/s "
+          f"(target >= 1000), batched speedup {summary['batched_speedup']}x (target >= 10)", file=sys.stderr)
+    info = {"config": args.config, "params": model.num_params(), "vocab_size": mcfg.vocab_size, "dtype": args.dtype,
+            "device": str(device), "torch": torch.__version__, "decode": mode, "results": res, **summary}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for r in res:
+            print(f"{r['name']}\t{r['tokens_per_s']} tok/s")
+        print(f"cache_speedup\t{summary['cache_speedup']}\nbatched_speedup\t{summary['batched_speedup']}")
+
+
+if __name__ == "__main__":
+    main()

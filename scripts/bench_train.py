@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Training throughput: tokens/s, MFU, peak memory and step time per preset, on random tokens.
+
+    python scripts/bench_train.py                                  # small, medium, large, gpt2-124m on CUDA
+    python scripts/bench_train.py --config small --batch-size 256 --steps 50
+    python scripts/bench_train.py --config configs/tiny.toml --device cpu --steps 5   # CPU smoke test
+
+Each step is the trainer's own step (minillm.training.train_step): batches come through the real
+loader and prefetcher (pinned host memory), forward/backward under autocast, clipping, fused AdamW.
+Steps after warm-up are timed one by one; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# micro-batch x block of the issue's reference table (H100, nanoGPT train.py)
+REFERENCE = {"small": (256, 32000, 1.59e6), "medium": (128, 32000, 1.59e6), "large": (64, 32000, 0.79e6),
+             "gpt2-124m": (32, 50304, 0.48e6)}
+
+
+def bench_one(name: str, args) -> dict:
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from minillm import training as tr
+    from minillm.config import pad_vocab, resolve
+    from minillm.dataset import Loader, Prefetcher, window_starts
+    from minillm.model import GPT
+
+    ref_batch, ref_vocab, ref_tps = REFERENCE.get(name, (None, 32000, None))
+    overrides = {"device": args.device, "precision": args.precision, "compile": args.compile}
+    if args.batch_size or ref_batch:
+        overrides["batch_size"] = args.batch_size or ref_batch
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    mcfg, tcfg = resolve(name, overrides)
+    vocab = pad_vocab(args.vocab or ref_vocab)
+    mcfg = dataclasses.replace(mcfg, vocab_size=vocab)
+    device = tr.resolve_device(tcfg.device)
+    dtype = tr.resolve_precision(tcfg.precision, device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats()
+    model = GPT(mcfg).to(device)
+    opts = tr.configure_optimizer(model, tcfg, device)
+    compiled = tr.maybe_compile(model, tcfg, device)
+    stream = np.random.default_rng(0).integers(0, vocab, size=4 << 20 if device.type == "cuda" else 1 << 16,
+                                               dtype=np.uint16 if vocab <= 65536 else np.uint32)
+    starts = window_starts(len(stream), mcfg.block_size, mcfg.block_size)
+    loader = Loader(stream, starts, mcfg.block_size, tcfg.batch_size, seed=0)
+    prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=1)
+    step = tr.make_train_step(model, compiled, opts, tcfg, device, dtype, doc_id=0)
+    times = []
+    t_first = time.time()
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step(prefetch, lr_scale=1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        else:
+            float(loss)
+        if i == 0:
+            first_step_s = time.time() - t_first
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    prefetch.close()
+    dt = statistics.median(times)
+    tokens = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size
+    tps = tokens / dt
+    peak = tr.peak_flops(device)
+    out = {
+        "config": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "batch": tcfg.batch_size, "block": mcfg.block_size, "vocab": vocab,
+        "params_M": round(model.num_params() / 1e6, 2), "step_ms": round(1000 * dt, 2),
+        "tokens_per_s": round(tps), "mfu_pct": round(100 * model.flops_per_token() * tps / peak, 1) if peak else None,
+        "peak_mem_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "first_step_s": round(first_step_s, 1), "loss": round(float(loss), 3),
+        "reference_tokens_per_s": ref_tps,
+    }
+    del model, opts, compiled
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", action="append", help="preset name or TOML file (repeat); default: the four GPU presets")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--batch-size", type=int, default=0, help="micro-batch (default: the reference table's)")
+    ap.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: 32000, gpt2-124m 50304)")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", default="auto")
+    ap.add_argument("--set", action="append", default=[], help="override a config field, e.g. --set loss_chunk=0")
+    ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    args = ap.parse_args()
+    names = args.config or list(REFERENCE)
+    rows = [bench_one(n, args) for n in names]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    cols = ["config", "batch", "block", "params_M", "step_ms", "tokens_per_s", "mfu_pct", "peak_mem_GiB",
+            "first_step_s", "reference_tokens_per_s"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    print(f"# device {rows[0]['device']}, torch {rows[0]['torch']}")
+
+
+if __name__ == "__main__":
+    main()

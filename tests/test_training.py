@@ -1,0 +1,440 @@
+"""The training loop on tiny CPU runs: the schedule, optimizer groups, clipping, accumulation, early
+stopping, exact resume, refusals, non-finite losses, OOM, time budgets, TensorBoard, and signals sent to a
+real ``minillm train`` process (SIGINT 130, SIGTERM 143, SIGKILL at any moment)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minillm import training as tr
+from minillm import trainstep as ts
+from minillm.checkpoint import load_checkpoint
+from minillm.config import ModelConfig, pad_vocab, resolve
+from minillm.errors import MiniLLMError
+from minillm.model import GPT
+from minillm.optim import Schedule, clip_gradients, configure_optimizer, lr_at, rescheduled, schedule_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, device="cpu", eval_batches=2, log_every=1,
+            warmup_steps=2, compile="off")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops gain nothing from threads, and on a busy 2-core machine OpenMP stalls dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _no_plots(request, monkeypatch):
+    """curves.png costs ~0.1-0.5 s per evaluation; only the tests that check it draw it."""
+    if "artifacts" not in request.node.name:
+        monkeypatch.setattr("minillm.plots.plot_curves", lambda history, path: None)
+
+
+def run(tokenizer: Path, corpus: Path, out: Path, resume: bool = False, overwrite: bool = False,
+        log_format: str = "json", **overrides):
+    mcfg, tcfg = resolve("tiny", {**TINY, **overrides})
+    spec = tr.RunSpec(tokenizer=tokenizer, corpus=corpus, outdir=out, resume=resume, overwrite=overwrite,
+                      log_format=log_format)
+    return tr.train(spec, mcfg, tcfg)
+
+
+def events(text: str, kind: str = "step") -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            ev = json.loads(line)
+            if ev.get("event") == kind:
+                out.append(ev)
+    return out
+
+
+# ---------------------------------------------------------------- schedule, optimizer, clipping, accumulation
+
+
+def test_lr_at_matches_a_table():
+    s = Schedule(lr=1e-3, min_lr=1e-4, warmup=10, total=110)
+    table = {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3, 35: 1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2,
+             60: 5.5e-4, 110: 1e-4, 500: 1e-4}
+    for step, want in table.items():
+        assert lr_at(step, s) == pytest.approx(want, rel=1e-12), step
+    cfg = resolve("tiny", {"lr": 2e-3, "warmup_steps": 100})[1]
+    d = schedule_for(cfg, 300)
+    assert (d.min_lr, d.warmup, d.total) == (pytest.approx(2e-4), 30, 300)  # lr/10; warmup <= a tenth of the run
+
+
+def test_rescheduled_keeps_the_past_and_reaches_min_lr_at_the_new_total():
+    s = Schedule(lr=1e-3, min_lr=1e-4, warmup=10, total=100)
+    r = rescheduled(s, 40, 200)
+    assert lr_at(40, r) == pytest.approx(lr_at(40, s))  # continuous at the resume point
+    assert lr_at(200, r) == pytest.approx(1e-4) and lr_at(120, r) > lr_at(120, s)
+    assert all(lr_at(i + 1, r) <= lr_at(i, r) for i in range(40, 220))
+    w = rescheduled(s, 3, 50)  # still warming up: warmup shrinks to a tenth of the new run
+    assert w.warmup == 5 and lr_at(3, w) == pytest.approx(1e-3 * 4 / 5) and lr_at(50, w) == pytest.approx(1e-4)
+    assert rescheduled(s, 40, 100) is s
+
+
+def test_no_weight_decay_on_norms_biases_or_embeddings():
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32, bias=True))
+    cfg = resolve("tiny", {"weight_decay": 0.1})[1]
+    (opt,) = configure_optimizer(model, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed and all(model.get_parameter(n).dim() == 2 and "emb" not in n for n in decayed)
+    assert "tok_emb.weight" in plain and any("norm" in n for n in plain) and any(n.endswith("bias") for n in plain)
+    assert len(decayed) + len(plain) == len(list(model.parameters()))
+    assert not opt.defaults.get("fused")  # fused AdamW only on CUDA
+
+
+def test_clipping_caps_the_norm_and_reports_the_norm_before():
+    ps = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))]
+    ps[0].grad, ps[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0, 0.0])
+    norm = clip_gradients(ps, 1.0)
+    assert float(norm) == pytest.approx(5.0)
+    assert float(torch.cat([p.grad for p in ps]).norm()) == pytest.approx(1.0, rel=1e-5)
+    assert ps[0].grad[0] == pytest.approx(0.6, rel=1e-5)  # direction kept
+    ps[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    ps[1].grad = torch.tensor([0.0, 4.0, 0.0, 0.0])
+    assert float(clip_gradients(ps, 0.0)) == pytest.approx(5.0) and ps[0].grad[0] == 3.0  # 0 disables
+
+
+def test_accumulation_equals_one_large_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    tcfg = resolve("tiny", {})[1]
+    a, b = GPT(cfg), GPT(cfg)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 64, (8, 17))
+    cpu = torch.device("cpu")
+    la = ts.accumulate(a, [x[:4], x[4:]], tcfg, 1, cpu, torch.float32)
+    lb = ts.accumulate(b, [x], tcfg, 1, cpu, torch.float32)
+    assert float(la) == pytest.approx(float(lb), rel=1e-6)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-6), n
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+def test_a_run_writes_its_artifacts_and_the_loss_falls(tmp_path, tokenizer_path, corpus, capsys):
+    out = tmp_path / "run"
+    summary = run(tokenizer_path, corpus, out, max_steps=30, eval_every=10, lr=1e-2)
+    assert summary["steps"] == 30 and summary["end"] == "schedule"
+    for name in ("config.json", "tokenizer.json", "ckpt_best.pt", "ckpt_last.pt", "history.json", "curves.png"):
+        assert (out / name).is_file(), name
+    assert not (out / ".lock").exists() and not list(out.glob(".*.tmp"))
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["format"] == 1 and [h["step"] for h in hist["evals"]] == [10, 20, 30]
+    assert hist["evals"][-1]["val_loss"] < hist["evals"][0]["val_loss"]
+    assert set(hist["evals"][0]) >= {"step", "epoch", "tokens", "train_loss", "val_loss", "val_ppl", "lr",
+                                     "tokens_per_s", "elapsed_s"}
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["n_embd"] == 32 and cfg["data"]["tokenizer_sha256"]
+    steps = events(capsys.readouterr().err)
+    assert [e["step"] for e in steps] == list(range(1, 31))
+    assert {"epoch", "loss", "lr", "tokens_per_s", "mfu", "eta_s"} <= set(steps[0])
+
+
+def test_default_eval_every_is_about_ten_per_run(tmp_path, tokenizer_path, corpus):
+    run(tokenizer_path, corpus, tmp_path / "r", max_steps=20, log_every=5)
+    hist = json.loads((tmp_path / "r" / "history.json").read_text())["evals"]
+    assert [h["step"] for h in hist] == list(range(2, 21, 2))
+
+
+def test_resume_is_exact(tmp_path, tokenizer_path, corpus, capsys, monkeypatch):
+    """12 steps straight == 7 steps, SIGINT, --resume, 5 steps: the same per-step losses, history and weights
+    (dropout on: the RNG state is restored too; a background prefetcher reads ahead of what is consumed)."""
+    kw = dict(max_steps=12, eval_every=4, dropout=0.1, num_workers=1)
+    run(tokenizer_path, corpus, tmp_path / "a", **kw)
+    straight = [(e["step"], e["loss"]) for e in events(capsys.readouterr().err)]
+
+    real_lr_at, fired = tr.lr_at, []
+
+    def lr_at_then_sigint(step, s):
+        if step == 6 and not fired:
+            fired.append(step)
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; the step finishes, then the loop saves
+        return real_lr_at(step, s)
+
+    monkeypatch.setattr(tr, "lr_at", lr_at_then_sigint)
+    with pytest.raises(tr.Interrupted) as exc:
+        run(tokenizer_path, corpus, tmp_path / "b", **kw)
+    assert exc.value.exit_code == 130 and "--resume" in str(exc.value)
+    assert load_checkpoint(tmp_path / "b" / "ckpt_last.pt")["run_state"]["step"] == 7
+    monkeypatch.setattr(tr, "lr_at", real_lr_at)
+    run(tokenizer_path, corpus, tmp_path / "b", resume=True, **kw)
+    split = [(e["step"], e["loss"]) for e in events(capsys.readouterr().err)]
+    assert split == straight and len(straight) == 12
+
+    ha, hb = (json.loads((tmp_path / d / "history.json").read_text())["evals"] for d in "ab")
+    keys = ("step", "epoch", "tokens", "train_loss", "val_loss", "lr")
+    assert [[h[k] for k in keys] for h in ha] == [[h[k] for k in keys] for h in hb]
+    wa, wb = (load_checkpoint(tmp_path / d / "ckpt_last.pt") for d in "ab")
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert wa["loader"] == wb["loader"] and wa["run_state"]["best_val"] == wb["run_state"]["best_val"]
+
+
+def test_resume_refuses_other_changes_naming_the_keys(tmp_path, tokenizer_path, corpus):
+    out = tmp_path / "r"
+    run(tokenizer_path, corpus, out, max_steps=4, eval_every=2)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(MiniLLMError, match=r"(?s)model\.n_embd: 32 -> 64.*train\.lr"):
+        run(tokenizer_path, corpus, out, resume=True, max_steps=4, eval_every=2, n_embd=64, lr=1e-4)
+    other_tok = tmp_path / "other.json"
+    other_tok.write_text(tokenizer_path.read_text().replace('"<|pad|>"', '"<|pad|>" ', 1))
+    with pytest.raises(MiniLLMError, match="not the tokenizer") as exc:
+        run(other_tok, corpus, out, resume=True, max_steps=4, eval_every=2)
+    assert str(out / "tokenizer.json") in str(exc.value)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+
+
+def test_resume_may_change_the_length_and_recomputes_the_decay(tmp_path, tokenizer_path, corpus, capsys):
+    out = tmp_path / "r"
+    run(tokenizer_path, corpus, out, max_steps=6, eval_every=3, patience=5)
+    capsys.readouterr()
+    s = run(tokenizer_path, corpus, out, resume=True, max_steps=10, eval_every=5, patience=7, log_every=2)
+    err = capsys.readouterr().err
+    assert s["steps"] == 10 and "cosine decay is recomputed from step 6" in err
+    lrs = [e["lr"] for e in events(err)]
+    ck = load_checkpoint(out / "ckpt_last.pt")
+    sched = Schedule(**ck["run_state"]["schedule"])
+    assert sched.total == 10 and sched.anchor_step == 6 and lrs == sorted(lrs, reverse=True)
+    done = run(tokenizer_path, corpus, out, resume=True, max_steps=10, eval_every=5, patience=7)
+    assert done["steps"] == 10  # an already finished run just reports
+
+
+def test_existing_outdir_is_refused_untouched(tmp_path, tokenizer_path, corpus, runner):
+    from minillm.cli import app
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["train", "-t", str(tokenizer_path), "-c", str(corpus), "-o", str(out), "--device", "cpu"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    r = runner.invoke(app, [*args, "--resume"])
+    assert r.exit_code == 1 and "no checkpoint" in r.stderr
+
+
+def test_early_stopping_after_patience_evaluations(tmp_path, tokenizer_path, corpus, monkeypatch):
+    vals = iter([3.0, 2.0, 2.5, 2.1, 2.0, 1.0, 0.5])
+    monkeypatch.setattr(tr, "estimate_val_loss", lambda *a, **k: next(vals))
+    s = run(tokenizer_path, corpus, tmp_path / "r", max_steps=40, eval_every=2, patience=3)
+    assert s["end"] == "early_stopping" and s["steps"] == 10 and s["best_val_loss"] == 2.0
+    ck = load_checkpoint(tmp_path / "r" / "ckpt_last.pt")
+    assert ck["run_state"]["bad_evals"] == 3
+    assert load_checkpoint(tmp_path / "r" / "ckpt_best.pt")["run_state"]["step"] == 4
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoint(
+        tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
+    real, calls = ts._forward, {"n": 0}
+    bad_calls: set[int] = {3}
+
+    def forward(model, x, y, *a, **k):
+        loss = real(model, x, y, *a, **k)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in bad_calls or (bad_calls == {-1} and calls["n"] > 4):
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ts, "_forward", forward)
+    s = run(tokenizer_path, corpus, tmp_path / "one", max_steps=6, eval_every=3)
+    assert s["steps"] == 6 and "non-finite loss nan; update skipped" in capsys.readouterr().err
+
+    calls["n"], bad_calls = 0, {-1}  # every training step after the 4th
+    out = tmp_path / "many"
+    with pytest.raises(MiniLLMError, match=r"(?s)non-finite steps in a row.*--lr.*fp16.*last good checkpoint"):
+        run(tokenizer_path, corpus, out, max_steps=20, eval_every=4)
+    ck = load_checkpoint(out / "ckpt_last.pt")
+    assert ck["run_state"]["step"] == 4 and all(torch.isfinite(t).all() for t in ck["model"].values())
+
+
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_a_nonfinite_gradient_skips_the_update():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    tcfg = resolve("tiny", {})[1]
+    model = GPT(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Inf(torch.nn.Module):
+        def forward(self, x, y, **kw):
+            return _InfGrad.apply(model(x, y, **kw))
+
+    class Feed:
+        def next(self):
+            return torch.randint(0, 64, (2, 17)), {"epoch": 0, "pos": 2}
+
+    cpu = torch.device("cpu")
+    step = tr.make_train_step(model, Inf(), configure_optimizer(model, tcfg, cpu), tcfg, cpu, torch.float32, 1)
+    r = step(Feed(), 1.0)
+    assert math.isfinite(r.loss) and "gradient norm" in r.skipped and float(r) == r.loss
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cuda_oom_names_smaller_settings(tmp_path, tokenizer_path, corpus, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ts, "_forward", oom)
+    with pytest.raises(MiniLLMError) as exc:
+        run(tokenizer_path, corpus, tmp_path / "r", max_steps=4, accumulation_steps=2)
+    msg = str(exc.value)
+    assert "--batch-size 2 --accumulation-steps 4" in msg and "--gradient-checkpointing" in msg and "intact" in msg
+
+
+def test_time_budget_plan_table():
+    # 100 s budget, 10 s used, 0.1 s/step, 1 s per evaluation, ~10 evaluations
+    total, every = tr.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 0, 10**12)
+    assert 20 + 700 < total < 20 + 800 and every == pytest.approx((total - 20) / 10, rel=0.02)
+    assert tr.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 0, 100)[0] == 100  # --max-steps first
+    total, every = tr.plan_time_budget(0, 0.0, 100.0, 0.1, 1.0, 50, 10**12)
+    assert every == 50 and total * 0.1 + (total / 50 + 1) * 1.0 <= 100 - 3 - 1.5
+    assert tr.plan_time_budget(5, 99.0, 100.0, 0.1, 1.0, 0, 10**12)[0] == 5  # nothing left: stop now
+
+
+def test_max_time_run_fits_its_budget(tmp_path, tokenizer_path, corpus, capsys):
+    t0 = time.time()
+    s = run(tokenizer_path, corpus, tmp_path / "r", max_time=5.0, max_steps=0, epochs=0.0, log_every=50)
+    wall = time.time() - t0
+    err = capsys.readouterr().err
+    assert s["elapsed_s"] <= 5.0 and wall <= 5.0, (s, wall)
+    assert "--max-time 5s" in err and s["steps"] > 5
+    ck = load_checkpoint(tmp_path / "r" / "ckpt_last.pt")
+    sched = Schedule(**ck["run_state"]["schedule"])
+    assert ck["run_state"]["step"] == s["steps"] and sched.total < 10**9
+    hist = json.loads((tmp_path / "r" / "history.json").read_text())["evals"]
+    assert hist[-1]["step"] == s["steps"] and len(hist) >= 2  # the planning evaluation and the final one
+
+
+def test_tensorboard_missing_names_the_install(tmp_path, tokenizer_path, corpus, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    mcfg, tcfg = resolve("tiny", TINY)
+    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=corpus, outdir=tmp_path / "r", tensorboard=True)
+    with pytest.raises(MiniLLMError, match="pip install tensorboard"):
+        tr.train(spec, mcfg, tcfg)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_tensorboard_writes_event_files(tmp_path, tokenizer_path, corpus):
+    pytest.importorskip("tensorboard")
+    mcfg, tcfg = resolve("tiny", {**TINY, "max_steps": 4, "eval_every": 2})
+    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=corpus, outdir=tmp_path / "r", tensorboard=True)
+    tr.train(spec, mcfg, tcfg)
+    assert list((tmp_path / "r" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_vocab_is_padded_from_the_tokenizer(tmp_path, tokenizer_path, corpus):
+    run(tokenizer_path, corpus, tmp_path / "r", max_steps=2, eval_every=2)
+    ck = load_checkpoint(tmp_path / "r" / "ckpt_last.pt")
+    from minillm.tokenizer import load_tokenizer
+
+    assert ck["model_config"]["vocab_size"] == pad_vocab(load_tokenizer(tokenizer_path).get_vocab_size())
+
+
+# ---------------------------------------------------------------- signals to a real process
+
+
+def _spawn(tokenizer: Path, corpus: Path, out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "minillm", "train", "-t", str(tokenizer), "-c", str(corpus), "-o", str(out),
+           "--device", "cpu", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+           "--batch-size", "4", "--eval-batches", "2", "--warmup-steps", "2", "--log-format", "json",
+           "--log-every", "1", "--compile", "off", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 90) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("{") and (ev := json.loads(line)).get("event") == "step" and ev["step"] >= step:
+            return lines
+    proc.kill()
+    raise AssertionError(f"train never reached step {step}:\n" + "".join(lines))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_loadable_checkpoint_and_exits(tmp_path, tokenizer_path, corpus, sig, code):
+    out = tmp_path / "r"
+    proc = _spawn(tokenizer_path, corpus, out, "--max-steps", "100000")
+    try:
+        _wait_for_step(proc, 3)
+        if sig == signal.SIGTERM:  # while it runs, a second train into the same --outdir is refused
+            with pytest.raises(MiniLLMError, match=rf"in use by another train run \(pid {proc.pid}"):
+                run(tokenizer_path, corpus, out, overwrite=True, max_steps=100000)
+    finally:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    ck = load_checkpoint(out / "ckpt_last.pt")
+    assert ck["run_state"]["step"] >= 3 and not (out / ".lock").exists()
+
+
+def test_sigkill_leaves_loadable_checkpoints_and_resume_clears_the_stale_lock(tmp_path, tokenizer_path, corpus):
+    out = tmp_path / "r"
+    proc = _spawn(tokenizer_path, corpus, out, "--max-steps", "100000", "--eval-every", "3")
+    _wait_for_step(proc, 8)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (out / ".lock").exists()  # left by the killed run
+    step = load_checkpoint(out / "ckpt_last.pt")["run_state"]["step"]
+    assert step >= 6 and load_checkpoint(out / "ckpt_best.pt")["run_state"]["step"] >= 3
+    kw = {k: v for k, v in TINY.items() if k not in ("log_every",)}
+    mcfg, tcfg = resolve("tiny", {**kw, "log_every": 1, "max_steps": step + 2, "eval_every": 3, "num_workers": 1})
+    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=corpus, outdir=out, resume=True, log_format="json")
+    assert tr.train(spec, mcfg, tcfg)["steps"] == step + 2
+    assert not (out / ".lock").exists() and not list(out.glob(".*.tmp"))
+
+
+def test_signals_defer_inside_the_loop_and_abort_outside_it():
+    with tr._Signals() as sig:
+        with pytest.raises(tr.Interrupted) as exc:  # outside the loop (setup): at once
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exc.value.exit_code == 143
+        sig.deferred = True
+        os.kill(os.getpid(), signal.SIGINT)  # inside: only a flag, the step finishes
+        assert sig.code == 130
+        with pytest.raises(tr.Interrupted):  # a second one: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_epoch_helper_counts_consumed_windows():
+    class L:
+        windows_per_epoch, n_windows = 10, np.array([10])
+
+    assert tr.epoch_of(L(), {"epoch": 2, "pos": 5}) == 2.5
