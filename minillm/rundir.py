@@ -10,7 +10,7 @@ from minillm.config import ModelConfig, TrainConfig, to_dict
 from minillm.errors import MiniLLMError, UsageError
 
 # Keys that may change on --resume; any other difference is refused.
-RESUMABLE_KEYS = {"max_steps", "epochs", "max_time", "eval_every", "patience", "log_every"}
+RESUMABLE_KEYS = {"max_steps", "epochs", "max_time", "eval_every", "patience", "log_every", "num_workers", "device", "compile"}
 
 
 def prepare_outdir(spec) -> None:

@@ -69,7 +69,9 @@ def main() -> None:
     ap.add_argument("--batch-new-tokens", type=int, default=128, help="new tokens per prompt in the batched comparison")
     ap.add_argument("--compile", default="auto", help="compiled decode step: auto (CUDA only), on, off")
     ap.add_argument("--no-uncached", action="store_true", help="skip the slow run without the KV cache")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for torch (default 1: decode steps are small ops, and extra threads mostly "
+                         "add synchronization; 0 = torch's default)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = ap.parse_args()
     if args.threads:
