@@ -9,6 +9,7 @@ Checkpoints hold only tensors and plain Python values and load with ``torch.load
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -41,7 +42,7 @@ def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_umask())
     except OSError as e:
-        raise MiniLLMError(f"cannot write {path}: {e.strerror or e}; check the directory exists and is writable") from e
+        raise write_error(path, e, "check the directory exists and is writable") from e
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
@@ -53,8 +54,18 @@ def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            raise MiniLLMError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is intact") from e
+            raise write_error(path, e, "the previous file, if any, is intact") from e
         raise
+
+
+def write_error(path: Path | str, e: OSError, note: str) -> MiniLLMError:
+    """A one-line error for a failed write of ``path``: a parent that is a file, a full disk, or the OS's reason."""
+    path = Path(path)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return MiniLLMError(f"cannot write {path}: {blocker} is a file, not a directory; choose another output path")
+    fix = "; free some disk space or write elsewhere" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return MiniLLMError(f"cannot write {path}: {e.strerror or e}; {note}{fix}")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -160,6 +171,8 @@ def load_checkpoint(path: Path | str, map_location: str = "cpu") -> dict[str, An
             ) from e
         raise MiniLLMError(f"--ckpt: {path} is corrupted (not a checkpoint minillm can read); use the run's other "
                            f"checkpoint (ckpt_best.pt / ckpt_last.pt)") from e
+    except PermissionError as e:
+        raise MiniLLMError(f"--ckpt: cannot read {path} ({e.strerror}); check its permissions") from e
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError, IndexError, TypeError) as e:
         detail = (str(e).splitlines() or [type(e).__name__])[0][:100]
         raise MiniLLMError(
@@ -302,4 +315,12 @@ def resolve_tokenizer(ckpt_state: dict, tokenizer: Path | None, force: bool = Fa
             f"--tokenizer {path} is not the tokenizer checkpoint {ckpt_path} was trained with (sha256 differs); "
             f"use the run's tokenizer.json, or --force-tokenizer if you are sure"
         )
+    model_vocab = (ckpt_state.get("model_config") or {}).get("vocab_size")
+    if model_vocab:  # checked even with --force-tokenizer: a larger vocabulary gives ids the model has no row for
+        from minillm.tokenizer import load_tokenizer
+
+        n = load_tokenizer(path).get_vocab_size()
+        if n > model_vocab:
+            raise MiniLLMError(f"--tokenizer {path} has {n} tokens but checkpoint {ckpt_path} only {model_vocab}; "
+                               f"use the tokenizer the run was trained with ({ckpt_path.parent / 'tokenizer.json'})")
     return path

@@ -53,6 +53,12 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130) from None
+        except OSError as e:  # a file the library did not expect to fail: name it and the likely fix
+            if _DEBUG["on"] or not e.filename:
+                raise
+            _err(f"{e.filename}: {e.strerror or e}; check that the path exists and that you may read or write it"
+                 .replace("[", r"\["))
+            raise typer.Exit(1) from None
         except Exception as e:  # an unexpected failure: say what, not a traceback
             if _DEBUG["on"]:
                 raise
@@ -179,6 +185,8 @@ def analyze_corpus(
     if lang not in LABELS:
         _err(f"--lang {lang!r}: use en or es")
         raise typer.Exit(2)
+    if plot is not None and any(plot.resolve() == p.resolve() for p in (corpus, *([tokenizer] if tokenizer else []))):
+        raise MiniLLMError(f"--plot {plot} is also an input; write the histogram to another file, e.g. lengths.png")
     tok = None
     if tokenizer is not None:
         from minillm.tokenizer import load_tokenizer
@@ -272,6 +280,7 @@ def train(
     beta2: Optional[float] = typer.Option(None, "--beta2", help="AdamW beta2."),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Gradient-norm clip (0 disables)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw, or muon (hidden matrices) + adamw."),
+    muon_lr: Optional[float] = typer.Option(None, "--muon-lr", help="Muon learning rate for hidden matrices (with --optimizer muon)."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (0 = about 10 per run)."),
     eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Validation batches per evaluation."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N evaluations without improvement (0 = off)."),
@@ -299,10 +308,14 @@ def train(
     if max_time is not None:
         overrides["max_time"] = parse_duration(max_time)
     mcfg, tcfg = resolve(config, overrides)
-    for p, flag in ((tokenizer, "--tokenizer"), *((c, "--corpus") for c in corpus)):
+    for p, flag in ((tokenizer, "--tokenizer"), *((c, "--corpus") for c in corpus),
+                    *(((val_file, "--val-file"),) if val_file else ())):
         if not p.is_file():
-            raise MiniLLMError(f"{flag}: {p} does not exist")
+            raise MiniLLMError(f"{flag}: {p} " + ("is a directory; give a file" if p.is_dir() else "does not exist"))
     from minillm.dataset import Mixture
+    from minillm.tokenizer import load_tokenizer
+
+    load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before --outdir is touched
 
     corpus_arg = Mixture.parse(corpus, mix)
     if dry_run:
@@ -314,18 +327,32 @@ def train(
     spec = RunSpec(tokenizer=tokenizer, corpus=corpus_arg, outdir=outdir, val_file=val_file, cache_dir=cache_dir,
                    resume=resume, overwrite=overwrite, log_format=log_format, config_name=config,
                    tensorboard=tensorboard, started=started)
+    fresh = not outdir.exists()
     try:
         summary = run_train(spec, mcfg, tcfg)
-    except Interrupted as e:  # Ctrl-C (130) / SIGTERM (143): not an error, the checkpoint is saved
-        typer.secho(str(e), fg="yellow", err=True)
-        raise typer.Exit(e.exit_code) from None
+    except BaseException as e:
+        _remove_if_unused(outdir, fresh)  # a new run that failed in setup leaves no empty directory behind
+        if isinstance(e, Interrupted):  # Ctrl-C (130) / SIGTERM (143): not an error, the checkpoint is saved
+            typer.secho(str(e), fg="yellow", err=True)
+            raise typer.Exit(e.exit_code) from None
+        raise
     typer.echo(json.dumps(summary))
+
+
+def _remove_if_unused(outdir: Path, fresh: bool) -> None:
+    """Remove a run directory this command created when it holds nothing but the token cache (rank 0 only)."""
+    import os
+    import shutil
+
+    if fresh and outdir.is_dir() and os.environ.get("RANK", "0") == "0":
+        if all(p.name == "cache" for p in outdir.iterdir()):  # a .lock: another run holds it, leave it be
+            shutil.rmtree(outdir, ignore_errors=True)
 
 
 _TRAIN_KEYS = {
     "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "attention", "gradient_checkpointing",
     "doc_masking", "batch_size", "accumulation_steps", "epochs", "max_steps", "lr", "min_lr", "warmup_steps",
-    "weight_decay", "beta1", "beta2", "grad_clip", "optimizer", "eval_every", "eval_batches", "patience",
+    "weight_decay", "beta1", "beta2", "grad_clip", "optimizer", "muon_lr", "eval_every", "eval_batches", "patience",
     "log_every", "precision", "compile", "device", "seed", "num_workers", "stride", "val_fraction",
 }
 
@@ -398,12 +425,16 @@ def generate(
         raise UsageError("; ".join(problems))
     if prompt_file is not None:
         if not prompt_file.is_file():
-            raise MiniLLMError(f"--prompt-file: {prompt_file} does not exist")
+            raise MiniLLMError(f"--prompt-file: {prompt_file} "
+                               + ("is a directory; give a file" if prompt_file.is_dir() else "does not exist"))
         prompts = [line for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not prompts:
             raise MiniLLMError(f"--prompt-file: {prompt_file} holds no prompts (one per line)")
     else:
         prompts = [prompt or ""]
+    inputs = (ckpt, prompt_file, tokenizer, *(ckpt / n for n in ("ckpt_best.pt", "ckpt_last.pt", "tokenizer.json")))
+    if output is not None and any(output.resolve() == p.resolve() for p in inputs if p):
+        raise UsageError(f"--output {output} is also an input; write the samples to another file")
     dev = resolve_device(device)
     mode = "compiled" if use_compiled(dev, compile) else "eager"
     model, state = load_model(ckpt, str(dev))
@@ -462,7 +493,8 @@ def evaluate(
     if split is not None and split != "val":
         raise UsageError(f"--split: {split!r} is not supported; use --split val or --test-file")
     if test_file is not None and not test_file.is_file():
-        raise MiniLLMError(f"--test-file: {test_file} does not exist")
+        raise MiniLLMError(f"--test-file: {test_file} "
+                           + ("is a directory; give a corpus file" if test_file.is_dir() else "does not exist"))
     if stride < 0 or batch_size < 1:
         raise UsageError("--stride must be >= 0 (0 = half the block) and --batch-size >= 1")
     dev = resolve_device(device)

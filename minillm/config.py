@@ -191,9 +191,9 @@ def validate(model: ModelConfig, train: TrainConfig) -> list[str]:
                     ("num_workers", train.num_workers)):
         if v < 0:
             p.append(f"{name} must be >= 0 (got {v})")
-    if train.lr <= 0:
+    if not train.lr > 0:  # NaN too
         p.append(f"lr must be > 0 (got {train.lr})")
-    if train.epochs < 0 or train.max_time < 0:
+    if not (train.epochs >= 0 and train.max_time >= 0):
         p.append("epochs and max_time must be >= 0")
     if train.epochs == 0 and train.max_steps == 0 and train.max_time == 0:
         p.append("the run has no end: set epochs, max_steps or max_time")
@@ -283,10 +283,8 @@ def resolve(config: str = "tiny", overrides: dict[str, Any] | None = None) -> tu
                 del vals[k]
             elif _base_type(typing.get_type_hints(cls)[k]) is float:
                 vals[k] = float(vals[k])
-    if problems:
-        raise UsageError("invalid config:\n  " + "\n  ".join(problems))
-    model, train = ModelConfig(**mvals), TrainConfig(**tvals)
-    problems = validate(model, train)
+    model, train = ModelConfig(**mvals), TrainConfig(**tvals)  # the bad values left out, so all problems show
+    problems += validate(model, train)
     if problems:
         raise UsageError("invalid config:\n  " + "\n  ".join(problems))
     return model, train

@@ -35,14 +35,18 @@ def iter_documents(path: Path, separator: str = DOC_SEPARATOR) -> Iterator[str]:
     ``separator``. Empty documents are skipped. Memory holds one document at a time."""
     buf: list[str] = []
     with open(path, encoding="utf-8", newline="") as f:
-        for line in f:
-            if line.rstrip("\r\n") == separator:
-                doc = "".join(buf).strip("\n")
-                if doc.strip():
-                    yield doc
-                buf = []
-            else:
-                buf.append(line)
+        try:
+            for line in f:
+                if line.rstrip("\r\n") == separator:
+                    doc = "".join(buf).strip("\n")
+                    if doc.strip():
+                        yield doc
+                    buf = []
+                else:
+                    buf.append(line)
+        except UnicodeDecodeError as e:
+            raise MiniLLMError(f"{path} is not UTF-8 text ({e.reason}); if it is raw text, clean it with "
+                               f"`minillm prepare-corpus` (which reads cp1252 too), else give a corpus file") from e
     doc = "".join(buf).strip("\n")
     if doc.strip():
         yield doc
@@ -140,7 +144,8 @@ def check_head(path: Path, encoding: str = "auto") -> None:
         with _open_binary(path) as f:
             head = f.read(_SNIFF)
     except (OSError, EOFError, zlib.error) as e:
-        raise MiniLLMError(f"cannot read {path}: {e}") from e
+        raise MiniLLMError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}; check the file and its "
+                           f"permissions") from e
     why = _looks_binary(head)
     if why:
         raise _binary_error(path, why)

@@ -136,6 +136,19 @@ def validate_paths(inputs: list[Path], output: Path) -> tuple[list[Path], int]:
     return files, skipped
 
 
+def _nothing_left(s: PrepareSummary, clean: CleanOptions) -> str:
+    """Why no document survived: which filter removed how many, and what to change."""
+    if s.documents_in == 0:
+        return (f"the inputs hold no documents (empty files, or only separator lines); nothing was written "
+                f"to {s.output}")
+    fixes = {"empty": "they are empty after cleaning", "too_short": f"shorter than --min-chars {clean.min_chars}",
+             "duplicate": "exact duplicates (--no-dedup keeps them)",
+             "near_duplicate": "near-duplicates (drop --near-dedup or raise --dedup-threshold)"}
+    why = "; ".join(f"{n} {fixes[k]}" for k, n in s.removed.items() if n)
+    return (f"every one of the {s.documents_in} documents was removed ({why}); nothing was written to {s.output}"
+            + ("; lower --min-chars" if s.removed.get("too_short") else ""))
+
+
 def prepare_corpus(
     inputs: list[Path],
     output: Path,
@@ -206,9 +219,10 @@ def prepare_corpus(
                 s.bytes_out += len(data)
                 s.documents_out += 1
                 first = False
-        if not first:
-            f.write(b"\n")
-            s.bytes_out += 1
+        if first:
+            raise MiniLLMError(_nothing_left(s, clean))
+        f.write(b"\n")
+        s.bytes_out += 1
     s.bytes_in = sum(i.bytes for i in infos)
     s.fallback_files = [
         {"path": i.path, "encoding": i.encoding, "first_bad_byte": i.fallback_from_byte}

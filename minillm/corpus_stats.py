@@ -95,7 +95,8 @@ def analyze(path: Path, separator: str = DOC_SEPARATOR, tokenizer=None) -> Corpu
 
     path = Path(path)
     if not path.is_file():
-        raise MiniLLMError(f"--corpus: {path} does not exist; create it with `minillm prepare-corpus`")
+        what = "is a directory, not a corpus file" if path.is_dir() else "does not exist"
+        raise MiniLLMError(f"--corpus: {path} {what}; create it with `minillm prepare-corpus`")
     t0 = time.perf_counter()
     s = CorpusStats(path=str(path), tokens_estimated=tokenizer is None)
     vocab = _Vocab()

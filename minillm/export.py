@@ -274,7 +274,7 @@ def _resolve_dtype(name: str, sd: dict[str, Any]):
 def export_hf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out: Path, *, overwrite: bool = False,
               dtype: str = "auto", minillm: dict[str, Any] | None = None, inputs: tuple[Path, ...] = ()) -> dict:
     """Write a Hugging Face directory at ``out`` from our state dict; returns a summary."""
-    from minillm.checkpoint import atomic_write_json, atomic_write_text, sha256_file
+    from minillm.checkpoint import atomic_write_json, atomic_write_text, sha256_file, write_error
     from minillm.tokenizer import load_tokenizer
 
     arch = hf_architecture(cfg)
@@ -293,8 +293,11 @@ def export_hf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out: 
             "tokenizer_sha256": hashlib.sha256(tok_json.encode("utf-8")).hexdigest(),
             "source_tokenizer_sha256": sha256_file(tokenizer)}
     tok_cfg, special_map = _tokenizer_files(s, cfg.block_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
+    except OSError as e:
+        raise write_error(out, e, "check the directory exists and is writable") from e
     try:
         st.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_config(cfg, s, dname, info))
@@ -305,8 +308,10 @@ def export_hf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out: 
         atomic_write_json(tmp / "special_tokens_map.json", special_map)
         _fix_modes(tmp)
         _commit_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(out, e, "the previous export, if any, is intact") from e
         raise
     return {"out": str(out), "format": "hf", "architecture": ARCHS[arch], "dtype": dname,
             "tensors": len(tensors), "params": sum(t.numel() for t in tensors.values()), "files": list(HF_FILES)}

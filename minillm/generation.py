@@ -34,13 +34,13 @@ class Sampling:
 
 def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
     problems = []
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         problems.append(f"--temperature must be >= 0 (0 is greedy); got {temperature}")
     if top_k < 0:
         problems.append(f"--top-k must be >= 0 (0 disables it); got {top_k}")
     if not 0 < top_p <= 1:
         problems.append(f"--top-p must be in (0, 1] (1 disables it); got {top_p}")
-    if repetition_penalty <= 0:
+    if not repetition_penalty > 0:
         problems.append(f"--repetition-penalty must be > 0 (1 disables it); got {repetition_penalty}")
     if problems:
         raise UsageError("\n".join(problems))

@@ -48,13 +48,36 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
     return emb.cos(), emb.sin()
 
 
+class RotaryTable(nn.Module):
+    """cos/sin of RoPE for positions 0..block_size-1, computed once in fp32 at construction (buffers that
+    are not saved). ``forward(positions)`` -> each (B|1, T, 1, D), laid out for (B, T, H, D) queries/keys;
+    positions past the table are computed on the fly."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
+        cos, sin = rope_cos_sin(torch.arange(cfg.block_size)[None], cfg.head_dim, cfg.rope_theta)  # (1, 1, T, D)
+        self.register_buffer("cos", cos[0, 0], persistent=False)  # (T, D)
+        self.register_buffer("sin", sin[0, 0], persistent=False)
+
+    def forward(self, positions: Tensor | None, T: int, in_table: bool = False) -> tuple[Tensor, Tensor]:
+        """``positions`` None means 0..T-1; ``in_table`` promises every position is < block_size."""
+        if positions is None:  # a slice of the table
+            return self.cos[None, :T, None], self.sin[None, :T, None]  # (1, T, 1, D)
+        if in_table:  # a gather (no host sync, so it compiles into the graph)
+            return self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.theta)  # (B, 1, T, D)
+        return cos.transpose(1, 2), sin.transpose(1, 2)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate queries or keys ``x`` (B, H, T, D) by their positions (Llama/HF rotate-half convention)."""
+    """Rotate queries or keys ``x`` by their positions (Llama/HF rotate-half convention); ``cos``/``sin``
+    broadcast against ``x``: (B|1, 1, T, D) for x (B, H, T, D), or (B|1, T, 1, D) for x (B, T, H, D)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
@@ -117,10 +140,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)), *rope)  # (B, T, H, D)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), *rope)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -188,6 +211,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.rope = RotaryTable(cfg)
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one tensor, one gradient, counted once
@@ -214,9 +238,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is None and T > self.cfg.block_size:
             raise MiniLLMError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}; crop it")
-        if positions is None:
+        in_table = positions is None and cache is None  # positions restart per document: all < block_size
+        if positions is None and (seg_ids is not None or cache is not None):
             positions = default_positions(T, idx.device, seg_ids, cache)  # (B|1, T)
-        rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = self.rope(positions, T, in_table)  # cos, sin (B|1, T, 1, D)
         mask = attention_mask(T, idx.device, seg_ids, cache)  # None: plain causal (or one decode step)
         remat = self.cfg.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         x = self.tok_emb(idx)  # (B, T, C)

@@ -79,7 +79,17 @@ def train_tokenizer(
         trainer = trainers.WordPieceTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials, show_progress=show_progress
         )
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    seen = [0]
+
+    def counted(it: Iterable[str]) -> Iterator[str]:
+        for t in it:
+            seen[0] += bool(t.strip())
+            yield t
+
+    tok.train_from_iterator(counted(texts), trainer=trainer, length=length)
+    if not seen[0]:
+        raise MiniLLMError("--files: no text to train on (the files are empty or hold only <|doc|> separator "
+                           "lines); give a corpus from `minillm prepare-corpus`")
     tok.encode_special_tokens = True
     return tok
 

@@ -38,6 +38,7 @@ from minillm.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
+from minillm import distributed
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError
 from minillm.optim import (
@@ -105,6 +106,8 @@ class RunState:
     schedule: dict[str, Any] | None = None  # the optim.Schedule, as a dict
     eval_every: int = 0  # evaluation interval fixed by a --max-time plan (0: from --eval-every or total / 10)
     planned: bool = True  # False until a --max-time run has measured its step time and fixed its total
+    train_s: float = 0.0  # seconds spent in training steps, leaving out each process's first (compilation)
+    first_step_s: float = 0.0  # seconds of the first step (includes torch.compile), summed over resumes
 
 
 def total_steps_for(cfg: TrainConfig, windows_per_epoch: int) -> int:
@@ -165,37 +168,59 @@ def oom_message(mcfg: ModelConfig, tcfg: TrainConfig, outdir: Path) -> str:
 
 
 def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
-    """Set up and run one training run; returns the final summary."""
+    """Set up and run one training run (one process, or each rank of a ``torchrun`` run); returns the summary."""
+    with distributed.session(tcfg.device) as dist:
+        return _train(spec, mcfg, tcfg, dist)
+
+
+@contextlib.contextmanager
+def _claim_outdir(spec: RunSpec, dist: distributed.Dist):
+    """Rank 0 checks, locks (for the whole run) and cleans the run directory; the other ranks wait for it."""
+    with contextlib.ExitStack() as stack:
+        with distributed.main_first(dist):
+            if dist.is_main:
+                prepare_outdir(spec)
+                stack.enter_context(RunLock(spec.outdir))
+                clean_stale_temps(spec.outdir)
+        yield
+
+
+def _per_rank_eval(tcfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
+    """Under torchrun, pick the validation windows of the global batch (``eval_batches`` batches of
+    ``batch_size * world_size``), as one process with that batch would; each rank evaluates its share."""
+    return dataclasses.replace(tcfg, eval_batches=tcfg.eval_batches * dist.world_size) if dist.enabled else tcfg
+
+
+def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distributed.Dist) -> dict[str, Any]:
     from minillm import dataset as ds
 
     t_entry, main = spec.started or time.time(), is_main_process()
     if spec.tensorboard:
         check_tensorboard()
-    device = resolve_device(tcfg.device)  # refuse impossible settings before touching the run directory
+    device = dist.device if dist.enabled else resolve_device(tcfg.device)  # refuse impossible settings early
     dtype = resolve_precision(tcfg.precision, device)
     with _Signals() as sig:
         sig.outdir = spec.outdir
-        if main:  # under torchrun, rank 0 checks, locks and writes the run directory
-            prepare_outdir(spec)
-        with RunLock(spec.outdir) if main else contextlib.nullcontext():
-            if main:
-                clean_stale_temps(spec.outdir)
+        with _claim_outdir(spec, dist):  # under torchrun, rank 0 checks, locks and writes the run directory
             old = json.loads((spec.outdir / "config.json").read_text()) if spec.resume else None
             tok_sha = sha256_file(spec.tokenizer)
             if old is not None:
                 check_resume(spec, old, mcfg, tcfg, tok_sha)
+                distributed.check_world_size(old.get("world_size", 1), dist, spec.outdir)
             torch.manual_seed(tcfg.seed)
             if device.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
             log = TrainLog(spec.log_format)
             log.event(f"encoding {spec.corpus} into the token cache")
-            data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
-                                   mcfg.block_size, tcfg, val_file=spec.val_file)
+            with distributed.main_first(dist):  # rank 0 builds the token cache; then the other ranks open it
+                data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
+                                       mcfg.block_size, _per_rank_eval(tcfg, dist), val_file=spec.val_file,
+                                       rank=dist.rank, world_size=dist.world_size)
             mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))
             run_cfg = {"format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg),
                        "train": to_dict(tcfg), "data": {"tokenizer_sha256": tok_sha, **data.meta},
-                       "val_doc_ids": data.val_doc_ids}
+                       "val_doc_ids": data.val_doc_ids, "world_size": dist.world_size}
             if old is not None:
                 refuse_diffs(config_diff(old, run_cfg))
             if main:
@@ -211,13 +236,14 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
                 log.open_tensorboard(spec.outdir / "tb")
             log.event("config", model=to_dict(mcfg), train=to_dict(tcfg))
             try:
-                return _build_and_fit(spec, mcfg, tcfg, old, data, device, dtype, tok_sha, t_entry, log, sig)
+                return _build_and_fit(spec, mcfg, tcfg, old, data, device, dtype, tok_sha, t_entry, log, sig, dist)
             except torch.OutOfMemoryError as e:
                 raise MiniLLMError(oom_message(mcfg, tcfg, spec.outdir)) from e
 
 
 def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dict | None, data, device, dtype,
-                   tok_sha: str, t_entry: float, log: TrainLog, sig: _Signals) -> dict[str, Any]:
+                   tok_sha: str, t_entry: float, log: TrainLog, sig: _Signals,
+                   dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     """Model, optimizer, scaler, restored state and schedule; then the loop."""
     from minillm.model import GPT
 
@@ -232,6 +258,9 @@ def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dic
     ctx = dict(model=model, compiled=maybe_compile(model, tcfg, device), optimizers=opts, scaler=scaler,
                loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype, doc_id=data.doc_id,
                tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=is_main_process())
+    if dist.enabled:  # DDP: the training forward/backward go through the wrapper; evaluation and saving use the model
+        ctx.update(dist=dist, train_model=distributed.wrap_ddp(ctx["compiled"], dist),
+                   val_batches=data.val_batches[dist.rank :: dist.world_size])
     with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
         return fit(spec, mcfg, tcfg, state, ctx, log, sig)
 
@@ -309,7 +338,8 @@ def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConf
     from minillm.plots import plot_curves
 
     state.elapsed_s = time.time() - ctx["t_entry"]
-    val = estimate_val_loss(ctx["compiled"], ctx["val_batches"], tcfg, ctx["doc_id"], ctx["device"], ctx["dtype"])
+    val = estimate_val_loss(ctx["compiled"], ctx["val_batches"], tcfg, ctx["doc_id"], ctx["device"], ctx["dtype"],
+                            reduce=_reducer(ctx, "sum"))
     if not math.isfinite(val):
         raise MiniLLMError(f"validation loss is {val} at step {state.step}: the weights diverged; the last good "
                            f"checkpoint in {spec.outdir} is kept. Lower --lr (now {tcfg.lr:g}) or use --precision "
@@ -317,7 +347,8 @@ def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConf
     rec = {"step": state.step, "epoch": round(epoch_of(ctx["loader"], loader_state), 4),
            "tokens": state.tokens, "train_loss": float(np.mean(state.running)) if state.running else None,
            "val_loss": val, "val_ppl": math.exp(min(val, 50)), "lr": lr,
-           "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": round(state.elapsed_s, 3)}
+           "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": round(state.elapsed_s, 3),
+           "train_s": round(state.train_s, 3), "first_step_s": round(state.first_step_s, 3)}
     state.running = []
     state.history.append(rec)
     improved = val < state.best_val
@@ -361,9 +392,9 @@ def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ct
 
     model, device, loader = ctx["model"], ctx["device"], ctx["loader"]
     sched = Schedule(**state.schedule)
-    step_fn = make_train_step(model, ctx["compiled"], ctx["optimizers"], tcfg, device, ctx["dtype"], ctx["doc_id"],
-                              ctx["scaler"])
-    tokens_per_step = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size
+    step_fn = make_train_step(model, ctx.get("train_model", ctx["compiled"]), ctx["optimizers"], tcfg, device,
+                              ctx["dtype"], ctx["doc_id"], ctx["scaler"], reduce=_reducer(ctx, "mean"))
+    tokens_per_step = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size * _world(ctx)
     flops, peak = model.flops_per_token(), peak_flops(device)
     limit = total_steps_for(tcfg, loader.windows_per_epoch) or UNBOUNDED
     clock = lambda: time.time() - ctx["t_entry"]  # noqa: E731  the run's seconds, across resumes
@@ -376,16 +407,19 @@ def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ct
     sig.deferred = True
     try:
         while True:
-            if sig.code:
+            code = sig.code
+            over = bool(tcfg.max_time) and clock() + _step_time(durs) + eval_s + 0.01 * tcfg.max_time > tcfg.max_time
+            if _world(ctx) > 1:  # every rank stops at the same step: a signal or the time limit on one is on all
+                code, over = (int(v) for v in distributed.agree_max([code, over], ctx["dist"]))
+            if code:
                 if saved_step != state.step:
                     state.elapsed_s = clock()
                     save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)
-                raise Interrupted(sig.code, f"interrupted at step {state.step}: saved {spec.outdir / 'ckpt_last.pt'}; "
-                                            f"continue with the same command and --resume")
-            step_s = _step_time(durs)
+                raise Interrupted(code, f"interrupted at step {state.step}: saved {spec.outdir / 'ckpt_last.pt'}; "
+                                        f"continue with the same command and --resume")
             if state.step >= sched.total:
                 break
-            if tcfg.max_time and clock() + step_s + eval_s + 0.01 * tcfg.max_time > tcfg.max_time:
+            if over:
                 end = "max_time"
                 break
             lr, t0 = lr_at(state.step, sched), time.time()
@@ -402,6 +436,10 @@ def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ct
                 continue
             bad = 0
             durs.append(time.time() - t0)
+            if len(durs) == 1:
+                state.first_step_s += durs[0]
+            else:
+                state.train_s += durs[-1]
             state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
             state.running.append(r.loss)
             total = sched.total if sched.total < UNBOUNDED else 0
@@ -416,13 +454,16 @@ def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ct
                 t_log, step_log = time.time(), state.step
             plan_now = not state.planned and len(durs) >= 2 and (
                 (len(durs) >= 6 and sum(durs[1:]) >= 1.0) or len(durs) >= 50 or sum(durs) >= 0.05 * tcfg.max_time)
+            if not state.planned and _world(ctx) > 1:  # ranks time their steps apart: plan when any is ready
+                plan_now = bool(distributed.agree_max([plan_now], ctx["dist"])[0])
             if plan_now or state.step % eval_every == 0 or state.step >= sched.total:
                 t0 = time.time()
                 evaluate_and_save(spec, ctx, state, mcfg, tcfg, loader_state, lr, log)
                 eval_s, last_eval, saved_step = time.time() - t0, state.step, state.step
                 t_log += eval_s  # tokens/s counts training time only
                 if tcfg.max_time and len(durs) >= 2:
-                    sched = _replan(state, sched, tcfg, clock(), _step_time(durs), eval_s, limit, log)
+                    now, step_s, ev_s = _agreed(ctx, [clock(), _step_time(durs), eval_s])  # the same plan on all ranks
+                    sched = _replan(state, sched, tcfg, now, step_s, ev_s, limit, log)
                 if tcfg.patience and state.bad_evals >= tcfg.patience:
                     end = "early_stopping"
                     log.event(f"early stopping: {tcfg.patience} evaluations without improvement")
@@ -438,6 +479,23 @@ def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ct
                "elapsed_s": round(state.elapsed_s, 2)}
     log.event("done", **summary)
     return summary
+
+
+def _world(ctx: dict) -> int:
+    """Processes training together (1 outside torchrun)."""
+    return ctx["dist"].world_size if "dist" in ctx else 1
+
+
+def _reducer(ctx: dict, op: str):
+    """``reduce(t)``: ``t`` reduced in place over the ranks with ``op``; None for one process."""
+    if _world(ctx) == 1:
+        return None
+    return lambda t: distributed.all_reduce_(t, ctx["dist"], op)
+
+
+def _agreed(ctx: dict, values: list[float]) -> list[float]:
+    """Each value's maximum over the ranks (the values themselves for one process)."""
+    return distributed.agree_max(values, ctx["dist"]) if _world(ctx) > 1 else values
 
 
 def _step_time(durs: list[float]) -> float:

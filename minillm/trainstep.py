@@ -56,12 +56,16 @@ def _forward(model, x, y, doc_masking: bool, doc_id: int, device, dtype, reducti
 def accumulate(model, batches: list[torch.Tensor], tcfg: TrainConfig, doc_id: int, device, dtype,
                scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward and backward over micro-batches (B, T+1) each, gradients summed as for one batch of all of
-    them (each micro-batch's mean loss weighted 1 / len(batches)). Returns the mean loss (0-d, not synced)."""
+    them (each micro-batch's mean loss weighted 1 / len(batches)). Returns the mean loss (0-d, not synced).
+    Under DistributedDataParallel only the last micro-batch's backward all-reduces the gradients."""
+    from minillm.distributed import grad_sync
+
     total = torch.zeros((), device=device)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         x, y = _to_device(batch, device)
-        loss = _forward(model, x, y, tcfg.doc_masking, doc_id, device, dtype) / len(batches)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with grad_sync(model, enabled=i == len(batches) - 1):
+            loss = _forward(model, x, y, tcfg.doc_masking, doc_id, device, dtype) / len(batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach().float()
     return total
 
@@ -78,10 +82,12 @@ class StepResult:
 
 
 def make_train_step(model, compiled, opts, tcfg: TrainConfig, device, dtype, doc_id: int,
-                    scaler: torch.amp.GradScaler | None = None):
+                    scaler: torch.amp.GradScaler | None = None, reduce=None):
     """One optimizer step: ``step(prefetcher, lr_scale) -> StepResult``. Accumulates ``accumulation_steps``
     micro-batches, unscales (fp16), clips, and updates unless the loss or (outside fp16, where the scaler
-    skips overflowing steps itself) the gradient norm is non-finite."""
+    skips overflowing steps itself) the gradient norm is non-finite. ``reduce(t)`` (data-parallel runs)
+    averages the (loss, norm) pair over the ranks in place, so every rank logs the global loss and takes the
+    same skip decision; ``compiled`` is then the DistributedDataParallel wrapper."""
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -92,7 +98,10 @@ def make_train_step(model, compiled, opts, tcfg: TrainConfig, device, dtype, doc
         for opt in opts:
             scaler.unscale_(opt)
         norm = clip_gradients(params, tcfg.grad_clip)
-        loss_val, norm_val = torch.stack([loss, norm.float()]).tolist()  # the step's one host sync
+        stats = torch.stack([loss, norm.float()])
+        if reduce is not None:
+            reduce(stats)
+        loss_val, norm_val = stats.tolist()  # the step's one host sync
         skipped = None
         if not math.isfinite(loss_val):
             skipped = f"non-finite loss {loss_val}"
@@ -110,8 +119,9 @@ def make_train_step(model, compiled, opts, tcfg: TrainConfig, device, dtype, doc
 
 
 @torch.no_grad()
-def estimate_val_loss(model, batches, tcfg: TrainConfig, doc_id: int, device, dtype) -> float:
-    """Mean loss over the fixed validation batches (each (B, T+1)), in eval mode (no dropout)."""
+def estimate_val_loss(model, batches, tcfg: TrainConfig, doc_id: int, device, dtype, reduce=None) -> float:
+    """Mean loss over the fixed validation batches (each (B, T+1)), in eval mode (no dropout). ``reduce(t)``
+    (data-parallel runs, each rank holding a share of the batches) sums (loss sum, windows) over the ranks."""
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), 0
@@ -120,4 +130,8 @@ def estimate_val_loss(model, batches, tcfg: TrainConfig, doc_id: int, device, dt
         total += _forward(model, x, y, tcfg.doc_masking, doc_id, device, dtype).float() * len(b)
         count += len(b)
     model.train(was_training)
-    return float(total.item() / max(1, count))
+    sums = torch.stack([total, torch.tensor(float(count), device=device)])
+    if reduce is not None:
+        reduce(sums)
+    total_val, count_val = sums.tolist()
+    return float(total_val / max(1.0, count_val))

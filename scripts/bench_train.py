@@ -66,6 +66,8 @@ def bench_one(name: str, args) -> dict:
     loader = Loader(stream, starts, mcfg.block_size, tcfg.batch_size, seed=0)
     prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=1)
     step = tr.make_train_step(model, compiled, opts, tcfg, device, dtype, doc_id=0)
+    if args.no_sync:  # measurement only: the same step without the host sync (no non-finite check)
+        step = _step_without_sync(model, compiled, opts, tcfg, device, dtype)
     times = []
     t_first = time.time()
     for i in range(args.warmup + args.steps):
@@ -81,6 +83,14 @@ def bench_one(name: str, args) -> dict:
             first_step_s = time.time() - t_first
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    if args.profile and device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step(prefetch, lr_scale=1.0)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
     prefetch.close()
     dt = statistics.median(times)
     tokens = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size
@@ -92,13 +102,33 @@ def bench_one(name: str, args) -> dict:
         "params_M": round(model.num_params() / 1e6, 2), "step_ms": round(1000 * dt, 2),
         "tokens_per_s": round(tps), "mfu_pct": round(100 * model.flops_per_token() * tps / peak, 1) if peak else None,
         "peak_mem_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
-        "first_step_s": round(first_step_s, 1), "loss": round(float(loss), 3),
+        "first_step_s": round(first_step_s, 1), "loss": round(float(loss), 3), "set": args.set,
+        "no_sync": args.no_sync,
         "reference_tokens_per_s": ref_tps,
     }
     del model, opts, compiled
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _step_without_sync(model, compiled, opts, tcfg, device, dtype):
+    from minillm.optim import clip_gradients, set_lr
+    from minillm.trainstep import accumulate
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(prefetch, lr_scale):
+        set_lr(opts, lr_scale)
+        batches = [prefetch.next()[0] for _ in range(tcfg.accumulation_steps)]
+        loss = accumulate(compiled, batches, tcfg, 0, device, dtype)
+        clip_gradients(params, tcfg.grad_clip)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def main() -> None:
@@ -113,6 +143,8 @@ def main() -> None:
     ap.add_argument("--compile", default="auto")
     ap.add_argument("--set", action="append", default=[], help="override a config field, e.g. --set loss_chunk=0")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    ap.add_argument("--no-sync", action="store_true", help="measure the step without its host sync (upper bound)")
+    ap.add_argument("--profile", type=int, default=0, help="print the N CUDA kernels taking the most time")
     args = ap.parse_args()
     names = args.config or list(REFERENCE)
     rows = [bench_one(n, args) for n in names]

@@ -1,0 +1,188 @@
+"""Data-parallel training under ``torchrun``: the process group, each rank's device, and the few collectives
+the trainer needs so that every rank takes the same decisions (stop, skip, evaluate) at the same step.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them (or with ``WORLD_SIZE=1``) the run is
+one process and every helper here is a no-op. The backend is NCCL on CUDA (one GPU per local rank) and gloo
+on the CPU. NVLink multicast (NVLS) is left off: ``NCCL_NVLS_ENABLE=0`` unless the user set it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from minillm.errors import MiniLLMError, UsageError
+
+# Rank 0 may encode a large corpus into the token cache while the other ranks wait at a barrier.
+SETUP_TIMEOUT = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run."""
+
+    rank: int = 0  # global rank (RANK)
+    world_size: int = 1  # processes in the run (WORLD_SIZE)
+    local_rank: int = 0  # rank on this machine (LOCAL_RANK): picks the GPU
+    device: torch.device = torch.device("cpu")  # this rank's device
+    backend: str | None = None  # "nccl", "gloo", or None for one process
+
+    @property
+    def enabled(self) -> bool:
+        """True when several processes train together."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only one that writes files and logs."""
+        return self.rank == 0
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the torchrun environment; ``(0, 1, 0)`` without it."""
+    try:
+        return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise MiniLLMError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e}); start the run with torchrun") from e
+
+
+def rank_device(name: str, local_rank: int) -> torch.device:
+    """The device of the rank with ``local_rank`` for ``--device name`` (auto, cpu, cuda) under torchrun."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda:"):
+        raise UsageError(f"--device {name}: under torchrun each rank uses cuda:LOCAL_RANK; give --device cuda or auto "
+                         f"(choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if not torch.cuda.is_available():
+        if name == "cuda":
+            raise MiniLLMError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)")
+        return torch.device("cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise MiniLLMError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} visible; give torchrun "
+                           f"--nproc_per_node {torch.cuda.device_count()} or fewer")
+    return torch.device("cuda", local_rank)
+
+
+def setup(device_name: str) -> Dist:
+    """Join the process group when started by torchrun with several processes; else a one-process ``Dist``."""
+    rank, world, local = env_ranks()
+    if world <= 1:
+        return Dist()
+    import torch.distributed as td
+
+    device = rank_device(device_name, local)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast
+    if not td.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            td.init_process_group(backend, timeout=SETUP_TIMEOUT, device_id=device)
+        else:
+            td.init_process_group(backend, timeout=SETUP_TIMEOUT)
+    return Dist(rank, world, local, device, backend)
+
+
+def cleanup(d: Dist) -> None:
+    """Leave the process group (idempotent)."""
+    if d.enabled:
+        import torch.distributed as td
+
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_name: str) -> Iterator[Dist]:
+    """``setup`` ... ``cleanup``."""
+    d = setup(device_name)
+    try:
+        yield d
+    finally:
+        cleanup(d)
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def all_reduce_(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
+    """Reduce ``t`` in place over the ranks (``op`` sum, mean, max or min); returns it."""
+    if not d.enabled:
+        return t
+    import torch.distributed as td
+
+    ops = {"sum": td.ReduceOp.SUM, "mean": td.ReduceOp.SUM, "max": td.ReduceOp.MAX, "min": td.ReduceOp.MIN}
+    td.all_reduce(t, op=ops[op])
+    if op == "mean":
+        t /= d.world_size
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The mean of ``t`` over the ranks, in place."""
+    return all_reduce_(t, d, "mean")
+
+
+def agree_max(values: Sequence[float], d: Dist) -> list[float]:
+    """Each value's maximum over the ranks, so that a flag raised on any rank (a signal, a time limit) is
+    raised on all of them and no rank waits in a collective the others skip."""
+    if not d.enabled:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=d.device)
+    return all_reduce_(t, d, "max").tolist()
+
+
+@contextlib.contextmanager
+def main_first(d: Dist) -> Iterator[None]:
+    """Rank 0 runs the body first (creating what the others then read); the other ranks run it once rank 0 has
+    finished it. When the body fails on rank 0, the others stop with an error instead of waiting forever."""
+    if not d.enabled:
+        yield
+        return
+    import torch.distributed as td
+
+    flag = torch.zeros(1, dtype=torch.int32, device=d.device)
+    if not d.is_main:
+        td.broadcast(flag, src=0)
+        if int(flag.item()) != 1:
+            raise MiniLLMError(f"rank {d.rank}: rank 0 stopped during setup (its message says why)")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        td.broadcast(flag, src=0)  # 0: failed
+        raise
+    flag.fill_(1)
+    td.broadcast(flag, src=0)
+
+
+@contextlib.contextmanager
+def grad_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce of DistributedDataParallel inside (``enabled`` False), for the inner
+    micro-batches of gradient accumulation; the last micro-batch's backward then reduces the summed gradients."""
+    if enabled or not hasattr(model, "no_sync"):
+        yield
+        return
+    with model.no_sync():
+        yield
+
+
+def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel (the model itself for one process). Buffers (RoPE tables) are the same
+    on every rank, so they are not broadcast at each forward."""
+    if not d.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, broadcast_buffers=False)
