@@ -56,8 +56,8 @@ def handle_errors(fn):
         except OSError as e:  # a file the library did not expect to fail: name it and the likely fix
             if _DEBUG["on"] or not e.filename:
                 raise
-            _err(f"{e.filename}: {e.strerror or e}; check that the path exists and that you may read or write it"
-                 .replace("[", r"\["))
+            fix = "check its permissions" if isinstance(e, PermissionError) else "check the path and the disk"
+            _err(f"{e.filename}: {e.strerror or e}; {fix}".replace("[", r"\["))
             raise typer.Exit(1) from None
         except Exception as e:  # an unexpected failure: say what, not a traceback
             if _DEBUG["on"]:
@@ -226,6 +226,10 @@ def init_tokenizer(
     paths = tk.collect_files(files)
     if any(p.resolve() == out.resolve() for p in paths):
         raise MiniLLMError(f"--out {out} is also an input; write the tokenizer to another file")
+    if not any(t.strip() for t in tk.iter_training_texts(paths)):  # stops at the first text: cheap
+        names = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise MiniLLMError(f"--files: {names} hold no text (empty, or only <|doc|> separator lines); "
+                           f"give a corpus from `minillm prepare-corpus`")
     tok = tk.train_tokenizer(tk.iter_training_texts(paths), vocab_size, model=model, min_frequency=min_frequency,
                              special_tokens=special_tokens, show_progress=sys.stderr.isatty())
     tk.save_tokenizer(tok, out)
@@ -292,10 +296,14 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Background threads preparing batches (0 = inline)."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Step between windows (default block size: no overlap)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of documents held out for validation."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train on N GPUs of this machine: re-launches this command under torchrun (DistributedDataParallel); --batch-size is per GPU."),
 ) -> None:
     """Train a model: encode the corpus into a token cache, then train with evaluation and checkpoints."""
+    import os
     import time
 
+    if nproc is not None and nproc != 1 and not dry_run:
+        _relaunch_torchrun(nproc)  # does not return
     from minillm.checkpoint import process_started_at
 
     started = process_started_at() or time.time()  # --max-time counts from the process's start
@@ -333,10 +341,39 @@ def train(
     except BaseException as e:
         _remove_if_unused(outdir, fresh)  # a new run that failed in setup leaves no empty directory behind
         if isinstance(e, Interrupted):  # Ctrl-C (130) / SIGTERM (143): not an error, the checkpoint is saved
-            typer.secho(str(e), fg="yellow", err=True)
+            if os.environ.get("RANK", "0") == "0":
+                typer.secho(str(e), fg="yellow", err=True)
             raise typer.Exit(e.exit_code) from None
         raise
-    typer.echo(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        typer.echo(json.dumps(summary))
+
+
+def _relaunch_torchrun(nproc: int) -> None:
+    """Replace this process by ``torchrun --standalone --nproc_per_node N -m minillm <the same arguments>``."""
+    import os
+
+    from minillm.errors import UsageError
+
+    if nproc < 1:
+        raise UsageError(f"--nproc {nproc}: give the number of GPUs (processes) to train on, 1 or more")
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--nproc: this process already runs under torchrun; leave out --nproc")
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "minillm", *args]
+    typer.echo("launching: " + " ".join(cmd[1:]), err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
 
 
 def _remove_if_unused(outdir: Path, fresh: bool) -> None:
@@ -402,6 +439,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     compile: str = typer.Option("auto", "--compile", help="Compiled, CUDA-graph decode step: auto (CUDA only), on, off."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt (from finetune --lora-rank) to apply on top of --ckpt, which must be the base it was trained on."),
 ) -> None:
     """Generate text from a trained checkpoint. Samples are separated by a <|doc|> line in text output."""
     import torch
@@ -438,6 +476,10 @@ def generate(
     dev = resolve_device(device)
     mode = "compiled" if use_compiled(dev, compile) else "eager"
     model, state = load_model(ckpt, str(dev))
+    if adapter is not None:  # merged into the weights: same logits, no extra cost per token
+        from minillm.lora import attach_adapter
+
+        attach_adapter(model, state, adapter)
     tok = load_tokenizer(resolve_tokenizer(state, tokenizer, force_tokenizer))
     g = torch.Generator(device=dev).manual_seed(seed)
 
@@ -521,6 +563,134 @@ def evaluate(
                    f"({res['tokens']:,} tokens, {res['documents']} documents)")
 
 
+# ---------------------------------------------------------------- finetune / merge
+
+
+@app.command()
+@handle_errors
+def finetune(
+    ckpt: Path = typer.Option(..., "--ckpt", help="Base checkpoint (a run's ckpt_best.pt) or run directory to start from."),
+    data: Path = typer.Option(..., "--data", "-d", help="continue: a clean corpus file (<|doc|>-separated); sft: a JSONL file of {instruction, input?, response} or {messages: [...]}."),
+    outdir: Path = typer.Option(..., "--outdir", "-o", help="Run directory for checkpoints, history, plots (and adapter.pt with LoRA)."),
+    mode: str = typer.Option("continue", "--mode", help="continue (more pretraining on new text) or sft (instruction tuning: loss on responses only)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="Tokenizer (default: the base run's tokenizer.json); must be the base's."),
+    force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the base checkpoint's."),
+    lora_rank: int = typer.Option(0, "--lora-rank", help="Train LoRA adapters of this rank only (base frozen; adapter.pt saved alone); 0 trains all weights."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="LoRA scaling numerator: updates are scaled by alpha / rank (default 2 x rank)."),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="Dropout on the adapters' input (default 0)."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated layers to adapt: q,k,v,o,gate,up,down (default all)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="sft: skip malformed JSONL lines (counted) instead of stopping at them."),
+    val_file: Optional[Path] = typer.Option(None, "--val-file", help="Separate validation data (corpus or JSONL, as --data) instead of a split."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="continue: token cache directory (default OUTDIR/cache)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --outdir from ckpt_last.pt exactly."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --outdir."),
+    log_format: str = typer.Option("text", "--log-format", help="Progress lines on stderr: text or json."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files to OUTDIR/tb."),
+    max_time: Optional[str] = typer.Option(None, "--max-time", help="Wall-clock budget for the whole run, e.g. 90s, 2m, 1h."),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="Model dropout during fine-tuning (default: the base's)."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory."),
+    doc_masking: Optional[bool] = typer.Option(None, "--doc-masking/--no-doc-masking", help="Restart positions and block attention at document boundaries (default: the base run's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Micro-batch size (default: the base run's)."),
+    accumulation_steps: Optional[int] = typer.Option(None, "--accumulation-steps", help="Micro-batches per optimizer step."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the training windows / examples (default 1)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 = no limit)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: a tenth of the base run's; with LoRA the base run's)."),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="Final learning rate (default lr/10)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps (capped at a tenth of the run)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
+    beta1: Optional[float] = typer.Option(None, "--beta1", help="AdamW beta1."),
+    beta2: Optional[float] = typer.Option(None, "--beta2", help="AdamW beta2."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Gradient-norm clip (0 disables)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw, or muon (hidden matrices) + adamw."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every N steps (0 = about 10 per run)."),
+    eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Validation batches per evaluation."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after N evaluations without improvement (0 = off)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Progress line every N steps."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, bf16, fp16 or fp32."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="torch.compile: auto (CUDA only), on, off."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (data order, split, dropout, adapter init)."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Background threads preparing batches (0 = inline)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="continue: step between windows (default block size)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of documents / examples held out for validation."),
+) -> None:
+    """Fine-tune a checkpoint: continued pretraining on a corpus, or instruction tuning on JSONL; all weights or LoRA."""
+    import time
+
+    from minillm.checkpoint import process_started_at
+
+    started = process_started_at() or time.time()
+    from minillm.config import parse_duration
+    from minillm.errors import UsageError
+    from minillm.finetune import MODES, FinetuneSpec
+    from minillm.finetune import finetune as run_finetune
+
+    if log_format not in ("text", "json"):
+        raise UsageError(f"--log-format: {log_format!r} is not one of text, json")
+    if mode not in MODES:
+        raise UsageError(f"--mode: {mode!r} is not one of {', '.join(MODES)}")
+    if mode != "continue" and (stride is not None or cache_dir is not None):
+        raise UsageError("--stride and --cache-dir apply to --mode continue only (sft has one row per example)")
+    if mode != "sft" and skip_bad_lines:
+        raise UsageError("--skip-bad-lines applies to --mode sft (JSONL) only")
+    lora = None
+    if lora_rank < 0:
+        raise UsageError(f"--lora-rank must be >= 0 (got {lora_rank}); 0 trains all weights")
+    if lora_rank:
+        from minillm.lora import DEFAULT_TARGETS, LoRAConfig, parse_targets
+
+        lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha if lora_alpha is not None else 2.0 * lora_rank,
+                          dropout=lora_dropout or 0.0,
+                          targets=parse_targets(lora_targets) if lora_targets is not None else DEFAULT_TARGETS)
+    elif lora_alpha is not None or lora_dropout is not None or lora_targets is not None:
+        raise UsageError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank R (R >= 1)")
+    keys = {"dropout", "gradient_checkpointing"}
+    vals = locals()
+    model_over = {k: vals[k] for k in keys if vals[k] is not None}
+    train_over = {k: vals[k] for k in _TRAIN_KEYS - keys - _MODEL_ONLY if vals.get(k) is not None}
+    if max_time is not None:
+        train_over["max_time"] = parse_duration(max_time)
+    from minillm.training import Interrupted
+
+    fs = FinetuneSpec(ckpt=ckpt, data=data, outdir=outdir, mode=mode, tokenizer=tokenizer,
+                      force_tokenizer=force_tokenizer, lora=lora, val_file=val_file, cache_dir=cache_dir,
+                      skip_bad_lines=skip_bad_lines, resume=resume, overwrite=overwrite, log_format=log_format,
+                      tensorboard=tensorboard, started=started)
+    try:
+        summary = run_finetune(fs, model_over, train_over)
+    except Interrupted as e:
+        typer.secho(str(e), fg="yellow", err=True)
+        raise typer.Exit(e.exit_code) from None
+    typer.echo(json.dumps(summary))
+
+
+_MODEL_ONLY = {"block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "attention"}  # fixed by the base
+
+
+@app.command()
+@handle_errors
+def merge(
+    ckpt: Path = typer.Option(..., "--ckpt", help="The base checkpoint the adapter was trained on."),
+    adapter: Path = typer.Option(..., "--adapter", help="adapter.pt from a LoRA finetune run."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged checkpoint to write (generate / evaluate / export load it; tokenizer.json is put beside it)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the base run's tokenizer.json)."),
+    force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Merge a LoRA adapter into its base checkpoint, writing one plain checkpoint."""
+    from minillm.lora import merge_checkpoint
+
+    if out.exists() and not overwrite:
+        raise MiniLLMError(f"--out {out} already exists; add --overwrite to replace it or choose another file")
+    res = merge_checkpoint(ckpt, adapter, out, tokenizer, force_tokenizer)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+    else:
+        typer.echo(f"wrote {res['out']}: {res['base']} + {res['adapter']} (rank {res['rank']}, "
+                   f"{','.join(res['targets'])}); tokenizer {res['tokenizer']}")
+
+
 # ---------------------------------------------------------------- export
 
 
@@ -535,12 +705,20 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt to merge into --ckpt (its base) before exporting."),
 ) -> None:
     """Export a model to a Hugging Face directory (transformers loads it offline) or a safetensors file."""
+    import tempfile
+
     from minillm.export import export as run_export
 
-    res = run_export(ckpt, out, format, tokenizer=tokenizer, force_tokenizer=force_tokenizer,
-                     overwrite=overwrite, dtype=dtype)
+    with tempfile.TemporaryDirectory(prefix="minillm-merge-") as tmp:
+        if adapter is not None:  # merge first, then export the merged checkpoint (with the base's tokenizer)
+            from minillm.lora import merge_checkpoint
+
+            ckpt = Path(merge_checkpoint(ckpt, adapter, Path(tmp) / "merged.pt", tokenizer, force_tokenizer)["out"])
+        res = run_export(ckpt, out, format, tokenizer=tokenizer, force_tokenizer=force_tokenizer,
+                         overwrite=overwrite, dtype=dtype)
     if as_json:
         typer.echo(json.dumps(res, indent=2))
     else:

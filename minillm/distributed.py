@@ -185,4 +185,21 @@ def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [d.device.index] if d.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, broadcast_buffers=False)
+    try:
+        return DDP(model, device_ids=ids, forward_sync_buffers=False)
+    except TypeError:  # torch before forward_sync_buffers
+        return DDP(model, device_ids=ids, broadcast_buffers=False)
+
+
+def check_world_size(saved: int, d: Dist, outdir) -> None:
+    """Refuse to resume a run with another number of processes (the global batch and data order would change)."""
+    if int(saved) != d.world_size:
+        raise MiniLLMError(
+            f"--resume: the run in {outdir} was trained by {saved} process(es), this one has {d.world_size}; resume "
+            f"with the same world size (torchrun --nproc_per_node x --nnodes = {saved}, or --nproc {saved}), or start "
+            f"a new --outdir")
+
+
+def under_torchrun() -> bool:
+    """True when this process was started by torchrun's agent (which forwards the signals it receives)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ

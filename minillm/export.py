@@ -310,8 +310,9 @@ def export_hf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out: 
         _commit_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(out, e, "the previous export, if any, is intact") from e
+        cause = e if isinstance(e, OSError) else e.__cause__  # atomic_open wraps its OSError in a MiniLLMError
+        if isinstance(cause, OSError):
+            raise write_error(out, cause, "the previous export, if any, is intact") from e
         raise
     return {"out": str(out), "format": "hf", "architecture": ARCHS[arch], "dtype": dname,
             "tensors": len(tensors), "params": sum(t.numel() for t in tensors.values()), "files": list(HF_FILES)}

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from minillm.config import TrainConfig
-from minillm.errors import MiniLLMError
 
 UNBOUNDED = 10**12  # the provisional total of a time-budgeted run before its steps are planned
 
@@ -84,9 +83,9 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     fused = True if device.type == "cuda" else None
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
     if hidden:
-        if not hasattr(torch.optim, "Muon"):
-            raise MiniLLMError("--optimizer muon needs torch >= 2.9 (torch.optim.Muon); use --optimizer adamw")
-        muon = torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True)
+        from minillm.muon import Muon
+
+        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True)
         for g in muon.param_groups:
             g["base_lr"] = cfg.muon_lr
         opts.append(muon)

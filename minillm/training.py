@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minillm import distributed
 from minillm.checkpoint import (
     RunLock,
     atomic_link,
@@ -38,7 +39,6 @@ from minillm.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
-from minillm import distributed
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError
 from minillm.optim import (
@@ -137,8 +137,10 @@ class _Signals:
     def _handle(self, signum: int, _frame: Any) -> None:
         code = 130 if signum == signal.SIGINT else 143
         if self.deferred and not self.code:
-            self.code = code
+            self.code, self._at = code, time.monotonic()
             return
+        if self.deferred and distributed.under_torchrun() and time.monotonic() - getattr(self, "_at", 0.0) < 2.0:
+            return  # torchrun's agent forwards the Ctrl-C the terminal already sent: the same request, not a second
         raise Interrupted(code, f"interrupted; checkpoints already in {self.outdir} are intact "
                                 f"(continue with the same command and --resume if ckpt_last.pt exists)")
 
@@ -315,12 +317,14 @@ def save_run(path: Path, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: Tr
         return
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(ctx["device"]) if ctx["device"].type == "cuda" else None}
-    save_checkpoint(path, {
+    ckpt = {
         "model": ctx["model"].state_dict(), "model_config": to_dict(mcfg), "train_config": to_dict(tcfg),
         "optimizer": [o.state_dict() for o in ctx["optimizers"]], "scaler": ctx["scaler"].state_dict(),
         "loader": dict(loader_state), "run_state": dataclasses.asdict(state), "rng": rng,
         "tokenizer_sha256": ctx["tok_sha"],
-    })
+    }
+    hook = ctx.get("ckpt_hook")  # finetune: adds its record; LoRA: merged weights + the adapter apart
+    save_checkpoint(path, hook(ckpt) if hook else ckpt)
 
 
 # ---------------------------------------------------------------- evaluation and time budgets
@@ -338,7 +342,8 @@ def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConf
     from minillm.plots import plot_curves
 
     state.elapsed_s = time.time() - ctx["t_entry"]
-    val = estimate_val_loss(ctx["compiled"], ctx["val_batches"], tcfg, ctx["doc_id"], ctx["device"], ctx["dtype"],
+    # the uncompiled model: an eval-mode, no-grad graph would be compiled anew (tens of seconds on a GPU)
+    val = estimate_val_loss(ctx["model"], ctx["val_batches"], tcfg, ctx["doc_id"], ctx["device"], ctx["dtype"],
                             reduce=_reducer(ctx, "sum"))
     if not math.isfinite(val):
         raise MiniLLMError(f"validation loss is {val} at step {state.step}: the weights diverged; the last good "
@@ -452,8 +457,8 @@ def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ct
                 log.step(state.step, total, epoch_of(loader, loader_state), r.loss, lr, tps,
                          flops * tps / peak if peak else None, eta if total else None)
                 t_log, step_log = time.time(), state.step
-            plan_now = not state.planned and len(durs) >= 2 and (
-                (len(durs) >= 6 and sum(durs[1:]) >= 1.0) or len(durs) >= 50 or sum(durs) >= 0.05 * tcfg.max_time)
+            plan_now = not state.planned and len(durs) >= 6 and (
+                sum(durs[1:]) >= 1.0 or len(durs) >= 50 or sum(durs) >= 0.05 * tcfg.max_time)
             if not state.planned and _world(ctx) > 1:  # ranks time their steps apart: plan when any is ready
                 plan_now = bool(distributed.agree_max([plan_now], ctx["dist"])[0])
             if plan_now or state.step % eval_every == 0 or state.step >= sched.total:

@@ -268,8 +268,8 @@ def test_arbitrary_unicode_never_crashes(tmp_path, texts, lower):
     f.write_text("\n<|doc|>\n".join(texts), encoding="utf-8", errors="surrogatepass")
     try:
         s = prepare_corpus([f], tmp_path / "h_out.txt", clean=CleanOptions(lowercase=lower), workers=1)
-    except MiniLLMError as e:  # refusing a file of NULs / control characters is the one allowed outcome
-        assert "binary" in str(e)
+    except MiniLLMError as e:  # refusing a file of NULs / control characters, or one with no document left
+        assert "binary" in str(e) or "nothing was written" in str(e)
         return
     docs = list(iter_documents(tmp_path / "h_out.txt"))
     assert len(docs) == s.documents_out

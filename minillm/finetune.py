@@ -1,0 +1,512 @@
+"""Fine-tuning a trained checkpoint: continued pretraining (``continue``) and instruction tuning (``sft``),
+of all weights or, with ``--lora-rank``, of LoRA adapters only (``minillm.lora``).
+
+Both modes set up a run directory exactly as ``train`` does (config.json, tokenizer.json, ckpt_best.pt,
+ckpt_last.pt, history.json, curves.png; ``--resume``/``--overwrite`` as there) and then run the trainer's own
+loop, ``training.fit``. What differs is where the weights and the data come from:
+
+- weights: the base checkpoint (``--ckpt``); the model config is the base's. A LoRA run's checkpoints hold
+  the merged weights under ``model`` (so generate/evaluate/export take them as they are) and the adapter
+  under ``lora``; ``adapter.pt`` (the adapter of ``ckpt_best.pt`` alone) is written when the run ends.
+- data: ``continue`` reads a corpus file through the token cache (``dataset.prepare_data``); ``sft`` reads
+  JSONL and builds one row per example (below).
+
+SFT prompt template (``format_example``). ``{"instruction", "input"?, "response"}`` becomes::
+
+    <|doc|>### Instruction:
+    {instruction}
+
+    ### Input:            <- only when "input" is present and not empty
+    {input}
+
+    ### Response:
+    {response}<|doc|>
+
+and ``{"messages": [{"role": "system"|"user"|"assistant", "content"}...]}`` becomes ``### System:\\n{c}\\n\\n``
+for a system message, ``### Instruction:\\n{c}\\n\\n### Response:\\n`` for each user message and ``{c}`` for each
+assistant message (``\\n\\n`` between turns). The loss counts only the response (assistant) tokens and the
+final ``<|doc|>``, so the model learns to answer and then stop; at generation time give the prompt part,
+ending in ``### Response:\\n`` (``generate`` puts the first ``<|doc|>`` itself and stops at the next).
+
+Rows carry their loss mask in the sign: a value ``~t`` (< 0) is token ``t`` that is no target. The trainer's
+step sees ordinary ``(B, T+1)`` int64 batches; ``MaskedTargets`` decodes them just before the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from minillm.checkpoint import (
+    RunLock,
+    atomic_open,
+    atomic_write_json,
+    clean_stale_temps,
+    load_checkpoint,
+    sha256_file,
+)
+from minillm.config import ModelConfig, TrainConfig, model_from_dict, to_dict, train_from_dict, validate
+from minillm.errors import MiniLLMError, UsageError
+from minillm.lora import LoRAConfig
+
+MODES = ("continue", "sft")
+RUN_FORMAT = 1
+INSTRUCTION, INPUT, RESPONSE, SYSTEM = "### Instruction:\n", "### Input:\n", "### Response:\n", "### System:\n"
+# reset for a fine-tuning run rather than inherited from the base run's train config
+FRESH_KEYS = {"max_steps": 0, "epochs": 1.0, "max_time": 0.0, "eval_every": 0, "patience": 0, "min_lr": -1.0}
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """What a fine-tuning run reads and writes, apart from the model and training configs."""
+
+    ckpt: Path  # the base checkpoint (or run directory)
+    data: Path  # continue: a corpus file; sft: a JSONL file
+    outdir: Path  # the run directory
+    mode: str = "continue"  # continue or sft
+    tokenizer: Path | None = None  # default: the base run's tokenizer.json
+    force_tokenizer: bool = False  # accept a tokenizer whose sha256 differs from the base's
+    lora: LoRAConfig | None = None  # None: all weights train
+    val_file: Path | None = None  # a separate validation corpus / JSONL instead of a split
+    cache_dir: Path | None = None  # continue: token cache directory (default OUTDIR/cache)
+    skip_bad_lines: bool = False  # sft: skip malformed JSONL lines (counted) instead of failing
+    resume: bool = False  # continue the run in OUTDIR from ckpt_last.pt
+    overwrite: bool = False  # replace the run in OUTDIR
+    log_format: str = "text"  # progress lines: text or json
+    tensorboard: bool = False  # TensorBoard event files in OUTDIR/tb
+    started: float = 0.0  # time.time() when the command started (--max-time counts from it)
+
+
+# ---------------------------------------------------------------- SFT data
+
+
+@dataclass(frozen=True)
+class Example:
+    """An instruction example as text segments, each with whether its tokens carry loss."""
+
+    segments: tuple[tuple[str, bool], ...]
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The prompt part of the template (what to give ``generate --prompt``)."""
+    body = INSTRUCTION + instruction + "\n\n"
+    if input:
+        body += INPUT + input + "\n\n"
+    return body + RESPONSE
+
+
+def _str(obj: dict, key: str, required: bool = True) -> str:
+    v = obj.get(key)
+    if v is None and not required:
+        return ""
+    if not isinstance(v, str):
+        raise ValueError(f'"{key}" must be a string' if key in obj else f'missing "{key}"')
+    return v
+
+
+def format_example(obj: Any) -> Example:
+    """One parsed JSONL value -> an ``Example``; ``ValueError`` says what is wrong with it."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError('"messages" must be a non-empty list of {"role", "content"} objects')
+        segs: list[tuple[str, bool]] = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
+                    "system", "user", "assistant"):
+                raise ValueError(f'messages[{i}] must be {{"role": "system"|"user"|"assistant", "content": string}}')
+            if segs and segs[-1][1]:
+                segs.append(("\n\n", False))
+            role, c = m["role"], m["content"]
+            if role == "system":
+                segs.append((SYSTEM + c + "\n\n", False))
+            elif role == "user":
+                segs.append((INSTRUCTION + c + "\n\n" + RESPONSE, False))
+            else:
+                if not segs or not segs[-1][0].endswith(RESPONSE):
+                    raise ValueError(f"messages[{i}]: an assistant message must follow a user message")
+                segs.append((c, True))
+        if not segs[-1][1]:
+            raise ValueError("the last message must be the assistant's (the response to learn)")
+        return Example(tuple(segs))
+    instruction, response = _str(obj, "instruction"), _str(obj, "response")
+    return Example(((format_prompt(instruction, _str(obj, "input", required=False)), False), (response, True)))
+
+
+def read_jsonl(path: Path, skip_bad_lines: bool = False, log=None) -> tuple[list[Example], int]:
+    """Parse an SFT JSONL file: ``(examples, bad_lines)``. A malformed line raises an error naming its line
+    number (all of them, up to 10) unless ``skip_bad_lines``, which skips and counts them."""
+    if not Path(path).is_file():
+        raise MiniLLMError(f"--data: {path} does not exist")
+    examples, bad = [], []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    examples.append(format_example(json.loads(line)))
+                except json.JSONDecodeError as e:
+                    bad.append(f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
+                except ValueError as e:
+                    bad.append(f"line {n}: {e}")
+    except UnicodeDecodeError as e:
+        raise MiniLLMError(f"--data: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if bad and not skip_bad_lines:
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise MiniLLMError(f"--data {path}: {len(bad)} malformed line(s):\n  " + "\n  ".join(bad[:10]) + more
+                           + '\neach line must be {"instruction", "input"?, "response"} or {"messages": [...]}; '
+                             "fix them or pass --skip-bad-lines to skip them")
+    if bad and log:
+        log(f"--skip-bad-lines: skipped {len(bad)} malformed line(s) of {path} (first: {bad[0]})")
+    if not examples:
+        raise MiniLLMError(f"--data: {path} holds no usable examples")
+    return examples, len(bad)
+
+
+def encode_example(tok, ex: Example, doc: int) -> tuple[list[int], list[bool]]:
+    """Token ids ``<|doc|> + segments + <|doc|>`` and, per position, whether it is a loss target
+    (response tokens and the final ``<|doc|>``). Segments are encoded one by one, as generation sees them."""
+    ids, target = [doc], [False]
+    for text, trained in ex.segments:
+        seg = tok.encode(text, add_special_tokens=False).ids
+        ids += seg
+        target += [trained] * len(seg)
+    return ids + [doc], target + [True]
+
+
+def encode_rows(tok, examples: list[Example], block_size: int, pad: int) -> tuple[np.ndarray, dict[str, int]]:
+    """One row of ``block_size + 1`` per example (B, T+1) int64: a token that is a loss target as itself, any
+    other as ``~token`` (negative); padded with ``~pad``. Longer examples are cut at the end (counted);
+    one with no target left is dropped (counted)."""
+    span = block_size + 1
+    doc = int(tok.token_to_id("<|doc|>"))
+    rows, truncated, dropped, targets = [], 0, 0, 0
+    for ex in examples:
+        ids, tgt = encode_example(tok, ex, doc)
+        if len(ids) > span:
+            truncated += 1
+            ids, tgt = ids[:span], tgt[:span]
+        if not any(tgt):
+            dropped += 1
+            continue
+        row = np.full(span, ~pad, dtype=np.int64)
+        a, m = np.asarray(ids, dtype=np.int64), np.asarray(tgt)
+        row[: len(ids)] = np.where(m, a, ~a)
+        rows.append(row)
+        targets += int(m.sum())
+    out = np.stack(rows) if rows else np.zeros((0, span), dtype=np.int64)
+    return out, {"examples": len(rows), "truncated": truncated, "dropped": dropped, "target_tokens": targets}
+
+
+def decode_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded rows -> ``(tokens, targets)``: the tokens themselves, and -1 where a position carries no loss."""
+    return torch.where(rows < 0, ~rows, rows), rows.clamp(min=-1)
+
+
+class MaskedTargets(nn.Module):
+    """Runs the model on encoded SFT batches: inputs decoded to tokens, masked targets set to -1 (no loss).
+    Called by the trainer's step as ``model(x, y, seg_ids=..., reduction=...)``."""
+
+    def __init__(self, model: nn.Module, doc_id: int):
+        super().__init__()
+        self.model, self.doc_id = model, doc_id
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, seg_ids: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:  # x, y (B, T)
+        from minillm.model import segment_ids
+
+        x = torch.where(x < 0, ~x, x)
+        if seg_ids is not None:  # recomputed from the decoded tokens
+            seg_ids = segment_ids(x, self.doc_id)
+        return self.model(x, y.clamp(min=-1), seg_ids=seg_ids, reduction=reduction)
+
+
+def sft_data(fs: FinetuneSpec, tok_path: Path, block_size: int, tcfg: TrainConfig, log) -> Any:
+    """The SFT rows as a ``dataset.RunData``: a seeded split by example (or ``--val-file``), the trainer's
+    ``Loader`` over the training rows, fixed validation batches."""
+    from minillm import dataset as ds
+    from minillm.tokenizer import doc_id, load_tokenizer, pad_id
+
+    tok = load_tokenizer(tok_path)
+    examples, bad = read_jsonl(fs.data, fs.skip_bad_lines, log)
+    rows, info = encode_rows(tok, examples, block_size, pad_id(tok))
+    if fs.val_file is not None:
+        vex, vbad = read_jsonl(fs.val_file, fs.skip_bad_lines, log)
+        val, vinfo = encode_rows(tok, vex, block_size, pad_id(tok))
+        train, val_ids = rows, np.zeros(0, dtype=np.int64)
+        if len(val) == 0:
+            raise MiniLLMError(f"--val-file {fs.val_file}: no example fits block_size {block_size}")
+    else:
+        if len(rows) < 2:
+            raise MiniLLMError(f"--data {fs.data}: {len(rows)} usable example(s); a validation split needs at least 2 "
+                               f"(or pass --val-file)")
+        val_ids = ds.split_documents(len(rows), tcfg.val_fraction, tcfg.seed)
+        train, val = np.delete(rows, val_ids, axis=0), rows[val_ids]
+    if info["truncated"] or info["dropped"]:
+        log(f"{info['truncated']} example(s) longer than block_size + 1 = {block_size + 1} tokens were cut at the end"
+            + (f"; {info['dropped']} with no response token left were dropped" if info["dropped"] else ""))
+    span = block_size + 1
+    loader = ds.Loader(None, None, block_size, tcfg.batch_size, tcfg.seed,
+                       sources=[ds.Source(str(fs.data), train.reshape(-1), np.arange(len(train), dtype=np.int64) * span)])
+    val = val[: tcfg.batch_size * tcfg.eval_batches]
+    val_batches = [val[i : i + tcfg.batch_size] for i in range(0, len(val), tcfg.batch_size)]
+    meta = {"corpus": str(fs.data), "corpus_sha256": sha256_file(fs.data), "format": "sft-jsonl",
+            "val_file": str(fs.val_file) if fs.val_file else None, "bad_lines": bad, **info,
+            "train_examples": len(train), "val_examples": len(val), "train_tokens": int(train.size)}
+    return ds.RunData(loader, val_batches, tok.get_vocab_size(), doc_id(tok), val_ids.tolist(), meta)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def train_config_for(base_train: dict[str, Any] | None, overrides: dict[str, Any], lora: bool) -> TrainConfig:
+    """The run's TrainConfig: the base run's (precision, batch size, doc masking, ...) with the run's length
+    and patience reset, ``lr`` a tenth of the base's (the base's own for LoRA adapters, which start from
+    zero), then the explicit ``overrides``."""
+    base = train_from_dict(base_train or {})
+    lr = base.lr if lora else base.lr / 10
+    tcfg = dataclasses.replace(base, **FRESH_KEYS, lr=lr)
+    return dataclasses.replace(tcfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_tokenizer(base: dict[str, Any], tokenizer: Path | None, force: bool) -> Path:
+    """The tokenizer for the run: ``--tokenizer`` or the base run's ``tokenizer.json``; refuses one whose
+    sha256 differs from the base checkpoint's (naming both files) unless ``force``."""
+    own = Path(base["path"]).parent / "tokenizer.json"
+    path = Path(tokenizer) if tokenizer else own
+    if not path.is_file():
+        raise MiniLLMError(f"--tokenizer: {path} does not exist; pass the base run's tokenizer.json with --tokenizer")
+    recorded = base.get("tokenizer_sha256")
+    if recorded and not force and sha256_file(path) != recorded:
+        where = f"the base run's {own}" if own.is_file() and sha256_file(own) == recorded else "the base run's tokenizer"
+        raise MiniLLMError(f"--tokenizer {path} is not the tokenizer base checkpoint {base['path']} was trained with "
+                           f"({where}; the sha256 differs): fine-tuning keeps the base's tokenizer. Use {own}, or "
+                           f"--force-tokenizer if you are sure")
+    return path
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _ckpt_hook(fs: FinetuneSpec, info: dict[str, Any]):
+    """Turns the trainer's checkpoint dict into a fine-tuning one: the finetune record, and for LoRA the
+    merged weights under ``model`` and the adapter under ``lora``."""
+    from minillm.lora import merged_state_dict
+
+    def hook(state: dict[str, Any]) -> dict[str, Any]:
+        state = {**state, "finetune": info}
+        if fs.lora is not None:
+            sd = state["model"]
+            state["lora"] = {"config": info["lora"], "tensors": {k: v for k, v in sd.items() if ".lora_" in k}}
+            state["model"] = merged_state_dict(sd, fs.lora.scaling)
+        return state
+
+    return hook
+
+
+def _restore(path: Path, model, lora: bool, opts, scaler, loader, device):
+    """``ckpt_last.pt`` -> model (LoRA: the adapter on the base already loaded), optimizers, scaler, loader,
+    RNGs; returns the ``RunState``."""
+    from minillm.training import RunState
+
+    ck = load_checkpoint(path)
+    try:
+        if lora:
+            missing, unexpected = model.load_state_dict(ck["lora"]["tensors"], strict=False)
+            if unexpected or any(".lora_" in k for k in missing):
+                raise ValueError(f"adapter keys differ ({list(unexpected)[:2]})")
+        else:
+            model.load_state_dict(ck["model"])
+        for opt, sd in zip(opts, ck["optimizer"], strict=True):
+            opt.load_state_dict(sd)
+        scaler.load_state_dict(ck["scaler"])
+        loader.load_state_dict(ck["loader"])
+        names = {f.name for f in dataclasses.fields(RunState)}
+        state = RunState(**{k: v for k, v in ck["run_state"].items() if k in names})
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise MiniLLMError(f"--resume: {path} does not fit this run ({str(e).splitlines()[0][:120]}); "
+                           f"start a new --outdir") from e
+    return state
+
+
+def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None, device) -> nn.Module:
+    """The base's weights in a model of ``mcfg`` (the base's shape; dropout etc. may differ), with adapters."""
+    from minillm.lora import apply_lora
+    from minillm.model import GPT
+
+    model = GPT(mcfg)
+    try:
+        model.load_state_dict(base["model"])
+    except RuntimeError as e:
+        raise MiniLLMError(f"--ckpt: {base['path']} does not match its own model config: {str(e)[:200]}") from e
+    if lora is not None:
+        apply_lora(model, lora)
+    return model.to(device)
+
+
+def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set up and run one fine-tuning run; returns the trainer's summary (plus the LoRA figures)."""
+    from minillm import dataset as ds
+    from minillm.rundir import config_diff, prepare_outdir, refuse_diffs
+    from minillm.training import (
+        ARTIFACTS,
+        RunSpec,
+        RunState,
+        _set_schedule,
+        _Signals,
+        fit,
+        oom_message,
+        total_steps_for,
+    )
+    from minillm.trainlog import TrainLog, check_tensorboard
+    from minillm.trainstep import maybe_compile, resolve_device, resolve_precision
+
+    t_entry = fs.started or time.time()
+    if fs.mode not in MODES:
+        raise UsageError(f"--mode: {fs.mode!r} is not one of {', '.join(MODES)}")
+    if fs.tensorboard:
+        check_tensorboard()
+    if not Path(fs.data).is_file():
+        raise MiniLLMError(f"--data: {fs.data} does not exist")
+    base = load_checkpoint(fs.ckpt)
+    base_path = Path(base["path"])
+    mcfg = dataclasses.replace(model_from_dict(base["model_config"]),
+                               **{k: v for k, v in model_overrides.items() if v is not None})
+    tcfg = train_config_for(base.get("train_config"), train_overrides, fs.lora is not None)
+    problems = validate(mcfg, tcfg)
+    if fs.lora is not None:
+        from minillm.lora import check_config
+
+        check_config(fs.lora, mcfg)
+    if problems:
+        raise UsageError("invalid config:\n  " + "\n  ".join(problems))
+    device = resolve_device(tcfg.device)
+    dtype = resolve_precision(tcfg.precision, device)
+    tok_path = check_tokenizer(base, fs.tokenizer, fs.force_tokenizer)
+    tok_sha, base_sha = sha256_file(tok_path), sha256_file(base_path)
+    spec = RunSpec(tokenizer=tok_path, corpus=Path(fs.data), outdir=fs.outdir, val_file=fs.val_file,
+                   cache_dir=fs.cache_dir, resume=fs.resume, overwrite=fs.overwrite, log_format=fs.log_format,
+                   config_name=f"finetune-{fs.mode}", tensorboard=fs.tensorboard, started=t_entry)
+    lora_info = None if fs.lora is None else {**dataclasses.asdict(fs.lora), "targets": list(fs.lora.targets)}
+    info = {"mode": fs.mode, "base_checkpoint": str(base_path), "base_sha256": base_sha, "lora": lora_info}
+    with _Signals() as sig:
+        sig.outdir = fs.outdir
+        prepare_outdir(spec)
+        with RunLock(fs.outdir):
+            clean_stale_temps(fs.outdir)
+            old = json.loads((fs.outdir / "config.json").read_text()) if fs.resume else None
+            torch.manual_seed(tcfg.seed)
+            log = TrainLog(fs.log_format)
+            if fs.mode == "sft":
+                data = sft_data(fs, tok_path, mcfg.block_size, tcfg, log.event)
+            else:
+                log.event(f"encoding {fs.data} into the token cache")
+                data = ds.prepare_data(tok_path, Path(fs.data), ds.cache_dir_for(fs.outdir, fs.cache_dir),
+                                       mcfg.block_size, tcfg, val_file=fs.val_file)
+            if data.vocab_size > mcfg.vocab_size:
+                raise MiniLLMError(f"--tokenizer {tok_path} has {data.vocab_size} tokens, more than the base model's "
+                                   f"{mcfg.vocab_size}; use the base run's tokenizer")
+            run_cfg = {"format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg), "train": to_dict(tcfg),
+                       "data": {"tokenizer_sha256": tok_sha, **data.meta}, "val_doc_ids": data.val_doc_ids,
+                       "finetune": info}
+            if old is not None:
+                refuse_diffs(config_diff(old, run_cfg, ("model", "train", "data", "finetune")))
+            if fs.overwrite:
+                for name in (*ARTIFACTS, "adapter.pt"):
+                    (fs.outdir / name).unlink(missing_ok=True)
+                shutil.rmtree(fs.outdir / "tb", ignore_errors=True)
+            atomic_write_json(fs.outdir / "config.json", run_cfg)
+            if tok_path.resolve() != (fs.outdir / "tokenizer.json").resolve():
+                with open(tok_path, "rb") as src, atomic_open(fs.outdir / "tokenizer.json") as dst:
+                    shutil.copyfileobj(src, dst)
+            if fs.tensorboard:
+                log.open_tensorboard(fs.outdir / "tb")
+            log.event("config", model=to_dict(mcfg), train=to_dict(tcfg), finetune=info)
+            try:
+                model = build_model(base, mcfg, fs.lora, device)
+                del base
+                report = _lora_report(model, mcfg, fs.lora, log)
+                from minillm.optim import configure_optimizer
+
+                opts = configure_optimizer(model, tcfg, device)
+                scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+                state = (_restore(fs.outdir / "ckpt_last.pt", model, fs.lora is not None, opts, scaler, data.loader,
+                                  device) if old else RunState())
+                _set_schedule(state, tcfg, old, total_steps_for(tcfg, data.loader.windows_per_epoch), log)
+                log.event("run", mode=fs.mode, params=f"{model.num_params() / 1e6:.2f}M", device=str(device),
+                          steps=state.schedule["total"], windows=data.loader.windows_per_epoch)
+                net = MaskedTargets(model, data.doc_id) if fs.mode == "sft" else model
+                ctx = dict(model=model, compiled=maybe_compile(net, tcfg, device), optimizers=opts, scaler=scaler,
+                           loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype,
+                           doc_id=data.doc_id, tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=True,
+                           ckpt_hook=_ckpt_hook(fs, info))
+                try:
+                    with log:
+                        summary = fit(spec, mcfg, tcfg, state, ctx, log, sig)
+                finally:
+                    if fs.lora is not None:
+                        write_adapter(fs, mcfg, tcfg, info, tok_sha)
+            except torch.OutOfMemoryError as e:
+                raise MiniLLMError(oom_message(mcfg, tcfg, fs.outdir)) from e
+    if report is not None:
+        report["optimizer_state_bytes_measured"] = _check_state_size(opts, report, tcfg)
+        summary["lora"] = report
+        summary["adapter"] = str(fs.outdir / "adapter.pt")
+    return summary
+
+
+def _lora_report(model: nn.Module, mcfg: ModelConfig, lora: LoRAConfig | None, log) -> dict[str, int] | None:
+    """Trainable parameters and AdamW state size, checked against r * (in + out) per adapted matrix."""
+    if lora is None:
+        return None
+    from minillm.lora import param_report, target_shapes
+
+    rep = param_report(model, mcfg, lora)
+    per = " + ".join(f"{t} {lora.rank}*({i}+{o})" for t, (i, o) in target_shapes(mcfg, lora.targets).items())
+    log.event(f"LoRA rank {lora.rank}, alpha {lora.alpha:g}: {rep['trainable_params']:,} trainable parameters "
+              f"({100 * rep['trainable_params'] / rep['total_params']:.2f}% of {rep['total_params']:,}) = "
+              f"{mcfg.n_layer} layers x ({per}); AdamW state {rep['optimizer_state_bytes']:,} bytes "
+              f"(2 fp32 tensors per parameter)", **rep)
+    return rep
+
+
+def _check_state_size(opts, report: dict[str, int], tcfg: TrainConfig) -> int:
+    from minillm.lora import optimizer_state_bytes
+
+    measured = optimizer_state_bytes(opts)
+    if tcfg.optimizer == "adamw" and measured and measured != report["optimizer_state_bytes"]:
+        raise MiniLLMError(f"LoRA: the optimizer holds {measured} bytes of state, the formula gives "
+                           f"{report['optimizer_state_bytes']} (internal error)")
+    return measured
+
+
+def write_adapter(fs: FinetuneSpec, mcfg: ModelConfig, tcfg: TrainConfig, info: dict[str, Any], tok_sha: str) -> None:
+    """``OUTDIR/adapter.pt``: the adapter of ``ckpt_best.pt`` alone (nothing when no checkpoint was saved)."""
+    from minillm.lora import save_adapter_tensors
+
+    best = fs.outdir / "ckpt_best.pt"
+    if not best.is_file():
+        return
+    ck = load_checkpoint(best)
+    rs = ck.get("run_state") or {}
+    save_adapter_tensors(fs.outdir / "adapter.pt", ck["lora"]["tensors"], fs.lora, info["base_sha256"],
+                         info["base_checkpoint"], to_dict(mcfg),
+                         {"tokenizer_sha256": tok_sha, "train_config": to_dict(tcfg), "mode": fs.mode,
+                          "step": rs.get("step"), "val_loss": rs.get("best_val")
+                          if math.isfinite(rs.get("best_val", math.inf)) else None})

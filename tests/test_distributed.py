@@ -1,0 +1,216 @@
+"""Data-parallel training on the CPU over gloo: real ``torchrun`` runs of two processes against one process with
+the same global batch, resume under torchrun (through ``--nproc``), a two-rank checkpoint in one-process
+generate/evaluate, rank 0 alone writing, every rank stopping at the same step on SIGTERM, and the loader's
+per-rank shares of an epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minillm import distributed
+from minillm.checkpoint import load_checkpoint
+from minillm.config import resolve
+from minillm.errors import MiniLLMError, UsageError
+from tests.conftest import make_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", "tiny", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--device", "cpu",
+        "--eval-batches", "2", "--log-every", "1", "--compile", "off", "--dropout", "0", "--log-format", "json",
+        "--num-workers", "0", "--warmup-steps", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    from minillm.corpus import iter_documents
+    from minillm.tokenizer import save_tokenizer, train_tokenizer
+
+    d = tmp_path_factory.mktemp("dist")
+    corpus = make_corpus(d / "corpus.txt", n_docs=40)
+    tok = d / "tok.json"
+    save_tokenizer(train_tokenizer(iter_documents(corpus), 300), tok)
+    return tok, corpus
+
+
+def launch(nproc: int, data, out: Path, *extra: str, via: str = "torchrun", wait: bool = True):
+    tok, corpus = data
+    args = ["train", "-t", str(tok), "-c", str(corpus), "-o", str(out), *TINY, *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "minillm", *args]
+    elif via == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "minillm", *args]
+    else:
+        cmd = [sys.executable, "-m", "minillm", *args, "--nproc", str(nproc)]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=out.parent, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def both(*procs: subprocess.Popen) -> list[subprocess.CompletedProcess]:
+    """Wait for runs started together (startup dominates these tiny runs, so they overlap well)."""
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=120)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def events(stderr: str, kind: str) -> list[dict]:
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            ev = json.loads(line)
+            if ev.get("event") == kind:
+                out.append(ev)
+    return out
+
+
+def history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())["evals"]
+
+
+def assert_same_run(a: Path, b: Path, ea: str, eb: str) -> None:
+    sa, sb = events(ea, "step"), events(eb, "step")
+    assert [e["step"] for e in sa] == [e["step"] for e in sb] and sa
+    for x, y in zip(sa, sb, strict=True):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
+        assert x["lr"] == y["lr"] and x["epoch"] == y["epoch"]
+    ha, hb = history(a), history(b)
+    assert len(ha) == len(hb) > 0
+    for x, y in zip(ha, hb, strict=True):
+        assert (x["step"], x["tokens"], x["epoch"]) == (y["step"], y["tokens"], y["epoch"])
+        assert abs(x["val_loss"] - y["val_loss"]) < 1e-5 and abs(x["train_loss"] - y["train_loss"]) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def pair(data, tmp_path_factory):
+    """One process with batch 4 and two processes with batch 2 (accumulation 2: no_sync on the inner micro-batch)."""
+    d = tmp_path_factory.mktemp("pair")
+    common = ["--max-steps", "6", "--eval-every", "3", "--accumulation-steps", "2"]
+    one, two = both(launch(1, data, d / "one", "--batch-size", "4", *common, wait=False),
+                    launch(2, data, d / "two", "--batch-size", "2", *common, wait=False))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    return d, one, two
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(pair):
+    d, one, two = pair
+    assert_same_run(d / "one", d / "two", one.stderr, two.stderr)
+    # the global batch: 2 ranks x 2 windows x 2 micro-batches x 16 tokens per step
+    assert history(d / "two")[-1]["tokens"] == 6 * 2 * 2 * 2 * 16
+    assert json.loads((d / "two" / "config.json").read_text())["world_size"] == 2
+
+
+def test_only_rank_zero_writes_and_logs(pair):
+    d, one, two = pair
+    files = lambda p: sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.name != ".lock")  # noqa: E731
+    assert files(d / "two") == files(d / "one")  # no stray, duplicate or temporary files
+    assert [json.loads(line)["steps"] for line in two.stdout.splitlines()] == [6]  # one summary, from rank 0
+    for kind in ("run", "eval", "done"):
+        assert len(events(two.stderr, kind)) == len(events(one.stderr, kind)) > 0, kind
+    assert "Traceback" not in two.stderr and "Error" not in two.stderr
+
+
+def test_two_rank_checkpoint_loads_in_one_process_generate_and_evaluate(pair, data, runner):
+    from minillm.checkpoint import load_model
+    from minillm.cli import app
+
+    d = pair[0]
+    ck = load_checkpoint(d / "two" / "ckpt_last.pt")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    model, _ = load_model(d / "two" / "ckpt_last.pt")
+    ref = load_checkpoint(d / "one" / "ckpt_last.pt")["model"]
+    for k, v in model.state_dict().items():  # the same weights as the one-process run's
+        torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=0)
+    r = runner.invoke(app, ["generate", "--ckpt", str(d / "two"), "--max-tokens", "5", "--device", "cpu", "--json",
+                            "--prompt", "el"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[0])["completion"] is not None
+    r = runner.invoke(app, ["evaluate", "--ckpt", str(d / "two"), "--test-file", str(data[1]), "--device", "cpu",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+
+
+def test_resume_under_torchrun_matches_one_process_and_refuses_another_world_size(pair, data):
+    d = pair[0]
+    more = ["--max-steps", "8", "--eval-every", "3", "--accumulation-steps", "2", "--resume"]
+    bad = launch(1, data, d / "two", "--batch-size", "2", *more)
+    assert bad.returncode == 1 and "2 process(es), this one has 1" in bad.stderr
+    one, two = both(launch(1, data, d / "one", "--batch-size", "4", *more, wait=False),
+                    launch(2, data, d / "two", "--batch-size", "2", *more, via="--nproc", wait=False))  # re-launch
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "launching: -m torch.distributed.run --standalone --nproc_per_node 2" in two.stderr
+    assert [e["step"] for e in events(two.stderr, "step")] == [7, 8]
+    assert_same_run(d / "one", d / "two", one.stderr, two.stderr)
+
+
+def test_sigterm_stops_every_rank_at_the_same_step(data, tmp_path):
+    out = tmp_path / "sig"
+    p = launch(2, data, out, "--batch-size", "2", "--max-steps", "100000", "--eval-every", "100000", wait=False)
+    seen, deadline = "", time.time() + 60
+    while time.time() < deadline and '"step": 3,' not in seen:
+        line = p.stderr.readline()
+        if not line:
+            break
+        seen += line
+    p.send_signal(signal.SIGTERM)  # to torchrun's agent, which forwards it to both ranks
+    _, rest = p.communicate(timeout=60)
+    stderr = seen + rest
+    assert "interrupted at step" in stderr
+    step = int(stderr.split("interrupted at step ")[1].split(":")[0])
+    assert stderr.count("interrupted at step") == 1  # rank 0 alone reports
+    assert "forcefully exiting" not in stderr  # no rank was left waiting in a collective (then SIGKILLed)
+    assert load_checkpoint(out / "ckpt_last.pt")["run_state"]["step"] == step >= 3
+
+
+def test_each_rank_reads_a_disjoint_share_and_together_the_single_process_epoch(data, tmp_path):
+    from minillm.dataset import prepare_data
+
+    tok, corpus = data
+    _, tcfg = resolve("tiny", {"batch_size": 3, "block_size": 16})
+    big = resolve("tiny", {"batch_size": 6, "block_size": 16})[1]
+    one = prepare_data(tok, corpus, tmp_path / "cache", 16, big).loader
+    ranks = [prepare_data(tok, corpus, tmp_path / "cache", 16, tcfg, rank=r, world_size=2).loader for r in (0, 1)]
+    n = int(one.n_windows.sum())
+    steps = -(-n // 6)
+    assert ranks[0].windows_per_epoch * 2 >= n
+    seen_one, seen_ranks = [], []
+    for _ in range(steps):
+        a, b = ranks[0].next_indices()[1], ranks[1].next_indices()[1]
+        assert not set(a) & set(b)  # disjoint at every step
+        merged = np.empty(6, dtype=np.int64)
+        merged[0::2], merged[1::2] = a, b  # global sample g is rank g % 2's
+        g = one.next_indices()[1]
+        assert merged.tolist() == g.tolist()  # exactly the batch-6 process's windows, in its order
+        seen_one.extend(g)
+        seen_ranks.extend(merged)
+    assert sorted(seen_ranks[:n]) == sorted(seen_one[:n]) == list(range(n))  # an epoch: every window once
+
+
+def test_one_process_setup_is_a_no_op(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    d = distributed.setup("cpu")
+    assert not d.enabled and d.is_main
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_(t, d, "mean") is t and t.tolist() == [1.0, 2.0]
+    assert distributed.agree_max([0, 1.5], d) == [0.0, 1.5]
+    with distributed.main_first(d):
+        pass
+    with pytest.raises(MiniLLMError, match="trained by 2 process"):
+        distributed.check_world_size(2, d, Path("runs/x"))
+    with pytest.raises(UsageError, match="cuda:LOCAL_RANK"):
+        distributed.rank_device("cuda:1", 0)
