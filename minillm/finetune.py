@@ -29,7 +29,8 @@ final ``<|doc|>``, so the model learns to answer and then stop; at generation ti
 ending in ``### Response:\\n`` (``generate`` puts the first ``<|doc|>`` itself and stops at the next).
 
 Rows carry their loss mask in the sign: a value ``~t`` (< 0) is token ``t`` that is no target. The trainer's
-step sees ordinary ``(B, T+1)`` int64 batches; ``MaskedTargets`` decodes them just before the model.
+step sees ordinary ``(B, T+1)`` int64 batches; a forward pre-hook on the model (``decode_masked_inputs``)
+decodes them.
 """
 
 from __future__ import annotations
@@ -216,22 +217,26 @@ def decode_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(rows < 0, ~rows, rows), rows.clamp(min=-1)
 
 
-class MaskedTargets(nn.Module):
-    """Runs the model on encoded SFT batches: inputs decoded to tokens, masked targets set to -1 (no loss).
-    Called by the trainer's step as ``model(x, y, seg_ids=..., reduction=...)``."""
+def decode_masked_inputs(model: nn.Module, doc_id: int):
+    """Make ``model`` accept encoded SFT batches: a forward pre-hook decodes ``idx`` to tokens, sets masked
+    ``targets`` to -1 (no loss) and recomputes ``seg_ids`` from the decoded tokens. Whoever calls the model
+    (the trainer's step, its validation pass, compiled or not) gets the decoding; plain batches pass through
+    unchanged. Returns the hook's handle (``.remove()`` undoes it)."""
+    from minillm.model import segment_ids
 
-    def __init__(self, model: nn.Module, doc_id: int):
-        super().__init__()
-        self.model, self.doc_id = model, doc_id
+    def hook(_module, args, kwargs):
+        args = list(args)
+        idx = args[0]
+        args[0] = torch.where(idx < 0, ~idx, idx)  # (B, T)
+        if len(args) > 1 and args[1] is not None:
+            args[1] = args[1].clamp(min=-1)  # (B, T)
+        elif kwargs.get("targets") is not None:
+            kwargs["targets"] = kwargs["targets"].clamp(min=-1)
+        if kwargs.get("seg_ids") is not None:
+            kwargs["seg_ids"] = segment_ids(args[0], doc_id)
+        return tuple(args), kwargs
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, seg_ids: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:  # x, y (B, T)
-        from minillm.model import segment_ids
-
-        x = torch.where(x < 0, ~x, x)
-        if seg_ids is not None:  # recomputed from the decoded tokens
-            seg_ids = segment_ids(x, self.doc_id)
-        return self.model(x, y.clamp(min=-1), seg_ids=seg_ids, reduction=reduction)
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def sft_data(fs: FinetuneSpec, tok_path: Path, block_size: int, tcfg: TrainConfig, log) -> Any:
@@ -451,8 +456,9 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
                 _set_schedule(state, tcfg, old, total_steps_for(tcfg, data.loader.windows_per_epoch), log)
                 log.event("run", mode=fs.mode, params=f"{model.num_params() / 1e6:.2f}M", device=str(device),
                           steps=state.schedule["total"], windows=data.loader.windows_per_epoch)
-                net = MaskedTargets(model, data.doc_id) if fs.mode == "sft" else model
-                ctx = dict(model=model, compiled=maybe_compile(net, tcfg, device), optimizers=opts, scaler=scaler,
+                if fs.mode == "sft":
+                    decode_masked_inputs(model, data.doc_id)
+                ctx = dict(model=model, compiled=maybe_compile(model, tcfg, device), optimizers=opts, scaler=scaler,
                            loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype,
                            doc_id=data.doc_id, tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=True,
                            ckpt_hook=_ckpt_hook(fs, info))

@@ -126,7 +126,8 @@ def test_changing_a_prompt_label_does_not_change_the_loss(base):
     model, _ = load_model(base / "base" / "ckpt_best.pt")
     ex = ft.format_example({"instruction": "suma 3 y 4", "response": "siete"})
     rows = torch.from_numpy(ft.encode_rows(tok, [ex], 64, pad=0)[0])
-    net = ft.MaskedTargets(model, tok.token_to_id("<|doc|>"))
+    handle = ft.decode_masked_inputs(model, tok.token_to_id("<|doc|>"))
+    net = model
     x, y = rows[:, :-1], rows[:, 1:]
     loss = net(x, y)
     n_prompt = len(tok.encode(PROMPT, add_special_tokens=False).ids)
@@ -137,6 +138,7 @@ def test_changing_a_prompt_label_does_not_change_the_loss(base):
     y3 = y.clone()
     y3[0, n_prompt] = (y3[0, n_prompt] + 1) % 300  # a response label: the loss must move
     assert not torch.equal(net(x, y3), loss)
+    handle.remove()
     full = model(ft.decode_rows(x)[0], ft.decode_rows(rows)[0][:, 1:])  # no mask: prompt tokens would count
     assert not torch.allclose(full, loss)
 
