@@ -315,6 +315,8 @@ def train(
     overrides = {k: v for k, v in locals().items() if k in _TRAIN_KEYS}
     if max_time is not None:
         overrides["max_time"] = parse_duration(max_time)
+        if epochs is None and max_steps is None:  # a time budget alone: the preset's length does not cap it
+            overrides.update(epochs=0.0, max_steps=0)
     mcfg, tcfg = resolve(config, overrides)
     for p, flag in ((tokenizer, "--tokenizer"), *((c, "--corpus") for c in corpus),
                     *(((val_file, "--val-file"),) if val_file else ())):
