@@ -354,13 +354,17 @@ def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConf
            "val_loss": val, "val_ppl": math.exp(min(val, 50)), "lr": lr,
            "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": round(state.elapsed_s, 3),
            "train_s": round(state.train_s, 3), "first_step_s": round(state.first_step_s, 3)}
+    loader = ctx["loader"]
+    if len(getattr(loader, "sources", ())) > 1:  # a mixture: each corpus's own epochs
+        rec["source_epochs"] = {src.name: round(d / n, 4) for src, d, n in
+                                zip(loader.sources, loader_state["drawn"], loader.n_windows, strict=True)}
     state.running = []
     state.history.append(rec)
     improved = val < state.best_val
     state.bad_evals = 0 if improved else state.bad_evals + 1
     state.best_val = min(state.best_val, val)
     log.event("eval", step=state.step, val_loss=round(val, 4), val_ppl=round(rec["val_ppl"], 2),
-              best="yes" if improved else "no")
+              best="yes" if improved else "no", **({"epochs": rec["source_epochs"]} if "source_epochs" in rec else {}))
     log.scalars(state.step, {"val/loss": val, "val/ppl": rec["val_ppl"]})
     log.flush()
     if ctx["main"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -290,3 +291,6 @@ def test_train_command_mixes_corpora(tmp_path, tokenizer_path, runner):
     assert r.exit_code == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert [x["weight"] for x in cfg["data"]["mixture"]] == [0.7, 0.3]
+    last = json.loads((out / "history.json").read_text())["evals"][-1]
+    epochs = last["source_epochs"]  # each corpus's own epochs are reported
+    assert {Path(k).name for k in epochs} == {"a.txt", "b.txt"} and all(v > 0 for v in epochs.values())
