@@ -322,32 +322,19 @@ def _ckpt_hook(fs: FinetuneSpec, info: dict[str, Any]):
     return hook
 
 
+def _load_adapter(model, ck: dict) -> None:
+    """Resume a LoRA run: the adapter tensors onto the base already loaded."""
+    missing, unexpected = model.load_state_dict(ck["lora"]["tensors"], strict=False)
+    if unexpected or any(".lora_" in k for k in missing):
+        raise ValueError(f"adapter keys differ ({list(unexpected)[:2]})")
+
+
 def _restore(path: Path, model, lora: bool, opts, scaler, loader, device):
     """``ckpt_last.pt`` -> model (LoRA: the adapter on the base already loaded), optimizers, scaler, loader,
     RNGs; returns the ``RunState``."""
-    from minillm.training import RunState
+    from minillm.training import _restore as restore
 
-    ck = load_checkpoint(path)
-    try:
-        if lora:
-            missing, unexpected = model.load_state_dict(ck["lora"]["tensors"], strict=False)
-            if unexpected or any(".lora_" in k for k in missing):
-                raise ValueError(f"adapter keys differ ({list(unexpected)[:2]})")
-        else:
-            model.load_state_dict(ck["model"])
-        for opt, sd in zip(opts, ck["optimizer"], strict=True):
-            opt.load_state_dict(sd)
-        scaler.load_state_dict(ck["scaler"])
-        loader.load_state_dict(ck["loader"])
-        names = {f.name for f in dataclasses.fields(RunState)}
-        state = RunState(**{k: v for k, v in ck["run_state"].items() if k in names})
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if device.type == "cuda" and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], device)
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        raise MiniLLMError(f"--resume: {path} does not fit this run ({str(e).splitlines()[0][:120]}); "
-                           f"start a new --outdir") from e
-    return state
+    return restore(path, model, opts, scaler, loader, device, _load_adapter if lora else None)
 
 
 def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None, device) -> nn.Module:

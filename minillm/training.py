@@ -267,11 +267,15 @@ def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dic
         return fit(spec, mcfg, tcfg, state, ctx, log, sig)
 
 
-def _restore(path: Path, model, opts, scaler, loader, device: torch.device) -> RunState:
-    """Load ``ckpt_last.pt`` into the model, optimizers, scaler, loader and RNGs; return the run state."""
+def _restore(path: Path, model, opts, scaler, loader, device: torch.device, load_weights=None) -> RunState:
+    """Load ``ckpt_last.pt`` into the model, optimizers, scaler, loader and RNGs; return the run state.
+    ``load_weights(model, ckpt)`` replaces the plain ``load_state_dict`` (finetune: a LoRA adapter)."""
     ck = load_checkpoint(path)
     try:
-        model.load_state_dict(ck["model"])
+        if load_weights is not None:
+            load_weights(model, ck)
+        else:
+            model.load_state_dict(ck["model"])
         for opt, sd in zip(opts, ck["optimizer"], strict=True):
             opt.load_state_dict(sd)
         scaler.load_state_dict(ck["scaler"])

@@ -25,6 +25,24 @@ def make_corpus(path: Path, n_docs: int = 40, words_per_doc: tuple[int, int] = (
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests' tiny ops gain nothing from threads, and on a busy 2-core machine OpenMP stalls dominate."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_plots(request, monkeypatch):
+    """curves.png costs 0.1-0.5 s per evaluation; only tests named ``*artifacts*`` draw it."""
+    if "artifacts" not in request.node.name:
+        monkeypatch.setattr("minillm.plots.plot_curves", lambda history, path: None)
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     return make_corpus(tmp_path / "corpus.txt")

@@ -29,18 +29,8 @@ TINY = ["--config", "tiny", "--block-size", "16", "--n-embd", "32", "--n-layer",
         "--log-format", "json", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-@pytest.fixture(autouse=True)
-def _no_plots(monkeypatch):
-    """curves.png costs ~0.3 s per evaluation and says nothing here."""
-    monkeypatch.setattr("minillm.plots.plot_curves", lambda history, path: None)
+pytestmark = pytest.mark.usefixtures("no_plots")
 
 
 @pytest.fixture(scope="module")

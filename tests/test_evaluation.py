@@ -23,13 +23,6 @@ from tests.test_generation import make_run, varied_model
 DOC, PAD = 1, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @settings(max_examples=300, deadline=None)
 @given(n_ids=st.integers(0, 150), block=st.integers(1, 40), stride=st.integers(1, 60))

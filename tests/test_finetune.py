@@ -22,18 +22,8 @@ RUN = ["--device", "cpu", "--batch-size", "4", "--eval-batches", "2", "--log-eve
 PROMPT = "### Instruction:\nsuma 3 y 4\n\n### Response:\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-@pytest.fixture(autouse=True)
-def _no_plots(request, monkeypatch):
-    if "artifacts" not in request.node.name:
-        monkeypatch.setattr("minillm.plots.plot_curves", lambda history, path: None)
+pytestmark = pytest.mark.usefixtures("no_plots")
 
 
 def write_sft(path: Path, n: int = 24, seed: int = 0) -> Path:

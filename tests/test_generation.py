@@ -30,13 +30,6 @@ GREEDY = Sampling(temperature=0)
 VARIANTS = [{}, {"n_kv_head": 2, "qk_norm": True}, {"mlp": "gelu", "norm": "layernorm", "bias": True, "n_kv_head": 1}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def varied_model(seed: int = 0, vocab_size: int = V, block_size: int = 32, dtype=torch.float64, **kw) -> GPT:
     """A tiny model with large random weights, so greedy decoding does not just repeat one token."""

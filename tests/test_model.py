@@ -27,14 +27,6 @@ DOC = 1  # the <|doc|> id in these tests
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops gain nothing from threads, and on a busy 2-core machine OpenMP stalls dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=V, block_size=32, n_layer=2, n_head=4, n_embd=32)

@@ -30,20 +30,8 @@ TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, device=
             warmup_steps=2, compile="off")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops gain nothing from threads, and on a busy 2-core machine OpenMP stalls dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-@pytest.fixture(autouse=True)
-def _no_plots(request, monkeypatch):
-    """curves.png costs ~0.1-0.5 s per evaluation; only the tests that check it draw it."""
-    if "artifacts" not in request.node.name:
-        monkeypatch.setattr("minillm.plots.plot_curves", lambda history, path: None)
+pytestmark = pytest.mark.usefixtures("no_plots")
 
 
 def run(tokenizer: Path, corpus: Path, out: Path, resume: bool = False, overwrite: bool = False,
