@@ -241,7 +241,8 @@ def init_tokenizer(
     else:
         typer.echo(f"wrote {out}: vocabulary {info['vocab_size']:,}, {info['bytes_per_token']} bytes per token")
         for ex in info["examples"]:
-            typer.echo(f"  {ex['text'][:60]!r} -> {ex['tokens'][:12]}")
+            pieces = [tok.decode([tok.token_to_id(t)], skip_special_tokens=False) for t in ex["tokens"][:12]]
+            typer.echo(f"  {ex['text'][:60]!r} -> {pieces}")  # readable text, not byte-level symbols
 
 
 # ---------------------------------------------------------------- train
@@ -274,8 +275,8 @@ def train(
     doc_masking: Optional[bool] = typer.Option(None, "--doc-masking/--no-doc-masking", help="Restart positions and block attention at document boundaries."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Micro-batch size."),
     accumulation_steps: Optional[int] = typer.Option(None, "--accumulation-steps", help="Micro-batches per optimizer step."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the training windows."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 = no limit)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the training windows; the run ends at whichever of --epochs / --max-steps comes first (0 = no epoch limit)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps, or at --epochs if that comes first (0 = no step limit)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
     min_lr: Optional[float] = typer.Option(None, "--min-lr", help="Final learning rate (default lr/10)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps."),
@@ -298,7 +299,9 @@ def train(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of documents held out for validation."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train on N GPUs of this machine: re-launches this command under torchrun (DistributedDataParallel); --batch-size is per GPU."),
 ) -> None:
-    """Train a model: encode the corpus into a token cache, then train with evaluation and checkpoints."""
+    """Train a model: encode the corpus into a token cache, then train with evaluation and checkpoints.
+
+    Model and training flags without a default shown take the --config preset's value (see --dry-run)."""
     import os
     import time
 
@@ -594,8 +597,8 @@ def finetune(
     doc_masking: Optional[bool] = typer.Option(None, "--doc-masking/--no-doc-masking", help="Restart positions and block attention at document boundaries (default: the base run's)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Micro-batch size (default: the base run's)."),
     accumulation_steps: Optional[int] = typer.Option(None, "--accumulation-steps", help="Micro-batches per optimizer step."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the training windows / examples (default 1)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 = no limit)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the training windows / examples (default 1; 0 = no epoch limit); the run ends at whichever of --epochs / --max-steps comes first."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps, or at --epochs if that comes first (0 = no step limit)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: a tenth of the base run's; with LoRA the base run's)."),
     min_lr: Optional[float] = typer.Option(None, "--min-lr", help="Final learning rate (default lr/10)."),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup steps (capped at a tenth of the run)."),
@@ -635,6 +638,9 @@ def finetune(
         raise UsageError("--stride and --cache-dir apply to --mode continue only (sft has one row per example)")
     if mode != "sft" and skip_bad_lines:
         raise UsageError("--skip-bad-lines applies to --mode sft (JSONL) only")
+    if mode == "continue" and data.name.endswith((".jsonl", ".jsonl.gz")):
+        raise UsageError(f"--data {data}: --mode continue takes a clean corpus (prepare-corpus -i {data} -o corpus.txt); "
+                         "for instruction JSONL use --mode sft")
     lora = None
     if lora_rank < 0:
         raise UsageError(f"--lora-rank must be >= 0 (got {lora_rank}); 0 trains all weights")
@@ -658,11 +664,15 @@ def finetune(
                       force_tokenizer=force_tokenizer, lora=lora, val_file=val_file, cache_dir=cache_dir,
                       skip_bad_lines=skip_bad_lines, resume=resume, overwrite=overwrite, log_format=log_format,
                       tensorboard=tensorboard, started=started)
+    fresh = not outdir.exists()
     try:
         summary = run_finetune(fs, model_over, train_over)
     except Interrupted as e:
         typer.secho(str(e), fg="yellow", err=True)
         raise typer.Exit(e.exit_code) from None
+    except BaseException:
+        _remove_if_unused(outdir, fresh)  # a new run that failed in setup leaves no empty directory behind
+        raise
     typer.echo(json.dumps(summary))
 
 

@@ -383,15 +383,6 @@ class Loader:
         self.drawn = np.zeros(len(self.sources), dtype=np.int64)  # global draws per source
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
-    # Backwards-compatible views for a single source
-    @property
-    def stream(self) -> np.ndarray:
-        return self.sources[0].tokens
-
-    @property
-    def starts(self) -> np.ndarray:
-        return self.sources[0].starts
-
     def _order(self, src: int, epoch: int) -> np.ndarray:
         key = (src, epoch)
         if key not in self._perms:
@@ -508,7 +499,8 @@ class Prefetcher:
                     except queue.Full:
                         continue
         except BaseException as e:  # surfaced in the training thread
-            self._q.put(e)
+            if not self._stop.is_set():
+                self._q.put(e)
 
     def next(self):
         if not self.threaded:
@@ -519,7 +511,11 @@ class Prefetcher:
         return item
 
     def close(self) -> None:
+        """Stop the background thread and wait for it, so it is never inside a torch call while the
+        interpreter shuts down (which can abort the process)."""
         self._stop.set()
+        if self.threaded and self._t.is_alive():
+            self._t.join(timeout=10)
 
 
 def _val_starts(stream: Stream, block_size: int, n: int) -> np.ndarray:

@@ -50,7 +50,8 @@ def score(model, docs: list[list[int]], stride: int, batch_size: int, pad_id: in
     from the padding, so the result does not depend on ``batch_size``. ``progress(n)`` after each batch."""
     block = model.cfg.block_size
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one sync at the end
+    count = 0
     batch: list[tuple[list[int], list[int]]] = []
 
     def flush() -> None:
@@ -59,8 +60,8 @@ def score(model, docs: list[list[int]], stride: int, batch_size: int, pad_id: in
         x = torch.tensor([i + [pad_id] * (T - len(i)) for i, _ in batch], device=device)  # (B, T)
         y = torch.tensor([t + [-1] * (T - len(t)) for _, t in batch], device=device)  # (B, T)
         losses = model(x, y, reduction="none")  # (B, T), 0 where the target is -1
-        total += float(losses.double().sum())
-        count += int((y >= 0).sum())
+        total += losses.double().sum()
+        count += sum(len(t) - t.count(-1) for _, t in batch)
         if progress:
             progress(len(batch))
         batch.clear()
@@ -72,7 +73,7 @@ def score(model, docs: list[list[int]], stride: int, batch_size: int, pad_id: in
                 flush()
     if batch:
         flush()
-    return total, count
+    return float(total), count
 
 
 def summarize(total_nats: float, n_tokens: int, n_bytes: int) -> dict:

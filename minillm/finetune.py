@@ -169,7 +169,8 @@ def read_jsonl(path: Path, skip_bad_lines: bool = False, log=None) -> tuple[list
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise MiniLLMError(f"--data {path}: {len(bad)} malformed line(s):\n  " + "\n  ".join(bad[:10]) + more
                            + '\neach line must be {"instruction", "input"?, "response"} or {"messages": [...]}; '
-                             "fix them or pass --skip-bad-lines to skip them")
+                             + ("fix them or pass --skip-bad-lines to skip them" if examples else
+                                "no line is an example: for plain text use --mode continue"))
     if bad and log:
         log(f"--skip-bad-lines: skipped {len(bad)} malformed line(s) of {path} (first: {bad[0]})")
     if not examples:

@@ -51,7 +51,7 @@ def rescheduled(s: Schedule, step: int, total: int) -> Schedule:
     """The schedule after the run's length changes to ``total`` at ``step``: steps before ``step`` keep
     their learning rates; the decay from ``step`` on is recomputed to reach min_lr at ``total``.
     During warmup, warmup continues (shortened to fit a tenth of the new total, never behind ``step``)."""
-    total = max(total, step + 1)
+    total = max(total, step)  # a length already reached ends the run here: no extra step
     if total == s.total:
         return s
     if not s.anchor_step and step < s.warmup:

@@ -55,8 +55,9 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], sections=("model", "tr
 def refuse_diffs(diffs: list[str]) -> None:
     if diffs:
         raise MiniLLMError("--resume: the run's config differs from the checkpoint's in:\n  " + "\n  ".join(diffs)
-                           + "\nonly --max-steps, --epochs, --max-time, --eval-every, --patience and --log-every may "
-                             "change on resume; start a new --outdir for the rest")
+                           + "\nonly --max-steps, --epochs, --max-time, --eval-every, --patience, --log-every, --num-workers, "
+                             "--device and --compile may change on resume; repeat the other flags as they were, "
+                             "or start a new --outdir")
 
 
 def check_resume(spec, old: dict[str, Any], mcfg: ModelConfig, tcfg: TrainConfig, tok_sha: str) -> None:

@@ -167,3 +167,30 @@ def test_the_lock_refuses_a_live_owner_and_clears_a_dead_one(tmp_path):
         with RunLock(tmp_path) as lock:
             assert lock.held
         assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_load_model_rebuilds_the_saved_model_exactly(tmp_path, tie):
+    """A checkpoint in the train format loads back to the same function: identical logits, eval mode, tied
+    weights still one tensor, and a fresh model of the same config would differ (so the test can fail)."""
+    from minillm.checkpoint import load_model
+    from minillm.config import ModelConfig, to_dict
+    from minillm.model import GPT
+
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qk_norm=True,
+                      tie_embeddings=tie)
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # away from the init a fresh GPT(cfg) would have
+    save_checkpoint(tmp_path / "ckpt_best.pt", {"model": m.state_dict(), "model_config": to_dict(cfg)})
+    loaded, state = load_model(tmp_path)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m.eval()(x)
+        assert torch.equal(loaded(x), want) and not loaded.training
+        torch.manual_seed(0)
+        assert not torch.allclose(GPT(cfg).eval()(x), want, atol=1e-3)
+    assert (loaded.lm_head.weight is loaded.tok_emb.weight) == tie
+    assert state["path"] == str(tmp_path / "ckpt_best.pt")

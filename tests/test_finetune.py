@@ -249,3 +249,13 @@ def test_cli_bad_lines_stop_or_are_skipped(base, runner_module):
     assert json.loads((d / "bad2" / "config.json").read_text())["data"]["bad_lines"] == 1
     r = runner_module.invoke(app, [*args, "-o", str(d / "bad3"), "--lora-alpha", "4"])
     assert r.exit_code == 2 and "--lora-rank" in r.stderr
+
+
+def test_cli_data_of_the_wrong_mode_is_refused_with_the_other_mode(base, runner_module):
+    d = base
+    args = ["finetune", "--ckpt", str(d / "base"), "--max-steps", "1", *RUN]
+    r = runner_module.invoke(app, [*args, "--data", str(d / "b.txt"), "--mode", "sft", "-o", str(d / "wrong1")])
+    assert r.exit_code == 1 and "use --mode continue" in r.stderr
+    assert not (d / "wrong1").exists()  # a run that failed in setup leaves no directory behind
+    r = runner_module.invoke(app, [*args, "--data", str(d / "sft.jsonl"), "--mode", "continue", "-o", str(d / "wrong2")])
+    assert r.exit_code == 2 and "--mode sft" in r.stderr and not (d / "wrong2").exists()

@@ -402,6 +402,34 @@ def test_document_masking(kw):
     torch.testing.assert_close(per_tok[0, 8:-1], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_kv_head": 2}])
+def test_document_masking_stays_causal_inside_a_document(kw):
+    """With seg_ids a token still sees only the past of its own document: changing a later token of the same
+    document changes nothing before it (a mask that dropped the causal part would leak the future)."""
+    m = model(**kw)
+    bos = torch.tensor([[DOC]])
+    w = torch.cat([bos, tokens(1, 6, seed=1), bos, tokens(1, 12, seed=3)], dim=1)  # (1, 20)
+    v = w.clone()
+    v[0, 14:] = tokens(1, 6, seed=9)[0]  # the second document's last tokens
+    with torch.no_grad():
+        a, b = m(w, seg_ids=segment_ids(w, DOC)), m(v, seg_ids=segment_ids(v, DOC))
+    torch.testing.assert_close(a[:, :14], b[:, :14], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[:, 14:], b[:, 14:], atol=1e-4)
+
+
+def test_rope_table_matches_positions_computed_on_the_fly():
+    """The table gathered by document positions (training with seg_ids) and the cos/sin computed for explicit
+    positions (the KV cache) are the same numbers, so a model trained one way decodes the other."""
+    m = model()
+    pos = torch.tensor([[0, 1, 2, 0, 1, 31], [5, 6, 7, 8, 9, 10]])
+    table = m.rope(pos, 6, in_table=True)
+    fly = m.rope(pos, 6)
+    for t, f in zip(table, fly, strict=True):
+        assert t.shape == f.shape == (2, 6, 1, 8)
+        torch.testing.assert_close(t, f, rtol=0, atol=1e-6)
+    torch.testing.assert_close(m.rope(None, 6)[0], m.rope(torch.arange(6)[None], 6)[0], rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------- presets, memory
 
 

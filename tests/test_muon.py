@@ -41,7 +41,7 @@ def test_muon_lowers_a_loss_and_round_trips_its_state():
     losses = []
     for _ in range(30):
         loss = ((W - target) ** 2).mean()
-        losses.append(float(loss))
+        losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -57,3 +57,93 @@ def test_rejects_non_matrices():
 
     with pytest.raises(ValueError):
         Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+def _torch_muon_with_our_iteration(monkeypatch):
+    """torch.optim.Muon with its Newton-Schulz step replaced by ours (fp32 on the CPU; torch's runs in bf16),
+    so the two optimizers differ only in the momentum / weight-decay / learning-rate math under test."""
+    import pytest
+
+    muon_mod = pytest.importorskip("torch.optim._muon")
+    monkeypatch.setattr(muon_mod, "_zeropower_via_newtonschulz",
+                        lambda G, coeffs, steps, eps: orthogonalize(G[None], steps)[0])
+    return torch.optim.Muon
+
+
+def test_update_math_matches_torch_optim_muon(monkeypatch):
+    import pytest
+
+    TorchMuon = _torch_muon_with_our_iteration(monkeypatch)
+    for nesterov in (True, False):
+        torch.manual_seed(0)
+        shapes = [(16, 8), (8, 16), (12, 12), (16, 8)]  # tall (lr scaled by sqrt(2)), wide, square; a shared shape
+        ws = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+        start = [w.detach().clone() for w in ws]
+        ref = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+        ours = Muon(ws, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+        theirs = TorchMuon(ref, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+        for _ in range(4):
+            for w, r in zip(ws, ref, strict=True):
+                g = torch.randn(w.shape)
+                w.grad, r.grad = g.clone(), g.clone()
+            ours.step()
+            theirs.step()
+        assert all((w - s).abs().max() > 0.01 for w, s in zip(ws, start, strict=True))  # the steps moved them
+        for w, r in zip(ws, ref, strict=True):
+            torch.testing.assert_close(w, r, rtol=0, atol=1e-6, msg=f"nesterov={nesterov}, shape {tuple(w.shape)}")
+            torch.testing.assert_close(ours.state[w]["momentum_buffer"], theirs.state[r]["momentum_buffer"],
+                                       rtol=0, atol=1e-6)
+    with pytest.raises(AssertionError):  # the comparison can tell the variants apart
+        torch.testing.assert_close(_run_two(True), _run_two(False), rtol=0, atol=1e-4)
+
+
+def _run_two(nesterov: bool) -> torch.Tensor:
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = Muon([w], lr=0.05, nesterov=nesterov)
+    for _ in range(3):
+        w.grad = torch.randn(8, 8)
+        opt.step()
+    return w.detach()
+
+
+def test_resume_through_a_checkpoint_is_exact(tmp_path):
+    """6 steps straight == 3 steps, save_checkpoint / load_checkpoint into a fresh optimizer, 3 more steps."""
+    from minillm.checkpoint import load_checkpoint, save_checkpoint
+
+    def grads(step: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(step)
+        return [torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g)]
+
+    def fresh() -> tuple[list[torch.nn.Parameter], Muon]:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(8, 8))]
+        return ps, Muon(ps, lr=0.02, weight_decay=0.1)
+
+    def run(ps, opt, steps):
+        for s in steps:
+            for p, g in zip(ps, grads(s), strict=True):
+                p.grad = g
+            opt.step()
+
+    straight, opt = fresh()
+    run(straight, opt, range(6))
+    ps, opt = fresh()
+    run(ps, opt, range(3))
+    save_checkpoint(tmp_path / "c.pt", {"model": {f"w{i}": p.detach() for i, p in enumerate(ps)},
+                                        "model_config": {}, "optimizer": opt.state_dict()})
+    ck = load_checkpoint(tmp_path / "c.pt")
+    ps2, opt2 = fresh()
+    with torch.no_grad():
+        for i, p in enumerate(ps2):
+            p.copy_(ck["model"][f"w{i}"])
+    opt2.load_state_dict(ck["optimizer"])
+    run(ps2, opt2, range(3, 6))
+    for a, b in zip(straight, ps2, strict=True):
+        assert torch.equal(a, b)
+    ps3, opt3 = fresh()  # without the momentum buffers the continuation differs: the test can fail
+    with torch.no_grad():
+        for i, p in enumerate(ps3):
+            p.copy_(ck["model"][f"w{i}"])
+    run(ps3, opt3, range(3, 6))
+    assert not torch.equal(straight[0], ps3[0])

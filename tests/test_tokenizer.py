@@ -132,3 +132,7 @@ def test_init_tokenizer_command(tmp_path, runner):
                             "--out", str(tmp_path / "u.json")])
     assert r.exit_code == 0 and "bytes per token" in r.stdout
     assert load_tokenizer(Path(tmp_path / "u.json")).token_to_id(UNK) is not None
+    (tmp_path / "es.txt").write_text("canción de acción y razón\n" * 30, encoding="utf-8")
+    r = runner.invoke(app, ["init-tokenizer", "--files", str(tmp_path / "es.txt"), "--vocab-size", "300",
+                            "--out", str(tmp_path / "es.json")])
+    assert r.exit_code == 0 and "ó" in r.stdout and "Ã" not in r.stdout and "Ġ" not in r.stdout  # readable pieces

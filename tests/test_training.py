@@ -75,6 +75,8 @@ def test_rescheduled_keeps_the_past_and_reaches_min_lr_at_the_new_total():
     w = rescheduled(s, 3, 50)  # still warming up: warmup shrinks to a tenth of the new run
     assert w.warmup == 5 and lr_at(3, w) == pytest.approx(1e-3 * 4 / 5) and lr_at(50, w) == pytest.approx(1e-4)
     assert rescheduled(s, 40, 100) is s
+    # resuming with --max-steps below the step reached trains nothing more (it used to run one extra step)
+    assert rescheduled(s, 80, 50).total == 80 and rescheduled(s, 80, 80).total == 80
 
 
 def test_no_weight_decay_on_norms_biases_or_embeddings():
@@ -113,8 +115,31 @@ def test_accumulation_equals_one_large_batch():
     la = ts.accumulate(a, [x[:4], x[4:]], tcfg, 1, cpu, torch.float32)
     lb = ts.accumulate(b, [x], tcfg, 1, cpu, torch.float32)
     assert float(la) == pytest.approx(float(lb), rel=1e-6)
+    with torch.no_grad():  # each window's first block_size tokens predict its last block_size
+        assert float(lb) == pytest.approx(float(b(x[:, :-1], x[:, 1:])), rel=1e-6)
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_doc_masking_reaches_the_model():
+    """--doc-masking: the training and validation forward pass documents' segment ids (positions restart and
+    attention stops at each <|doc|>); without it, the plain causal forward."""
+    from minillm.model import segment_ids
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    batch = torch.randint(2, 64, (2, 17))
+    batch[:, [0, 6, 11]] = 1  # three documents per window
+    x, y = batch[:, :-1], batch[:, 1:]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        masked = ts._forward(model, x, y, True, 1, cpu, torch.float32)
+        plain = ts._forward(model, x, y, False, 1, cpu, torch.float32)
+        assert float(masked) == float(model(x, y, seg_ids=segment_ids(x, 1)))
+        assert float(plain) == float(model(x, y)) and abs(float(masked) - float(plain)) > 1e-4
+    tcfg = resolve("tiny", {"doc_masking": True, "batch_size": 2})[1]
+    val = ts.estimate_val_loss(model, [batch.numpy()], tcfg, 1, cpu, torch.float32)
+    assert val == pytest.approx(float(masked), rel=1e-6)
 
 
 # ---------------------------------------------------------------- whole runs
@@ -146,10 +171,12 @@ def test_default_eval_every_is_about_ten_per_run(tmp_path, tokenizer_path, corpu
     assert [h["step"] for h in hist] == list(range(2, 21, 2))
 
 
-def test_resume_is_exact(tmp_path, tokenizer_path, corpus, capsys, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, tokenizer_path, corpus, capsys, monkeypatch, optimizer):
     """12 steps straight == 7 steps, SIGINT, --resume, 5 steps: the same per-step losses, history and weights
-    (dropout on: the RNG state is restored too; a background prefetcher reads ahead of what is consumed)."""
-    kw = dict(max_steps=12, eval_every=4, dropout=0.1, num_workers=1)
+    (dropout on: the RNG state is restored too; a background prefetcher reads ahead of what is consumed;
+    with Muon, its momentum buffers travel through the checkpoint)."""
+    kw = dict(max_steps=12, eval_every=4, dropout=0.1, num_workers=1, optimizer=optimizer)
     run(tokenizer_path, corpus, tmp_path / "a", **kw)
     straight = [(e["step"], e["loss"]) for e in events(capsys.readouterr().err)]
 
@@ -176,6 +203,12 @@ def test_resume_is_exact(tmp_path, tokenizer_path, corpus, capsys, monkeypatch):
     assert [[h[k] for k in keys] for h in ha] == [[h[k] for k in keys] for h in hb]
     wa, wb = (load_checkpoint(tmp_path / d / "ckpt_last.pt") for d in "ab")
     assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"])
+    assert len(wa["optimizer"]) == (2 if optimizer == "muon" else 1)
+    for sa, sb in zip(wa["optimizer"], wb["optimizer"], strict=True):
+        assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+        for i in sa["state"]:
+            assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(sb["state"][i][k]))
+                       for k, v in sa["state"][i].items())
     assert wa["loader"] == wb["loader"] and wa["run_state"]["best_val"] == wb["run_state"]["best_val"]
 
 
