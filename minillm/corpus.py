@@ -342,3 +342,18 @@ def read_documents(
                 yield from _split_lines(f, opts, on_long)
             else:
                 yield from _split_chunks(f, opts.separator, on_long)
+
+
+def batch_documents(docs: Iterator[str], max_chars: int, max_docs: int = 0) -> Iterator[list[str]]:
+    """Group documents into lists of about ``max_chars`` characters (and at most ``max_docs`` documents
+    when > 0): units of work for the tokenizer or the cleaning workers, with bounded memory."""
+    batch: list[str] = []
+    n = 0
+    for d in docs:
+        batch.append(d)
+        n += len(d)
+        if n >= max_chars or (max_docs and len(batch) >= max_docs):
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch

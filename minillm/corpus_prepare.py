@@ -18,6 +18,7 @@ from minillm.corpus import (
     DOC_SEPARATOR,
     FileInfo,
     ReadOptions,
+    batch_documents,
     check_head,
     find_inputs,
     read_documents,
@@ -63,19 +64,6 @@ class PrepareSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    n = 0
-    for d in docs:
-        batch.append(d)
-        n += len(d)
-        if n >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
-            yield batch
-            batch, n = [], 0
-    if batch:
-        yield batch
 
 
 def _clean_stream(
@@ -192,7 +180,7 @@ def prepare_corpus(
             yield d
 
     docs = counted(read_documents(files, read, infos, log, on_long))
-    stream = _clean_stream(_batches(docs), clean, dedup.exact, NUM_PERM if near else 0, workers)
+    stream = _clean_stream(batch_documents(docs, BATCH_CHARS, BATCH_DOCS), clean, dedup.exact, NUM_PERM if near else 0, workers)
     sep = f"\n{DOC_SEPARATOR}\n".encode()
     with atomic_open(output, "wb") as f:
         first = True

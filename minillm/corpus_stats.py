@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minillm.corpus import DOC_SEPARATOR, iter_documents
+from minillm.corpus import DOC_SEPARATOR, batch_documents, iter_documents
 from minillm.errors import MiniLLMError
 
 BYTES_PER_TOKEN = 4.0  # estimate without --tokenizer: a BPE of 8k-32k tokens on European-language text
@@ -49,19 +49,6 @@ class CorpusStats:
     @property
     def type_token_ratio(self) -> float:
         return self.distinct_words / self.words if self.words else 0.0
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    n = 0
-    for d in docs:
-        batch.append(d)
-        n += len(d)
-        if n >= BATCH_CHARS:
-            yield batch
-            batch, n = [], 0
-    if batch:
-        yield batch
 
 
 class _Vocab:
@@ -109,7 +96,7 @@ def analyze(path: Path, separator: str = DOC_SEPARATOR, tokenizer=None) -> Corpu
     pending = None
     try:
         with ThreadPoolExecutor(1) as pool:
-            for batch in _batches(iter_documents(path, separator)):
+            for batch in batch_documents(iter_documents(path, separator), BATCH_CHARS):
                 fut = pool.submit(token_lengths, batch) if tokenizer is not None else None
                 for doc in batch:
                     nb = len(doc.encode("utf-8"))
