@@ -6,7 +6,6 @@ inside text are encoded as ordinary text (``encode_special_tokens``), never as t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -172,7 +171,3 @@ def describe(tok, sample: list[str], n_examples: int = 3) -> dict:
         "bytes_per_token": round(n_bytes / n_tok, 3) if n_tok else None,
         "examples": examples,
     }
-
-
-def vocab_json(tok) -> str:
-    return json.dumps(tok.get_vocab(), ensure_ascii=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -23,6 +24,18 @@ def make_corpus(path: Path, n_docs: int = 40, words_per_doc: tuple[int, int] = (
         docs.append(f"Documento {i}\n\n{body.capitalize()}.")
     path.write_text("\n<|doc|>\n".join(docs) + "\n", encoding="utf-8")
     return path
+
+
+
+def events(text: str, kind: str = "step") -> list[dict]:
+    """The ``--log-format json`` events of one kind (step, eval, run, done, ...) in a stderr text."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            ev = json.loads(line)
+            if ev.get("event") == kind:
+                out.append(ev)
+    return out
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -21,7 +21,7 @@ from minillm import distributed
 from minillm.checkpoint import load_checkpoint
 from minillm.config import resolve
 from minillm.errors import MiniLLMError, UsageError
-from tests.conftest import make_corpus
+from tests.conftest import events, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny", "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--device", "cpu",
@@ -66,14 +66,6 @@ def both(*procs: subprocess.Popen) -> list[subprocess.CompletedProcess]:
     return out
 
 
-def events(stderr: str, kind: str) -> list[dict]:
-    out = []
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            ev = json.loads(line)
-            if ev.get("event") == kind:
-                out.append(ev)
-    return out
 
 
 def history(out: Path) -> list[dict]:

@@ -24,6 +24,7 @@ from minillm.config import ModelConfig, pad_vocab, resolve
 from minillm.errors import MiniLLMError
 from minillm.model import GPT
 from minillm.optim import Schedule, configure_optimizer
+from tests.conftest import events
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, device="cpu", eval_batches=2, log_every=1,
@@ -42,14 +43,6 @@ def run(tokenizer: Path, corpus: Path, out: Path, resume: bool = False, overwrit
     return tr.train(spec, mcfg, tcfg)
 
 
-def events(text: str, kind: str = "step") -> list[dict]:
-    out = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            ev = json.loads(line)
-            if ev.get("event") == kind:
-                out.append(ev)
-    return out
 
 
 # ---------------------------------------------------------------- whole runs
