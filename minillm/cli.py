@@ -442,7 +442,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="JSON lines, one per sample: prompt, completion, tokens, seconds, finish_reason."),
     seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    compile: str = typer.Option("auto", "--compile", help="Compiled, CUDA-graph decode step: auto (CUDA only), on, off."),
+    compile: str = typer.Option("auto", "--compile", help="Decode step: auto (a CUDA graph on CUDA, plain on CPU), on (torch.compile as well: faster per token, slower to start), off (plain PyTorch)."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt (from finetune --lora-rank) to apply on top of --ckpt, which must be the base it was trained on."),
 ) -> None:
@@ -451,7 +451,7 @@ def generate(
 
     from minillm.checkpoint import load_model, resolve_tokenizer
     from minillm.errors import UsageError
-    from minillm.generation import DOC_JOIN, Sampling, check_sampling, complete, use_compiled
+    from minillm.generation import DOC_JOIN, Sampling, check_sampling, complete, decode_mode
     from minillm.tokenizer import load_tokenizer
     from minillm.training import resolve_device
 
@@ -479,7 +479,7 @@ def generate(
     if output is not None and any(output.resolve() == p.resolve() for p in inputs if p):
         raise UsageError(f"--output {output} is also an input; write the samples to another file")
     dev = resolve_device(device)
-    mode = "compiled" if use_compiled(dev, compile) else "eager"
+    mode = decode_mode(dev, compile)
     model, state = load_model(ckpt, str(dev))
     if adapter is not None:  # merged into the weights: same logits, no extra cost per token
         from minillm.lora import attach_adapter

@@ -86,11 +86,15 @@ def slide_keep(block: int) -> int:
     return max(1, block - max(1, block // 4))
 
 
-def use_compiled(device: torch.device, compile: str) -> bool:
-    """``--compile``: auto = the compiled decode step on CUDA only; on; off."""
+def decode_mode(device: torch.device, compile: str) -> str:
+    """The decode step for ``--compile``: auto = the static step replayed as a CUDA graph on CUDA (no compile
+    wait) and plain PyTorch elsewhere; on = torch.compile'd too (a longer start, see docs/BENCHMARKS.md); off =
+    plain PyTorch (``GPT.forward`` with the KV cache)."""
     if compile not in ("auto", "on", "off"):
         raise UsageError(f"--compile: {compile!r} is not one of auto, on, off")
-    return compile == "on" or (compile == "auto" and device.type == "cuda")
+    if compile == "on":
+        return "compiled"
+    return "graph" if compile == "auto" and device.type == "cuda" else "eager"
 
 
 # ------------------------------------------------------------------------------------ decode step
@@ -149,25 +153,65 @@ def cache_len(block: int, batch: int, need: int) -> int:
     return full if need > block else min(full, -(-need // 128) * 128)
 
 
-_DECODERS: dict[tuple, tuple] = {}  # (id(model), batch, compiled, dtype, device) -> (model, cache, step)
+class GraphedStep:
+    """A CUDA graph of ``fn(idx, slot, offsets, key_valid)`` (a ``StaticDecodeStep``, compiled or not): one launch
+    per token instead of one per kernel, which is what bounds a small model's decoding at batch 1. The inputs are
+    copied into static buffers and the graph replays over them. Capture records without running, and needs the
+    code warmed up first: the first ``warmup`` calls are real decode steps run on a side stream, and the call that
+    captures then replays, so every call computes its own step."""
+
+    def __init__(self, fn: Callable, batch: int, slots: int, device: torch.device, warmup: int = 2):
+        self.fn, self.warmup, self.calls = fn, warmup, 0
+        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.offsets = torch.zeros(batch, dtype=torch.long, device=device)
+        self.key_valid = torch.ones(batch, slots, dtype=torch.bool, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Tensor | None = None
+
+    def __call__(self, idx: Tensor, slot: int, offsets: Tensor, key_valid: Tensor) -> Tensor:
+        self.idx.copy_(idx)
+        self.slot.fill_(slot)
+        self.offsets.copy_(offsets)
+        self.key_valid.copy_(key_valid)
+        args = (self.idx, self.slot, self.offsets, self.key_valid)
+        if self.graph is None:
+            if self.calls < self.warmup:
+                self.calls += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.fn(*args)
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.fn(*args)
+            self.graph = graph
+        self.graph.replay()
+        return self.out
 
 
-def _static_decoder(model: nn.Module, batch: int, max_len: int, compiled: bool):
-    """The KV cache and static decode step of ``model`` at this shape, built (and compiled) once."""
+_DECODERS: dict[tuple, tuple] = {}  # (id(model), batch, slots, mode, dtype, device) -> (model, cache, step)
+
+
+def _static_decoder(model: nn.Module, batch: int, max_len: int, mode: str):
+    """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once. ``mode``:
+    static (eager), graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too)."""
     from minillm.model import KVCache
 
     p = next(model.parameters())
-    key = (id(model), batch, max_len, compiled, p.dtype, p.device)
+    key = (id(model), batch, max_len, mode, p.dtype, p.device)
     hit = _DECODERS.get(key)
     if hit is None or hit[0] is not model:
         if len(_DECODERS) >= 8:
             _DECODERS.clear()
         cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
-        step = StaticDecodeStep(model, cache)
-        if compiled:  # the cache keeps its address, so CUDA graphs may update it in place
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
-            step = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        step: Callable = StaticDecodeStep(model, cache)
+        if mode == "compiled":
+            step = torch.compile(step, fullgraph=True, dynamic=False)
+        if mode in ("graph", "compiled") and p.device.type == "cuda":
+            step = GraphedStep(step, batch, max_len, p.device)
         hit = _DECODERS[key] = (model, cache, step)
     return hit[1], hit[2]
 
@@ -175,8 +219,9 @@ def _static_decoder(model: nn.Module, batch: int, max_len: int, compiled: bool):
 class _Decoder:
     """Runs the model for ``generate_batch``. ``prefill`` (re)encodes every row's context, left-padded;
     ``slide`` re-encodes some rows' contexts in place, just before the next slot; ``step`` feeds one new
-    token per row. ``mode``: eager (GPT.forward with the KV cache), static (StaticDecodeStep, eager),
-    compiled (StaticDecodeStep under torch.compile), none (no cache: ``prefill`` every step)."""
+    token per row. ``mode``: eager (GPT.forward with the KV cache), static (StaticDecodeStep, eager), graph
+    (StaticDecodeStep replayed as a CUDA graph on CUDA), compiled (StaticDecodeStep under torch.compile, replayed
+    as a CUDA graph on CUDA), none (no cache: ``prefill`` every step)."""
 
     def __init__(self, model: nn.Module, batch: int, mode: str, need: int):
         from minillm.model import KVCache
@@ -186,8 +231,8 @@ class _Decoder:
         self.device, self.dtype = p.device, p.dtype
         self.cache, self.static = None, None
         max_len = cache_len(model.cfg.block_size, batch, need)
-        if mode in ("static", "compiled"):
-            self.cache, self.static = _static_decoder(model, batch, max_len, mode == "compiled")
+        if mode in ("static", "graph", "compiled"):
+            self.cache, self.static = _static_decoder(model, batch, max_len, mode)
         elif mode == "eager":
             self.cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
         elif mode != "none":
@@ -229,10 +274,11 @@ class _Decoder:
     def step(self, tokens: Tensor) -> Tensor:  # tokens (B,) -> (B, V)
         if self.static is None:
             return self.model(tokens[:, None], cache=self.cache)[:, -1]
-        slot = torch.tensor([self.cache.pos], device=self.device)
-        if self.mode == "compiled" and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = self.static(tokens[:, None], slot, self.cache.offsets, self.cache.key_mask)
+        c = self.cache
+        if isinstance(self.static, GraphedStep):
+            logits = self.static(tokens[:, None], c.pos, c.offsets, c.key_mask)
+        else:
+            logits = self.static(tokens[:, None], torch.tensor([c.pos], device=self.device), c.offsets, c.key_mask)
         self.cache.pos += 1
         return logits.clone()
 

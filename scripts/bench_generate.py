@@ -11,9 +11,10 @@ running them one by one.
 Greedy decoding with no stop token, so every run makes exactly the tokens asked for. The batch-1
 prompt is --prompt-len random tokens; the 32 prompts have random lengths in [--prompt-len/4,
 --prompt-len]. Each configuration runs once untimed first (compilation, CUDA-graph capture, warm
-caches; on CUDA only); that warmup time is printed too. "cache (eager)" is GPT.forward with the preallocated KV
-cache; "cache (compiled)" is the static decode step under torch.compile(mode="reduce-overhead"),
-used by default on CUDA. Results to stdout; --json for machines.
+caches; on CUDA only); that warmup time is printed too. Decode steps (--modes): "eager" is GPT.forward with the
+preallocated KV cache; "graph" is the static decode step replayed as one CUDA graph per token (generate's
+default on CUDA); "compiled" is that step under torch.compile, replayed as a CUDA graph (generate --compile on).
+The summary uses the first of --modes. Results to stdout; --json for machines.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 import torch
 
 from minillm.config import resolve
-from minillm.generation import Sampling, generate_batch, use_compiled
+from minillm.generation import Sampling, decode_mode, generate_batch
 from minillm.model import GPT
 
 GREEDY = Sampling(temperature=0)
@@ -67,7 +68,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (the longest of the batch)")
     ap.add_argument("--batch", type=int, default=32, help="prompts in the batched comparison")
     ap.add_argument("--batch-new-tokens", type=int, default=128, help="new tokens per prompt in the batched comparison")
-    ap.add_argument("--compile", default="auto", help="compiled decode step: auto (CUDA only), on, off")
+    ap.add_argument("--modes", default="",
+                    help="comma-separated decode steps to measure, the first used for the summary (default: "
+                         "graph,compiled,eager on CUDA; eager,static on CPU)")
     ap.add_argument("--no-uncached", action="store_true", help="skip the slow run without the KV cache")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch (default 1: decode steps are small ops, and extra threads mostly "
@@ -83,8 +86,9 @@ def main() -> None:
     mcfg = dataclasses.replace(mcfg, vocab_size=-(-args.vocab // 64) * 64)
     torch.manual_seed(0)
     model = GPT(mcfg).to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
-    compiled = use_compiled(device, args.compile)
-    mode = "compiled" if compiled else "eager"
+    modes = [m for m in args.modes.split(",") if m] or (
+        [decode_mode(device, "auto"), "compiled", "eager"] if device.type == "cuda" else ["eager", "static"])
+    mode = modes[0]
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, mcfg.vocab_size, (args.prompt_len,), generator=g).tolist()
     lens = torch.randint(max(1, args.prompt_len // 4), args.prompt_len + 1, (args.batch,), generator=g).tolist()
@@ -96,25 +100,32 @@ def main() -> None:
     res: list[dict] = []
     one = [prompt]
     n = args.new_tokens
-    cached = measure(f"batch 1, cache ({mode})", lambda: generate_batch(model, one, n, sampling=GREEDY, mode=mode),
-                     device, res)
-    if compiled:
-        measure("batch 1, cache (eager)", lambda: generate_batch(model, one, n, sampling=GREEDY, mode="eager"), device, res)
+    cached = None
+    for md in modes:
+        rec = measure(f"batch 1, cache ({md})", lambda md=md: generate_batch(model, one, n, sampling=GREEDY, mode=md),
+                      device, res)
+        cached = cached or rec
     if not args.no_uncached:
         nocache = measure("batch 1, no cache", lambda: generate_batch(model, one, n, sampling=GREEDY, use_cache=False),
                           device, res)
     m = args.batch_new_tokens
-    batched = measure(f"{args.batch} prompts batched ({mode})",
-                      lambda: generate_batch(model, prompts, m, sampling=GREEDY, mode=mode), device, res)
-    serial = measure(f"{args.batch} prompts one by one ({mode})",
-                     lambda: [generate_batch(model, [p], m, sampling=GREEDY, mode=mode)[0] for p in prompts], device, res)
+    speedups = {}
+    for md in modes:
+        if md == "eager" and md != mode:  # the slow one: at batch 1 only, unless it is the summary's
+            continue
+        b = measure(f"{args.batch} prompts batched ({md})",
+                    lambda md=md: generate_batch(model, prompts, m, sampling=GREEDY, mode=md), device, res)
+        s1 = measure(f"{args.batch} prompts one by one ({md})",
+                     lambda md=md: [generate_batch(model, [p], m, sampling=GREEDY, mode=md)[0] for p in prompts],
+                     device, res)
+        speedups[md] = round(b["tokens_per_s"] / s1["tokens_per_s"], 2)
     summary = {"cache_speedup": None if args.no_uncached else round(cached["tokens_per_s"] / nocache["tokens_per_s"], 2),
                "batch1_tokens_per_s": cached["tokens_per_s"],
-               "batched_speedup": round(batched["tokens_per_s"] / serial["tokens_per_s"], 2)}
+               "batched_speedup": speedups.get(mode), "batched_speedup_by_mode": speedups}
     print(f"KV cache speedup {summary['cache_speedup']}x (target >= 5), batch 1 {summary['batch1_tokens_per_s']} tok/s "
           f"(target >= 1000), batched speedup {summary['batched_speedup']}x (target >= 10)", file=sys.stderr)
     info = {"config": args.config, "params": model.num_params(), "vocab_size": mcfg.vocab_size, "dtype": args.dtype,
-            "device": str(device), "torch": torch.__version__, "decode": mode, "results": res, **summary}
+            "device": str(device), "torch": torch.__version__, "decode": mode, "modes": modes, "results": res, **summary}
     if args.json:
         print(json.dumps(info, indent=2))
     else:

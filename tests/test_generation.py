@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from minillm.checkpoint import save_checkpoint, sha256_file
 from minillm.cli import app
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
+from minillm.errors import UsageError
 from minillm.generation import (
     Sampling,
     TextStream,
+    decode_mode,
     generate,
     generate_batch,
     sample_next_token,
@@ -183,11 +185,28 @@ def test_long_prompts_are_cut_from_the_left_and_on_token_stops():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_decode_step_matches_eager_on_cuda():
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+def test_cuda_graph_decode_step_matches_eager_on_cuda(mode):
+    """80 new tokens with a block of 64: the rows slide, so the graph replays over re-encoded caches too; a second
+    call replays the graph captured by the first, with other prompts."""
     m = varied_model(block_size=64, dtype=torch.float32).cuda()
-    prompts = [[1, 5, 6, 7], [1], [1, 3, 4, 5, 6, 7, 8, 9]]
-    ref = [c.tokens for c in generate_batch(m, prompts, 80, sampling=GREEDY, mode="eager")]
-    assert [c.tokens for c in generate_batch(m, prompts, 80, sampling=GREEDY, mode="compiled")] == ref
+    for prompts in ([[1, 5, 6, 7], [1], [1, 3, 4, 5, 6, 7, 8, 9]], [[1, 9], [1, 2, 3, 4, 5], [1, 7, 7]]):
+        ref = [c.tokens for c in generate_batch(m, prompts, 80, sampling=GREEDY, mode="eager")]
+        assert [c.tokens for c in generate_batch(m, prompts, 80, sampling=GREEDY, mode=mode)] == ref
+    one = [[1, 4, 2]]  # batch 1 and sampling with a generator
+    pen = Sampling(temperature=0.8, top_k=20, repetition_penalty=1.3)
+    ref = generate_batch(m, one, 50, sampling=pen, mode="eager", generator=torch.Generator("cuda").manual_seed(3))
+    got = generate_batch(m, one, 50, sampling=pen, mode=mode, generator=torch.Generator("cuda").manual_seed(3))
+    assert got[0].tokens == ref[0].tokens
+
+
+def test_decode_mode_follows_the_device_and_the_flag():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert decode_mode(cpu, "auto") == "eager" and decode_mode(cuda, "auto") == "graph"
+    assert decode_mode(cpu, "on") == decode_mode(cuda, "on") == "compiled"
+    assert decode_mode(cuda, "off") == "eager"
+    with pytest.raises(UsageError, match="--compile"):
+        decode_mode(cpu, "fast")
 
 
 # ------------------------------------------------------------------------------------- text streams
