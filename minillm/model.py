@@ -270,8 +270,9 @@ class GPT(nn.Module):
             losses = linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
                                           chunk, reduction)
         else:
-            logits = self.lm_head(h)  # (B, T, V) in the compute dtype
-            losses = cross_entropy_fp32(logits.view(B * T, -1), targets.reshape(-1))  # (B*T,)
+            logits = self.lm_head(h).float()  # (B, T, V)
+            losses = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                     reduction="none")  # (B*T,)
             if reduction == "mean":
                 losses = losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
         return losses if reduction == "mean" else losses.view(B, T)
@@ -329,17 +330,6 @@ def attention_mask(T: int, device: torch.device, seg_ids: Tensor | None, cache: 
 
 
 # --------------------------------------------------------------------------------------------- loss
-
-
-def cross_entropy_fp32(logits: Tensor, targets: Tensor) -> Tensor:  # logits (N, V), targets (N,) -> (N,)
-    """Per-row cross-entropy in fp32 (0 where the target is -1) from logits in any dtype, as logsumexp minus the
-    target's logit. Same value as ``F.cross_entropy(logits.float(), ...)``; under torch.compile the upcast fuses
-    into the reductions, so what is kept for backward is the logits themselves (bf16 under autocast) and one fp32
-    number per row instead of an fp32 log-softmax of (N, V), and the backward writes the gradient straight in bf16."""
-    lf = logits.float()
-    lse = torch.logsumexp(lf, dim=-1)  # (N,)
-    target_logit = lf.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (N,)
-    return torch.where(targets != IGNORE_INDEX, lse - target_logit, 0.0)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
