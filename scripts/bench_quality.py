@@ -91,10 +91,12 @@ def main() -> None:
     info = prepare(args.corpus, args.workdir, args.vocab_size)
     out = args.workdir / "runs" / args.label
     t0 = time.time()
-    minillm("train", "--tokenizer", info["tokenizer"], "--corpus", info["train"], "--val-file", info["val"],
-            "--outdir", str(out), "--overwrite", "--cache-dir", str(args.workdir / "cache"), "--config", args.config,
-            "--batch-size", str(args.batch_size), "--max-time", args.max_time, "--log-format", "json", *extra)
+    r = minillm("train", "--tokenizer", info["tokenizer"], "--corpus", info["train"], "--val-file", info["val"],
+                "--outdir", str(out), "--overwrite", "--cache-dir", str(args.workdir / "cache"), "--config", args.config,
+                "--batch-size", str(args.batch_size), "--max-time", args.max_time, "--log-format", "json", *extra)
     wall = time.time() - t0
+    (out / "train.log").write_text(r.stderr)  # the JSON progress lines: how the run ended and why
+    sys.stderr.write("".join(r.stderr.splitlines(keepends=True)[-3:]))
     hist = json.loads((out / "history.json").read_text())["evals"]
     r = minillm("evaluate", "--ckpt", str(out / "ckpt_best.pt"), "--test-file", info["val"], "--json", "--batch-size", "64")
     ev = json.loads(r.stdout)
