@@ -297,7 +297,8 @@ def train(
     num_workers: Optional[int] = typer.Option(None, "--num-workers", help="Background threads preparing batches (0 = inline)."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Step between windows (default block size: no overlap)."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Fraction of documents held out for validation."),
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train on N GPUs of this machine: re-launches this command under torchrun (DistributedDataParallel); --batch-size is per GPU."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Train on N GPUs of this machine: re-launches this command under torchrun (DistributedDataParallel, or FSDP2 with --fsdp); --batch-size is per GPU."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With several processes (--nproc N or torchrun): shard weights, gradients and optimizer state across the GPUs (FSDP2) instead of copying them to each (DDP), for models whose optimizer state does not fit one GPU. Needs --optimizer adamw (small/medium default to muon). Checkpoints keep the one-GPU format."),
 ) -> None:
     """Train a model: encode the corpus into a token cache, then train with evaluation and checkpoints.
 
@@ -305,8 +306,6 @@ def train(
     import os
     import time
 
-    if nproc is not None and nproc != 1 and not dry_run:
-        _relaunch_torchrun(nproc)  # does not return
     from minillm.checkpoint import process_started_at
 
     started = process_started_at() or time.time()  # --max-time counts from the process's start
@@ -321,6 +320,12 @@ def train(
         if epochs is None and max_steps is None:  # a time budget alone: the preset's length does not cap it
             overrides.update(epochs=0.0, max_steps=0)
     mcfg, tcfg = resolve(config, overrides)
+    if fsdp:
+        from minillm.distributed import env_ranks, fsdp_problem
+
+        world = 2 if dry_run else (nproc or env_ranks()[1])  # --dry-run: only the optimizer is checked
+        if problem := fsdp_problem(tcfg.optimizer, world):
+            raise UsageError(problem)
     for p, flag in ((tokenizer, "--tokenizer"), *((c, "--corpus") for c in corpus),
                     *(((val_file, "--val-file"),) if val_file else ())):
         if not p.is_file():
@@ -334,12 +339,14 @@ def train(
     if dry_run:
         _dry_run(tokenizer, mcfg, tcfg)
         return
+    if nproc is not None and nproc != 1:  # after the checks above, so that a mistake is reported once
+        _relaunch_torchrun(nproc)  # does not return (--fsdp and the other arguments pass through)
     from minillm.training import Interrupted, RunSpec
     from minillm.training import train as run_train
 
     spec = RunSpec(tokenizer=tokenizer, corpus=corpus_arg, outdir=outdir, val_file=val_file, cache_dir=cache_dir,
                    resume=resume, overwrite=overwrite, log_format=log_format, config_name=config,
-                   tensorboard=tensorboard, started=started)
+                   tensorboard=tensorboard, started=started, fsdp=fsdp)
     fresh = not outdir.exists()
     try:
         summary = run_train(spec, mcfg, tcfg)

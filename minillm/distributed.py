@@ -4,6 +4,12 @@ the trainer needs so that every rank takes the same decisions (stop, skip, evalu
 ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them (or with ``WORLD_SIZE=1``) the run is
 one process and every helper here is a no-op. The backend is NCCL on CUDA (one GPU per local rank) and gloo
 on the CPU. NVLink multicast (NVLS) is left off: ``NCCL_NVLS_ENABLE=0`` unless the user set it.
+
+Two ways to spread the model: ``wrap_ddp`` (DistributedDataParallel: every rank holds all the weights and the
+optimizer state; gradients are all-reduced) and ``wrap_fsdp`` (FSDP2, ``fully_shard``: each rank holds a
+1 / world_size share of the weights, gradients and optimizer state; a block's weights are all-gathered just
+before its forward and backward). Under FSDP the checkpoints keep the one-process format: ``full_state_dicts``
+gathers the whole weights and optimizer state onto rank 0, ``load_full_state_dicts`` shards them back.
 """
 
 from __future__ import annotations
@@ -203,3 +209,124 @@ def check_world_size(saved: int, d: Dist, outdir) -> None:
 def under_torchrun() -> bool:
     """True when this process was started by torchrun's agent (which forwards the signals it receives)."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+# ---------------------------------------------------------------- FSDP2 (fully sharded data parallel)
+
+FSDP_MUON = ("--fsdp cannot train with --optimizer muon (the default of --config small and medium): Muon "
+             "orthogonalizes each whole weight matrix, and FSDP splits every matrix across the GPUs; add "
+             "--optimizer adamw, or leave out --fsdp to train data-parallel (DDP) with Muon")
+FSDP_ONE_PROCESS = ("--fsdp shards the model over several processes, and this run has one: start it with "
+                    "--nproc N (N > 1 GPUs of this machine) or under torchrun --nproc_per_node N; on one GPU "
+                    "leave out --fsdp")
+
+
+def fsdp_problem(optimizer: str, world_size: int, dtype: torch.dtype | None = None) -> str | None:
+    """Why ``--fsdp`` cannot run with these settings (a message naming the flags and the fix), or None."""
+    if optimizer == "muon":
+        return FSDP_MUON
+    if world_size <= 1:
+        return FSDP_ONE_PROCESS
+    if dtype == torch.float16:
+        return ("--fsdp with fp16 (--precision fp16, or auto on a GPU without bf16): the loss scaler would check "
+                "each rank's gradient shard apart; give --precision bf16 or fp32")
+    return None
+
+
+def _fully_shard():
+    try:  # torch >= 2.6
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.4-2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def wrap_fsdp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
+    """Shard ``model`` over the ranks with FSDP2 (the model itself for one process). Each transformer block
+    (``model.blocks``) is one unit, then the root takes the rest (embedding, final norm, output layer).
+
+    In place: the same object comes back, its parameters now DTensors holding this rank's shard (dim 0 split
+    over the ranks), so build the optimizer after this. Every rank must start from the same weights (the
+    trainer seeds the initialization; a resume loads them with ``load_full_state_dicts``). Parameters stay
+    fp32 (autocast does the mixed precision, as on one GPU); after a block's forward its gathered weights
+    are freed and gathered again for its backward (ZeRO-3). Call the module (``model(x)``), never
+    ``model.forward(x)``: the hooks that gather the weights run on the call. Compile after wrapping
+    (``torch.compile(model)``): the FSDP hooks break the graph at each block, each block compiles once."""
+    if not d.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard = _fully_shard()
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    for block in getattr(model, "blocks", ()):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when ``model`` was wrapped by ``wrap_fsdp`` (its parameters are DTensors)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each of ``opt``'s parameters, in the order ``opt.state_dict()`` numbers them (0, 1, ...);
+    a tied parameter under its first name, as ``get_optimizer_state_dict`` names it."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def _ids_from_names(sd: dict, names: list[str]) -> dict:
+    """An optimizer state dict keyed by parameter names -> the plain ``Optimizer.state_dict()`` format."""
+    if not sd:
+        return sd
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]}
+
+
+def _names_from_ids(sd: dict, names: list[str]) -> dict:
+    """A plain ``Optimizer.state_dict()`` -> keyed by parameter names (what ``set_optimizer_state_dict`` reads)."""
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+
+
+def full_state_dicts(model: torch.nn.Module, opts: Sequence[torch.optim.Optimizer]) -> tuple[dict, list[dict]]:
+    """``(model state dict, [optimizer state dicts])`` of an FSDP-sharded model, whole and on the CPU, in the
+    formats ``model.state_dict()`` and ``opt.state_dict()`` of one process give. A collective: every rank must
+    call it; rank 0 receives the dicts, the other ranks empty ones."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = [_ids_from_names(get_optimizer_state_dict(model, opt, options=options), _param_names(model, opt))
+             for opt in opts]
+    return weights, optim
+
+
+def load_full_state_dicts(model: torch.nn.Module, opts: Sequence[torch.optim.Optimizer], weights: dict,
+                          optim: Sequence[dict]) -> None:
+    """Load whole (one-process format) model and optimizer state dicts into an FSDP-sharded model and its
+    optimizers: each rank keeps its own shard. Every rank passes the whole dicts (each reads the checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if len(optim) != len(opts):
+        raise ValueError(f"the checkpoint holds {len(optim)} optimizer(s), this run has {len(opts)}")
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    for opt, sd in zip(opts, optim, strict=True):
+        set_optimizer_state_dict(model, opt, _names_from_ids(sd, _param_names(model, opt)), options=options)

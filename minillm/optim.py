@@ -101,9 +101,12 @@ def set_lr(opts: list[torch.optim.Optimizer], scale: float) -> None:
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The gradients' total L2 norm before clipping (a 0-d tensor, not synced); with ``max_norm`` > 0 the
-    gradients are scaled so their norm is at most ``max_norm``."""
+    gradients are scaled so their norm is at most ``max_norm``. With FSDP the gradients are DTensor shards and
+    so is their norm: it is made whole (an all-reduce over the ranks) so that every rank clips alike."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):  # a DTensor
+        norm = norm.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm

@@ -40,7 +40,7 @@ from minillm.checkpoint import (
     sha256_file,
 )
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
-from minillm.errors import MiniLLMError
+from minillm.errors import MiniLLMError, UsageError
 from minillm.optim import (
     UNBOUNDED,
     Schedule,
@@ -90,6 +90,7 @@ class RunSpec:
     config_name: str = "tiny"  # the preset or TOML file the configs came from (recorded)
     tensorboard: bool = False  # write TensorBoard event files to OUTDIR/tb
     started: float = 0.0  # time.time() when the command started (--max-time counts from it); 0 = train()'s call
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
 
 
 @dataclass
@@ -201,6 +202,8 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
         check_tensorboard()
     device = dist.device if dist.enabled else resolve_device(tcfg.device)  # refuse impossible settings early
     dtype = resolve_precision(tcfg.precision, device)
+    if spec.fsdp and (problem := distributed.fsdp_problem(tcfg.optimizer, dist.world_size, dtype)):
+        raise UsageError(problem)
     with _Signals() as sig:
         sig.outdir = spec.outdir
         with _claim_outdir(spec, dist):  # under torchrun, rank 0 checks, locks and writes the run directory
@@ -250,34 +253,49 @@ def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dic
     from minillm.model import GPT
 
     model = GPT(mcfg).to(device)
+    n_params = model.num_params()
+    fsdp = spec.fsdp and dist.enabled
+    if fsdp:  # in place: the parameters become this rank's shards, and the optimizer is built on them
+        distributed.wrap_fsdp(model, dist)
     opts = configure_optimizer(model, tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    state = _restore(spec.outdir / "ckpt_last.pt", model, opts, scaler, data.loader, device) if old else RunState()
+    state = (_restore(spec.outdir / "ckpt_last.pt", model, opts, scaler, data.loader, device, sharded=fsdp)
+             if old else RunState())
     _set_schedule(state, tcfg, old, total_steps_for(tcfg, data.loader.windows_per_epoch), log)
-    log.event("run", params=f"{model.num_params() / 1e6:.2f}M", device=str(device),
+    log.event("run", params=f"{n_params / 1e6:.2f}M", device=str(device),
               precision=str(dtype).split(".")[-1], steps=_total_str(state),
-              windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"])
+              windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"],
+              **({"parallel": "fsdp" if fsdp else "ddp"} if dist.enabled else {}))
     ctx = dict(model=model, compiled=maybe_compile(model, tcfg, device), optimizers=opts, scaler=scaler,
                loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype, doc_id=data.doc_id,
                tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=is_main_process())
-    if dist.enabled:  # DDP: the training forward/backward go through the wrapper; evaluation and saving use the model
-        ctx.update(dist=dist, train_model=distributed.wrap_ddp(ctx["compiled"], dist),
+    if dist.enabled:  # the training forward/backward go through the wrapper; evaluation and saving use the model
+        # DDP wraps the compiled model; FSDP sharded the model itself (compiled after: its hooks break the graph
+        # at each block, and evaluation calls the sharded model, whose hooks gather each block's weights)
+        ctx.update(dist=dist, sharded=fsdp,
+                   train_model=ctx["compiled"] if fsdp else distributed.wrap_ddp(ctx["compiled"], dist),
                    val_batches=data.val_batches[dist.rank :: dist.world_size])
     with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
         return fit(spec, mcfg, tcfg, state, ctx, log, sig)
 
 
-def _restore(path: Path, model, opts, scaler, loader, device: torch.device, load_weights=None) -> RunState:
+def _restore(path: Path, model, opts, scaler, loader, device: torch.device, load_weights=None,
+             sharded: bool = False) -> RunState:
     """Load ``ckpt_last.pt`` into the model, optimizers, scaler, loader and RNGs; return the run state.
-    ``load_weights(model, ckpt)`` replaces the plain ``load_state_dict`` (finetune: a LoRA adapter)."""
+    ``load_weights(model, ckpt)`` replaces the plain ``load_state_dict`` (finetune: a LoRA adapter).
+    ``sharded``: the model was sharded by ``distributed.wrap_fsdp``; each rank keeps its shard of the
+    checkpoint's whole weights and optimizer state (the format is the same)."""
     ck = load_checkpoint(path)
     try:
-        if load_weights is not None:
-            load_weights(model, ck)
+        if sharded:
+            distributed.load_full_state_dicts(model, opts, ck["model"], ck["optimizer"])
         else:
-            model.load_state_dict(ck["model"])
-        for opt, sd in zip(opts, ck["optimizer"], strict=True):
-            opt.load_state_dict(sd)
+            if load_weights is not None:
+                load_weights(model, ck)
+            else:
+                model.load_state_dict(ck["model"])
+            for opt, sd in zip(opts, ck["optimizer"], strict=True):
+                opt.load_state_dict(sd)
         scaler.load_state_dict(ck["scaler"])
         loader.load_state_dict(ck["loader"])
         names = {f.name for f in dataclasses.fields(RunState)}
@@ -316,14 +334,19 @@ def _total_str(state: RunState) -> str:
 
 
 def save_run(path: Path, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: TrainConfig, loader_state) -> None:
-    """Write a resumable checkpoint atomically (rank 0 only)."""
+    """Write a resumable checkpoint atomically. Rank 0 alone writes; with a sharded model (FSDP) every rank
+    must call this, since the whole weights and optimizer state are first gathered from all of them."""
+    if ctx.get("sharded"):
+        weights, optim = distributed.full_state_dicts(ctx["model"], ctx["optimizers"])  # a collective
     if not ctx.get("main", True):
         return
+    if not ctx.get("sharded"):
+        weights, optim = ctx["model"].state_dict(), [o.state_dict() for o in ctx["optimizers"]]
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state(ctx["device"]) if ctx["device"].type == "cuda" else None}
     ckpt = {
-        "model": ctx["model"].state_dict(), "model_config": to_dict(mcfg), "train_config": to_dict(tcfg),
-        "optimizer": [o.state_dict() for o in ctx["optimizers"]], "scaler": ctx["scaler"].state_dict(),
+        "model": weights, "model_config": to_dict(mcfg), "train_config": to_dict(tcfg),
+        "optimizer": optim, "scaler": ctx["scaler"].state_dict(),
         "loader": dict(loader_state), "run_state": dataclasses.asdict(state), "rng": rng,
         "tokenizer_sha256": ctx["tok_sha"],
     }
@@ -371,8 +394,8 @@ def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConf
               best="yes" if improved else "no", **({"epochs": rec["source_epochs"]} if "source_epochs" in rec else {}))
     log.scalars(state.step, {"val/loss": val, "val/ppl": rec["val_ppl"]})
     log.flush()
+    save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)  # rank 0 writes
     if ctx["main"]:
-        save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)
         if improved:  # the same bytes: linked, not written twice
             atomic_link(spec.outdir / "ckpt_last.pt", spec.outdir / "ckpt_best.pt")
         atomic_write_json(spec.outdir / "history.json", {"format": 1, "evals": state.history})

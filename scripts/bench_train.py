@@ -4,10 +4,18 @@
     python scripts/bench_train.py                                  # small, medium, large, gpt2-124m on CUDA
     python scripts/bench_train.py --config small --batch-size 256 --steps 50
     python scripts/bench_train.py --config configs/tiny.toml --device cpu --steps 5   # CPU smoke test
+    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/bench_train.py --config large
 
 Each step is the trainer's own step (minillm.training.train_step): batches come through the real
 loader and prefetcher (pinned host memory), forward/backward under autocast, clipping, fused AdamW.
 Steps after warm-up are timed one by one; the median is reported.
+
+Under torchrun (WORLD_SIZE > 1) every rank joins the process group (NCCL on CUDA, one GPU per local rank;
+gloo with --device cpu), the compiled model is wrapped in DistributedDataParallel as the trainer wraps it
+(or sharded with FSDP2 with --fsdp), and --batch-size is the micro-batch per rank. Each rank reads its own
+random tokens (stream seed = rank, so rank 0 sees the one-process stream). Reported: tokens/s of all ranks
+together (global tokens per step / the slowest rank's median step), MFU per GPU, and peak memory of each
+rank (peak_mem_GiB = the largest). Rank 0 alone prints.
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ REFERENCE = {"small": (256, 32000, 1.59e6), "medium": (128, 32000, 1.59e6), "lar
              "gpt2-124m": (32, 50304, 0.48e6)}
 
 
-def bench_one(name: str, args) -> dict:
+def bench_one(name: str, args, dist=None) -> dict:
+    """One config's row (every rank returns it; rank 0 prints it). ``dist``: this process's place under torchrun."""
     import dataclasses
 
     import numpy as np
     import torch
 
+    from minillm import distributed
     from minillm import training as tr
     from minillm.config import pad_vocab, resolve
     from minillm.dataset import Loader, Prefetcher, window_starts
@@ -50,24 +60,32 @@ def bench_one(name: str, args) -> dict:
     mcfg, tcfg = resolve(name, overrides)
     vocab = pad_vocab(args.vocab or ref_vocab)
     mcfg = dataclasses.replace(mcfg, vocab_size=vocab)
-    device = tr.resolve_device(tcfg.device)
+    dist = dist or distributed.Dist()
+    device = dist.device if dist.enabled else tr.resolve_device(tcfg.device)
     dtype = tr.resolve_precision(tcfg.precision, device)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     model = GPT(mcfg).to(device)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token()
+    if args.fsdp:  # FSDP2 shards the parameters in place: the optimizer is built on the sharded ones
+        from minillm.distributed import wrap_fsdp
+
+        model = wrap_fsdp(model, dist)
     opts = tr.configure_optimizer(model, tcfg, device)
     compiled = tr.maybe_compile(model, tcfg, device)
-    stream = np.random.default_rng(0).integers(0, vocab, size=4 << 20 if device.type == "cuda" else 1 << 16,
+    train_model = compiled if args.fsdp else distributed.wrap_ddp(compiled, dist)  # as the trainer wraps it
+    reduce = (lambda t: distributed.all_reduce_(t, dist, "mean")) if dist.enabled else None
+    stream = np.random.default_rng(dist.rank).integers(0, vocab, size=4 << 20 if device.type == "cuda" else 1 << 16,
                                                dtype=np.uint16 if vocab <= 65536 else np.uint32)
     starts = window_starts(len(stream), mcfg.block_size, mcfg.block_size)
     loader = Loader(stream, starts, mcfg.block_size, tcfg.batch_size, seed=0)
     prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=1)
-    step = tr.make_train_step(model, compiled, opts, tcfg, device, dtype, doc_id=0)
+    step = tr.make_train_step(model, train_model, opts, tcfg, device, dtype, doc_id=0, reduce=reduce)
     if args.no_sync:  # measurement only: the same step without the host sync (no non-finite check)
-        step = _step_without_sync(model, compiled, opts, tcfg, device, dtype)
+        step = _step_without_sync(model, train_model, opts, tcfg, device, dtype)
     times = []
     t_first = time.time()
     for i in range(args.warmup + args.steps):
@@ -90,23 +108,35 @@ def bench_one(name: str, args) -> dict:
             for _ in range(3):
                 step(prefetch, lr_scale=1.0)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
+        if dist.is_main:
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
     prefetch.close()
-    dt = statistics.median(times)
-    tokens = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size
+    world = dist.world_size
+    dt = distributed.agree_max([statistics.median(times)], dist)[0]  # the slowest rank sets the pace
+    first_step_s = distributed.agree_max([first_step_s], dist)[0]
+    mem = torch.zeros(world, dtype=torch.float64, device=device)  # each rank's peak, gathered by a sum
+    if device.type == "cuda":
+        mem[dist.rank] = torch.cuda.max_memory_allocated(device) / 2**30
+    mem_per_rank = [round(v, 2) for v in distributed.all_reduce_(mem, dist, "sum").tolist()]
+    tokens = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size * world  # all ranks
     tps = tokens / dt
     peak = tr.peak_flops(device)
     out = {
         "config": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "batch": tcfg.batch_size, "block": mcfg.block_size, "vocab": vocab,
-        "params_M": round(model.num_params() / 1e6, 2), "step_ms": round(1000 * dt, 2),
-        "tokens_per_s": round(tps), "mfu_pct": round(100 * model.flops_per_token() * tps / peak, 1) if peak else None,
-        "peak_mem_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "params_M": round(n_params / 1e6, 2), "step_ms": round(1000 * dt, 2),
+        "tokens_per_s": round(tps), "mfu_pct": round(100 * flops_per_token * tps / (peak * world), 1) if peak else None,
+        "peak_mem_GiB": max(mem_per_rank) if device.type == "cuda" else None,
         "first_step_s": round(first_step_s, 1), "loss": round(float(loss), 3), "set": args.set,
         "no_sync": args.no_sync,
         "reference_tokens_per_s": ref_tps,
     }
-    del model, opts, compiled
+    if dist.enabled or args.fsdp:  # batch is per rank; tokens_per_s counts all ranks; mfu_pct is per GPU
+        out.update(world_size=world, backend=dist.backend, wrapper="fsdp" if args.fsdp else "ddp",
+                   tokens_per_s_per_gpu=round(tps / world),
+                   peak_mem_GiB_per_rank=mem_per_rank if device.type == "cuda" else None,
+                   data="random tokens, stream seed = rank")
+    del model, opts, compiled, train_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -145,19 +175,30 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     ap.add_argument("--no-sync", action="store_true", help="measure the step without its host sync (upper bound)")
     ap.add_argument("--profile", type=int, default=0, help="print the N CUDA kernels taking the most time")
+    ap.add_argument("--fsdp", action="store_true",
+                    help="under torchrun, shard the model with FSDP2 (minillm.distributed.wrap_fsdp) instead of DDP")
     args = ap.parse_args()
     names = args.config or list(REFERENCE)
-    rows = [bench_one(n, args) for n in names]
-    if args.json:
-        for r in rows:
-            print(json.dumps(r))
+    from minillm import distributed
+
+    with distributed.session(args.device) as dist:  # a no-op outside torchrun
+        rows = []
+        for n in names:
+            rows.append(bench_one(n, args, dist))
+            if args.json and dist.is_main:  # as it goes: a later config's failure keeps the earlier rows
+                print(json.dumps(rows[-1]), flush=True)
+    if args.json or not dist.is_main:
         return
     cols = ["config", "batch", "block", "params_M", "step_ms", "tokens_per_s", "mfu_pct", "peak_mem_GiB",
             "first_step_s", "reference_tokens_per_s"]
+    if dist.enabled:
+        cols.insert(1, "world_size")
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
-    print(f"# device {rows[0]['device']}, torch {rows[0]['torch']}")
+    print(f"# device {rows[0]['device']}, torch {rows[0]['torch']}"
+          + (f", {dist.world_size} processes ({rows[0]['wrapper']}): batch per rank, tokens/s of all ranks, "
+             f"mfu per GPU, peak memory of the fullest rank" if dist.enabled else ""))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Data-parallel training on the CPU over gloo: real ``torchrun`` runs of two processes against one process with
 the same global batch, resume under torchrun (through ``--nproc``), a two-rank checkpoint in one-process
 generate/evaluate, rank 0 alone writing, every rank stopping at the same step on SIGTERM, and the loader's
-per-rank shares of an epoch."""
+per-rank shares of an epoch. The same for FSDP2 (``--fsdp``): parity with one process, the one-process
+checkpoint format, resume (also as DDP), and the refusals (Muon, one process)."""
 
 from __future__ import annotations
 
@@ -206,3 +207,113 @@ def test_one_process_setup_is_a_no_op(monkeypatch):
         distributed.check_world_size(2, d, Path("runs/x"))
     with pytest.raises(UsageError, match="cuda:LOCAL_RANK"):
         distributed.rank_device("cuda:1", 0)
+
+
+# ---------------------------------------------------------------- FSDP2 (--fsdp)
+
+FSDP_RUN = ["--eval-every", "3", "--accumulation-steps", "2", "--grad-clip", "0.1"]  # clipping on at every step
+
+
+@pytest.fixture(scope="module")
+def fsdp_pair(data, tmp_path_factory):
+    """One process with batch 4 and two FSDP processes with batch 2, 6 steps; --grad-clip 0.1 clips every step, so
+    the gradient norm must be the global one over both ranks' shards."""
+    d = tmp_path_factory.mktemp("fsdp")
+    one, two = both(launch(1, data, d / "one", "--batch-size", "4", "--max-steps", "6", *FSDP_RUN, wait=False),
+                    launch(2, data, d / "fsdp", "--batch-size", "2", "--max-steps", "6", "--fsdp", *FSDP_RUN,
+                           wait=False))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    return d, one, two
+
+
+def test_fsdp_two_ranks_match_one_process_with_the_same_global_batch(fsdp_pair):
+    d, one, two = fsdp_pair
+    assert [e.get("parallel") for e in events(two.stderr, "run")] == ["fsdp"]
+    assert_same_run(d / "one", d / "fsdp", one.stderr, two.stderr)
+    assert [json.loads(line)["steps"] for line in two.stdout.splitlines()] == [6]  # rank 0 alone reports
+    assert "Traceback" not in two.stderr
+
+
+def test_fsdp_checkpoint_has_the_one_process_format_and_loads_in_generate_and_evaluate(fsdp_pair, data, runner):
+    from minillm.checkpoint import load_model
+    from minillm.cli import app
+
+    d = fsdp_pair[0]
+    ck = torch.load(d / "fsdp" / "ckpt_last.pt", weights_only=True)
+    ref = torch.load(d / "one" / "ckpt_last.pt", weights_only=True)
+    assert ck.keys() == ref.keys() and list(ck["model"]) == list(ref["model"])  # whole weights, no prefixes
+    for k, v in ref["model"].items():
+        assert type(ck["model"][k]) is torch.Tensor and ck["model"][k].shape == v.shape
+        torch.testing.assert_close(ck["model"][k], v, atol=1e-5, rtol=0)
+    assert len(ck["optimizer"]) == len(ref["optimizer"]) == 1
+    for got, want in zip(ck["optimizer"], ref["optimizer"], strict=True):  # Optimizer.state_dict(): ids, not names
+        assert got["param_groups"] == want["param_groups"]
+        assert got["state"].keys() == want["state"].keys() and all(isinstance(i, int) for i in got["state"])
+        for i, st in want["state"].items():
+            assert got["state"][i].keys() == st.keys()
+            for name, t in st.items():
+                assert type(got["state"][i][name]) is torch.Tensor and got["state"][i][name].shape == t.shape
+                torch.testing.assert_close(got["state"][i][name], t, atol=1e-5, rtol=1e-4)
+    model, _ = load_model(d / "fsdp" / "ckpt_last.pt")  # a plain GPT in one process
+    assert model.lm_head.weight is model.tok_emb.weight  # still tied after the load
+    r = runner.invoke(app, ["evaluate", "--ckpt", str(d / "fsdp"), "--test-file", str(data[1]), "--device", "cpu",
+                            "--json"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "--ckpt", str(d / "fsdp"), "--max-tokens", "5", "--device", "cpu", "--json",
+                            "--prompt", "el"])
+    assert r.exit_code == 0, r.output
+
+
+def test_fsdp_resume_through_nproc_matches_one_process_and_a_ddp_resume(fsdp_pair, data):
+    """Resumed under --nproc 2 --fsdp, the run continues as the one-process run does (whose resume is exact,
+    tests/test_training.py); the same checkpoint resumed without --fsdp (DDP) gives the same steps too."""
+    import shutil
+
+    d = fsdp_pair[0]
+    shutil.copytree(d / "fsdp", d / "ddp")
+    more = ["--max-steps", "8", *FSDP_RUN, "--resume"]
+    one, fsdp, ddp = both(launch(1, data, d / "one", "--batch-size", "4", *more, wait=False),
+                          launch(2, data, d / "fsdp", "--batch-size", "2", *more, "--fsdp", via="--nproc", wait=False),
+                          launch(2, data, d / "ddp", "--batch-size", "2", *more, wait=False))
+    for r in (one, fsdp, ddp):
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "--nproc_per_node 2 -m minillm train" in fsdp.stderr and "--fsdp" in fsdp.stderr.split("launching:")[1]
+    assert [e["step"] for e in events(fsdp.stderr, "step")] == [7, 8]
+    assert [e.get("parallel") for e in events(ddp.stderr, "run")] == ["ddp"]
+    assert_same_run(d / "one", d / "fsdp", one.stderr, fsdp.stderr)
+    assert_same_run(d / "fsdp", d / "ddp", fsdp.stderr, ddp.stderr)
+
+
+def test_fsdp_is_refused_with_muon_and_with_one_process(data, tmp_path, runner, monkeypatch):
+    from minillm.cli import app
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    tok, corpus = data
+    base = ["train", "-t", str(tok), "-c", str(corpus), "-o", str(tmp_path / "run"), "--device", "cpu", "--fsdp"]
+    for extra in (["--config", "small", "--nproc", "2"], ["--optimizer", "muon", "--nproc", "2"]):
+        r = runner.invoke(app, [*base, *extra])  # refused before torchrun is started
+        assert r.exit_code == 2, r.output
+        assert "--fsdp" in r.stderr and "--optimizer muon" in r.stderr and "--optimizer adamw" in r.stderr
+        assert "launching" not in r.stderr
+    for extra in ([], ["--nproc", "1"]):
+        r = runner.invoke(app, [*base, *extra])
+        assert r.exit_code == 2, r.output
+        assert "--fsdp" in r.stderr and "--nproc N" in r.stderr and "torchrun" in r.stderr
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1
+    assert runner.invoke(app, base).exit_code == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrap_fsdp_for_one_process_returns_the_model_unchanged():
+    from minillm.config import ModelConfig
+    from minillm.model import GPT
+
+    model = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert distributed.wrap_fsdp(model, distributed.Dist()) is model
+    assert not distributed.is_sharded(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert distributed.fsdp_problem("adamw", 2) is None
+    assert distributed.fsdp_problem("adamw", 2, torch.float16) is not None  # fp16 loss scaling is per shard

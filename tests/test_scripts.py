@@ -28,3 +28,77 @@ def test_bench_generate_runs_on_cpu_with_the_tiny_config():
                "--new-tokens", "8", "--batch", "2", "--batch-new-tokens", "4", "--prompt-len", "8", "--json")
     res = json.loads(out)
     assert res["batch1_tokens_per_s"] > 0
+
+
+def _load_bench_ddp():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ddp", ROOT / "scripts" / "bench_ddp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_corpus(path: Path) -> Path:
+    import random
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)]
+    docs = [" ".join(rng.choice(words) for _ in range(80)) + "." for _ in range(600)]
+    path.write_text("\n<|doc|>\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def test_bench_ddp_runs_two_gloo_processes_and_matches_one_process(tmp_path):
+    """Scaling (bench_train in 1 process and under torchrun with 2) and loss parity (train at batch 32 in one
+    process vs --nproc 2 at 16 each) on CPU: both rows are produced, and the validation losses agree."""
+    corpus = _tiny_corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "ddp.json"
+    stdout = _run("scripts/bench_ddp.py", "--config", "configs/tiny.toml", "--device", "cpu", "--nproc", "2",
+                  "--corpus", str(corpus), "--workdir", str(tmp_path / "work"), "--vocab", "512",
+                  "--vocab-size", "512", "--steps", "2", "--warmup", "1", "--max-steps", "6", "--eval-every", "3",
+                  "--eval-batches", "1", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert [r["rc"] for r in res["runs"]] == [0, 0, 0, 0]
+    one, two = res["scaling"]["configs/tiny.toml"]["1"], res["scaling"]["configs/tiny.toml"]["ddp"]
+    assert "world_size" not in one and two["world_size"] == 2 and two["backend"] == "gloo"
+    assert two["tokens_per_s"] > 0 and two["ratio_vs_1"] == round(two["tokens_per_s"] / one["tokens_per_s"], 3)
+    p1, p2 = res["parity"]["configs/tiny.toml"]["1"], res["parity"]["configs/tiny.toml"]["ddp"]
+    assert (p1["batch_per_gpu"], p2["batch_per_gpu"], p2["global_batch"]) == (32, 16, 32)
+    assert list(p1["val_loss"]) == list(p2["val_loss"]) == ["3", "6"]
+    assert p2["max_abs_diff"] < 1e-4  # fp32 on CPU: the same windows, the same updates
+    assert [(r["gpus"], r["wrapper"]) for r in res["table"]] == [(1, "-"), (2, "ddp")]
+    assert "| configs/tiny.toml | 2 | ddp | 16 x 64 |" in stdout
+    assert "--nproc 2" in stdout and "torch.distributed.run --standalone --nproc_per_node 2" in stdout
+
+
+def test_bench_ddp_sub_run_failure_and_timeout_are_recorded(tmp_path):
+    """A failing sub-run is recorded with its exit status and log; one past its time limit is stopped, together
+    with a worker it started in a session of its own (as torchrun starts its workers)."""
+    import argparse
+    import time
+
+    mod = _load_bench_ddp()
+    args = argparse.Namespace(logs=tmp_path / "logs", budget=0, sub_timeout=4, dry_run=False)
+    bench = mod.Bench(args)
+    rec = bench.run("fails", [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"])
+    assert rec["rc"] == 3 and "boom" in Path(rec["log"]).read_text()
+    pidfile = tmp_path / "worker.pid"
+    script = ("import subprocess, sys, time; "
+              "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True, "
+              "stdout=subprocess.DEVNULL); "
+              f"open({str(pidfile)!r}, 'w').write(str(w.pid)); time.sleep(60)")
+    t0 = time.time()
+    rec = bench.run("hangs", [sys.executable, "-c", script])
+    assert rec["rc"] == 124 and time.time() - t0 < 30
+    assert mod._stat(int(pidfile.read_text())) is None  # the worker is gone (or a zombie waiting for its reaper)
+    assert [r["label"] for r in bench.runs] == ["fails", "hangs"]
+
+
+def test_bench_ddp_skips_parity_when_the_corpus_cannot_be_prepared(tmp_path):
+    out = tmp_path / "ddp.json"
+    _run("scripts/bench_ddp.py", "--config", "configs/tiny.toml", "--device", "cpu", "--skip-scaling",
+         "--corpus", str(tmp_path / "missing.txt"), "--workdir", str(tmp_path / "work"), "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["prep_error"] and res["parity"] == {}
+    assert [r.get("skipped") for r in res["runs"]] == ["preparation failed", "preparation failed"]
