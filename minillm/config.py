@@ -111,13 +111,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(batch_size=16, lr=3e-3, warmup_steps=20, max_steps=300, eval_batches=8, log_every=25),
     },
     # small and medium: the recipe measured best per GPU-second on an H100 (docs/BENCHMARKS.md, issue 13):
-    # Muon on the hidden matrices, AdamW at 2e-3 for embeddings and norms, short warmup, dropout 0.1.
+    # Muon on the hidden matrices, AdamW at 2e-3 for embeddings and norms, short warmup, dropout 0.1, QK-norm
+    # (they export in the Qwen3 layout).
     "small": {
-        "model": dict(block_size=256, n_layer=6, n_head=4, n_embd=256, dropout=0.1),
+        "model": dict(block_size=256, n_layer=6, n_head=4, n_embd=256, dropout=0.1, qk_norm=True),
         "train": dict(batch_size=128, optimizer="muon", muon_lr=0.02, lr=2e-3, warmup_steps=50),
     },
     "medium": {
-        "model": dict(block_size=512, n_layer=8, n_head=6, n_embd=384, dropout=0.1),
+        "model": dict(block_size=512, n_layer=8, n_head=6, n_embd=384, dropout=0.1, qk_norm=True),
         "train": dict(batch_size=64, optimizer="muon", muon_lr=0.02, lr=2e-3, warmup_steps=50),
     },
     "large": {

@@ -94,23 +94,36 @@ def setup(device_name: str) -> Dist:
     return Dist(rank, world, local, device, backend)
 
 
-def cleanup(d: Dist) -> None:
-    """Leave the process group (idempotent)."""
+def cleanup(d: Dist, finished: bool = False) -> None:
+    """Leave the process group (idempotent). Objects that hold communication work (the DDP reducer, FSDP's
+    pending reduce-scatters, often kept alive by reference cycles) are collected first, while the interpreter
+    is whole: freed later, during interpreter shutdown, their tensors can abort the process (SIGABRT,
+    "terminate called without an active exception"), which torchrun then reports as a failed run. After a
+    normal end (``finished``) the ranks also meet at a barrier, so none exits while another still works."""
     if d.enabled:
+        import gc
+
         import torch.distributed as td
 
         if td.is_initialized():
+            gc.collect()
+            if finished:
+                td.barrier()
             td.destroy_process_group()
+        gc.collect()
 
 
 @contextlib.contextmanager
 def session(device_name: str) -> Iterator[Dist]:
-    """``setup`` ... ``cleanup``."""
+    """``setup`` ... ``cleanup`` (with the closing barrier only when the body ended normally: after an error
+    another rank may never reach it)."""
     d = setup(device_name)
     try:
         yield d
-    finally:
+    except BaseException:
         cleanup(d)
+        raise
+    cleanup(d, finished=True)
 
 
 def barrier(d: Dist) -> None:

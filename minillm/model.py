@@ -448,7 +448,8 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, precision: str = "bf16") 
     c, L = cfg, cfg.n_layer
     C, Ckv, Hd = c.n_embd, c.kv_heads * c.head_dim, c.mlp_hidden
     matrices = L * (2 * C * C + 2 * C * Ckv + (3 if c.mlp == "swiglu" else 2) * C * Hd) + c.vocab_size * C
-    n_params = matrices + L * 2 * C + C + (0 if c.tie_embeddings else c.vocab_size * C)
+    n_params = (matrices + L * 2 * C + C + (L * 2 * c.head_dim if c.qk_norm else 0)
+                + (0 if c.tie_embeddings else c.vocab_size * C))
     tokens = batch_size * c.block_size
     saved = 8 * C + 2 * Ckv + (4 if c.mlp == "swiglu" else 2) * Hd
     per_layer = 4 * 4 * C + act * saved if act == 2 else 4 * saved  # bytes per token (fp32: no cast copies)
