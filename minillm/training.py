@@ -444,7 +444,10 @@ def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ct
     try:
         while True:
             code = sig.code
-            over = bool(tcfg.max_time) and clock() + _step_time(durs) + eval_s + 0.01 * tcfg.max_time > tcfg.max_time
+            # the first step's time includes compilation: until a second step is timed, none is predicted (a
+            # compilation that took most of the budget would otherwise end the run after one step)
+            next_s = _step_time(durs) if len(durs) > 1 else 0.0
+            over = bool(tcfg.max_time) and clock() + next_s + eval_s + 0.01 * tcfg.max_time > tcfg.max_time
             if _world(ctx) > 1:  # every rank stops at the same step: a signal or the time limit on one is on all
                 code, over = (int(v) for v in distributed.agree_max([code, over], ctx["dist"]))
             if code:

@@ -246,6 +246,29 @@ def test_time_budget_plan_table():
     assert tr.plan_time_budget(5, 99.0, 100.0, 0.1, 1.0, 0, 10**12)[0] == 5  # nothing left: stop now
 
 
+def test_max_time_run_outlives_a_first_step_that_took_most_of_the_budget(tmp_path, tokenizer_path, corpus,
+                                                                          monkeypatch):
+    """The first step stands in for compilation (3 s of a 6 s budget): it says nothing about the next steps, so
+    the run must go on training instead of predicting another 3 s step and stopping after one."""
+    real = tr.make_train_step
+
+    def slow_first(*args, **kwargs):
+        step, calls = real(*args, **kwargs), []
+
+        def wrapped(prefetch, lr_scale):
+            if not calls:
+                time.sleep(3.0)
+            calls.append(1)
+            return step(prefetch, lr_scale)
+        return wrapped
+
+    monkeypatch.setattr(tr, "make_train_step", slow_first)
+    t0 = time.time()
+    s = run(tokenizer_path, corpus, tmp_path / "r", max_time=6.0, max_steps=0, epochs=0.0, log_every=50)
+    assert s["end"] in ("max_time", "schedule") and s["steps"] > 5, s
+    assert time.time() - t0 <= 6.0
+
+
 def test_max_time_run_fits_its_budget(tmp_path, tokenizer_path, corpus, capsys):
     t0 = time.time()
     s = run(tokenizer_path, corpus, tmp_path / "r", max_time=5.0, max_steps=0, epochs=0.0, log_every=50)
