@@ -11,7 +11,7 @@ running them one by one.
 Greedy decoding with no stop token, so every run makes exactly the tokens asked for. The batch-1
 prompt is --prompt-len random tokens; the 32 prompts have random lengths in [--prompt-len/4,
 --prompt-len]. Each configuration runs once untimed first (compilation, CUDA-graph capture, warm
-caches; on CUDA only); that warmup time is printed too. Decode steps (--modes): "eager" is GPT.forward with the
+caches; on CUDA only), then --repeats times timed (the median is reported); the warmup time is printed too. Decode steps (--modes): "eager" is GPT.forward with the
 preallocated KV cache; "graph" is the static decode step replayed as one CUDA graph per token (generate's
 default on CUDA); "compiled" is that step under torch.compile, replayed as a CUDA graph (generate --compile on).
 The summary uses the first of --modes. Results to stdout; --json for machines.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 
@@ -44,17 +45,18 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def measure(name: str, fn, device: torch.device, results: list[dict]) -> dict:
-    """Run ``fn`` (returning a list of Completions) once untimed on CUDA (compilation, graph capture),
-    then timed; record tokens/s."""
+def measure(name: str, fn, device: torch.device, results: list[dict], repeats: int = 1) -> dict:
+    """Run ``fn`` (returning a list of Completions) once untimed on CUDA (compilation, graph capture), then
+    ``repeats`` times timed; record the median tokens/s."""
     warm = timed(fn, device)[0] if device.type == "cuda" else 0.0
-    secs, comps = timed(fn, device)
-    tokens = sum(len(c.tokens) for c in comps)
+    runs = [timed(fn, device) for _ in range(max(1, repeats))]
+    tokens = sum(len(c.tokens) for c in runs[0][1])
+    secs = statistics.median(s for s, _ in runs)
     rec = {"name": name, "tokens": tokens, "seconds": round(secs, 4), "tokens_per_s": round(tokens / secs, 1),
-           "warmup_s": round(warm, 2)}
+           "runs_tokens_per_s": [round(tokens / s, 1) for s, _ in runs], "warmup_s": round(warm, 2)}
     results.append(rec)
-    print(f"{name:<34} {tokens:>7} tok {secs:>9.3f} s {tokens / secs:>11.1f} tok/s   (warmup {warm:.1f} s)",
-          file=sys.stderr, flush=True)
+    print(f"{name:<34} {tokens:>7} tok {secs:>9.3f} s {tokens / secs:>11.1f} tok/s   (median of {len(runs)}; "
+          f"warmup {warm:.1f} s)", file=sys.stderr, flush=True)
     return rec
 
 
@@ -72,6 +74,7 @@ def main() -> None:
                     help="comma-separated decode steps to measure, the first used for the summary (default: "
                          "graph,compiled,eager on CUDA; eager,static on CPU)")
     ap.add_argument("--no-uncached", action="store_true", help="skip the slow run without the KV cache")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each configuration; the median is reported")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads for torch (default 1: decode steps are small ops, and extra threads mostly "
                          "add synchronization; 0 = torch's default)")
@@ -103,21 +106,21 @@ def main() -> None:
     cached = None
     for md in modes:
         rec = measure(f"batch 1, cache ({md})", lambda md=md: generate_batch(model, one, n, sampling=GREEDY, mode=md),
-                      device, res)
+                      device, res, args.repeats)
         cached = cached or rec
     if not args.no_uncached:
         nocache = measure("batch 1, no cache", lambda: generate_batch(model, one, n, sampling=GREEDY, use_cache=False),
-                          device, res)
+                          device, res, args.repeats)
     m = args.batch_new_tokens
     speedups = {}
     for md in modes:
         if md == "eager" and md != mode:  # the slow one: at batch 1 only, unless it is the summary's
             continue
         b = measure(f"{args.batch} prompts batched ({md})",
-                    lambda md=md: generate_batch(model, prompts, m, sampling=GREEDY, mode=md), device, res)
+                    lambda md=md: generate_batch(model, prompts, m, sampling=GREEDY, mode=md), device, res, args.repeats)
         s1 = measure(f"{args.batch} prompts one by one ({md})",
                      lambda md=md: [generate_batch(model, [p], m, sampling=GREEDY, mode=md)[0] for p in prompts],
-                     device, res)
+                     device, res, args.repeats)
         speedups[md] = round(b["tokens_per_s"] / s1["tokens_per_s"], 2)
     summary = {"cache_speedup": None if args.no_uncached else round(cached["tokens_per_s"] / nocache["tokens_per_s"], 2),
                "batch1_tokens_per_s": cached["tokens_per_s"],
