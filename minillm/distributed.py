@@ -277,15 +277,6 @@ def wrap_fsdp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     return model
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when ``model`` was wrapped by ``wrap_fsdp`` (its parameters are DTensors)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
     """The name of each of ``opt``'s parameters, in the order ``opt.state_dict()`` numbers them (0, 1, ...);
     a tied parameter under its first name, as ``get_optimizer_state_dict`` names it."""

@@ -71,9 +71,7 @@ def bench_one(name: str, args, dist=None) -> dict:
     model = GPT(mcfg).to(device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
     if args.fsdp:  # FSDP2 shards the parameters in place: the optimizer is built on the sharded ones
-        from minillm.distributed import wrap_fsdp
-
-        model = wrap_fsdp(model, dist)
+        model = distributed.wrap_fsdp(model, dist)
     opts = tr.configure_optimizer(model, tcfg, device)
     compiled = tr.maybe_compile(model, tcfg, device)
     train_model = compiled if args.fsdp else distributed.wrap_ddp(compiled, dist)  # as the trainer wraps it
