@@ -52,6 +52,12 @@ class ModelConfig:
         ("auto", "flash", "cudnn", "efficient", "math"),
     )
     loss_chunk: int = _f(0, "rows per chunk of the fused output layer + loss (never holds all logits); 0 = all at once; does not change the weights")
+    loss_kernel: str = _f(
+        "torch",
+        "output layer + loss: torch (compiled PyTorch) or liger (liger-kernel's fused Triton linear + cross-entropy, "
+        "CUDA training only, pip install 'minillm[kernels]'); does not change the weights",
+        ("torch", "liger"),
+    )
 
     @property
     def kv_heads(self) -> int:

@@ -26,6 +26,7 @@ from minillm.errors import MiniLLMError
 RMS_EPS = 1e-6  # Llama/Qwen3 rms_norm_eps; export writes this value
 LN_EPS = 1e-5  # GPT-2 layer_norm_epsilon
 IGNORE_INDEX = -1  # targets with this value add no loss
+LIGER_CHUNK_ROWS = 4096  # rows of logits per chunk with loss_kernel = "liger" (256 MB of bf16 at 32k vocabulary)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -266,6 +267,8 @@ class GPT(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         B, T, C = h.shape
         chunk = self.cfg.loss_chunk
+        if self.cfg.loss_kernel == "liger" and h.is_cuda and reduction == "mean" and torch.is_grad_enabled():
+            return liger_linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1))
         if chunk > 0 and not (reduction == "none" and torch.is_grad_enabled()):
             losses = linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
                                           chunk, reduction)
@@ -388,6 +391,24 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int, redu
         return torch.cat(out)
     total = _LinearCrossEntropy.apply(h, w, targets, chunk)
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+@torch.compiler.disable  # a Triton kernel with a host sync inside: run it eagerly, between compiled graphs
+def liger_linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of ``h @ w.T`` over non-ignored targets through liger-kernel's fused Triton
+    kernel (``loss_kernel = "liger"``): the logits exist a chunk of rows at a time and the gradients are
+    computed in the forward pass. Training on CUDA only; evaluation and the CPU take the PyTorch path."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as e:
+        raise MiniLLMError("loss_kernel = liger needs liger-kernel: pip install 'minillm[kernels]' "
+                           "(or set loss_kernel = \"torch\" in the config)") from e
+    n, c = h.shape
+    # liger sizes its chunks to about N*C logits (chunk_mem_const = 1): a 1,024-row chunk at C = 256, V = 32k.
+    # Ask for ~LIGER_CHUNK_ROWS rows per chunk instead: fewer, fuller matrix products.
+    mem_const = max(1, math.ceil(w.shape[0] * LIGER_CHUNK_ROWS / (c * max(1, n))))
+    return liger_fused_linear_cross_entropy(h, w, targets, ignore_index=IGNORE_INDEX, reduction="mean",
+                                            chunk_mem_const=mem_const)
 
 
 # ----------------------------------------------------------------------------------------- KV cache

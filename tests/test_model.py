@@ -231,6 +231,55 @@ def test_model_with_loss_chunk_matches_plain():
         torch.testing.assert_close(plain(x, y), chunked(x, y), rtol=1e-3, atol=1e-3)
 
 
+def test_liger_loss_kernel_falls_back_exactly_off_cuda():
+    """loss_kernel = liger changes nothing on the CPU (nor in evaluation): same loss and gradients."""
+    plain, liger = model(), model()
+    liger.cfg = dataclasses.replace(liger.cfg, loss_kernel="liger")
+    x = tokens(2, 12)
+    y = torch.roll(x, -1, dims=1)
+    a, b = plain(x, y), liger(x, y)
+    assert torch.equal(a, b)
+    a.backward()
+    b.backward()
+    for p, q in zip(plain.parameters(), liger.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_liger_missing_names_the_fix(monkeypatch):
+    import sys
+
+    from minillm.model import liger_linear_cross_entropy
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)
+    with pytest.raises(MiniLLMError, match=r"minillm\[kernels\].*loss_kernel"):
+        liger_linear_cross_entropy(torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_liger_loss_kernel_matches_plain_on_cuda():
+    pytest.importorskip("liger_kernel")
+    torch.manual_seed(0)
+    plain = model().cuda()
+    liger = model().cuda()
+    liger.load_state_dict(plain.state_dict())
+    liger.cfg = dataclasses.replace(liger.cfg, loss_kernel="liger")
+    x = tokens(4, 16).cuda()
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = -1
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            a, b = plain(x, y), liger(x, y)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        plain.zero_grad()
+        liger.zero_grad()
+        a.backward()
+        b.backward()
+        for (n, p), q in zip(plain.named_parameters(), liger.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=10 * tol, atol=tol, msg=n)
+
+
 # ------------------------------------------------------------------------ gradient checkpointing
 
 
