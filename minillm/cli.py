@@ -271,6 +271,7 @@ def train(
     n_embd: Optional[int] = typer.Option(None, "--n-embd", help="Model width."),
     dropout: Optional[float] = typer.Option(None, "--dropout", help="Dropout rate."),
     attention: Optional[str] = typer.Option(None, "--attention", help="Attention kernel: auto, flash, cudnn, efficient, math."),
+    loss_kernel: Optional[str] = typer.Option(None, "--loss-kernel", help="Output layer + loss: torch, or liger (fused Triton kernel from pip install 'minillm[kernels]'; CUDA; less memory)."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory."),
     doc_masking: Optional[bool] = typer.Option(None, "--doc-masking/--no-doc-masking", help="Restart positions and block attention at document boundaries."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Micro-batch size."),
@@ -399,8 +400,8 @@ def _remove_if_unused(outdir: Path, fresh: bool) -> None:
 
 
 _TRAIN_KEYS = {
-    "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "attention", "gradient_checkpointing",
-    "doc_masking", "batch_size", "accumulation_steps", "epochs", "max_steps", "lr", "min_lr", "warmup_steps",
+    "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "attention", "loss_kernel",
+    "gradient_checkpointing", "doc_masking", "batch_size", "accumulation_steps", "epochs", "max_steps", "lr", "min_lr", "warmup_steps",
     "weight_decay", "beta1", "beta2", "grad_clip", "optimizer", "muon_lr", "eval_every", "eval_batches", "patience",
     "log_every", "precision", "compile", "device", "seed", "num_workers", "stride", "val_fraction",
 }

@@ -381,6 +381,10 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     base_path = Path(base["path"])
     mcfg = dataclasses.replace(model_from_dict(base["model_config"]),
                                **{k: v for k, v in model_overrides.items() if v is not None})
+    from minillm.model import liger_kernel
+
+    if mcfg.loss_kernel == "liger" and liger_kernel() is None:  # a kernel choice of the base's machine, not
+        mcfg = dataclasses.replace(mcfg, loss_kernel="torch")    # of its weights: this one lacks the extra
     tcfg = train_config_for(base.get("train_config"), train_overrides, fs.lora is not None)
     problems = validate(mcfg, tcfg)
     if fs.lora is not None:

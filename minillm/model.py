@@ -267,8 +267,10 @@ class GPT(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         B, T, C = h.shape
         chunk = self.cfg.loss_chunk
-        if self.cfg.loss_kernel == "liger" and h.is_cuda and reduction == "mean" and torch.is_grad_enabled():
-            return liger_linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1))
+        fused = (self.cfg.loss_kernel == "liger" and h.is_cuda and reduction == "mean" and torch.is_grad_enabled()
+                 and liger_kernel())  # without the extra installed: the PyTorch path (train refuses it up front)
+        if fused:
+            return liger_linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1), fused)
         if chunk > 0 and not (reduction == "none" and torch.is_grad_enabled()):
             losses = linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
                                           chunk, reduction)
@@ -393,22 +395,34 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int, redu
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def liger_kernel():
+    """liger-kernel's fused linear + cross-entropy function, or None when the optional extra is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        return None
+    return liger_fused_linear_cross_entropy
+
+
+def liger_problem(cfg: ModelConfig, device: torch.device) -> str | None:
+    """Why ``loss_kernel = "liger"`` cannot run as asked on ``device`` (None when it can, or is not asked for)."""
+    if cfg.loss_kernel == "liger" and device.type == "cuda" and liger_kernel() is None:
+        return ("--loss-kernel liger needs liger-kernel: pip install 'minillm[kernels]', "
+                "or pass --loss-kernel torch (the weights are the same either way)")
+    return None
+
+
 @torch.compiler.disable  # a Triton kernel with a host sync inside: run it eagerly, between compiled graphs
-def liger_linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+def liger_linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, fn=None) -> Tensor:
     """Mean cross-entropy of ``h @ w.T`` over non-ignored targets through liger-kernel's fused Triton
     kernel (``loss_kernel = "liger"``): the logits exist a chunk of rows at a time and the gradients are
     computed in the forward pass. Training on CUDA only; evaluation and the CPU take the PyTorch path."""
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError as e:
-        raise MiniLLMError("loss_kernel = liger needs liger-kernel: pip install 'minillm[kernels]' "
-                           "(or set loss_kernel = \"torch\" in the config)") from e
+    fn = fn or liger_kernel()
     n, c = h.shape
     # liger sizes its chunks to about N*C logits (chunk_mem_const = 1): a 1,024-row chunk at C = 256, V = 32k.
     # Ask for ~LIGER_CHUNK_ROWS rows per chunk instead: fewer, fuller matrix products.
     mem_const = max(1, math.ceil(w.shape[0] * LIGER_CHUNK_ROWS / (c * max(1, n))))
-    return liger_fused_linear_cross_entropy(h, w, targets, ignore_index=IGNORE_INDEX, reduction="mean",
-                                            chunk_mem_const=mem_const)
+    return fn(h, w, targets, ignore_index=IGNORE_INDEX, reduction="mean", chunk_mem_const=mem_const)
 
 
 # ----------------------------------------------------------------------------------------- KV cache

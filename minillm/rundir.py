@@ -11,6 +11,7 @@ from minillm.errors import MiniLLMError, UsageError
 
 # Keys that may change on --resume; any other difference is refused.
 RESUMABLE_KEYS = {"max_steps", "epochs", "max_time", "eval_every", "patience", "log_every", "num_workers", "device", "compile"}
+RESUMABLE_MODEL_KEYS = {"loss_kernel"}  # kernel choices that leave the weights' meaning alone (absent in older runs)
 
 
 def prepare_outdir(spec) -> None:
@@ -45,7 +46,8 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], sections=("model", "tr
     for section in sections:
         a, b = old.get(section, {}), new.get(section, {})
         for k in sorted(set(a) | set(b)):
-            if (section == "train" and k in RESUMABLE_KEYS) or (section == "data" and k == "corpus"):
+            if ((section == "train" and k in RESUMABLE_KEYS) or (section == "model" and k in RESUMABLE_MODEL_KEYS)
+                    or (section == "data" and k == "corpus")):
                 continue  # the corpus path may move; its sha256 is compared
             if a.get(k) != b.get(k):
                 diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
@@ -56,7 +58,7 @@ def refuse_diffs(diffs: list[str]) -> None:
     if diffs:
         raise MiniLLMError("--resume: the run's config differs from the checkpoint's in:\n  " + "\n  ".join(diffs)
                            + "\nonly --max-steps, --epochs, --max-time, --eval-every, --patience, --log-every, --num-workers, "
-                             "--device and --compile may change on resume; repeat the other flags as they were, "
+                             "--device, --compile and --loss-kernel may change on resume; repeat the other flags as they were, "
                              "or start a new --outdir")
 
 

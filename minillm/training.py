@@ -204,6 +204,10 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
     dtype = resolve_precision(tcfg.precision, device)
     if spec.fsdp and (problem := distributed.fsdp_problem(tcfg.optimizer, dist.world_size, dtype)):
         raise UsageError(problem)
+    from minillm.model import liger_problem
+
+    if problem := liger_problem(mcfg, device):
+        raise UsageError(problem)
     with _Signals() as sig:
         sig.outdir = spec.outdir
         with _claim_outdir(spec, dist):  # under torchrun, rank 0 checks, locks and writes the run directory

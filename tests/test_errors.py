@@ -429,11 +429,24 @@ def test_finetune_with_another_tokenizer_is_refused_unless_forced_and_a_larger_v
     (["--n-head", "4", "--n-kv-head", "3"], ["n_head (4) must be divisible by n_kv_head (3)", "[1, 2, 4]"]),
     (["--config", "huge"], ["unknown preset 'huge'", "tiny, small"]),
     (["--attention", "fast"], ["'fast' is not one of auto, flash"]),
+    (["--loss-kernel", "fused"], ["'fused' is not one of torch, liger"]),
 ])
 def test_bad_config_flags_exit_2_naming_the_key(runner, base, tmp_path, flags, needles):
     failed(cli(runner, "train", "-t", base["tok"], "-c", base["corpus"], "-o", tmp_path / "r", *TINY, *flags), 2,
            *needles, max_lines=3)
     assert not (tmp_path / "r").exists()
+
+
+def test_loss_kernel_liger_trains_on_the_cpu_and_is_recorded(runner, base, tmp_path):
+    """--loss-kernel liger is a CUDA kernel; on the CPU the run takes the PyTorch path and still works, and the
+    checkpoint records the choice (it does not change the weights' meaning)."""
+    import torch
+
+    r = cli(runner, "train", "-t", base["tok"], "-c", base["corpus"], "-o", tmp_path / "r", *TINY, "--max-steps", "2",
+            "--loss-kernel", "liger")
+    assert r.exit_code == 0, r.output
+    ck = torch.load(tmp_path / "r" / "ckpt_last.pt", weights_only=True)
+    assert ck["model_config"]["loss_kernel"] == "liger"
 
 
 def test_a_toml_file_with_several_problems_reports_all_in_one_message(runner, base, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -245,15 +246,40 @@ def test_liger_loss_kernel_falls_back_exactly_off_cuda():
         assert torch.equal(p.grad, q.grad)
 
 
-def test_liger_missing_names_the_fix(monkeypatch):
+def test_liger_missing_is_refused_on_cuda_and_ignored_elsewhere(monkeypatch):
     import sys
 
-    from minillm.model import liger_linear_cross_entropy
+    from minillm.model import liger_kernel, liger_problem
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)
-    with pytest.raises(MiniLLMError, match=r"minillm\[kernels\].*loss_kernel"):
-        liger_linear_cross_entropy(torch.zeros(2, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+    assert liger_kernel() is None
+    cfg = dataclasses.replace(model().cfg, loss_kernel="liger")
+    assert re.search(r"--loss-kernel liger.*minillm\[kernels\].*--loss-kernel torch",
+                     liger_problem(cfg, torch.device("cuda")))
+    assert liger_problem(cfg, torch.device("cpu")) is None  # the CPU takes the PyTorch path anyway
+    assert liger_problem(model().cfg, torch.device("cuda")) is None  # not asked for
+
+
+def test_liger_chunking_passes_the_loss_through():
+    """The wrapper hands liger h, w, targets, ignore_index -1 and a chunk budget of ~LIGER_CHUNK_ROWS rows."""
+    from minillm.model import LIGER_CHUNK_ROWS, liger_linear_cross_entropy
+
+    seen = {}
+
+    def fake(h, w, t, **kw):
+        seen.update(kw)
+        return torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=kw["ignore_index"])
+
+    h, w = torch.randn(8192, 16), torch.randn(1000, 16)
+    t = torch.randint(0, 1000, (8192,))
+    t[:5] = -1
+    out = liger_linear_cross_entropy(h, w, t, fake)
+    torch.testing.assert_close(out, torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=-1))
+    assert seen["ignore_index"] == -1 and seen["reduction"] == "mean"
+    # liger's chunk = n / ceil(V / (mem_const * C)) rows: about LIGER_CHUNK_ROWS
+    rows = 8192 / math.ceil(1000 / (seen["chunk_mem_const"] * 16))
+    assert LIGER_CHUNK_ROWS / 2 <= rows <= 8192
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

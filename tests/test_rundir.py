@@ -23,6 +23,13 @@ def test_config_diff_names_changed_keys_and_ignores_the_resumable_ones():
     assert "data.corpus_sha256: 'x' -> 'y'" in config_diff(old, new)
 
 
+def test_loss_kernel_may_change_on_resume_and_may_be_absent_from_an_older_run():
+    old = {"model": {"n_layer": 2}}  # a run written before loss_kernel existed
+    assert config_diff(old, {"model": {"n_layer": 2, "loss_kernel": "torch"}}) == []
+    assert config_diff({"model": {"loss_kernel": "liger"}}, {"model": {"loss_kernel": "torch"}}) == []
+    assert config_diff({"model": {"attention": "auto"}}, {"model": {"attention": "math"}}) != []  # others stay fixed
+
+
 def test_refuse_diffs_lists_every_key():
     refuse_diffs([])  # nothing differs: accepted
     with pytest.raises(MiniLLMError) as e:
