@@ -401,8 +401,8 @@ def _remove_if_unused(outdir: Path, fresh: bool) -> None:
 
 _TRAIN_KEYS = {
     "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "attention", "loss_kernel",
-    "gradient_checkpointing", "doc_masking", "batch_size", "accumulation_steps", "epochs", "max_steps", "lr", "min_lr", "warmup_steps",
-    "weight_decay", "beta1", "beta2", "grad_clip", "optimizer", "muon_lr", "eval_every", "eval_batches", "patience",
+    "gradient_checkpointing", "doc_masking", "batch_size", "accumulation_steps", "epochs", "max_steps", "lr",
+    "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "optimizer", "muon_lr", "eval_every", "eval_batches", "patience",
     "log_every", "precision", "compile", "device", "seed", "num_workers", "stride", "val_fraction",
 }
 

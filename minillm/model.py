@@ -13,6 +13,7 @@ export is a renaming of keys.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -395,6 +396,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int, redu
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+@functools.cache  # looked up once: the loss asks on every training step
 def liger_kernel():
     """liger-kernel's fused linear + cross-entropy function, or None when the optional extra is not installed."""
     try:
@@ -413,11 +415,11 @@ def liger_problem(cfg: ModelConfig, device: torch.device) -> str | None:
 
 
 @torch.compiler.disable  # a Triton kernel with a host sync inside: run it eagerly, between compiled graphs
-def liger_linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, fn=None) -> Tensor:
+def liger_linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, fn) -> Tensor:
     """Mean cross-entropy of ``h @ w.T`` over non-ignored targets through liger-kernel's fused Triton
     kernel (``loss_kernel = "liger"``): the logits exist a chunk of rows at a time and the gradients are
-    computed in the forward pass. Training on CUDA only; evaluation and the CPU take the PyTorch path."""
-    fn = fn or liger_kernel()
+    computed in the forward pass. ``fn``: ``liger_kernel()``. Training on CUDA only; evaluation and the CPU
+    take the PyTorch path."""
     n, c = h.shape
     # liger sizes its chunks to about N*C logits (chunk_mem_const = 1): a 1,024-row chunk at C = 256, V = 32k.
     # Ask for ~LIGER_CHUNK_ROWS rows per chunk instead: fewer, fuller matrix products.

@@ -48,7 +48,7 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], sections=("model", "tr
         for k in sorted(set(a) | set(b)):
             if ((section == "train" and k in RESUMABLE_KEYS) or (section == "model" and k in RESUMABLE_MODEL_KEYS)
                     or (section == "data" and k == "corpus")):
-                continue  # the corpus path may move; its sha256 is compared
+                continue  # may change; the corpus path may move (its sha256 is compared)
             if a.get(k) != b.get(k):
                 diffs.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return diffs

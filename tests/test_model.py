@@ -253,12 +253,16 @@ def test_liger_missing_is_refused_on_cuda_and_ignored_elsewhere(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)
-    assert liger_kernel() is None
-    cfg = dataclasses.replace(model().cfg, loss_kernel="liger")
-    assert re.search(r"--loss-kernel liger.*minillm\[kernels\].*--loss-kernel torch",
-                     liger_problem(cfg, torch.device("cuda")))
-    assert liger_problem(cfg, torch.device("cpu")) is None  # the CPU takes the PyTorch path anyway
-    assert liger_problem(model().cfg, torch.device("cuda")) is None  # not asked for
+    liger_kernel.cache_clear()  # the lookup is cached: look again without the package, and forget it after
+    try:
+        assert liger_kernel() is None
+        cfg = dataclasses.replace(model().cfg, loss_kernel="liger")
+        assert re.search(r"--loss-kernel liger.*minillm\[kernels\].*--loss-kernel torch",
+                         liger_problem(cfg, torch.device("cuda")))
+        assert liger_problem(cfg, torch.device("cpu")) is None  # the CPU takes the PyTorch path anyway
+        assert liger_problem(model().cfg, torch.device("cuda")) is None  # not asked for
+    finally:
+        liger_kernel.cache_clear()
 
 
 def test_liger_chunking_passes_the_loss_through():
