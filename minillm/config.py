@@ -174,43 +174,75 @@ def _check_value(cls: type, key: str, value: Any, where: str) -> str | None:
     return None
 
 
+# Fields a TOML ``[model]`` table sets; every other field is also a ``train`` flag (tests check both ways).
+TOML_ONLY = frozenset({"vocab_size", "mlp", "norm", "rope_theta", "bias", "tie_embeddings", "qk_norm", "loss_chunk"})
+
+
+def key_name(key: str) -> str:
+    """How a user sets field ``key``: its ``train`` flag, or its key in a TOML ``[model]`` table."""
+    return f"[model] {key}" if key in TOML_ONLY else "--" + key.replace("_", "-")
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+# Every numeric field's allowed values: (test, the range in words). NaN fails every test.
+RANGES: dict[str, tuple[Any, str]] = {
+    "vocab_size": _AT_LEAST_0, "block_size": _AT_LEAST_1, "n_layer": _AT_LEAST_1, "n_head": _AT_LEAST_1,
+    "n_kv_head": _AT_LEAST_0, "n_embd": _AT_LEAST_1, "rope_theta": _POSITIVE, "dropout": _UNIT,
+    "loss_chunk": _AT_LEAST_0,
+    "batch_size": _AT_LEAST_1, "accumulation_steps": _AT_LEAST_1, "lr": _POSITIVE,
+    "min_lr": (math.isfinite, "a finite number (negative means lr / 10)"), "warmup_steps": _AT_LEAST_0,
+    "max_steps": _AT_LEAST_0, "epochs": _NON_NEGATIVE,
+    "max_time": (_NON_NEGATIVE[0], "a finite number of seconds >= 0 (0: no limit)"),
+    "weight_decay": _NON_NEGATIVE, "beta1": _UNIT, "beta2": _UNIT,
+    "grad_clip": (_NON_NEGATIVE[0], "a finite number >= 0 (0 disables clipping)"), "muon_lr": _POSITIVE,
+    "eval_every": _AT_LEAST_0, "eval_batches": _AT_LEAST_1, "patience": _AT_LEAST_0, "log_every": _AT_LEAST_1,
+    "seed": (lambda v: 0 <= v < 2**64, "in [0, 2**64 - 1]"), "num_workers": _AT_LEAST_0, "stride": _AT_LEAST_0,
+    "val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+}
+
+
+def _out_of_range(cfg: Any) -> dict[str, str]:
+    """Each numeric field of ``cfg`` outside its ``RANGES`` entry -> the problem, naming its flag or TOML key."""
+    p = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in RANGES:
+            ok, words = RANGES[f.name]
+            v = getattr(cfg, f.name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
+                p[f.name] = f"{key_name(f.name)} must be {words} (got {v!r})"
+    return p
+
+
 def validate(model: ModelConfig, train: TrainConfig) -> list[str]:
-    """Cross-field checks; returns every problem found (empty when all is well)."""
-    p: list[str] = []
-    for name, v in (("n_layer", model.n_layer), ("n_head", model.n_head), ("n_embd", model.n_embd),
-                    ("block_size", model.block_size)):
-        if v < 1:
-            p.append(f"{name} must be >= 1 (got {v})")
-    if model.n_head >= 1 and model.n_embd % model.n_head:
-        ok = [h for h in range(1, 33) if model.n_embd % h == 0]
-        p.append(f"n_embd ({model.n_embd}) must be divisible by n_head ({model.n_head}); n_head could be one of {ok}")
-    if model.n_kv_head < 0 or (model.n_kv_head and model.n_head % model.n_kv_head):
+    """Every field's range and the cross-field checks; returns every problem found (empty when all is well).
+    A cross-field check runs only when its fields are in range."""
+    bad = {**_out_of_range(model), **_out_of_range(train)}
+    p = list(bad.values())
+
+    def fine(*keys: str) -> bool:
+        return not any(k in bad for k in keys)
+
+    if fine("n_embd", "n_head"):
+        if model.n_embd % model.n_head:
+            ok = [h for h in range(1, 33) if model.n_embd % h == 0]
+            p.append(f"n_embd ({model.n_embd}) must be divisible by n_head ({model.n_head}); n_head could be one of {ok}")
+        elif model.head_dim % 2:
+            p.append(f"head size n_embd/n_head = {model.head_dim} must be even for RoPE")
+    if fine("n_head", "n_kv_head") and model.n_kv_head and model.n_head % model.n_kv_head:
         ok = [h for h in range(1, model.n_head + 1) if model.n_head % h == 0]
         p.append(f"n_head ({model.n_head}) must be divisible by n_kv_head ({model.n_kv_head}); n_kv_head could be one of {ok}")
-    if model.n_head >= 1 and model.n_embd % model.n_head == 0 and model.head_dim % 2:
-        p.append(f"head size n_embd/n_head = {model.head_dim} must be even for RoPE")
-    if not 0.0 <= model.dropout < 1.0:
-        p.append(f"dropout must be in [0, 1) (got {model.dropout})")
-    for name, v in (("batch_size", train.batch_size), ("accumulation_steps", train.accumulation_steps),
-                    ("eval_batches", train.eval_batches), ("log_every", train.log_every)):
-        if v < 1:
-            p.append(f"{name} must be >= 1 (got {v})")
-    for name, v in (("max_steps", train.max_steps), ("warmup_steps", train.warmup_steps),
-                    ("eval_every", train.eval_every), ("patience", train.patience), ("stride", train.stride),
-                    ("num_workers", train.num_workers)):
-        if v < 0:
-            p.append(f"{name} must be >= 0 (got {v})")
-    if not train.lr > 0:  # NaN too
-        p.append(f"lr must be > 0 (got {train.lr})")
-    if not (train.epochs >= 0 and train.max_time >= 0):
-        p.append("epochs and max_time must be >= 0")
-    if train.epochs == 0 and train.max_steps == 0 and train.max_time == 0:
+    if fine("lr", "min_lr") and train.min_lr > train.lr:
+        p.append(f"--min-lr ({train.min_lr:g}) must be at most --lr ({train.lr:g}); a negative --min-lr means lr / 10")
+    if fine("epochs", "max_steps", "max_time") and train.epochs == 0 and train.max_steps == 0 and train.max_time == 0:
         p.append("the run has no end: set epochs, max_steps or max_time")
-    if not 0.0 < train.val_fraction < 1.0:
-        p.append(f"val_fraction must be in (0, 1) (got {train.val_fraction})")
-    if train.stride > model.block_size:
+    if fine("stride", "block_size") and train.stride > model.block_size:
         p.append(f"stride ({train.stride}) must be <= block_size ({model.block_size}), or tokens are skipped")
-    if not (train.device in ("auto", "cpu", "cuda") or train.device.startswith("cuda:")):
+    if not (train.device in ("auto", "cpu", "cuda") or str(train.device).startswith("cuda:")):
         p.append(f"device: {train.device!r} is not one of auto, cpu, cuda, cuda:N")
     return p
 

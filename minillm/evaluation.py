@@ -9,7 +9,6 @@ Bits per byte = summed loss in bits over the scored tokens / the UTF-8 bytes of 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,7 +92,9 @@ def validation_texts(run_dir: Path) -> tuple[list[str], str]:
     if not cfg_path.is_file():
         raise MiniLLMError(f"--split val: {cfg_path} does not exist; give the checkpoint inside its run directory, "
                            f"or score a file with --test-file")
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    from minillm.rundir import read_json
+
+    cfg = read_json(cfg_path, "restore it from a copy of the run, or score a file with --test-file")
     data = cfg.get("data", {})
     if data.get("val_file"):
         path = Path(data["val_file"])

@@ -19,7 +19,8 @@
 
 ``export_safetensors`` writes the weights alone (minillm's own tensor names) with the resolved config as
 JSON metadata. ``load_exported`` rebuilds our ``GPT`` from either, so ``--ckpt`` can take an export.
-Every write goes to a temporary directory or file that is renamed into place at the end.
+Every write goes to a temporary directory or file that is renamed into place at the end; ``--overwrite``
+replaces only a directory that is an export minillm wrote (``not_our_export``), never one holding other files.
 
 ``safetensors`` is an optional dependency (``pip install 'minillm[export]'``), imported lazily.
 """
@@ -187,8 +188,30 @@ def config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
 # ------------------------------------------------------------------------------------------ writing
 
 
+def is_export_config(c: dict[str, Any]) -> bool:
+    """True for an HF ``config.json`` minillm wrote (any version): it holds the ``minillm`` block."""
+    block = c.get("minillm")
+    return isinstance(block, dict) and isinstance(block.get("format"), int) and isinstance(block.get("model_config"), dict)
+
+
+def not_our_export(d: Path) -> str | None:
+    """Why directory ``d`` is not an HF export minillm wrote, or None when it is one (its ``config.json`` has our
+    block and it holds nothing but the files an export writes)."""
+    from minillm.rundir import read_json
+
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        return "it has no config.json"
+    fix = f"--overwrite replaces only an export minillm wrote: choose a new --out, or remove {d} yourself"
+    if not is_export_config(read_json(cfg, fix)):
+        return f"{cfg} has no minillm block"
+    extra = sorted(p.name for p in d.iterdir() if p.name not in HF_FILES)
+    return f"it also holds {', '.join(extra[:5])}, which export does not write" if extra else None
+
+
 def _check_out(out: Path, overwrite: bool, inputs: list[Path], kind: str) -> None:
-    """Refuse an existing non-empty ``--out`` without ``--overwrite``, and any ``--out`` holding an input."""
+    """Refuse an existing non-empty ``--out`` without ``--overwrite``, any ``--out`` holding an input, and an
+    ``--overwrite`` of a directory that is not an export minillm wrote (it would be deleted)."""
     out_abs = out.resolve()
     for p in inputs:
         p = p.resolve()
@@ -200,8 +223,13 @@ def _check_out(out: Path, overwrite: bool, inputs: list[Path], kind: str) -> Non
         raise UsageError(f"--out {out} is a file; --format hf writes a directory, give a new path")
     if kind == "file" and out.is_dir():
         raise UsageError(f"--out {out} is a directory; --format safetensors writes one file, e.g. {out / WEIGHTS}")
-    if (kind == "file" or any(out.iterdir())) and not overwrite:
+    if kind == "dir" and not any(out.iterdir()):
+        return
+    if not overwrite:
         raise UsageError(f"--out {out} already exists and is not empty; choose a new path or pass --overwrite")
+    if kind == "dir" and (why := not_our_export(out)):
+        raise UsageError(f"--out {out} is not an export minillm wrote ({why}); --overwrite replaces only such a "
+                         f"directory, so nothing was touched: choose a new --out, or move those files away")
 
 
 def _commit_dir(tmp: Path, out: Path) -> None:
@@ -375,10 +403,9 @@ def load_exported(path: Path | str, device: str = "cpu"):
             sd["lm_head.weight"] = sd["tok_emb.weight"]
         info = {k: _maybe_json(v) for k, v in meta.items() if k not in ("format", "model_config")}
     elif cfg_json.is_file():
-        try:
-            hf = json.loads(cfg_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise MiniLLMError(f"--ckpt: cannot read {cfg_json}: {e}") from e
+        from minillm.rundir import read_json
+
+        hf = read_json(cfg_json, "re-export the model with `minillm export`")
         cfg = config_from_hf(hf, str(cfg_json))
         sd, info = from_hf_state_dict(tensors, cfg), hf.get("minillm") or {}
     else:

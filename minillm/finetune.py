@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +49,6 @@ from torch import nn
 
 from minillm.checkpoint import (
     RunLock,
-    atomic_open,
-    atomic_write_json,
     clean_stale_temps,
     load_checkpoint,
     sha256_file,
@@ -356,9 +353,16 @@ def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None
 def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> dict[str, Any]:
     """Set up and run one fine-tuning run; returns the trainer's summary (plus the LoRA figures)."""
     from minillm import dataset as ds
-    from minillm.rundir import config_diff, prepare_outdir, refuse_diffs
+    from minillm.rundir import (
+        config_diff,
+        inputs_of,
+        prepare_outdir,
+        refuse_diffs,
+        replacing,
+        run_config,
+        write_run_files,
+    )
     from minillm.training import (
-        ARTIFACTS,
         RunSpec,
         RunState,
         _set_schedule,
@@ -377,6 +381,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         check_tensorboard()
     if not Path(fs.data).is_file():
         raise MiniLLMError(f"--data: {fs.data} does not exist")
+    check_outdir_not_base(fs.ckpt, fs.outdir)
     base = load_checkpoint(fs.ckpt)
     base_path = Path(base["path"])
     mcfg = dataclasses.replace(model_from_dict(base["model_config"]),
@@ -404,12 +409,14 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     info = {"mode": fs.mode, "base_checkpoint": str(base_path), "base_sha256": base_sha, "lora": lora_info}
     with _Signals() as sig:
         sig.outdir = fs.outdir
-        prepare_outdir(spec)
+        notes = prepare_outdir(spec, inputs_of(spec))
         with RunLock(fs.outdir):
             clean_stale_temps(fs.outdir)
-            old = json.loads((fs.outdir / "config.json").read_text()) if fs.resume else None
+            old = run_config(fs.outdir) if fs.resume else None
             torch.manual_seed(tcfg.seed)
             log = TrainLog(fs.log_format)
+            for note in notes:
+                log.event(note)
             if fs.mode == "sft":
                 data = sft_data(fs, tok_path, mcfg.block_size, tcfg, log.event)
             else:
@@ -424,16 +431,6 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
                        "finetune": info}
             if old is not None:
                 refuse_diffs(config_diff(old, run_cfg, ("model", "train", "data", "finetune")))
-            if fs.overwrite:
-                for name in (*ARTIFACTS, "adapter.pt"):
-                    (fs.outdir / name).unlink(missing_ok=True)
-                shutil.rmtree(fs.outdir / "tb", ignore_errors=True)
-            atomic_write_json(fs.outdir / "config.json", run_cfg)
-            if tok_path.resolve() != (fs.outdir / "tokenizer.json").resolve():
-                with open(tok_path, "rb") as src, atomic_open(fs.outdir / "tokenizer.json") as dst:
-                    shutil.copyfileobj(src, dst)
-            if fs.tensorboard:
-                log.open_tensorboard(fs.outdir / "tb")
             log.event("config", model=to_dict(mcfg), train=to_dict(tcfg), finetune=info)
             try:
                 model = build_model(base, mcfg, fs.lora, device)
@@ -454,12 +451,17 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
                            loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype,
                            doc_id=data.doc_id, tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=True,
                            ckpt_hook=_ckpt_hook(fs, info))
-                try:
-                    with log:
-                        summary = fit(spec, mcfg, tcfg, state, ctx, log, sig)
-                finally:
-                    if fs.lora is not None:
-                        write_adapter(fs, mcfg, tcfg, info, tok_sha)
+                with replacing(fs.outdir, inputs_of(spec), active=old is None) as saved:
+                    write_run_files(fs.outdir, run_cfg, tok_path)
+                    if fs.tensorboard:
+                        log.open_tensorboard(fs.outdir / "tb")
+                    ctx["saved"] = saved
+                    try:
+                        with log:
+                            summary = fit(spec, mcfg, tcfg, state, ctx, log, sig)
+                    finally:
+                        if fs.lora is not None:
+                            write_adapter(fs, mcfg, tcfg, info, tok_sha)
             except torch.OutOfMemoryError as e:
                 raise MiniLLMError(oom_message(mcfg, tcfg, fs.outdir)) from e
     if report is not None:
@@ -467,6 +469,15 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         summary["lora"] = report
         summary["adapter"] = str(fs.outdir / "adapter.pt")
     return summary
+
+
+def check_outdir_not_base(ckpt: Path, outdir: Path) -> None:
+    """Refuse an --outdir that is the base checkpoint's own run directory (the base is an input)."""
+    from minillm.rundir import same_file
+
+    if same_file(Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent, Path(outdir)):
+        raise UsageError(f"--outdir {outdir} is the directory of the base checkpoint --ckpt {ckpt}, an input of "
+                         f"this run; choose another --outdir")
 
 
 def _lora_report(model: nn.Module, mcfg: ModelConfig, lora: LoRAConfig | None, log) -> dict[str, int] | None:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,6 @@ from minillm import distributed
 from minillm.checkpoint import (
     RunLock,
     atomic_link,
-    atomic_open,
     atomic_write_json,
     clean_stale_temps,
     load_checkpoint,
@@ -49,7 +46,16 @@ from minillm.optim import (
     rescheduled,
     schedule_for,
 )
-from minillm.rundir import check_resume, config_diff, prepare_outdir, refuse_diffs
+from minillm.rundir import (
+    check_resume,
+    config_diff,
+    inputs_of,
+    prepare_outdir,
+    refuse_diffs,
+    replacing,
+    run_config,
+    write_run_files,
+)
 from minillm.trainlog import (
     PEAK_FLOPS,
     TrainLog,
@@ -72,7 +78,6 @@ __all__ = ["PEAK_FLOPS", "RunSpec", "RunState", "train", "fit", "lr_at", "config
 RUN_FORMAT = 1
 LENGTH_KEYS = ("max_steps", "epochs", "max_time")
 MAX_BAD_STEPS = 5  # non-finite steps in a row that stop the run
-ARTIFACTS = ("ckpt_best.pt", "ckpt_last.pt", "history.json", "curves.png", "config.json", "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -178,14 +183,16 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
 
 @contextlib.contextmanager
 def _claim_outdir(spec: RunSpec, dist: distributed.Dist):
-    """Rank 0 checks, locks (for the whole run) and cleans the run directory; the other ranks wait for it."""
+    """Rank 0 checks, locks (for the whole run) and cleans the run directory; the other ranks wait for it.
+    Yields notes for the log (``rundir.prepare_outdir``)."""
+    notes: list[str] = []
     with contextlib.ExitStack() as stack:
         with distributed.main_first(dist):
             if dist.is_main:
-                prepare_outdir(spec)
+                notes = prepare_outdir(spec, inputs_of(spec))
                 stack.enter_context(RunLock(spec.outdir))
                 clean_stale_temps(spec.outdir)
-        yield
+        yield notes
 
 
 def _per_rank_eval(tcfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
@@ -197,7 +204,7 @@ def _per_rank_eval(tcfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
 def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distributed.Dist) -> dict[str, Any]:
     from minillm import dataset as ds
 
-    t_entry, main = spec.started or time.time(), is_main_process()
+    t_entry = spec.started or time.time()
     if spec.tensorboard:
         check_tensorboard()
     device = dist.device if dist.enabled else resolve_device(tcfg.device)  # refuse impossible settings early
@@ -210,8 +217,8 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
         raise UsageError(problem)
     with _Signals() as sig:
         sig.outdir = spec.outdir
-        with _claim_outdir(spec, dist):  # under torchrun, rank 0 checks, locks and writes the run directory
-            old = json.loads((spec.outdir / "config.json").read_text()) if spec.resume else None
+        with _claim_outdir(spec, dist) as notes:  # under torchrun, rank 0 checks, locks and writes the run directory
+            old = run_config(spec.outdir) if spec.resume else None
             tok_sha = sha256_file(spec.tokenizer)
             if old is not None:
                 check_resume(spec, old, mcfg, tcfg, tok_sha)
@@ -221,6 +228,8 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
                 torch.backends.cuda.matmul.allow_tf32 = True
                 torch.backends.cudnn.allow_tf32 = True
             log = TrainLog(spec.log_format)
+            for note in notes:
+                log.event(note)
             log.event(f"encoding {spec.corpus} into the token cache")
             with distributed.main_first(dist):  # rank 0 builds the token cache; then the other ranks open it
                 data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
@@ -232,28 +241,19 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
                        "val_doc_ids": data.val_doc_ids, "world_size": dist.world_size}
             if old is not None:
                 refuse_diffs(config_diff(old, run_cfg))
-            if main:
-                if spec.overwrite:
-                    for name in ARTIFACTS:
-                        (spec.outdir / name).unlink(missing_ok=True)
-                    shutil.rmtree(spec.outdir / "tb", ignore_errors=True)
-                atomic_write_json(spec.outdir / "config.json", run_cfg)
-                if Path(spec.tokenizer).resolve() != (spec.outdir / "tokenizer.json").resolve():
-                    with open(spec.tokenizer, "rb") as src, atomic_open(spec.outdir / "tokenizer.json") as dst:
-                        shutil.copyfileobj(src, dst)
-            if spec.tensorboard:
-                log.open_tensorboard(spec.outdir / "tb")
             log.event("config", model=to_dict(mcfg), train=to_dict(tcfg))
             try:
-                return _build_and_fit(spec, mcfg, tcfg, old, data, device, dtype, tok_sha, t_entry, log, sig, dist)
+                return _build_and_fit(spec, mcfg, tcfg, old, data, device, dtype, tok_sha, t_entry, log, sig, run_cfg,
+                                      dist)
             except torch.OutOfMemoryError as e:
                 raise MiniLLMError(oom_message(mcfg, tcfg, spec.outdir)) from e
 
 
 def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dict | None, data, device, dtype,
-                   tok_sha: str, t_entry: float, log: TrainLog, sig: _Signals,
+                   tok_sha: str, t_entry: float, log: TrainLog, sig: _Signals, run_cfg: dict[str, Any],
                    dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
-    """Model, optimizer, scaler, restored state and schedule; then the loop."""
+    """Model, optimizer, scaler, restored state and schedule; then the run's files (an old run in the way is set
+    aside until the first checkpoint: ``rundir.replacing``) and the loop."""
     from minillm.model import GPT
 
     model = GPT(mcfg).to(device)
@@ -279,8 +279,14 @@ def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dic
         ctx.update(dist=dist, sharded=fsdp,
                    train_model=ctx["compiled"] if fsdp else distributed.wrap_ddp(ctx["compiled"], dist),
                    val_batches=data.val_batches[dist.rank :: dist.world_size])
-    with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
-        return fit(spec, mcfg, tcfg, state, ctx, log, sig)
+    with replacing(spec.outdir, inputs_of(spec), active=ctx["main"] and old is None) as saved:
+        if ctx["main"]:
+            write_run_files(spec.outdir, run_cfg, spec.tokenizer)
+        if spec.tensorboard:
+            log.open_tensorboard(spec.outdir / "tb")
+        ctx["saved"] = saved
+        with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
+            return fit(spec, mcfg, tcfg, state, ctx, log, sig)
 
 
 def _restore(path: Path, model, opts, scaler, loader, device: torch.device, load_weights=None,
@@ -356,6 +362,8 @@ def save_run(path: Path, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: Tr
     }
     hook = ctx.get("ckpt_hook")  # finetune: adds its record; LoRA: merged weights + the adapter apart
     save_checkpoint(path, hook(ckpt) if hook else ckpt)
+    if "saved" in ctx:  # the first checkpoint of a run that replaces another: the old one goes
+        ctx["saved"]()
 
 
 # ---------------------------------------------------------------- evaluation and time budgets

@@ -255,8 +255,11 @@ def test_out_rules(tmp_path, tokenizer_path):
     (out / "stale.txt").write_text("old")
     with pytest.raises(UsageError, match="--overwrite"):
         export(run, out)
+    with pytest.raises(UsageError, match="stale.txt"):  # a file export did not write is never deleted
+        export(run, out, overwrite=True)
+    (out / "stale.txt").unlink()
     export(run, out, overwrite=True)
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     with pytest.raises(UsageError, match="holds the input"):
         export(run, tmp_path, overwrite=True)  # would delete the checkpoint itself
     with pytest.raises(UsageError, match=r"\*\.safetensors"):

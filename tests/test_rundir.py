@@ -41,11 +41,13 @@ def test_prepare_outdir_refuses_an_existing_run_untouched(tmp_path):
     out = tmp_path / "run"
     prepare_outdir(spec(out))  # new: created
     assert out.is_dir()
-    (out / "history.json").write_text("{}")
+    (out / "config.json").write_text('{"format": 1, "model": {}, "train": {}}')  # a run with a checkpoint
+    (out / "ckpt_last.pt").write_text("x")
     with pytest.raises(MiniLLMError, match="--resume.*--overwrite"):
         prepare_outdir(spec(out))
-    assert (out / "history.json").read_text() == "{}"
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt_last.pt", "config.json"]
     prepare_outdir(spec(out, overwrite=True))  # allowed
+    (out / "ckpt_last.pt").unlink()
     with pytest.raises(MiniLLMError, match="no checkpoint"):
         prepare_outdir(spec(out, resume=True))
     with pytest.raises(UsageError):

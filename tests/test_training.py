@@ -151,9 +151,10 @@ def test_existing_outdir_is_refused_untouched(tmp_path, tokenizer_path, corpus, 
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     args = ["train", "-t", str(tokenizer_path), "-c", str(corpus), "-o", str(out), "--device", "cpu"]
-    r = runner.invoke(app, args)
-    assert r.exit_code == 1 and "--resume" in r.stderr and "--overwrite" in r.stderr
-    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    for extra in ([], ["--overwrite"]):  # not a run: neither taken over nor replaced
+        r = runner.invoke(app, [*args, *extra])
+        assert r.exit_code == 1 and "not a minillm run" in r.stderr and "another --outdir" in r.stderr
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
     r = runner.invoke(app, [*args, "--resume"])
     assert r.exit_code == 1 and "no checkpoint" in r.stderr
 
