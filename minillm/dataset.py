@@ -3,9 +3,11 @@
 Cache layout (``--cache-dir``, default ``RUN/cache``; one ``sourceN/`` subdirectory per corpus of a
 mixture): ``tokens.bin`` holds every document as ``<|doc|>`` followed by its tokens (uint16 when the
 vocabulary fits, else uint32); ``docs.npy`` holds the start offset of each document plus the end;
-``meta.json`` records the sha256 of the tokenizer and corpus files the cache was built from. The cache
-is rebuilt only when either changes. Encoding runs ``encode_batch`` (all CPU cores) on batches of about
-``BATCH_CHARS`` characters while a reader thread prepares the next batch: memory stays bounded.
+``meta.json`` records the sha256 of the tokenizer and corpus files the cache was built from, and of its
+own files. The cache is rebuilt when either input changes, or when ``open_token_cache`` finds it damaged
+(sizes and offsets are checked at every start; the checksums only for a small cache). Encoding runs
+``encode_batch`` (all CPU cores) on batches of about ``BATCH_CHARS`` characters while a reader thread
+prepares the next batch: memory stays bounded.
 
 The split is by document: document ``i`` goes to validation when a seeded splitmix64 hash of ``i``
 falls below ``val_fraction`` (see ``split_documents``; it does not depend on the text). Each split's
@@ -18,12 +20,12 @@ short ones are packed. A window crosses into another document only through that 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import math
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,8 @@ from minillm.checkpoint import atomic_open, atomic_write_json, sha256_file
 from minillm.errors import MiniLLMError, UsageError
 
 CACHE_FORMAT = 2
+VERIFY_BYTES = 32 << 20  # a token cache (or split) up to this size has its checksum verified at every start
+SPOT_CHECKS = 1024  # document starts whose <|doc|> token is checked at every start
 BATCH_CHARS = 4 << 20  # characters of text per encode_batch call: bounded memory, enough to fill the cores
 ALIGN_SLACK = 4  # a window moves back to a document start when that costs at most 1/ALIGN_SLACK overlap
 SEPARATOR = "<|doc|>"
@@ -158,12 +162,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
+class CacheDamaged(MiniLLMError):
+    """A token cache that is not what its ``meta.json`` says; it is rebuilt, never used."""
+
+
+def _stderr_note(msg: str) -> None:
+    print(f"note: {msg}", file=sys.stderr, flush=True)
+
+
 def build_token_cache(tokenizer_path: Path, corpus_path: Path, cache_dir: Path,
                       progress: Callable[[int], None] | None = None, dtype: np.dtype | str | None = None,
-                      batch_chars: int = BATCH_CHARS) -> TokenCache:
+                      batch_chars: int = BATCH_CHARS, note: Callable[[str], None] = _stderr_note) -> TokenCache:
     """Encode ``corpus_path`` with the tokenizer into ``cache_dir``, or reuse a cache built from the same
-    two files (sha256 of both). ``progress(bytes_done)`` is called per batch. ``dtype`` forces the token
-    type (default: uint16 when the vocabulary fits, else uint32)."""
+    two files (sha256 of both) that ``open_token_cache`` finds intact; a damaged cache, or one from a version
+    without checksums, is rebuilt after saying so through ``note``. ``progress(bytes_done)`` is called per
+    batch. ``dtype`` forces the token type (default: uint16 when the vocabulary fits, else uint32)."""
     from minillm.tokenizer import doc_id, load_tokenizer
 
     corpus_path, cache_dir = Path(corpus_path), Path(cache_dir)
@@ -177,18 +190,24 @@ def build_token_cache(tokenizer_path: Path, corpus_path: Path, cache_dir: Path,
     key = {"format": CACHE_FORMAT, "tokenizer_sha256": sha256_file(tokenizer_path),
            "corpus_sha256": sha256_file(corpus_path), "dtype": dtype.name}
     meta_path = cache_dir / "meta.json"
-    if meta_path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            meta = json.loads(meta_path.read_text())
-            if all(meta.get(k) == v for k, v in key.items()):
+    if meta_path.exists():
+        try:
+            if all(_read_meta(cache_dir).get(k) == v for k, v in key.items()):  # else built from other files
                 return open_token_cache(cache_dir)
+        except CacheDamaged as e:
+            note(f"{e}; rebuilding")
+        meta_path.unlink()  # until the rebuild is complete, no meta.json: an interrupted one is redone
+        for tag in cache_dir.glob("*.key"):  # the splits are rewritten from the new tokens
+            tag.unlink()
     doc = doc_id(tok)
     starts: list[np.ndarray] = []
     n = 0
+    digest = hashlib.sha256()
     with atomic_open(cache_dir / "tokens.bin", "wb") as f:
         for texts, flags, n_bytes in _prefetched(_piece_batches(corpus_path, batch_chars)):
             ids, doc_offsets = encode_pieces(tok, texts, flags, doc, dtype)
             ids.tofile(f)
+            digest.update(ids)
             starts.append(doc_offsets + n)
             n += len(ids)
             if progress:
@@ -200,19 +219,68 @@ def build_token_cache(tokenizer_path: Path, corpus_path: Path, cache_dir: Path,
     with atomic_open(cache_dir / "docs.npy", "wb") as f:
         np.save(f, doc_starts)
     meta = {**key, "vocab_size": vocab, "doc_id": doc, "n_docs": len(doc_starts) - 1, "n_tokens": n,
-            "corpus": str(corpus_path)}
+            "corpus": str(corpus_path), "tokens_sha256": digest.hexdigest(),
+            "docs_sha256": hashlib.sha256(doc_starts).hexdigest()}
     atomic_write_json(meta_path, meta)
     return open_token_cache(cache_dir)
 
 
+def _read_meta(cache_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheDamaged(f"token cache {cache_dir} is damaged (meta.json is unreadable: {e})") from e
+    if not isinstance(meta, dict):
+        raise CacheDamaged(f"token cache {cache_dir} is damaged (meta.json holds no record)")
+    return meta
+
+
 def open_token_cache(cache_dir: Path) -> TokenCache:
+    """Open a token cache after checking it against its ``meta.json``: the file sizes, the document offsets,
+    ``<|doc|>`` at up to ``SPOT_CHECKS`` document starts, and, for a cache of at most ``VERIFY_BYTES``, the
+    checksums (a big cache is not hashed at every start). Raises ``CacheDamaged``."""
     cache_dir = Path(cache_dir)
-    meta = json.loads((cache_dir / "meta.json").read_text())
-    n = int(meta["n_tokens"])
-    dtype = np.dtype(meta["dtype"])
-    tokens = np.memmap(cache_dir / "tokens.bin", dtype=dtype, mode="r") if n else np.zeros(0, dtype)
-    starts = np.load(cache_dir / "docs.npy")
+    meta = _read_meta(cache_dir)
+    if "tokens_sha256" not in meta:
+        raise CacheDamaged(f"token cache {cache_dir} was written by an earlier version (no checksum)")
+    problem, tokens, starts = _cache_problem(cache_dir, meta)
+    if problem:
+        raise CacheDamaged(f"token cache {cache_dir} is damaged ({problem})")
     return TokenCache(cache_dir, tokens, starts, meta)
+
+
+def _cache_problem(cache_dir: Path, meta: dict[str, Any]) -> tuple[str | None, Any, Any]:
+    """``(what is wrong or None, tokens memmap, document offsets)`` of a cache with a checksum."""
+    try:
+        n, n_docs, doc, dtype = int(meta["n_tokens"]), int(meta["n_docs"]), int(meta["doc_id"]), np.dtype(meta["dtype"])
+    except (KeyError, TypeError, ValueError) as e:
+        return f"meta.json lacks or garbles {e}", None, None
+    if n < 1 or n_docs < 1:
+        return f"meta.json says {n} tokens in {n_docs} documents", None, None
+    path = cache_dir / "tokens.bin"
+    size = path.stat().st_size if path.is_file() else None
+    if size != n * dtype.itemsize:
+        held = "is missing" if size is None else f"holds {size} bytes"
+        return f"tokens.bin {held}; meta.json says {n} tokens of {dtype.itemsize} bytes", None, None
+    try:
+        starts = np.load(cache_dir / "docs.npy")
+    except (OSError, ValueError) as e:
+        return f"docs.npy is unreadable: {str(e)[:80]}", None, None
+    if (starts.dtype != np.int64 or starts.shape != (n_docs + 1,) or starts[0] != 0 or starts[-1] != n
+            or np.any(np.diff(starts) < 1)):
+        return f"docs.npy does not hold the {n_docs} document offsets meta.json says", None, None
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    sample = starts[np.linspace(0, n_docs - 1, min(n_docs, SPOT_CHECKS)).astype(np.int64)]
+    if np.any(tokens[sample] != doc):
+        return "tokens.bin does not hold <|doc|> where docs.npy says a document starts", None, None
+    if size + starts.nbytes <= VERIFY_BYTES and not (_digest_ok(tokens, meta["tokens_sha256"])
+                                                     and _digest_ok(starts, meta.get("docs_sha256"))):
+        return "tokens.bin or docs.npy does not match the checksum in meta.json", None, None
+    return None, tokens, starts
+
+
+def _digest_ok(data: np.ndarray, recorded: Any) -> bool:
+    return hashlib.sha256(np.ascontiguousarray(data)).hexdigest() == recorded
 
 
 # ---------------------------------------------------------------- split and streams
@@ -258,9 +326,12 @@ class Stream:
         return len(self.tokens)
 
 
-def write_stream(cache: TokenCache, doc_ids: np.ndarray, path: Path) -> Stream:
+def write_stream(cache: TokenCache, doc_ids: np.ndarray, path: Path,
+                 note: Callable[[str], None] = _stderr_note) -> Stream:
     """Lay the given documents end to end in a file (reused when it holds the same documents of the
-    same cache)."""
+    same cache, has the right size and, up to ``VERIFY_BYTES``, matches its checksum; else rewritten,
+    after saying so through ``note`` when it was damaged). ``PATH.key`` holds the documents' digest and
+    the file's sha256."""
     ids = np.sort(np.asarray(doc_ids, dtype=np.int64))
     h = hashlib.sha256(ids.tobytes())
     h.update(json.dumps([cache.meta.get(k) for k in ("tokenizer_sha256", "corpus_sha256", "dtype")]).encode())
@@ -268,17 +339,31 @@ def write_stream(cache: TokenCache, doc_ids: np.ndarray, path: Path) -> Stream:
     lens = (cache.doc_starts[ids + 1] - cache.doc_starts[ids]) if len(ids) else np.zeros(0, np.int64)
     starts = np.zeros(len(ids), dtype=np.int64)
     np.cumsum(lens[:-1], out=starts[1:])
+    n, dtype = int(lens.sum()), cache.tokens.dtype
     tag = path.with_suffix(".key")
-    if not (path.is_file() and tag.is_file() and tag.read_text() == digest):
-        with atomic_open(path, "wb") as f:
-            for a, b in _contiguous_runs(ids):
-                lo, hi = int(cache.doc_starts[a]), int(cache.doc_starts[b])
-                for s in range(lo, hi, 1 << 24):
-                    np.asarray(cache.tokens[s : min(hi, s + (1 << 24))]).tofile(f)
-        tag.write_text(digest)
-    n = int(lens.sum())
-    tokens = np.memmap(path, dtype=cache.tokens.dtype, mode="r") if n else np.zeros(0, cache.tokens.dtype)
-    return Stream(tokens, starts)
+    key, _, recorded = (tag.read_text() if tag.is_file() else "").partition("\n")
+    if key == digest and recorded and path.is_file():
+        size = path.stat().st_size
+        if size != n * dtype.itemsize:
+            note(f"token cache {path} is damaged ({size} bytes, {n * dtype.itemsize} expected); rewriting")
+        elif size > VERIFY_BYTES or _digest_ok(_tokens_at(path, n, dtype), recorded):
+            return Stream(_tokens_at(path, n, dtype), starts)
+        else:
+            note(f"token cache {path} is damaged (it does not match its checksum); rewriting")
+    sha = hashlib.sha256()
+    with atomic_open(path, "wb") as f:
+        for a, b in _contiguous_runs(ids):
+            lo, hi = int(cache.doc_starts[a]), int(cache.doc_starts[b])
+            for s in range(lo, hi, 1 << 24):
+                chunk = np.asarray(cache.tokens[s : min(hi, s + (1 << 24))])
+                chunk.tofile(f)
+                sha.update(chunk)
+    tag.write_text(f"{digest}\n{sha.hexdigest()}")
+    return Stream(_tokens_at(path, n, dtype), starts)
+
+
+def _tokens_at(path: Path, n: int, dtype: np.dtype) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
 
 
 def _contiguous_runs(ids: np.ndarray) -> list[tuple[int, int]]:
@@ -598,9 +683,10 @@ def _too_short(n: int, block_size: int) -> MiniLLMError:
 
 
 def prepare_data(tokenizer: Path, corpus: Path | Mixture, cache_dir: Path, block_size: int, tcfg,
-                 val_file: Path | None = None, rank: int = 0, world_size: int = 1) -> RunData:
+                 val_file: Path | None = None, rank: int = 0, world_size: int = 1,
+                 note: Callable[[str], None] = _stderr_note) -> RunData:
     """Encode (or reuse) the token cache of each corpus, split train/validation by document, and build
-    the loader (``corpus`` a Path, or a ``Mixture`` of several)."""
+    the loader (``corpus`` a Path, or a ``Mixture`` of several). ``note`` says when a damaged cache is rebuilt."""
     mixture = corpus if isinstance(corpus, Mixture) else None
     corpora = mixture.corpora if mixture else (Path(corpus),)
     cache_dir = Path(cache_dir)
@@ -609,7 +695,7 @@ def prepare_data(tokenizer: Path, corpus: Path | Mixture, cache_dir: Path, block
     sources, vals, infos, caches = [], [], [], []
     for i, path in enumerate(corpora):
         cdir = cache_dir / f"source{i}" if mixture else cache_dir
-        cache = build_token_cache(tokenizer, path, cdir)
+        cache = build_token_cache(tokenizer, path, cdir, note=note)
         caches.append(cache)
         if val_file:
             val_ids = np.zeros(0, dtype=np.int64)
@@ -617,8 +703,8 @@ def prepare_data(tokenizer: Path, corpus: Path | Mixture, cache_dir: Path, block
         else:
             val_ids = split_documents(cache.n_docs, tcfg.val_fraction, tcfg.seed)
             train_ids = np.setdiff1d(np.arange(cache.n_docs), val_ids)
-            vals.append(write_stream(cache, val_ids, cdir / "val.bin"))
-        train = write_stream(cache, train_ids, cdir / "train.bin")
+            vals.append(write_stream(cache, val_ids, cdir / "val.bin", note))
+        train = write_stream(cache, train_ids, cdir / "train.bin", note)
         starts = window_starts(len(train), block_size, stride, train.doc_starts)
         if len(starts) == 0:
             raise _too_short(len(train), block_size)
@@ -631,8 +717,8 @@ def prepare_data(tokenizer: Path, corpus: Path | Mixture, cache_dir: Path, block
         for info, w in zip(infos, weights, strict=True):
             info["weight"] = round(float(w), 6)
     if val_file:
-        vcache = build_token_cache(tokenizer, val_file, cache_dir / "val")
-        vstream = write_stream(vcache, np.arange(vcache.n_docs), cache_dir / "val" / "val.bin")
+        vcache = build_token_cache(tokenizer, val_file, cache_dir / "val", note=note)
+        vstream = write_stream(vcache, np.arange(vcache.n_docs), cache_dir / "val" / "val.bin", note)
         picks = [(vstream, _val_starts(vstream, block_size, n_val))]
     else:  # each corpus contributes validation windows in proportion to its weight
         shares = [max(1, round(n_val * s.weight)) for s in sources] if mixture else [n_val]

@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from minillm.config import ModelConfig, model_from_dict, to_dict
+from minillm.config import ModelConfig, to_dict
 from minillm.errors import MiniLLMError, UsageError
 
 EXPORT_FORMAT = 1
@@ -327,7 +327,7 @@ def export_hf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out: 
     except OSError as e:
         raise write_error(out, e, "check the directory exists and is writable") from e
     try:
-        st.save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        st.save_file(tensors, str(tmp / WEIGHTS), metadata=_weights_metadata(tensors, {"format": "pt"}))
         atomic_write_json(tmp / "config.json", hf_config(cfg, s, dname, info))
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": s["doc"], "eos_token_id": s["doc"], "pad_token_id": s["pad"]})
@@ -363,11 +363,18 @@ def export_safetensors(model_sd: dict[str, Any], cfg: ModelConfig, out: Path, *,
     meta = {"format": "pt", "minillm_format": str(EXPORT_FORMAT), "model_config": json.dumps(to_dict(cfg))}
     for k, v in (minillm or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    data = st.save(tensors, metadata=meta)
+    data = st.save(tensors, metadata=_weights_metadata(tensors, meta))
     with atomic_open(out, "wb") as f:
         f.write(data)
     return {"out": str(out), "format": "safetensors", "dtype": str(tdt).removeprefix("torch."),
             "tensors": len(tensors), "params": sum(t.numel() for t in tensors.values()), "files": [out.name]}
+
+
+def _weights_metadata(tensors: dict[str, Any], meta: dict[str, str]) -> dict[str, str]:
+    """A safetensors file's metadata plus ``tensors_sha256`` of its tensors, which ``load_exported`` verifies."""
+    from minillm.checkpoint import tensors_sha256
+
+    return {**meta, "tensors_sha256": tensors_sha256(tensors)}
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -383,6 +390,7 @@ def load_exported(path: Path | str, device: str = "cpu"):
     """Rebuild our ``GPT`` (eval mode) from an export. Returns ``(model, state)`` like
     ``checkpoint.load_model``: ``state`` has ``path`` (beside which ``tokenizer.json`` is looked for),
     ``model_config``, ``tokenizer_sha256`` and ``train_config`` (``doc_masking`` only)."""
+    from minillm.checkpoint import checked_model_config, tensors_sha256
     from minillm.model import GPT
 
     st = _safetensors_torch()
@@ -396,9 +404,13 @@ def load_exported(path: Path | str, device: str = "cpu"):
         tensors = st.load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types on a bad header
         raise MiniLLMError(f"--ckpt: {weights} is not a readable safetensors file ({str(e)[:100]}); re-export it") from e
+    if "tensors_sha256" in meta and meta["tensors_sha256"] != tensors_sha256(tensors):  # exports before it: none
+        raise MiniLLMError(f"--ckpt: {weights} is corrupted (its tensors do not match the checksum stored in it); "
+                           f"export it again from its run (minillm export --ckpt RUN)")
+    where = f"--ckpt: {weights}"
     cfg_json = weights.parent / "config.json"
     if "model_config" in meta:  # --format safetensors: our names, our config
-        cfg, sd = model_from_dict(json.loads(meta["model_config"])), tensors
+        cfg, sd = checked_model_config(_maybe_json(meta["model_config"]), tensors, where), tensors
         if cfg.tie_embeddings:
             sd["lm_head.weight"] = sd["tok_emb.weight"]
         info = {k: _maybe_json(v) for k, v in meta.items() if k not in ("format", "model_config")}
@@ -406,7 +418,11 @@ def load_exported(path: Path | str, device: str = "cpu"):
         from minillm.rundir import read_json
 
         hf = read_json(cfg_json, "re-export the model with `minillm export`")
-        cfg = config_from_hf(hf, str(cfg_json))
+        try:
+            cfg = config_from_hf(hf, str(cfg_json))
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as e:
+            raise MiniLLMError(f"--ckpt: cannot read {cfg_json}: {str(e)[:100]}; re-export the model") from e
+        cfg = checked_model_config(to_dict(cfg), tensors, where)
         sd, info = from_hf_state_dict(tensors, cfg), hf.get("minillm") or {}
     else:
         raise MiniLLMError(f"--ckpt: {weights} has neither minillm metadata nor a config.json beside it; "

@@ -51,9 +51,10 @@ from minillm.checkpoint import (
     RunLock,
     clean_stale_temps,
     load_checkpoint,
+    model_config_of,
     sha256_file,
 )
-from minillm.config import ModelConfig, TrainConfig, model_from_dict, to_dict, train_from_dict, validate
+from minillm.config import ModelConfig, TrainConfig, to_dict, train_from_dict, validate
 from minillm.errors import MiniLLMError, UsageError
 from minillm.lora import LoRAConfig
 
@@ -384,7 +385,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     check_outdir_not_base(fs.ckpt, fs.outdir)
     base = load_checkpoint(fs.ckpt)
     base_path = Path(base["path"])
-    mcfg = dataclasses.replace(model_from_dict(base["model_config"]),
+    mcfg = dataclasses.replace(model_config_of(base),
                                **{k: v for k, v in model_overrides.items() if v is not None})
     from minillm.model import liger_kernel
 
@@ -422,7 +423,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
             else:
                 log.event(f"encoding {fs.data} into the token cache")
                 data = ds.prepare_data(tok_path, Path(fs.data), ds.cache_dir_for(fs.outdir, fs.cache_dir),
-                                       mcfg.block_size, tcfg, val_file=fs.val_file)
+                                       mcfg.block_size, tcfg, val_file=fs.val_file, note=log.event)
             if data.vocab_size > mcfg.vocab_size:
                 raise MiniLLMError(f"--tokenizer {tok_path} has {data.vocab_size} tokens, more than the base model's "
                                    f"{mcfg.vocab_size}; use the base run's tokenizer")

@@ -199,20 +199,14 @@ def save_adapter_tensors(path: Path | str, tensors: dict[str, Tensor], cfg: LoRA
 
 
 def load_adapter(path: Path | str) -> dict[str, Any]:
-    """Read an adapter file (``weights_only=True``); refuses files that are not minillm adapters."""
-    import pickle
-    import warnings
+    """Read an adapter file (``weights_only=True``, its ``tensors_sha256`` verified when it has one); refuses
+    files that are not minillm adapters."""
+    from minillm.checkpoint import read_tensor_file
 
     path = Path(path)
     if not path.is_file():
         raise MiniLLMError(f"--adapter: {path} does not exist; give the adapter.pt a LoRA finetune run wrote")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ad = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise MiniLLMError(f"--adapter: {path} is not a readable adapter file "
-                           f"({(str(e).splitlines() or [''])[0][:100]}); use the adapter.pt of a LoRA run") from e
+    ad = read_tensor_file(path, "--adapter")
     if not isinstance(ad, dict) or ad.get("kind") != ADAPTER_KIND:
         raise MiniLLMError(f"--adapter: {path} is not a LoRA adapter (a checkpoint? give it to --ckpt instead)")
     ad["path"] = str(path)

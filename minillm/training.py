@@ -234,7 +234,7 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
             with distributed.main_first(dist):  # rank 0 builds the token cache; then the other ranks open it
                 data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
                                        mcfg.block_size, _per_rank_eval(tcfg, dist), val_file=spec.val_file,
-                                       rank=dist.rank, world_size=dist.world_size)
+                                       rank=dist.rank, world_size=dist.world_size, note=log.event)
             mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))
             run_cfg = {"format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg),
                        "train": to_dict(tcfg), "data": {"tokenizer_sha256": tok_sha, **data.meta},
@@ -295,7 +295,7 @@ def _restore(path: Path, model, opts, scaler, loader, device: torch.device, load
     ``load_weights(model, ckpt)`` replaces the plain ``load_state_dict`` (finetune: a LoRA adapter).
     ``sharded``: the model was sharded by ``distributed.wrap_fsdp``; each rank keeps its shard of the
     checkpoint's whole weights and optimizer state (the format is the same)."""
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, flag="--resume")
     try:
         if sharded:
             distributed.load_full_state_dicts(model, opts, ck["model"], ck["optimizer"])
