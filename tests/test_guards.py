@@ -213,8 +213,8 @@ def test_an_overlong_line_is_read_in_pieces_cut_where_the_tokens_do_not_change(t
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\r", "\r\n", "<|doc|>", "<|doc|>\n", "de fg"]),
-                max_size=200).map("".join), st.integers(32, 64))
+@given(st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\r", "\r\n", "<|doc|>", "<|doc|>\n", "de fg",
+                                 "ab cd " * 30, "x" * 200]), max_size=200).map("".join), st.integers(32, 64))
 def test_pieces_hold_each_documents_text_and_stay_bounded_whatever_the_lines(tmp_path_factory, text, limit):
     from minillm import dataset as ds
     from minillm.corpus import iter_documents
