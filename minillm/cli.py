@@ -233,6 +233,8 @@ def init_tokenizer(
     tok = tk.train_tokenizer(tk.iter_training_texts(paths), vocab_size, model=model, min_frequency=min_frequency,
                              special_tokens=special_tokens, show_progress=sys.stderr.isatty())
     tk.save_tokenizer(tok, out)
+    if warning := tk.shortfall(tok, vocab_size, model, min_frequency):
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
     sample = [d[:20000] for _, d in zip(range(200), tk.iter_training_texts(paths), strict=False)]
     info = tk.describe(tok, sample)
     info["path"] = str(out)
@@ -420,7 +422,7 @@ def _dry_run(tokenizer: Path, mcfg, tcfg) -> None:
     with torch.device("meta"):
         model = GPT(mcfg)
     total, non_emb = model.num_params(), model.num_params(non_embedding=True)
-    mem = estimate_memory(mcfg, tcfg.batch_size)
+    mem = estimate_memory(mcfg, tcfg.batch_size, optimizer=tcfg.optimizer)
     report = {"model": to_dict(mcfg), "train": to_dict(tcfg), "params": total, "params_embedding": total - non_emb,
               "params_non_embedding": non_emb, "flops_per_token": model.flops_per_token(), "memory_estimate": mem}
     typer.echo(json.dumps(report, indent=2))
@@ -472,13 +474,20 @@ def generate(
         (stream and batch_generate, "--stream prints one sample at a time; drop --batch-generate"),
         (stream and (as_json or output is not None), "--stream prints text to the terminal; drop --json / --output"),
     ) if bad]
+    problems += [m for m in (_not_utf8("--prompt", prompt), *(_not_utf8("--stop", s) for s in stop or ())) if m]
     if problems:
         raise UsageError("; ".join(problems))
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise MiniLLMError(f"--prompt-file: {prompt_file} "
                                + ("is a directory; give a file" if prompt_file.is_dir() else "does not exist"))
-        prompts = [line for line in prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise MiniLLMError(f"--prompt-file: {prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                               f"offset {e.start}); re-encode it, e.g. `iconv -f latin1 -t utf-8 {prompt_file} > "
+                               f"prompts.txt` (or `minillm prepare-corpus`, which reads cp1252)") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
         if not prompts:
             raise MiniLLMError(f"--prompt-file: {prompt_file} holds no prompts (one per line)")
     else:
@@ -518,6 +527,19 @@ def generate(
 
         atomic_write_text(output, text)
         typer.echo(f"wrote {len(records)} sample(s) to {output}", err=True)
+
+
+def _not_utf8(flag: str, text: str | None) -> str | None:
+    """A problem line when a command-line text holds bytes that are not UTF-8 (Python keeps each as a lone
+    surrogate, which the tokenizer cannot take)."""
+    try:
+        (text or "").encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        c = ord(e.object[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        return (f"{flag} holds {what} at character {e.start + 1}, which is not UTF-8 text; set the terminal to UTF-8 "
+                f"(e.g. LANG=C.UTF-8) or put the text in a UTF-8 file and pass --prompt-file")
 
 
 @app.command()

@@ -7,7 +7,12 @@ vocabulary fits, else uint32); ``docs.npy`` holds the start offset of each docum
 own files. The cache is rebuilt when either input changes, or when ``open_token_cache`` finds it damaged
 (sizes and offsets are checked at every start; the checksums only for a small cache). Encoding runs
 ``encode_batch`` (all CPU cores) on batches of about ``BATCH_CHARS`` characters while a reader thread
-prepares the next batch: memory stays bounded.
+prepares the next batch: memory stays bounded, whatever
+the lines: a document longer than a batch, and a line longer than ``LINE_CHARS``, is encoded in pieces
+(``iter_pieces``). Pieces are cut at pre-token boundaries of the byte-level BPE, so they encode exactly as
+the whole, except where none comes (a "word" longer than ``LINE_CHARS``, a long document whose lines all
+start with spaces): there the tokens next to the cut may differ slightly from those of the whole text (the
+decoded text is the same).
 
 The split is by document: document ``i`` goes to validation when a seeded splitmix64 hash of ``i``
 falls below ``val_fraction`` (see ``split_documents``; it does not depend on the text). Each split's
@@ -25,12 +30,13 @@ import itertools
 import json
 import math
 import queue
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -41,8 +47,10 @@ CACHE_FORMAT = 2
 VERIFY_BYTES = 32 << 20  # a token cache (or split) up to this size has its checksum verified at every start
 SPOT_CHECKS = 1024  # document starts whose <|doc|> token is checked at every start
 BATCH_CHARS = 4 << 20  # characters of text per encode_batch call: bounded memory, enough to fill the cores
+LINE_CHARS = 1 << 18  # a longer line is encoded in pieces of at most this many characters (~150 bytes each)
 ALIGN_SLACK = 4  # a window moves back to a document start when that costs at most 1/ALIGN_SLACK overlap
 SEPARATOR = "<|doc|>"
+_SPACE_AFTER_WORD = re.compile(r" (?=\S)")  # searched in reversed text: a space that follows a non-space
 
 
 # ---------------------------------------------------------------- reading and encoding
@@ -51,8 +59,10 @@ SEPARATOR = "<|doc|>"
 def iter_pieces(path: Path, limit: int = BATCH_CHARS, separator: str = SEPARATOR) -> Iterator[tuple[str, bool]]:
     """Stream a corpus file as ``(text, starts_document)`` pieces: the documents of
     ``corpus.iter_documents`` (same text), except that a document longer than ``limit`` characters comes
-    in several pieces cut before a line that starts with a non-space character (a byte-level BPE
-    pre-token boundary, so the pieces encode exactly as the whole). Memory holds one piece."""
+    in several pieces cut before a line that starts with a non-space character, and a line longer than
+    ``LINE_CHARS`` (or ``limit``) in pieces of its own (``_bounded_lines``): byte-level BPE pre-token
+    boundaries, so the pieces encode exactly as the whole. A document with no such line within ``2 * limit``
+    characters (every line indented) is cut before any line. Memory holds one piece."""
     buf: list[str] = []
     size, first = 0, True
 
@@ -67,12 +77,14 @@ def iter_pieces(path: Path, limit: int = BATCH_CHARS, separator: str = SEPARATOR
 
     with open(path, encoding="utf-8", newline="") as f:
         try:
-            for line in f:
-                if line.rstrip("\r\n") == separator:
+            # a line's first piece is longer than half the bound, so it is never taken for a separator line
+            for line, line_start in _bounded_lines(f, max(min(limit, LINE_CHARS), 4 * len(separator) + 4)):
+                if line_start and line.rstrip("\r\n") == separator:
                     yield from flush(True)
                     buf, size, first = [], 0, True
                     continue
-                if size >= limit and line[:1].strip() and "".join(buf).strip():
+                cut = not line_start or (size >= limit and (line[:1].strip() or size >= 2 * limit))
+                if cut and "".join(buf).strip():
                     yield from flush(False)
                     buf, size, first = [], 0, False
                 buf.append(line)
@@ -81,6 +93,32 @@ def iter_pieces(path: Path, limit: int = BATCH_CHARS, separator: str = SEPARATOR
             raise MiniLLMError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); "
                                f"clean it with `minillm prepare-corpus`") from e
     yield from flush(True)
+
+
+def _bounded_lines(f: IO[str], limit: int) -> Iterator[tuple[str, bool]]:
+    """The lines of a text stream as ``(text, starts_line)``; a line longer than ``limit`` characters comes in
+    pieces, each cut before the last space that follows a non-space in its second half (a pre-token boundary
+    of the byte-level BPE, Metaspace and Whitespace pre-tokenizers), or at ``limit`` when there is none (a
+    "word" that long). Memory holds two pieces, never the whole line."""
+    buf, start = "", True
+    while part := f.readline(limit):
+        buf += part
+        while len(buf) > limit:
+            cut = _cut_point(buf, limit)
+            yield buf[:cut], start
+            buf, start = buf[cut:], False
+        if buf.endswith(("\n", "\r")):  # else the line goes on
+            yield buf, start
+            buf, start = "", True
+    if buf:
+        yield buf, start
+
+
+def _cut_point(text: str, limit: int) -> int:
+    """Where to cut an over-long line: before the last space in ``text[limit // 2 : limit]`` that follows a
+    non-space, else at ``limit``."""
+    m = _SPACE_AFTER_WORD.search(text[limit // 2 : limit][::-1])
+    return limit - 1 - m.start() if m else limit
 
 
 def _piece_batches(path: Path, limit: int) -> Iterator[tuple[list[str], np.ndarray, int]]:

@@ -159,6 +159,9 @@ def read_jsonl(path: Path, skip_bad_lines: bool = False, log=None) -> tuple[list
                     examples.append(format_example(json.loads(line)))
                 except json.JSONDecodeError as e:
                     bad.append(f"line {n}: not valid JSON ({e.msg} at column {e.colno})")
+                except RecursionError:
+                    bad.append(f"line {n}: nested too deeply to read (arrays or objects inside each other "
+                               f"hundreds of levels deep); an example is one object of strings")
                 except ValueError as e:
                     bad.append(f"line {n}: {e}")
     except UnicodeDecodeError as e:
@@ -211,6 +214,18 @@ def encode_rows(tok, examples: list[Example], block_size: int, pad: int) -> tupl
     return out, {"examples": len(rows), "truncated": truncated, "dropped": dropped, "target_tokens": targets}
 
 
+def _too_long(flag: str, path: Path, tok, examples: list[Example], block_size: int) -> MiniLLMError:
+    """No example leaves a response token inside the block: say how long they are and what to do."""
+    doc = int(tok.token_to_id("<|doc|>"))
+    lens = sorted(len(encode_example(tok, ex, doc)[0]) for ex in examples)
+    span = f"{lens[0]} to {lens[-1]}" if lens[0] < lens[-1] else f"{lens[0]}"
+    return MiniLLMError(
+        f"{flag} {path}: every example is too long for the base model's block of {block_size} tokens: its prompt "
+        f"alone fills the block, leaving no response token to learn (the {len(lens)} example(s) are {span} tokens "
+        f"long); shorten the instructions and inputs to well under {block_size} tokens, or "
+        f"fine-tune a base model trained with a larger --block-size (finetune keeps the base's block size)")
+
+
 def decode_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoded rows -> ``(tokens, targets)``: the tokens themselves, and -1 where a position carries no loss."""
     return torch.where(rows < 0, ~rows, rows), rows.clamp(min=-1)
@@ -247,16 +262,19 @@ def sft_data(fs: FinetuneSpec, tok_path: Path, block_size: int, tcfg: TrainConfi
     tok = load_tokenizer(tok_path)
     examples, bad = read_jsonl(fs.data, fs.skip_bad_lines, log)
     rows, info = encode_rows(tok, examples, block_size, pad_id(tok))
+    if len(rows) == 0:
+        raise _too_long("--data", fs.data, tok, examples, block_size)
     if fs.val_file is not None:
         vex, vbad = read_jsonl(fs.val_file, fs.skip_bad_lines, log)
         val, vinfo = encode_rows(tok, vex, block_size, pad_id(tok))
         train, val_ids = rows, np.zeros(0, dtype=np.int64)
         if len(val) == 0:
-            raise MiniLLMError(f"--val-file {fs.val_file}: no example fits block_size {block_size}")
+            raise _too_long("--val-file", fs.val_file, tok, vex, block_size)
     else:
         if len(rows) < 2:
-            raise MiniLLMError(f"--data {fs.data}: {len(rows)} usable example(s); a validation split needs at least 2 "
-                               f"(or pass --val-file)")
+            dropped = f" ({info['dropped']} more too long for the block of {block_size} tokens)" if info["dropped"] else ""
+            raise MiniLLMError(f"--data {fs.data}: {len(rows)} usable example(s){dropped}; a validation split needs "
+                               f"at least 2 (or pass --val-file)")
         val_ids = ds.split_documents(len(rows), tcfg.val_fraction, tcfg.seed)
         train, val = np.delete(rows, val_ids, axis=0), rows[val_ids]
     if info["truncated"] or info["dropped"]:
@@ -368,6 +386,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         RunState,
         _set_schedule,
         _Signals,
+        check_memory,
         fit,
         oom_message,
         total_steps_for,
@@ -401,6 +420,8 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         raise UsageError("invalid config:\n  " + "\n  ".join(problems))
     device = resolve_device(tcfg.device)
     dtype = resolve_precision(tcfg.precision, device)
+    check_memory(mcfg, tcfg, device, dtype, TrainLog(fs.log_format).event, trainable=fs.lora is None,
+                 model_fix="a smaller base model" + ("" if fs.lora else " or --lora-rank 8 (trains adapters only)"))
     tok_path = check_tokenizer(base, fs.tokenizer, fs.force_tokenizer)
     tok_sha, base_sha = sha256_file(tok_path), sha256_file(base_path)
     spec = RunSpec(tokenizer=tok_path, corpus=Path(fs.data), outdir=fs.outdir, val_file=fs.val_file,

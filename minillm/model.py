@@ -3,7 +3,7 @@ built GPT-2 style (LayerNorm, GELU), with grouped-query attention, optional QK-n
 gradient checkpointing, document masking and a KV cache kept outside the module.
 
 Read top to bottom: norms and RoPE, attention, MLP, the block, the model, the loss, the KV cache,
-and the memory estimate used by ``train --dry-run``.
+and the memory estimate used by ``train --dry-run`` and by the memory check before a run.
 
 Module names match Hugging Face's Llama/Qwen3 layout one to one (``attn.q_proj`` ~ ``self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm1`` ~ ``input_layernorm``, ...), and RoPE uses the rotate-half convention, so
@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -469,9 +471,10 @@ class KVCache:
 # ------------------------------------------------------------------------------------ memory estimate
 
 
-def estimate_memory(cfg: ModelConfig, batch_size: int, precision: str = "bf16") -> dict[str, int]:
+def estimate_memory(cfg: ModelConfig, batch_size: int, precision: str = "bf16", optimizer: str = "adamw") -> dict[str, int]:
     """Rough training memory in bytes of eager PyTorch (torch.compile usually keeps less): fp32 weights,
-    fp32 gradients, AdamW's two fp32 moments, and the activations saved for backward.
+    fp32 gradients, AdamW's two fp32 moments (Muon keeps one for the hidden matrices), and the activations
+    saved for backward.
 
     Per token and layer (fused attention, so no T x T term): each norm keeps its fp32 input and
     normalized copy (4·C fp32); then 8·C + 2·Ckv + 4·hidden values (GELU: 2·hidden) in the compute dtype:
@@ -494,7 +497,42 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, precision: str = "bf16") 
     head = tokens * (8 + act) * C + rows * c.vocab_size * (4 + 4 + act)  # final norm; fp32 logits and grads
     blocks = tokens * (L * 4 * C + per_layer) if c.gradient_checkpointing else tokens * L * per_layer
     weight_copies = 2 * matrices if act == 2 else 0
-    out = {"params": 4 * n_params, "grads": 4 * n_params, "optimizer": 8 * n_params,
+    hidden = matrices - c.vocab_size * C  # Muon's matrices: one moment instead of two
+    out = {"params": 4 * n_params, "grads": 4 * n_params,
+           "optimizer": 8 * n_params - (4 * hidden if optimizer == "muon" else 0),
            "activations": blocks + head + weight_copies}
     out["total"] = sum(out.values())
     return out
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a run on ``device`` can use: the GPU's free memory, or the host's available memory (capped by a
+    cgroup v2 limit); None when unknown (no check is made)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return _host_memory() if device.type == "cpu" else None
+
+
+def _host_memory() -> int | None:
+    """``MemAvailable`` of /proc/meminfo (else the free pages), capped by a cgroup v2 limit less its use."""
+    avail = None
+    with contextlib.suppress(OSError, ValueError):
+        avail = _stat_value(Path("/proc/meminfo"), "MemAvailable:") * 1024
+    if avail is None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    cg = Path("/sys/fs/cgroup")
+    with contextlib.suppress(OSError, ValueError):
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":  # the page cache (inactive_file) is reclaimable
+            free = int(limit) - int((cg / "memory.current").read_text()) + _stat_value(cg / "memory.stat", "inactive_file ")
+            avail = free if avail is None else min(avail, free)
+    return avail
+
+
+def _stat_value(path: Path, key: str) -> int:
+    """The number after ``key`` in a file of ``key value`` lines (/proc/meminfo, memory.stat)."""
+    for line in path.read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    raise ValueError(f"no {key} in {path}")

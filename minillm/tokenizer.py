@@ -16,6 +16,7 @@ PAD = "<|pad|>"
 UNK = "<|unk|>"
 DEFAULT_SPECIALS = (DOC, PAD)
 MODELS = ("bpe", "unigram", "wordpiece")
+MAX_VOCAB = 1 << 20  # the trainers allocate for the whole vocabulary up front (1e9 aborts the process)
 
 
 def special_tokens_for(model: str, extra: Iterable[str] = ()) -> list[str]:
@@ -56,6 +57,9 @@ def train_tokenizer(
             f"--vocab-size {vocab_size} is too small: a {model} tokenizer needs at least {minimum} "
             f"({'256 bytes + ' if model == 'bpe' else ''}{len(specials)} special tokens); try 8000 or more"
         )
+    if vocab_size > MAX_VOCAB:
+        raise UsageError(f"--vocab-size {vocab_size:,} is above the limit of {MAX_VOCAB:,} (2^20); real vocabularies "
+                         f"hold 8,000 to 256,000 tokens: try 32000")
     if model == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -91,6 +95,17 @@ def train_tokenizer(
                            "lines); give a corpus from `minillm prepare-corpus`")
     tok.encode_special_tokens = True
     return tok
+
+
+def shortfall(tok, vocab_size: int, model: str = "bpe", min_frequency: int = 2) -> str | None:
+    """A warning when the corpus could not fill the vocabulary asked for (too few distinct words or pairs)."""
+    got = tok.get_vocab_size()
+    if got >= vocab_size:
+        return None
+    min_frequency = min_frequency if model != "unigram" else 1  # the unigram trainer has no minimum count
+    return (f"the corpus filled only {got:,} of the {vocab_size:,} tokens asked for: it holds too few distinct "
+            f"words and pairs{f' seen --min-frequency {min_frequency} times' if min_frequency > 1 else ''} to learn "
+            f"more; pass --vocab-size {got} (what was learned) or give more text")
 
 
 def collect_files(paths: Iterable[Path]) -> list[Path]:

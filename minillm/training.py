@@ -175,6 +175,40 @@ def oom_message(mcfg: ModelConfig, tcfg: TrainConfig, outdir: Path) -> str:
             + f". The last checkpoint in {outdir} is intact (continue with --resume)")
 
 
+def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype, warn,
+                 trainable: bool = True, shards: int = 1, model_fix: str = "a smaller model (--n-layer, --n-embd)") -> None:
+    """Before anything is allocated: refuse when the weights, gradients and optimizer state alone exceed the
+    memory available on ``device`` (``model.available_memory``), or the ``--dry-run`` estimate (eager mode;
+    a compiled run keeps much less) exceeds it twice over; ``warn(message)`` when the estimate exceeds it.
+    ``trainable`` False: the weights are frozen (LoRA); ``shards``: FSDP ranks sharing the state."""
+    from minillm import model
+
+    avail = model.available_memory(device)
+    if not avail:
+        return
+    est = model.estimate_memory(mcfg, tcfg.batch_size, "fp32" if dtype == torch.float32 else "bf16", tcfg.optimizer)
+    state = (est["params"] + (est["grads"] + est["optimizer"] if trainable else 0)) / shards
+    total = state + est["activations"]
+    where = f"the {avail / 2**30:.1f} GiB of {'GPU' if device.type == 'cuda' else 'host'} memory available ({device})"
+    held = "weights, gradients and optimizer state" if trainable else "weights"
+    if state > avail:
+        raise MiniLLMError(f"the model's {held} alone need {state / 2**30:.1f} GiB, more than {where}; use {model_fix}")
+    if total <= avail:
+        return
+    fixes = [f"--batch-size {tcfg.batch_size // 2} --accumulation-steps {tcfg.accumulation_steps * 2}"] if tcfg.batch_size > 1 else []
+    fixes += [] if mcfg.gradient_checkpointing else ["--gradient-checkpointing"]
+    refuse = total > 2 * avail
+    msg = (f"training {'needs' if refuse else 'may need'} about {total / 2**30:.1f} GiB, more than "
+           f"{'twice ' if refuse else ''}{where}: {state / 2**30:.1f} GiB of {held} and "
+           f"{est['activations'] / 2**30:.1f} GiB of activations at --batch-size {tcfg.batch_size} in "
+           f"{str(dtype).split('.')[-1]} (an eager-mode estimate, as in --dry-run; torch.compile keeps less); "
+           f"{'use' if refuse else 'if it runs out of memory, use'} " + ", ".join(fixes) + (", or " if fixes else "")
+           + model_fix)
+    if refuse:
+        raise MiniLLMError(msg)
+    warn(f"warning: {msg}")
+
+
 def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
     """Set up and run one training run (one process, or each rank of a ``torchrun`` run); returns the summary."""
     with distributed.session(tcfg.device) as dist:
@@ -215,6 +249,10 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
 
     if problem := liger_problem(mcfg, device):
         raise UsageError(problem)
+    from minillm.tokenizer import load_tokenizer
+
+    check_memory(dataclasses.replace(mcfg, vocab_size=pad_vocab(load_tokenizer(spec.tokenizer).get_vocab_size())),
+                 tcfg, device, dtype, TrainLog(spec.log_format).event, shards=dist.world_size if spec.fsdp else 1)
     with _Signals() as sig:
         sig.outdir = spec.outdir
         with _claim_outdir(spec, dist) as notes:  # under torchrun, rank 0 checks, locks and writes the run directory
