@@ -57,6 +57,7 @@ from minillm.checkpoint import (
     sha256_file,
 )
 from minillm.config import ModelConfig, TrainConfig, model_from_dict, to_dict, train_from_dict, validate
+from minillm.corpus import check_input_file
 from minillm.errors import MiniLLMError, UsageError
 from minillm.lora import LoRAConfig
 
@@ -375,8 +376,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         raise UsageError(f"--mode: {fs.mode!r} is not one of {', '.join(MODES)}")
     if fs.tensorboard:
         check_tensorboard()
-    if not Path(fs.data).is_file():
-        raise MiniLLMError(f"--data: {fs.data} does not exist")
+    check_input_file(Path(fs.data), "--data", "give the corpus or JSONL file")
     base = load_checkpoint(fs.ckpt)
     base_path = Path(base["path"])
     mcfg = dataclasses.replace(model_from_dict(base["model_config"]),
@@ -404,9 +404,10 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     info = {"mode": fs.mode, "base_checkpoint": str(base_path), "base_sha256": base_sha, "lora": lora_info}
     with _Signals() as sig:
         sig.outdir = fs.outdir
-        prepare_outdir(spec)
         with RunLock(fs.outdir):
+            prepare_outdir(spec)
             clean_stale_temps(fs.outdir)
+            clean_stale_temps(ds.cache_dir_for(fs.outdir, fs.cache_dir), recursive=True)
             old = json.loads((fs.outdir / "config.json").read_text()) if fs.resume else None
             torch.manual_seed(tcfg.seed)
             log = TrainLog(fs.log_format)
