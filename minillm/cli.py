@@ -5,8 +5,10 @@ Results go to stdout (``--json`` where offered), logs and progress to stderr. Li
 tracebacks. torch is imported inside commands so ``minillm --help`` stays instant.
 """
 
+import contextlib
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,13 +38,38 @@ def _err(msg: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {msg}", markup=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a command unwinds as on Ctrl-C: files being written are
+    removed (``atomic_open``), worker processes stopped, and it exits 143."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """Handle SIGTERM like Ctrl-C while a command runs (train and finetune install their own handlers inside)."""
+    try:
+        old = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def handle_errors(fn):
-    """Turn library errors into a one-line message and an exit code (traceback only with --debug)."""
+    """Turn library errors into a one-line message and an exit code (traceback only with --debug); SIGINT and
+    SIGTERM end a command with one line and exit 130 / 143."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_unwinds():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except MiniLLMError as e:
@@ -50,9 +77,10 @@ def handle_errors(fn):
                 raise
             _err(str(e).replace("[", r"\["))
             raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            _err("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+            _err(f"interrupted ({name}); no partial output was left, and files from before are unchanged")
+            raise typer.Exit(code) from None
         except OSError as e:  # a file the library did not expect to fail: name it and the likely fix
             if _DEBUG["on"] or not e.filename:
                 raise
@@ -329,10 +357,11 @@ def train(
         world = 2 if dry_run else (nproc or env_ranks()[1])  # --dry-run: only the optimizer is checked
         if problem := fsdp_problem(tcfg.optimizer, world):
             raise UsageError(problem)
+    from minillm.corpus import check_input_file
+
     for p, flag in ((tokenizer, "--tokenizer"), *((c, "--corpus") for c in corpus),
                     *(((val_file, "--val-file"),) if val_file else ())):
-        if not p.is_file():
-            raise MiniLLMError(f"{flag}: {p} " + ("is a directory; give a file" if p.is_dir() else "does not exist"))
+        check_input_file(p, flag, "give the tokenizer file" if flag == "--tokenizer" else "give the corpus file")
     from minillm.dataset import Mixture
     from minillm.tokenizer import load_tokenizer
 
@@ -569,9 +598,10 @@ def evaluate(
         raise UsageError("give --test-file FILE or --split val (one of them)")
     if split is not None and split != "val":
         raise UsageError(f"--split: {split!r} is not supported; use --split val or --test-file")
-    if test_file is not None and not test_file.is_file():
-        raise MiniLLMError(f"--test-file: {test_file} "
-                           + ("is a directory; give a corpus file" if test_file.is_dir() else "does not exist"))
+    if test_file is not None:
+        from minillm.corpus import check_input_file
+
+        check_input_file(test_file, "--test-file", "give a corpus file")
     if stride < 0 or batch_size < 1:
         raise UsageError("--stride must be >= 0 (0 = half the block) and --batch-size >= 1")
     dev = resolve_device(device)

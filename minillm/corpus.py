@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,9 +69,38 @@ def is_jsonl(path: Path) -> bool:
     return name.endswith(JSONL_SUFFIXES)
 
 
-def find_inputs(paths: list[Path]) -> tuple[list[Path], int]:
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` can't be read as an input file, completing "PATH ..." ("does not exist", "is a FIFO (named
+    pipe), not a regular file", ...), or None for a regular file or a link to one. Opening a FIFO would block
+    until something writes to it, and a device may never end: every file input is checked with this first."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if os.path.islink(path) else "does not exist"
+    except NotADirectoryError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be examined ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((k for test, k in _KINDS if test(mode)), "not a file")
+    return f"is {kind}, not a regular file"
+
+
+def check_input_file(path: Path, flag: str, fix: str = "give a file", error: type[MiniLLMError] = MiniLLMError) -> None:
+    """Refuse an input that is not a regular file, saying what it is: ``FLAG: PATH is a FIFO ...; FIX``."""
+    if why := not_a_regular_file(path):
+        raise error(f"{flag}: {path} {why}; {fix}")
+
+
+def find_inputs(paths: list[Path], log: Callable[[str], None] = lambda s: None) -> tuple[list[Path], int]:
     """Expand directories (recursively, sorted, hidden entries skipped) into their .txt/.md/.jsonl
-    files and .gz of them. Returns the files and how many directory entries were skipped."""
+    files and .gz of them; such an entry that is not a regular file (a FIFO, a socket) is skipped with a note.
+    Returns the files and how many directory entries were skipped."""
     if not paths:
         raise UsageError("no inputs given: name one or more files or directories")
     files: list[Path] = []
@@ -85,17 +115,19 @@ def find_inputs(paths: list[Path]) -> tuple[list[Path], int]:
                     base = n.lower().removesuffix(".gz")
                     if n.startswith("."):
                         continue
-                    if base.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
-                        found.append(Path(root) / n)
-                    else:
+                    if not base.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
                         skipped += 1
+                    elif why := not_a_regular_file(Path(root) / n):
+                        log(f"skipped {Path(root) / n}: it {why}")
+                        skipped += 1
+                    else:
+                        found.append(Path(root) / n)
             if not found:
                 raise UsageError(f"directory {p} holds no .txt, .md or .jsonl files (or .gz of them)")
             files.extend(found)
-        elif p.is_file():
-            files.append(p)
         else:
-            raise UsageError(f"input {p} does not exist; check the path")
+            check_input_file(p, "--input", "check the path", UsageError)
+            files.append(p)
     return files, skipped
 
 

@@ -8,6 +8,7 @@ document for exact dedup; MinHash LSH buckets, about 1-2 KB per document, with `
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -77,7 +78,9 @@ def _clean_stream(
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no fork of a possibly threaded parent
-    with ctx.Pool(workers) as pool:
+    # workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the parent alone stops
+    # (leaving this block terminates them), so no worker prints a traceback
+    with ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         pending: deque = deque()
         for b in batches:
             pending.append(pool.apply_async(clean_batch, (b, opts, dedup, num_perm)))
@@ -111,9 +114,9 @@ class _NearDedup:
         return False
 
 
-def validate_paths(inputs: list[Path], output: Path) -> tuple[list[Path], int]:
+def validate_paths(inputs: list[Path], output: Path, log: Callable[[str], None] = lambda s: None) -> tuple[list[Path], int]:
     """Expand the inputs and refuse an output that is one of them (before anything is written)."""
-    files, skipped = find_inputs(inputs)
+    files, skipped = find_inputs(inputs, log)
     out = Path(output)
     if out.is_dir():
         raise UsageError(f"--output {out} is a directory; name a file, e.g. {out / 'corpus.txt'}")
@@ -158,7 +161,7 @@ def prepare_corpus(
     if workers < 0:
         raise UsageError(f"--workers {workers} must be >= 0 (0 means one per CPU core)")
     validate_encoding(read.encoding)
-    files, skipped = validate_paths(inputs, output)
+    files, skipped = validate_paths(inputs, output, log)
     if workers == 0:  # one per core, but not worth starting processes for a few megabytes
         small = sum(f.stat().st_size for f in files) < SMALL_INPUT
         workers = 1 if small else (os.cpu_count() or 1)

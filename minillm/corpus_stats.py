@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minillm.corpus import DOC_SEPARATOR, batch_documents, iter_documents
+from minillm.corpus import DOC_SEPARATOR, batch_documents, check_input_file, iter_documents
 from minillm.errors import MiniLLMError
 
 BYTES_PER_TOKEN = 4.0  # estimate without --tokenizer: a BPE of 8k-32k tokens on European-language text
@@ -81,9 +81,7 @@ def analyze(path: Path, separator: str = DOC_SEPARATOR, tokenizer=None) -> Corpu
     from concurrent.futures import ThreadPoolExecutor
 
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not a corpus file" if path.is_dir() else "does not exist"
-        raise MiniLLMError(f"--corpus: {path} {what}; create it with `minillm prepare-corpus`")
+    check_input_file(path, "--corpus", "create it with `minillm prepare-corpus`")
     t0 = time.perf_counter()
     s = CorpusStats(path=str(path), tokens_estimated=tokenizer is None)
     vocab = _Vocab()

@@ -302,7 +302,13 @@ def _resolve_dtype(name: str, sd: dict[str, Any]):
 def export_hf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out: Path, *, overwrite: bool = False,
               dtype: str = "auto", minillm: dict[str, Any] | None = None, inputs: tuple[Path, ...] = ()) -> dict:
     """Write a Hugging Face directory at ``out`` from our state dict; returns a summary."""
-    from minillm.checkpoint import atomic_write_json, atomic_write_text, sha256_file, write_error
+    from minillm.checkpoint import (
+        atomic_write_json,
+        atomic_write_text,
+        make_temp_dir,
+        sha256_file,
+        write_error,
+    )
     from minillm.tokenizer import load_tokenizer
 
     arch = hf_architecture(cfg)
@@ -323,7 +329,7 @@ def export_hf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out: 
     tok_cfg, special_map = _tokenizer_files(s, cfg.block_size)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp."))
+        tmp = make_temp_dir(out)
     except OSError as e:
         raise write_error(out, e, "check the directory exists and is writable") from e
     try:

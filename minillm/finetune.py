@@ -55,6 +55,7 @@ from minillm.checkpoint import (
     sha256_file,
 )
 from minillm.config import ModelConfig, TrainConfig, to_dict, train_from_dict, validate
+from minillm.corpus import check_input_file
 from minillm.errors import MiniLLMError, UsageError
 from minillm.lora import LoRAConfig
 
@@ -399,8 +400,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         raise UsageError(f"--mode: {fs.mode!r} is not one of {', '.join(MODES)}")
     if fs.tensorboard:
         check_tensorboard()
-    if not Path(fs.data).is_file():
-        raise MiniLLMError(f"--data: {fs.data} does not exist")
+    check_input_file(Path(fs.data), "--data", "give the corpus or JSONL file")
     check_outdir_not_base(fs.ckpt, fs.outdir)
     base = load_checkpoint(fs.ckpt)
     base_path = Path(base["path"])
@@ -431,9 +431,10 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     info = {"mode": fs.mode, "base_checkpoint": str(base_path), "base_sha256": base_sha, "lora": lora_info}
     with _Signals() as sig:
         sig.outdir = fs.outdir
-        notes = prepare_outdir(spec, inputs_of(spec))
         with RunLock(fs.outdir):
+            notes = prepare_outdir(spec, inputs_of(spec))
             clean_stale_temps(fs.outdir)
+            clean_stale_temps(ds.cache_dir_for(fs.outdir, fs.cache_dir), recursive=True)
             old = run_config(fs.outdir) if fs.resume else None
             torch.manual_seed(tcfg.seed)
             log = TrainLog(fs.log_format)

@@ -105,9 +105,7 @@ def _user_names(out: Path, inputs: Iterable[Path]) -> list[str]:
 def prepare_outdir(spec, inputs: Iterable[Path] = ()) -> list[str]:
     """Check --outdir before anything is written, then create it. Refuses a run without --resume/--overwrite,
     a directory that is not a run, --resume without a checkpoint. A replacement a killed process left is
-    settled first. Returns notes for the log (a settled replacement, a run set aside or taken over)."""
-    from minillm.checkpoint import RunLock
-
+    settled first (call it holding the run's ``RunLock``). Returns notes for the log (a settled replacement, a run set aside or taken over)."""
     out = spec.outdir
     if out.exists() and not out.is_dir():
         raise MiniLLMError(f"--outdir {out} is a file; give a directory")
@@ -116,8 +114,7 @@ def prepare_outdir(spec, inputs: Iterable[Path] = ()) -> list[str]:
     notes = []
     try:
         if (out / REPLACED).exists() or (out / DISCARDED).exists():
-            with RunLock(out):  # a live replacement holds the lock: refused as "in use"
-                notes.append(recover_replaced(out))
+            notes.append(recover_replaced(out))  # the caller holds the run's lock: no live replacement
         names = _user_names(out, inputs) if out.is_dir() else []
     except OSError as e:
         raise MiniLLMError(f"--outdir {out}: cannot read it ({e.strerror}); choose a directory you can write") from e

@@ -115,10 +115,11 @@ def collect_files(paths: Iterable[Path]) -> list[Path]:
         if p.is_dir():
             files += sorted(q for q in p.rglob("*")
                             if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        elif p.is_file():
-            files.append(p)
         else:
-            raise UsageError(f"--files: {p} does not exist")
+            from minillm.corpus import check_input_file
+
+            check_input_file(p, "--files", "check the path", UsageError)
+            files.append(p)
     if not files:
         raise UsageError("--files: no input files found; name corpus files or directories holding them")
     return files
@@ -139,9 +140,10 @@ def load_tokenizer(path: Path | str):
     """Load a ``tokenizer.json``; raises ``MiniLLMError`` naming the file when it is not one."""
     from tokenizers import Tokenizer
 
+    from minillm.corpus import check_input_file
+
     path = Path(path)
-    if not path.is_file():
-        raise MiniLLMError(f"tokenizer file {path} does not exist; create one with `minillm init-tokenizer`")
+    check_input_file(path, "tokenizer file", "create one with `minillm init-tokenizer`")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception on malformed JSON

@@ -217,15 +217,18 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
 
 @contextlib.contextmanager
 def _claim_outdir(spec: RunSpec, dist: distributed.Dist):
-    """Rank 0 checks, locks (for the whole run) and cleans the run directory; the other ranks wait for it.
+    """Rank 0 locks (for the whole run), checks and cleans the run directory; the other ranks wait for it.
     Yields notes for the log (``rundir.prepare_outdir``)."""
+    from minillm.dataset import cache_dir_for
+
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         with distributed.main_first(dist):
             if dist.is_main:
+                stack.enter_context(RunLock(spec.outdir))  # first: a second run is told "in use", nothing else
                 notes = prepare_outdir(spec, inputs_of(spec))
-                stack.enter_context(RunLock(spec.outdir))
                 clean_stale_temps(spec.outdir)
+                clean_stale_temps(cache_dir_for(spec.outdir, spec.cache_dir), recursive=True)
         yield notes
 
 

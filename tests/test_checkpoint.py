@@ -60,7 +60,7 @@ def test_an_os_error_names_the_file_and_says_the_old_one_is_intact(tmp_path):
 
     from minillm.checkpoint import atomic_save
 
-    with pytest.raises(MiniLLMError, match=r"cannot write .*c\.pt: No space left on device; the previous file"):
+    with pytest.raises(MiniLLMError, match=r"no space left on .* while writing .*c\.pt; the previous checkpoint is intact"):
         atomic_save(path, fail)
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(64, 64))
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
@@ -142,26 +142,16 @@ def test_a_file_without_weights_is_not_a_checkpoint(tmp_path):
 
 
 def test_the_lock_refuses_a_live_owner_and_clears_a_dead_one(tmp_path):
+    lock = RunLock(tmp_path)
+    with lock:
+        assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+        with pytest.raises(MiniLLMError, match=rf"in use by another process \(pid {os.getpid()} "):
+            RunLock(tmp_path).acquire()  # this very process holds it
+    assert not (tmp_path / ".lock").exists()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        lock = RunLock(tmp_path)
-        with lock:
-            assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
-            with pytest.raises(MiniLLMError, match="in use by another train run"):
-                RunLock(tmp_path).acquire()  # this very process holds it
-        assert not (tmp_path / ".lock").exists()
-
-        from minillm.checkpoint import _start_time
-
-        (tmp_path / ".lock").write_text(f"{sleeper.pid} {_start_time(sleeper.pid)} {os.uname().nodename}\n")
-        with pytest.raises(MiniLLMError, match=rf"in use by another train run \(pid {sleeper.pid}"):
-            RunLock(tmp_path).acquire()
-        (tmp_path / ".lock").write_text(f"{sleeper.pid} 1 {os.uname().nodename}\n")  # pid reused by another process
-        with RunLock(tmp_path):
-            pass
-    finally:
-        sleeper.kill()
-        sleeper.wait()
+    sleeper.kill()
+    sleeper.wait()
+    # a record without a kernel lock on the file is a killed run's (or an older version's): free
     for stale in (f"{sleeper.pid} {time.time():.0f} {os.uname().nodename}\n", "", "garbage"):  # dead, half-written
         (tmp_path / ".lock").write_text(stale)
         with RunLock(tmp_path) as lock:

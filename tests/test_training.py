@@ -341,7 +341,7 @@ def test_signal_saves_a_loadable_checkpoint_and_exits(tmp_path, tokenizer_path, 
     try:
         _wait_for_step(proc, 3)
         if sig == signal.SIGTERM:  # while it runs, a second train into the same --outdir is refused
-            with pytest.raises(MiniLLMError, match=rf"in use by another train run \(pid {proc.pid}"):
+            with pytest.raises(MiniLLMError, match=rf"in use by another process \(pid {proc.pid}"):
                 run(tokenizer_path, corpus, out, overwrite=True, max_steps=100000)
     finally:
         proc.send_signal(sig)
