@@ -164,13 +164,19 @@ def sft_chat_template() -> str:
     """The prompt template ``finetune --mode sft`` trains with (``finetune.format_example`` for
     ``messages``), as Jinja for ``tokenizer.chat_template``. A user turn ends with ``### Response:\\n``, so
     the prompt is ready for the answer with or without ``add_generation_prompt``; BOS (``<|doc|>``) is not
-    in the template because llama.cpp adds it."""
+    in the template because llama.cpp adds it. All text is in string expressions, so it renders the same
+    with or without ``trim_blocks``/``lstrip_blocks`` (which transformers and llama.cpp turn on)."""
     from minillm.finetune import INSTRUCTION, RESPONSE, SYSTEM
 
+    def lit(text: str) -> str:  # a Jinja string literal (JSON's escapes are Jinja's)
+        return json.dumps(text)
+
     return ("{% for message in messages %}"
-            "{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'assistant' %}\n\n{% endif %}"
-            "{% if message['role'] == 'system' %}" + SYSTEM + "{{ message['content'] }}\n\n"
-            "{% elif message['role'] == 'user' %}" + INSTRUCTION + "{{ message['content'] }}\n\n" + RESPONSE +
+            "{% if loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'assistant' %}{{ " + lit("\n\n")
+            + " }}{% endif %}"
+            "{% if message['role'] == 'system' %}{{ " + lit(SYSTEM) + " + message['content'] + " + lit("\n\n") + " }}"
+            "{% elif message['role'] == 'user' %}{{ " + lit(INSTRUCTION) + " + message['content'] + "
+            + lit("\n\n" + RESPONSE) + " }}"
             "{% else %}{{ message['content'] }}{% endif %}"
             "{% endfor %}")
 

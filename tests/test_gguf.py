@@ -295,9 +295,15 @@ def test_missing_gguf_names_the_extra(tmp_path, tokenizer_path, monkeypatch):
 
 def test_chat_template_renders_the_sft_training_text():
     jinja2 = pytest.importorskip("jinja2")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     from minillm.finetune import format_example
 
-    tmpl = jinja2.Environment().from_string(sft_chat_template())
+    for env in (jinja2.Environment(), ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)):
+        _renders_training_text(env.from_string(sft_chat_template()), format_example)  # the second: transformers'
+
+
+def _renders_training_text(tmpl, format_example) -> None:
     for msgs in ([{"role": "user", "content": "suma 3 y 4"}, {"role": "assistant", "content": "7"}],
                  [{"role": "system", "content": "Eres breve."}, {"role": "user", "content": "hola"},
                   {"role": "assistant", "content": "hola amigo"}, {"role": "user", "content": "¿y tú?"},
