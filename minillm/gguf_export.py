@@ -126,10 +126,10 @@ def gguf_vocab(path: Path, vocab_size: int) -> dict[str, Any]:
     model, pre = j.get("model") or {}, j.get("pre_tokenizer") or {}
     kind = model.get("type")
     if kind == "Unigram":
-        raise _refuse_tokenizer(path, "a Unigram tokenizer: llama.cpp's unigram tokenizer (T5's) runs Viterbi over "
-                                      "the whole text and handles unknown characters its own way, and its "
-                                      "SentencePiece one merges by score, so neither is guaranteed to give "
-                                      "minillm's token ids")
+        raise _refuse_tokenizer(path, "a Unigram tokenizer: llama.cpp's unigram tokenizer (T5's) puts its own '▁' "
+                                      "before a leading space (minillm encodes ' Hola' like 'Hola') and its "
+                                      "SentencePiece one merges by score instead of Viterbi, so token ids would "
+                                      "differ")
     if kind == "WordPiece":
         raise _refuse_tokenizer(path, "a WordPiece tokenizer: llama.cpp's WordPiece tokenizer (BERT's) splits every "
                                       "punctuation character apart where minillm keeps runs of punctuation "
