@@ -191,7 +191,8 @@ def finetune_mode(state: dict[str, Any]) -> str | None:
 # ------------------------------------------------------------------------------------------ writing
 
 
-def _metadata(w, cfg: ModelConfig, arch: str, gguf, dtype: str, name: str) -> None:
+def _metadata(w, gguf, cfg: ModelConfig, dtype: str, name: str, info: dict[str, Any]) -> None:
+    """The architecture keys, and ``info`` as ``minillm.*`` JSON strings."""
     from minillm.model import RMS_EPS
 
     ftype = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
@@ -212,6 +213,9 @@ def _metadata(w, cfg: ModelConfig, arch: str, gguf, dtype: str, name: str) -> No
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(RMS_EPS)
+    for k, v in info.items():
+        if v is not None:
+            w.add_string(f"minillm.{k}", v if isinstance(v, str) else json.dumps(v))
 
 
 def _tokenizer_metadata(w, vocab: dict[str, Any], specials: dict[str, Any], template: str | None) -> None:
@@ -231,25 +235,16 @@ def _tokenizer_metadata(w, vocab: dict[str, Any], specials: dict[str, Any], temp
         w.add_chat_template(template)
 
 
-def _write(w, cfg: ModelConfig, arch: str, gguf, dtype: str, name: str, vocab: dict[str, Any],
-           specials: dict[str, Any], template: str | None, info: dict[str, Any], tensors: dict[str, Any]) -> dict:
-    """Everything into the writer ``w``, then the file; returns the count of tensors per GGML type."""
-    try:
-        _metadata(w, cfg, arch, gguf, dtype, name)
-        _tokenizer_metadata(w, vocab, specials, template)
-        for k, v in info.items():
-            if v is not None:
-                w.add_string(f"minillm.{k}", v if isinstance(v, str) else json.dumps(v))
-        types: dict[str, int] = {}
-        for tname, a in tensors.items():
-            data, qtype = encode_tensor(gguf, tname, a, dtype)
-            w.add_tensor(tname, data, raw_dtype=qtype)
-            types[qtype.name] = types.get(qtype.name, 0) + 1
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-    finally:
-        w.close()
+def _write_tensors(w, gguf, tensors: dict[str, Any], dtype: str) -> dict[str, int]:
+    """Add ``tensors`` encoded for ``dtype`` and write the file; returns the count of tensors per GGML type."""
+    types: dict[str, int] = {}
+    for name, a in tensors.items():
+        data, qtype = encode_tensor(gguf, name, a, dtype)
+        w.add_tensor(name, data, raw_dtype=qtype)
+        types[qtype.name] = types.get(qtype.name, 0) + 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
     return types
 
 
@@ -295,8 +290,13 @@ def export_gguf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out
     except OSError as e:
         raise write_error(out, e, "check the directory exists and is writable") from e
     try:
-        types = _write(gguf.GGUFWriter(tmp, arch), cfg, arch, gguf, dname, out.stem, vocab, specials, template,
-                       info, tensors)
+        w = gguf.GGUFWriter(tmp, arch)
+        try:
+            _metadata(w, gguf, cfg, dname, out.stem, info)
+            _tokenizer_metadata(w, vocab, specials, template)
+            types = _write_tensors(w, gguf, tensors, dname)
+        finally:
+            w.close()
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
