@@ -251,6 +251,16 @@ def test_refuses_unigram_and_wordpiece_tokenizers(tmp_path, corpus, model, reaso
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_refuses_a_bpe_tokenizer_llamacpp_would_encode_differently(tmp_path, tokenizer_path):
+    j = json.loads(tokenizer_path.read_text())
+    j["normalizer"] = {"type": "Lowercase"}  # llama.cpp's gpt2 tokenizer has no normalizer: "Hola" would differ
+    tok_path = tmp_path / "lower.json"
+    tok_path.write_text(json.dumps(j))
+    run, _ = make_run(tmp_path, tok_path)
+    with pytest.raises(MiniLLMError, match="not the byte-level BPE.*--format hf"):
+        export(run, tmp_path / "m.gguf", "gguf")
+
+
 def test_out_rules_and_an_old_file_survives_a_failure(tmp_path, tokenizer_path, monkeypatch):
     from minillm import gguf_export
 
