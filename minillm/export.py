@@ -22,6 +22,7 @@ JSON metadata. ``load_exported`` rebuilds our ``GPT`` from either, so ``--ckpt``
 Every write goes to a temporary directory or file that is renamed into place at the end.
 
 ``safetensors`` is an optional dependency (``pip install 'minillm[export]'``), imported lazily.
+``--format gguf`` (llama.cpp) is ``minillm.gguf_export``, reached through ``export``.
 """
 
 from __future__ import annotations
