@@ -770,16 +770,16 @@ def merge(
 @handle_errors
 def export(
     ckpt: Path = typer.Option(..., "--ckpt", help="Checkpoint, run directory, or an earlier export to convert."),
-    out: Path = typer.Option(..., "--out", "-o", help="hf: the directory to create; safetensors: the *.safetensors file to write."),
-    format: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory, Llama or Qwen3 format) or safetensors (weights alone, config as metadata)."),
+    out: Path = typer.Option(..., "--out", "-o", help="hf: the directory to create; safetensors: the *.safetensors file to write; gguf: the *.gguf file."),
+    format: str = typer.Option("hf", "--format", help="hf (a Hugging Face directory, Llama or Qwen3 format), safetensors (weights alone, config as metadata) or gguf (one file for llama.cpp / Ollama)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer to ship (default: the run's tokenizer.json)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto (the checkpoint's own), fp32, bf16 or fp16."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weight dtype: auto (the checkpoint's own), fp32, bf16 or fp16; q8_0 too with --format gguf."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing, non-empty --out."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt to merge into --ckpt (its base) before exporting."),
 ) -> None:
-    """Export a model to a Hugging Face directory (transformers loads it offline) or a safetensors file."""
+    """Export a model to a Hugging Face directory (transformers loads it offline), a safetensors file or a GGUF file (llama.cpp)."""
     import tempfile
 
     from minillm.export import export as run_export

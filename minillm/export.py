@@ -23,6 +23,7 @@ Every write goes to a temporary directory or file that is renamed into place at 
 replaces only a directory that is an export minillm wrote (``not_our_export``), never one holding other files.
 
 ``safetensors`` is an optional dependency (``pip install 'minillm[export]'``), imported lazily.
+``--format gguf`` (llama.cpp) is ``minillm.gguf_export``, reached through ``export``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _safetensors_torch():
 # ------------------------------------------------------------------------------------ architecture
 
 
-def hf_architecture(cfg: ModelConfig) -> str:
-    """``llama`` or ``qwen3`` (QK-norm); raises ``MiniLLMError`` naming every feature neither can express."""
+def arch_problems(cfg: ModelConfig) -> list[str]:
+    """Every feature of ``cfg`` that neither Llama nor Qwen3 can express (empty: exportable)."""
     problems = []
     if cfg.norm != "rmsnorm":
         problems.append(f"norm = {cfg.norm} (Llama and Qwen3 use RMSNorm)")
@@ -68,6 +69,12 @@ def hf_architecture(cfg: ModelConfig) -> str:
         problems.append(f"mlp = {cfg.mlp} (Llama and Qwen3 use the gated SiLU MLP, swiglu)")
     if cfg.bias and cfg.qk_norm:
         problems.append("bias = true with qk_norm (Qwen3 has no MLP biases; Llama, which has them, has no QK-norm)")
+    return problems
+
+
+def hf_architecture(cfg: ModelConfig) -> str:
+    """``llama`` or ``qwen3`` (QK-norm); raises ``MiniLLMError`` naming every feature neither can express."""
+    problems = arch_problems(cfg)
     if problems:
         raise MiniLLMError("this model cannot be exported to a Hugging Face format: " + "; ".join(problems)
                            + ". Train with the default norm = rmsnorm, mlp = swiglu to export it.")
@@ -463,9 +470,14 @@ def export(ckpt: Path, out: Path, fmt: str = "hf", *, tokenizer: Path | None = N
     """Load ``ckpt`` (checkpoint, run directory or an earlier export) and export it as ``fmt``."""
     from minillm.checkpoint import resolve_tokenizer
 
-    if fmt not in ("hf", "safetensors"):
-        raise UsageError(f"--format: {fmt!r} is not one of hf, safetensors")
-    _safetensors_torch()
+    if fmt not in ("hf", "safetensors", "gguf"):
+        raise UsageError(f"--format: {fmt!r} is not one of hf, safetensors, gguf")
+    if fmt == "gguf":
+        from minillm.gguf_export import export_gguf, finetune_mode, require_gguf
+
+        require_gguf()
+    else:
+        _safetensors_torch()
     model, state = load_any(ckpt, "cpu")
     extra = {"tokenizer_sha256": state.get("tokenizer_sha256"),
              "train_config": {"doc_masking": bool((state.get("train_config") or {}).get("doc_masking", False))}}
@@ -481,5 +493,9 @@ def export(ckpt: Path, out: Path, fmt: str = "hf", *, tokenizer: Path | None = N
         return export_safetensors(model.state_dict(), model.cfg, out, overwrite=overwrite, dtype=dtype,
                                   minillm=extra, inputs=inputs)
     tok = resolve_tokenizer(state, tokenizer, force_tokenizer)
+    if fmt == "gguf":
+        return export_gguf(model.state_dict(), model.cfg, tok, out, overwrite=overwrite, dtype=dtype,
+                           minillm={k: v for k, v in extra.items() if k != "tokenizer_sha256"},
+                           mode=finetune_mode(state), inputs=inputs)
     return export_hf(model.state_dict(), model.cfg, tok, out, overwrite=overwrite, dtype=dtype,
                      minillm={k: v for k, v in extra.items() if k != "tokenizer_sha256"}, inputs=inputs)

@@ -308,7 +308,8 @@ def merge_checkpoint(ckpt: Path | str, adapter: Path | str, out: Path | str, tok
                           "train_config": ad.get("train_config") or state.get("train_config") or {},
                           "tokenizer_sha256": tok_sha,
                           "merged_from": {"base": str(state["path"]), "base_sha256": ad["base_sha256"],
-                                          "adapter": str(ad["path"]), "lora_config": ad["lora_config"]}})
+                                          "adapter": str(ad["path"]), "lora_config": ad["lora_config"],
+                                          "mode": ad.get("mode")}})
     if not beside.is_file():
         with open(tok, "rb") as src, atomic_open(beside) as dst:
             shutil.copyfileobj(src, dst)
