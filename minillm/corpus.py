@@ -344,6 +344,9 @@ def _split_jsonl(path: Path, lines: Iterator[str], field: str) -> Iterator[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise MiniLLMError(f"{path} line {i}: not valid JSON ({e.msg}); each line must be one JSON object") from e
+        except RecursionError:
+            raise MiniLLMError(f"{path} line {i}: nested too deeply to read (arrays or objects inside each other "
+                               f"hundreds of levels deep); each line must be one JSON object holding the text") from None
         if not isinstance(obj, dict) or field not in obj:
             keys = ", ".join(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
             raise UsageError(f"{path} line {i}: no field {field!r} (found: {keys}); pass --text-field NAME")

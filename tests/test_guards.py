@@ -318,3 +318,14 @@ def test_sft_examples_all_longer_than_the_block_name_the_block_and_their_lengths
     assert f"--data {data}: every example is too long for the base model's block of 32 tokens" in err, err
     assert f"(the 5 example(s) are {min(lens)} to {max(lens)} tokens long)" in err and "--block-size" in err
     _no_traceback(r.stderr)
+
+
+def test_prepare_corpus_jsonl_nested_too_deep_is_a_clear_error(tmp_path, runner):
+    from minillm.cli import app
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    r = runner.invoke(app, ["prepare-corpus", "-i", str(src), "-o", str(tmp_path / "out.txt")])
+    assert r.exit_code == 1, r.output
+    assert "line 2" in r.stderr and "nested too deeply" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out.txt").exists()
