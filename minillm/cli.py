@@ -507,9 +507,9 @@ def generate(
     if problems:
         raise UsageError("; ".join(problems))
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise MiniLLMError(f"--prompt-file: {prompt_file} "
-                               + ("is a directory; give a file" if prompt_file.is_dir() else "does not exist"))
+        from minillm.corpus import check_input_file
+
+        check_input_file(prompt_file, "--prompt-file", "give a UTF-8 text file with one prompt per line")
         try:
             text = prompt_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -202,10 +202,10 @@ def load_adapter(path: Path | str) -> dict[str, Any]:
     """Read an adapter file (``weights_only=True``, its ``tensors_sha256`` verified when it has one); refuses
     files that are not minillm adapters."""
     from minillm.checkpoint import read_tensor_file
+    from minillm.corpus import check_input_file
 
     path = Path(path)
-    if not path.is_file():
-        raise MiniLLMError(f"--adapter: {path} does not exist; give the adapter.pt a LoRA finetune run wrote")
+    check_input_file(path, "--adapter", "give the adapter.pt a LoRA finetune run wrote")
     ad = read_tensor_file(path, "--adapter")
     if not isinstance(ad, dict) or ad.get("kind") != ADAPTER_KIND:
         raise MiniLLMError(f"--adapter: {path} is not a LoRA adapter (a checkpoint? give it to --ckpt instead)")

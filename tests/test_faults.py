@@ -516,3 +516,16 @@ def test_a_fifo_given_as_an_input_file_is_named_as_such(runner, base, tmp_path, 
     for args, code, needle in cases:
         failed(cli(runner, *args), code, needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.fifo"]
+
+
+@pytest.mark.parametrize("flag", ["--prompt-file", "--adapter"])
+def test_generate_names_a_fifo_prompt_file_or_adapter(tmp_path, runner, flag):
+    """A FIFO given as --prompt-file or --adapter is named as such at once (opening it would block)."""
+    from minillm.cli import app
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    ckpt = Path(__file__).resolve().parent / "fixtures" / "v_c624e6b" / "run" / "ckpt_best.pt"
+    r = runner.invoke(app, ["generate", "--ckpt", str(ckpt), "--device", "cpu", flag, str(fifo)])
+    assert r.exit_code == 1, r.output
+    assert f"{flag}: {fifo} is a FIFO" in r.stderr
