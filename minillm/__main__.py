@@ -1,4 +1,4 @@
-from minillm.cli import main
+from minillm.cli.commands import main
 
 if __name__ == "__main__":
     main()

@@ -493,8 +493,8 @@ def _alive(pid: int, start: str) -> bool:
 
 def load_model(ckpt: Path | str, device: str = "cpu"):
     """Rebuild the model of a checkpoint (or run directory) in eval mode. Returns ``(model, state)``."""
-    from minillm.export import is_exported, load_exported
-    from minillm.model import GPT
+    from minillm.export.hf import is_exported, load_exported
+    from minillm.model.gpt import GPT
 
     if is_exported(ckpt):  # an exported Hugging Face directory or .safetensors file
         return load_exported(ckpt, device)
@@ -543,7 +543,7 @@ def checked_model_config(d: Any, tensors: Any, where: str) -> ModelConfig:
 
 def _size_problems(cfg: ModelConfig, tensors: list) -> list[str]:
     """What in ``cfg`` asks for more than ``tensors`` hold (pure arithmetic: nothing is allocated)."""
-    from minillm.model import estimate_memory
+    from minillm.model.gpt import estimate_memory
 
     n_elems, n_bytes = sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
     p = []
@@ -561,7 +561,7 @@ def resolve_tokenizer(ckpt_state: dict, tokenizer: Path | None, force: bool = Fa
     Refuses a tokenizer whose sha256 differs from the one recorded in the checkpoint (``--force-tokenizer``
     overrides that check only)."""
     ckpt_path = Path(ckpt_state["path"])
-    from minillm.corpus import check_input_file
+    from minillm.corpus.read import check_input_file
 
     path = Path(tokenizer) if tokenizer else ckpt_path.parent / "tokenizer.json"
     check_input_file(path, "--tokenizer", "pass the run's tokenizer.json with --tokenizer")

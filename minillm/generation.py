@@ -131,7 +131,7 @@ class StaticDecodeStep(nn.Module):
         """Attention of one new token per row, written out: a single query per head is two matrix-vector
         products and a softmax. (The fused SDPA kernels are built for many queries; at batch 1 in fp32 the
         memory-efficient one took 78 us a layer on an H100, half of the whole decode step.)"""
-        from minillm.model import apply_rope
+        from minillm.model.gpt import apply_rope
 
         B = h.size(0)
         q = a.q_norm(a.q_proj(h).view(B, 1, a.n_head, a.head_dim))  # (B, 1, H, D)
@@ -202,7 +202,7 @@ _DECODERS: dict[tuple, tuple] = {}  # (id(model), batch, slots, mode, dtype, dev
 def _static_decoder(model: nn.Module, batch: int, max_len: int, mode: str):
     """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once. ``mode``:
     static (eager), graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too)."""
-    from minillm.model import KVCache
+    from minillm.model.gpt import KVCache
 
     p = next(model.parameters())
     key = (id(model), batch, max_len, mode, p.dtype, p.device)
@@ -228,7 +228,7 @@ class _Decoder:
     as a CUDA graph on CUDA), none (no cache: ``prefill`` every step)."""
 
     def __init__(self, model: nn.Module, batch: int, mode: str, need: int):
-        from minillm.model import KVCache
+        from minillm.model.gpt import KVCache
 
         self.model, self.mode = model, mode
         p = next(model.parameters())
@@ -259,7 +259,7 @@ class _Decoder:
     def slide(self, rows: list[int], contexts: list[list[int]]) -> None:
         """Give ``rows`` new contexts (all the same length, at most ``pos``) ending just before slot ``pos``:
         encoded alone, written into the slots before ``pos``; every older slot of those rows is masked out."""
-        from minillm.model import KVCache
+        from minillm.model.gpt import KVCache
 
         c, n = self.cache, len(contexts[0])
         s0 = c.pos - n

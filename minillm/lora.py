@@ -202,7 +202,7 @@ def load_adapter(path: Path | str) -> dict[str, Any]:
     """Read an adapter file (``weights_only=True``, its ``tensors_sha256`` verified when it has one); refuses
     files that are not minillm adapters."""
     from minillm.checkpoint import read_tensor_file
-    from minillm.corpus import check_input_file
+    from minillm.corpus.read import check_input_file
 
     path = Path(path)
     check_input_file(path, "--adapter", "give the adapter.pt a LoRA finetune run wrote")

@@ -116,7 +116,7 @@ def collect_files(paths: Iterable[Path]) -> list[Path]:
             files += sorted(q for q in p.rglob("*")
                             if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
         else:
-            from minillm.corpus import check_input_file
+            from minillm.corpus.read import check_input_file
 
             check_input_file(p, "--files", "check the path", UsageError)
             files.append(p)
@@ -129,7 +129,7 @@ def iter_training_texts(files: Iterable[Path], piece_chars: int = 1 << 20) -> It
     """Stream the documents of every file for tokenizer training, one piece at a time (a document longer
     than ``piece_chars`` comes in line-aligned pieces), so a corpus larger than memory trains. The
     ``<|doc|>`` separator lines are never part of the text, so no learned token holds one."""
-    from minillm.dataset import iter_pieces
+    from minillm.data.loader import iter_pieces
 
     for f in files:
         for text, _ in iter_pieces(Path(f), piece_chars):
@@ -140,7 +140,7 @@ def load_tokenizer(path: Path | str):
     """Load a ``tokenizer.json``; raises ``MiniLLMError`` naming the file when it is not one."""
     from tokenizers import Tokenizer
 
-    from minillm.corpus import check_input_file
+    from minillm.corpus.read import check_input_file
 
     path = Path(path)
     check_input_file(path, "tokenizer file", "create one with `minillm init-tokenizer`")

@@ -46,7 +46,7 @@ def run_child(args: list[str]) -> tuple[float, float, str]:
 def setup(td: Path) -> None:
     """Write the 110 MB input and train the tokenizer (in a child, so the parent stays small: a child's
     peak RSS counts its parent's size at fork time)."""
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
     from minillm.tokenizer import save_tokenizer, train_tokenizer
 
     parts = [(CORPORA / f"{n}.txt").read_text(encoding="utf-8").strip("\n") for n in NAMES]
@@ -60,8 +60,8 @@ def helper(*args: str) -> str:
 
 def tokenizer_reference(path: Path, tok_path: Path) -> float:
     """MB/s of the tokenizer's own encode_batch on the corpus's documents, in 1 MiB batches."""
-    from minillm.corpus import iter_documents
-    from minillm.corpus_stats import _batches
+    from minillm.corpus.read import iter_documents
+    from minillm.corpus.stats import _batches
     from minillm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)

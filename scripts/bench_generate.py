@@ -30,7 +30,7 @@ import torch
 
 from minillm.config import resolve
 from minillm.generation import Sampling, decode_mode, generate_batch
-from minillm.model import GPT
+from minillm.model.gpt import GPT
 
 GREEDY = Sampling(temperature=0)
 

@@ -40,7 +40,7 @@ def minillm(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
 
 
 def prepare(corpus: Path, work: Path, vocab: int) -> dict:
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
 
     work.mkdir(parents=True, exist_ok=True)
     train, val, tok = work / "train.txt", work / "val.txt", work / f"tokenizer{vocab}.json"
@@ -61,13 +61,13 @@ def prepare(corpus: Path, work: Path, vocab: int) -> dict:
         t0 = time.time()
         minillm("init-tokenizer", "--files", str(train), "--vocab-size", str(vocab), "--out", str(tok))
         info["tokenizer_s"] = round(time.time() - t0, 1)
-    from minillm.dataset import build_token_cache
+    from minillm.data.loader import build_token_cache
 
     t0 = time.time()
     build_token_cache(tok, train, work / "cache")
     vc = build_token_cache(tok, val, work / "cache" / "val")
     info["cache_s"] = round(time.time() - t0, 1)
-    from minillm.corpus import iter_documents as it
+    from minillm.corpus.read import iter_documents as it
 
     val_bytes = sum(len(d.encode("utf-8")) + 1 for d in it(val))  # one newline per document, as the reference
     info.update(train=str(train), val=str(val), tokenizer=str(tok),

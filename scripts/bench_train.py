@@ -6,7 +6,7 @@
     python scripts/bench_train.py --config configs/tiny.toml --device cpu --steps 5   # CPU smoke test
     python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/bench_train.py --config large
 
-Each step is the trainer's own step (minillm.training.train_step): batches come through the real
+Each step is the trainer's own step (minillm.train.run.train_step): batches come through the real
 loader and prefetcher (pinned host memory), forward/backward under autocast, clipping, fused AdamW.
 Steps after warm-up are timed one by one; the median is reported.
 
@@ -42,10 +42,10 @@ def bench_one(name: str, args, dist=None) -> dict:
     import torch
 
     from minillm import distributed
-    from minillm import training as tr
+    from minillm.train import run as tr
     from minillm.config import pad_vocab, resolve
-    from minillm.dataset import Loader, Prefetcher, window_starts
-    from minillm.model import GPT
+    from minillm.data.loader import Loader, Prefetcher, window_starts
+    from minillm.model.gpt import GPT
 
     ref_batch, ref_vocab, ref_tps = REFERENCE.get(name, (None, 32000, None))
     overrides = {"device": args.device, "precision": args.precision, "compile": args.compile}
@@ -141,8 +141,8 @@ def bench_one(name: str, args, dist=None) -> dict:
 
 
 def _step_without_sync(model, compiled, opts, tcfg, device, dtype):
-    from minillm.optim import clip_gradients, set_lr
-    from minillm.trainstep import accumulate
+    from minillm.optim.groups import clip_gradients, set_lr
+    from minillm.train.step import accumulate
 
     params = [p for p in model.parameters() if p.requires_grad]
 

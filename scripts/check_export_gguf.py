@@ -46,9 +46,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from minillm.checkpoint import save_checkpoint, sha256_file  # noqa: E402
 from minillm.config import ModelConfig, pad_vocab, to_dict  # noqa: E402
-from minillm.export import export, load_any  # noqa: E402
+from minillm.export.hf import export, load_any  # noqa: E402
 from minillm.generation import generate  # noqa: E402
-from minillm.model import GPT  # noqa: E402
+from minillm.model.gpt import GPT  # noqa: E402
 from minillm.tokenizer import doc_id, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
 VARIANTS = {
@@ -140,7 +140,7 @@ def llama_logits(llm, ids: list[int]) -> torch.Tensor:
 
 
 def sample_docs() -> list[str]:
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
 
     return [d for d in iter_documents(SAMPLE) if d.strip()]
 
@@ -272,7 +272,7 @@ def check_q8(name: str, llama_cpp, run: Path, work: Path, model, wins: list[list
 def check_chat(llama_cpp, tok_path: Path, docs: list[list[int]], work: Path, threads: int) -> None:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from minillm.finetune import format_example
+    from minillm.train.finetune import format_example
 
     run = make_run(work / "sft", tok_path, docs, 1, seed=99, mode="sft")
     out = work / "sft.gguf"

@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from minillm.checkpoint import save_checkpoint, sha256_file  # noqa: E402
 from minillm.config import ModelConfig, pad_vocab, to_dict  # noqa: E402
-from minillm.export import export, load_any, load_exported  # noqa: E402
+from minillm.export.hf import export, load_any, load_exported  # noqa: E402
 from minillm.generation import generate  # noqa: E402
-from minillm.model import GPT  # noqa: E402
+from minillm.model.gpt import GPT  # noqa: E402
 from minillm.tokenizer import doc_id, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
 VARIANTS = {
@@ -57,7 +57,7 @@ def report(name: str, ok: bool, detail: str) -> None:
 
 
 def sample_docs() -> list[str]:
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
 
     return [d for d in iter_documents(SAMPLE) if d.strip()]
 

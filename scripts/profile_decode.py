@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minillm.config import resolve  # noqa: E402
 from minillm.generation import _DECODERS, Sampling, StaticDecodeStep, generate_batch, sample_next_token  # noqa: E402
-from minillm.model import GPT, KVCache  # noqa: E402
+from minillm.model.gpt import GPT, KVCache  # noqa: E402
 
 GREEDY = Sampling(temperature=0)
 

@@ -23,7 +23,7 @@ minillm prepare-corpus "${INPUT_ARGS[@]}" --output "$RUN/corpus.txt"
 # Hold out the last 10 documents: the model never trains on them, evaluate scores them.
 .venv/bin/python - "$RUN/corpus.txt" "$RUN/train.txt" "$RUN/heldout.txt" <<'PY'
 import sys
-from minillm.corpus import iter_documents
+from minillm.corpus.read import iter_documents
 docs = list(iter_documents(sys.argv[1]))
 k = max(1, min(10, len(docs) // 10))
 for path, part in ((sys.argv[2], docs[:-k]), (sys.argv[3], docs[-k:])):

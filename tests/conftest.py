@@ -53,7 +53,7 @@ def _one_torch_thread():
 def no_plots(request, monkeypatch):
     """curves.png costs 0.1-0.5 s per evaluation; only tests named ``*artifacts*`` draw it."""
     if "artifacts" not in request.node.name:
-        monkeypatch.setattr("minillm.plots.plot_curves", lambda history, path: None)
+        monkeypatch.setattr("minillm.train.plots.plot_curves", lambda history, path: None)
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def corpus(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tokenizer_path(tmp_path: Path, corpus: Path) -> Path:
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
     from minillm.tokenizer import save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(iter_documents(corpus), 300)

@@ -165,7 +165,7 @@ def test_load_model_rebuilds_the_saved_model_exactly(tmp_path, tie):
     weights still one tensor, and a fresh model of the same config would differ (so the test can fail)."""
     from minillm.checkpoint import load_model
     from minillm.config import ModelConfig, to_dict
-    from minillm.model import GPT
+    from minillm.model.gpt import GPT
 
     cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, qk_norm=True,
                       tie_embeddings=tie)

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from minillm import corpus as corpus_mod
-from minillm.corpus import ReadOptions, _split_chunks, _split_lines, iter_documents, read_documents
-from minillm.corpus_clean import CleanOptions, _ftfy_config, clean_document, fix_text, rewrite_special
-from minillm.corpus_prepare import DedupOptions, prepare_corpus
-from minillm.corpus_stats import analyze, expected_windows, recommend, summary_lines
+from minillm.corpus import read as corpus_mod
+from minillm.corpus.read import ReadOptions, _split_chunks, _split_lines, iter_documents, read_documents
+from minillm.corpus.clean import CleanOptions, _ftfy_config, clean_document, fix_text, rewrite_special
+from minillm.corpus.prepare import DedupOptions, prepare_corpus
+from minillm.corpus.stats import analyze, expected_windows, recommend, summary_lines
 from minillm.errors import MiniLLMError, UsageError
 
 SEP = "\n<|doc|>\n"
@@ -358,7 +358,7 @@ def test_summary_lines_es_en(tmp_path):
 
 
 def test_cli_prepare_and_analyze(tmp_path):
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     runner = CliRunner()
     f = write(tmp_path / "raw.txt", SEP.join(["Hola <|pad|> mundo", "Hola <|pad|> mundo", "CafÃ©\r\n"]))

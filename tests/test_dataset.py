@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm import dataset as ds
-from minillm.corpus import iter_documents
+from minillm.data import loader as ds
+from minillm.corpus.read import iter_documents
 from minillm.errors import UsageError
 from minillm.tokenizer import DOC, load_tokenizer, save_tokenizer, train_tokenizer
 from tests.conftest import make_corpus
@@ -148,7 +148,7 @@ def test_windows_start_at_documents_when_cheap():
 
 def test_segment_ids_follow_the_recorded_boundaries(tmp_path, corpus, tokenizer_path):
     torch = pytest.importorskip("torch")
-    from minillm.model import segment_ids
+    from minillm.model.gpt import segment_ids
 
     data = ds.prepare_data(tokenizer_path, corpus, tmp_path / "c", 32, _tcfg(stride=24))
     src = data.loader.sources[0]
@@ -277,7 +277,7 @@ def test_prepare_data_mixture_is_recorded(tmp_path, tokenizer_path):
 
 
 def test_train_command_mixes_corpora(tmp_path, tokenizer_path, runner):
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     a = make_corpus(tmp_path / "a.txt", n_docs=20, seed=1)
     b = make_corpus(tmp_path / "b.txt", n_docs=10, seed=2)

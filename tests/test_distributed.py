@@ -33,7 +33,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
     from minillm.tokenizer import save_tokenizer, train_tokenizer
 
     d = tmp_path_factory.mktemp("dist")
@@ -118,7 +118,7 @@ def test_only_rank_zero_writes_and_logs(pair):
 
 def test_two_rank_checkpoint_loads_in_one_process_generate_and_evaluate(pair, data, runner):
     from minillm.checkpoint import load_model
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     d = pair[0]
     ck = load_checkpoint(d / "two" / "ckpt_last.pt")
@@ -170,7 +170,7 @@ def test_sigterm_stops_every_rank_at_the_same_step(data, tmp_path):
 
 
 def test_each_rank_reads_a_disjoint_share_and_together_the_single_process_epoch(data, tmp_path):
-    from minillm.dataset import prepare_data
+    from minillm.data.loader import prepare_data
 
     tok, corpus = data
     _, tcfg = resolve("tiny", {"batch_size": 3, "block_size": 16})
@@ -237,7 +237,7 @@ def test_fsdp_two_ranks_match_one_process_with_the_same_global_batch(fsdp_pair):
 
 def test_fsdp_checkpoint_has_the_one_process_format_and_loads_in_generate_and_evaluate(fsdp_pair, data, runner):
     from minillm.checkpoint import load_model
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     d = fsdp_pair[0]
     ck = torch.load(d / "fsdp" / "ckpt_last.pt", weights_only=True)
@@ -286,7 +286,7 @@ def test_fsdp_resume_through_nproc_matches_one_process_and_a_ddp_resume(fsdp_pai
 
 
 def test_fsdp_is_refused_with_muon_and_with_one_process(data, tmp_path, runner, monkeypatch):
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -308,7 +308,7 @@ def test_fsdp_is_refused_with_muon_and_with_one_process(data, tmp_path, runner, 
 
 def test_wrap_fsdp_for_one_process_returns_the_model_unchanged():
     from minillm.config import ModelConfig
-    from minillm.model import GPT
+    from minillm.model.gpt import GPT
 
     model = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.cli import app
+from minillm.cli.commands import app
 from tests.conftest import SAMPLE, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def base(tmp_path_factory) -> dict[str, Path]:
     """A corpus, its tokenizer (vocab 300), another tokenizer, a larger one, and a 4-step run."""
     from typer.testing import CliRunner
 
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
     from minillm.tokenizer import save_tokenizer, train_tokenizer
 
     d = tmp_path_factory.mktemp("base")
@@ -492,7 +492,7 @@ def test_validation_documents_too_short_for_the_block_suggest_a_block_size(runne
 
 def test_out_of_memory_names_smaller_settings_with_numbers_and_keeps_the_checkpoint(runner, base, tmp_path,
                                                                                      monkeypatch):
-    from minillm import training
+    from minillm.train import run as training
     from minillm.checkpoint import load_checkpoint
 
     real = training.make_train_step
@@ -557,7 +557,7 @@ def test_an_existing_outdir_is_refused_and_untouched(runner, base, tmp_path):
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoint(runner, base, tmp_path,
                                                                                         monkeypatch):
-    from minillm import trainstep
+    from minillm.train import step as trainstep
     from minillm.checkpoint import load_checkpoint
 
     real, calls = trainstep.accumulate, [0]
@@ -584,7 +584,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_last_good_ch
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_exits_130_or_143_and_resume_continues_the_curve(runner, base, tmp_path, monkeypatch, sig,
                                                                         code):
-    from minillm import training
+    from minillm.train import run as training
     from minillm.checkpoint import load_checkpoint
 
     real = training.make_train_step

@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.checkpoint import sha256_file
-from minillm.cli import app
-from minillm.corpus import iter_documents
+from minillm.cli.commands import app
+from minillm.corpus.read import iter_documents
 from minillm.evaluation import doc_windows, n_windows, score, summarize
 from tests.conftest import make_corpus
 from tests.test_generation import make_run, varied_model

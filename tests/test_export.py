@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from minillm.checkpoint import save_checkpoint, sha256_file
 from minillm.config import ModelConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError, UsageError
-from minillm.model import GPT
+from minillm.model.gpt import GPT
 
 st = pytest.importorskip("safetensors.torch")
 
-from minillm.export import HF_FILES, export, is_exported, load_exported  # noqa: E402
+from minillm.export.hf import HF_FILES, export, is_exported, load_exported  # noqa: E402
 
 VARIANTS = {
     "llama": {},
@@ -300,8 +300,8 @@ def test_load_refuses_foreign_config(tmp_path, tokenizer_path):
 
 def test_cli_export_then_generate_and_evaluate(tmp_path, tokenizer_path, runner, monkeypatch):
     from minillm import checkpoint
-    from minillm import export as export_mod
-    from minillm.cli import app
+    from minillm.export import hf as export_mod
+    from minillm.cli.commands import app
     from tests.conftest import make_corpus
 
     run, _ = make_run(tmp_path, tokenizer_path)

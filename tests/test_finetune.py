@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm import finetune as ft
-from minillm.cli import app
+from minillm.train import finetune as ft
+from minillm.cli.commands import app
 from minillm.errors import MiniLLMError
 from tests.conftest import make_corpus
 

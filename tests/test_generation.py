@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.checkpoint import save_checkpoint, sha256_file
-from minillm.cli import app
+from minillm.cli.commands import app
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import UsageError
 from minillm.generation import (
@@ -25,7 +25,7 @@ from minillm.generation import (
     sample_next_token,
     slide_keep,
 )
-from minillm.model import GPT
+from minillm.model.gpt import GPT
 
 V = 64
 GREEDY = Sampling(temperature=0)

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from minillm.checkpoint import save_checkpoint, sha256_file
 from minillm.config import ModelConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError, UsageError
-from minillm.model import GPT
+from minillm.model.gpt import GPT
 
 gguf = pytest.importorskip("gguf")  # in the dev extra: skipped only where minillm[gguf] is not installed
 
-from minillm.export import export  # noqa: E402
-from minillm.gguf_export import sft_chat_template  # noqa: E402
+from minillm.export.hf import export  # noqa: E402
+from minillm.export.gguf import sft_chat_template  # noqa: E402
 
 VARIANTS = {
     "llama": {},
@@ -240,7 +240,7 @@ def test_refuses_models_llamacpp_cannot_run_naming_the_alternative(tmp_path, tok
 
 @pytest.mark.parametrize("model,reason", [("unigram", "Unigram"), ("wordpiece", "punctuation")])
 def test_refuses_unigram_and_wordpiece_tokenizers(tmp_path, corpus, model, reason):
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
     from minillm.tokenizer import save_tokenizer, train_tokenizer
 
     tok_path = tmp_path / "tok.json"
@@ -262,8 +262,7 @@ def test_refuses_a_bpe_tokenizer_llamacpp_would_encode_differently(tmp_path, tok
 
 
 def test_out_rules_and_an_old_file_survives_a_failure(tmp_path, tokenizer_path, monkeypatch):
-    from minillm import gguf_export
-
+    from minillm.export import gguf as gguf_export
     run, _ = make_run(tmp_path, tokenizer_path)
     out = tmp_path / "m.gguf"
     with pytest.raises(UsageError, match=r"\*\.gguf"):
@@ -307,7 +306,7 @@ def test_chat_template_renders_the_sft_training_text():
     jinja2 = pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from minillm.finetune import format_example
+    from minillm.train.finetune import format_example
 
     for env in (jinja2.Environment(), ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)):
         _renders_training_text(env.from_string(sft_chat_template()), format_example)  # the second: transformers'
@@ -327,7 +326,7 @@ def _renders_training_text(tmpl, format_example) -> None:
 
 @pytest.mark.slow
 def test_cli_sft_run_and_merged_adapter_carry_the_template(tmp_path, corpus, tokenizer_path, runner, no_plots):
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"instruction": f"suma {a} y {b}", "response": str(a + b)}) + "\n"

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.cli import app
+from minillm.cli.commands import app
 from tests.conftest import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_train_refuses_a_model_whose_state_alone_exceeds_memory_at_once_touching
 def _state_and_total(tok: Path, **overrides) -> tuple[int, int]:
     """What the guard weighs for ``train --config tiny`` with these flags on the CPU (fp32)."""
     from minillm.config import pad_vocab, resolve
-    from minillm.model import estimate_memory
+    from minillm.model.gpt import estimate_memory
     from minillm.tokenizer import load_tokenizer
 
     mcfg, tcfg = resolve("tiny", overrides)
@@ -97,7 +97,7 @@ def test_train_refuses_when_the_estimate_exceeds_memory_twice_over(runner, old, 
     state, total = _state_and_total(old / "tok.json", block_size=32, batch_size=8)
     avail = (state + total // 2) // 2  # the weights and optimizer fit, half the estimate does not
     assert state < avail < total / 2
-    monkeypatch.setattr("minillm.model.available_memory", lambda device: avail)
+    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: avail)
     out = tmp_path / "new"
     r = _train(runner, old, out)
     assert r.exit_code == 1, r.output
@@ -110,7 +110,7 @@ def test_train_refuses_when_the_estimate_exceeds_memory_twice_over(runner, old, 
 def test_train_warns_when_the_estimate_exceeds_memory_and_trains(runner, old, tmp_path, monkeypatch):
     state, total = _state_and_total(old / "tok.json", block_size=32, batch_size=8, gradient_checkpointing=True)
     avail = total * 3 // 4
-    monkeypatch.setattr("minillm.model.available_memory", lambda device: avail)
+    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: avail)
     r = _train(runner, old, tmp_path / "new", "--gradient-checkpointing")
     assert r.exit_code == 0, r.output
     err = " ".join(r.stderr.split())
@@ -122,16 +122,16 @@ def test_train_warns_when_the_estimate_exceeds_memory_and_trains(runner, old, tm
 def test_finetune_weighs_only_the_weights_of_a_lora_run(runner, old, tmp_path, monkeypatch):
     from minillm.checkpoint import load_checkpoint
     from minillm.config import model_from_dict
-    from minillm.model import estimate_memory
+    from minillm.model.gpt import estimate_memory
 
     est = estimate_memory(model_from_dict(load_checkpoint(old / "run" / "ckpt_best.pt")["model_config"]), 1, "fp32")
     weights, state = est["params"], est["params"] + est["grads"] + est["optimizer"]
-    monkeypatch.setattr("minillm.model.available_memory", lambda device: (weights + state) // 2)
+    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: (weights + state) // 2)
     args = ["finetune", "--ckpt", str(old / "run"), "--data", str(old / "corpus.txt"), "--max-steps", "1", *RUN]
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "full")])
     assert r.exit_code == 1 and not (tmp_path / "full").exists()
     assert "weights, gradients and optimizer state alone" in r.stderr and "--lora-rank 8" in r.stderr, r.stderr
-    monkeypatch.setattr("minillm.model.available_memory", lambda device: weights // 2)
+    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: weights // 2)
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "lora"), "--lora-rank", "2"])
     assert r.exit_code == 1 and not (tmp_path / "lora").exists()
     err = " ".join(r.stderr.split())
@@ -141,7 +141,7 @@ def test_finetune_weighs_only_the_weights_of_a_lora_run(runner, old, tmp_path, m
 def test_available_memory_is_the_hosts_on_the_cpu():
     import torch
 
-    from minillm.model import available_memory
+    from minillm.model.gpt import available_memory
 
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < available_memory(torch.device("cpu")) <= total
@@ -193,7 +193,7 @@ def _one_line(n_chars: int, seed: int = 0) -> str:
 
 
 def test_an_overlong_line_is_read_in_pieces_cut_where_the_tokens_do_not_change(tmp_path, tokenizer_path):
-    from minillm import dataset as ds
+    from minillm.data import loader as ds
     from minillm.tokenizer import load_tokenizer
 
     line = _one_line(60_000)
@@ -216,8 +216,8 @@ def test_an_overlong_line_is_read_in_pieces_cut_where_the_tokens_do_not_change(t
 @given(st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\r", "\r\n", "<|doc|>", "<|doc|>\n", "de fg",
                                  "ab cd " * 30, "x" * 200]), max_size=200).map("".join), st.integers(32, 64))
 def test_pieces_hold_each_documents_text_and_stay_bounded_whatever_the_lines(tmp_path_factory, text, limit):
-    from minillm import dataset as ds
-    from minillm.corpus import iter_documents
+    from minillm.data import loader as ds
+    from minillm.corpus.read import iter_documents
 
     path = tmp_path_factory.mktemp("p") / "c.txt"
     path.write_text(text, encoding="utf-8", newline="")
@@ -230,7 +230,7 @@ def test_pieces_hold_each_documents_text_and_stay_bounded_whatever_the_lines(tmp
 
 _ENCODE = """
 import resource, sys
-from minillm import dataset as ds
+from minillm.data import loader as ds
 peaks = []
 for corpus in sys.argv[2:]:  # the first is a small, ordinary corpus: the baseline (imports, tokenizer, threads)
     ds.build_token_cache(sys.argv[1], corpus, corpus + ".cache", batch_chars=1 << 18)
@@ -255,7 +255,7 @@ def test_a_corpus_of_one_huge_line_or_word_encodes_in_bounded_memory(tmp_path, t
     assert r.returncode == 0, r.stderr
     base_kb, peak_kb = map(int, r.stdout.split()[-2:])
     assert (peak_kb - base_kb) / 1024 < 200, (base_kb, peak_kb)  # the whole 4 MB line at once: ~600 MB more
-    from minillm.dataset import open_token_cache
+    from minillm.data.loader import open_token_cache
 
     tok = load_tokenizer(tokenizer_path)
     for name, text in texts.items():
@@ -308,7 +308,7 @@ def test_sft_line_nested_too_deep_is_a_bad_line(runner, old, tmp_path):
 
 
 def test_sft_examples_all_longer_than_the_block_name_the_block_and_their_lengths(runner, old, tmp_path):
-    from minillm import finetune as ft
+    from minillm.train import finetune as ft
     from minillm.tokenizer import load_tokenizer
 
     lines = [json.dumps({"instruction": "el rio y el mar " * (4 + i), "response": "si"}) for i in range(5)]
@@ -325,7 +325,7 @@ def test_sft_examples_all_longer_than_the_block_name_the_block_and_their_lengths
 
 
 def test_prepare_corpus_jsonl_nested_too_deep_is_a_clear_error(tmp_path, runner):
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")

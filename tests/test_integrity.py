@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from minillm.checkpoint import load_checkpoint, load_model, save_checkpoint, sha256_file
-from minillm.cli import app
+from minillm.cli.commands import app
 from minillm.config import ModelConfig, TrainConfig, to_dict
 from minillm.errors import MiniLLMError
-from minillm.model import GPT
+from minillm.model.gpt import GPT
 from tests.conftest import events, make_corpus
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v_c624e6b"
@@ -51,7 +51,7 @@ def base(tmp_path_factory) -> dict[str, Path]:
     """A corpus, its tokenizer and a 4-step run (evaluated at steps 2 and 4)."""
     from typer.testing import CliRunner
 
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
     from minillm.tokenizer import save_tokenizer, train_tokenizer
 
     d = tmp_path_factory.mktemp("base")
@@ -203,7 +203,7 @@ def test_an_old_adapter_without_a_checksum_loads():
 @pytest.mark.parametrize("fmt", ["hf", "safetensors"])
 def test_an_export_with_flipped_tensor_bytes_is_refused(tmp_path, tokenizer_path, fmt):
     pytest.importorskip("safetensors")
-    from minillm.export import WEIGHTS, export, load_exported
+    from minillm.export.hf import WEIGHTS, export, load_exported
 
     run = tmp_path / "run"
     run.mkdir()
@@ -231,7 +231,7 @@ def dataclasses_replace(cfg: ModelConfig, **kw) -> ModelConfig:
 
 def test_an_old_export_without_a_checksum_loads():
     pytest.importorskip("safetensors")
-    from minillm.export import load_exported
+    from minillm.export.hf import load_exported
 
     model, state = load_exported(FIXTURE / "hf")
     assert model.cfg.n_layer == 1
@@ -325,7 +325,7 @@ def test_an_export_whose_config_is_larger_than_its_tensors_is_refused(tmp_path, 
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file
 
-    from minillm.export import WEIGHTS, export, load_exported
+    from minillm.export.hf import WEIGHTS, export, load_exported
 
     cfg = dataclasses_replace(CFG, vocab_size=320)
     run = tmp_path / "run"
@@ -356,8 +356,7 @@ def test_an_export_whose_config_is_larger_than_its_tensors_is_refused(tmp_path, 
 
 def _prepare(base, cdir: Path, capsys) -> tuple[tuple, list[str]]:
     """The data prepared from ``cdir`` (fingerprinted), and the notes said on stderr meanwhile."""
-    from minillm import dataset as ds
-
+    from minillm.data import loader as ds
     capsys.readouterr()
     data = ds.prepare_data(base["tok"], base["corpus"], cdir, 16, TrainConfig(batch_size=4, eval_batches=2, seed=1))
     return _fingerprint(data), [ln.removeprefix("note: ") for ln in capsys.readouterr().err.splitlines()
@@ -437,8 +436,7 @@ def test_a_damaged_token_cache_is_rebuilt_and_trains_on_all_the_data(base, cache
 
 
 def test_a_normal_start_does_not_hash_a_big_cache(base, cache, capsys, monkeypatch):
-    from minillm import dataset as ds
-
+    from minillm.data import loader as ds
     cdir, good = cache
     assert {"tokens_sha256", "docs_sha256"} <= set(json.loads((cdir / "meta.json").read_text()))
     monkeypatch.setattr(ds, "VERIFY_BYTES", 0)  # every cache counts as big

@@ -10,8 +10,8 @@ from minillm import lora as L
 from minillm.checkpoint import save_checkpoint
 from minillm.config import ModelConfig, TrainConfig, to_dict
 from minillm.errors import MiniLLMError, UsageError
-from minillm.model import GPT
-from minillm.optim import configure_optimizer
+from minillm.model.gpt import GPT
+from minillm.optim.groups import configure_optimizer
 
 CFG = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -93,7 +93,7 @@ def test_trainable_count_and_optimizer_state_match_the_formula(mcfg, targets):
 
 
 def test_only_adapter_params_change_during_training():
-    from minillm.trainstep import make_train_step
+    from minillm.train.step import make_train_step
 
     model = tiny()
     base = {k: v.clone() for k, v in model.state_dict().items()}

@@ -12,7 +12,7 @@ import torch
 
 from minillm.config import PRESETS, ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.model import (
+from minillm.model.gpt import (
     GPT,
     KVCache,
     apply_rope,
@@ -249,7 +249,7 @@ def test_liger_loss_kernel_falls_back_exactly_off_cuda():
 def test_liger_missing_is_refused_on_cuda_and_ignored_elsewhere(monkeypatch):
     import sys
 
-    from minillm.model import liger_kernel, liger_problem
+    from minillm.model.gpt import liger_kernel, liger_problem
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)
@@ -267,7 +267,7 @@ def test_liger_missing_is_refused_on_cuda_and_ignored_elsewhere(monkeypatch):
 
 def test_liger_chunking_passes_the_loss_through():
     """The wrapper hands liger h, w, targets, ignore_index -1 and a chunk budget of ~LIGER_CHUNK_ROWS rows."""
-    from minillm.model import LIGER_CHUNK_ROWS, liger_linear_cross_entropy
+    from minillm.model.gpt import LIGER_CHUNK_ROWS, liger_linear_cross_entropy
 
     seen = {}
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from minillm.muon import Muon, orthogonalize
+from minillm.optim.muon import Muon, orthogonalize
 
 
 def test_orthogonalize_flattens_the_spectrum():

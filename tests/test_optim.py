@@ -1,4 +1,4 @@
-"""Optimizer groups, the learning-rate schedule and gradient clipping (minillm/optim.py)."""
+"""Optimizer groups, the learning-rate schedule and gradient clipping (minillm/optim/groups.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from minillm.config import ModelConfig, resolve
-from minillm.model import GPT
-from minillm.optim import Schedule, clip_gradients, configure_optimizer, lr_at, rescheduled, schedule_for
+from minillm.model.gpt import GPT
+from minillm.optim.groups import Schedule, clip_gradients, configure_optimizer, lr_at, rescheduled, schedule_for
 
 
 def test_lr_at_matches_a_table():

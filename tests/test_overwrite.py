@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.cli import app
+from minillm.cli.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "v_c624e6b"
@@ -137,8 +137,7 @@ def test_overwrite_with_a_bad_value_leaves_the_old_run_untouched(old, runner):
 
 
 def test_overwrite_failing_before_its_first_checkpoint_puts_the_old_run_back(old, runner, monkeypatch):
-    from minillm import training
-
+    from minillm.train import run as training
     def boom(*a, **kw):
         raise RuntimeError("boom in the first evaluation")
 
@@ -151,8 +150,7 @@ def test_overwrite_failing_before_its_first_checkpoint_puts_the_old_run_back(old
 
 
 def test_finetune_overwrite_failing_puts_the_old_finetune_back(old, runner, monkeypatch):
-    from minillm import training
-
+    from minillm.train import run as training
     def boom(*a, **kw):
         raise RuntimeError("boom in the first evaluation")
 
@@ -165,7 +163,7 @@ def test_finetune_overwrite_failing_puts_the_old_finetune_back(old, runner, monk
 
 
 def test_ctrl_c_before_the_first_checkpoint_of_an_overwrite_puts_the_old_run_back(old, runner, monkeypatch):
-    from minillm.trainlog import TrainLog
+    from minillm.train.log import TrainLog
 
     enter = TrainLog.__enter__
 
@@ -201,7 +199,7 @@ def _run_dir(d: Path, *names: str) -> Path:
 
 
 def test_a_leftover_replacement_is_settled_at_the_next_start(tmp_path):
-    from minillm.rundir import recover_replaced
+    from minillm.train.rundir import recover_replaced
 
     # killed after the new run's first checkpoint, before the old run was deleted: the old one goes
     run = _run_dir(tmp_path / "a", "config.json", "ckpt_last.pt")
@@ -415,7 +413,7 @@ def test_the_presets_and_the_fixture_run_are_in_range():
 
 
 def test_config_diff_takes_a_missing_key_as_its_default_and_ignores_unknown_ones():
-    from minillm.rundir import config_diff
+    from minillm.train.rundir import config_diff
 
     old = {"model": {"n_layer": 2, "gone": 1}, "train": {"lr": 1e-3}, "data": {"corpus_sha256": "x"}}
     new = {"model": {"n_layer": 2, "qk_norm": False}, "train": {"lr": 1e-3, "doc_masking": False},

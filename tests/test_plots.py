@@ -1,8 +1,8 @@
-"""Training curves (minillm/plots.py)."""
+"""Training curves (minillm/train/plots.py)."""
 
 from __future__ import annotations
 
-from minillm.plots import plot_curves
+from minillm.train.plots import plot_curves
 
 
 def test_curves_png_is_written_atomically(tmp_path):

@@ -1,4 +1,4 @@
-"""Run-directory guards and resume comparisons (minillm/rundir.py)."""
+"""Run-directory guards and resume comparisons (minillm/train/rundir.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from minillm.errors import MiniLLMError, UsageError
-from minillm.rundir import RESUMABLE_KEYS, config_diff, prepare_outdir, refuse_diffs
+from minillm.train.rundir import RESUMABLE_KEYS, config_diff, prepare_outdir, refuse_diffs
 
 
 def spec(out, resume=False, overwrite=False):

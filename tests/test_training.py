@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from minillm import training as tr
-from minillm import trainstep as ts
+from minillm.train import run as tr
+from minillm.train import step as ts
 from minillm.checkpoint import load_checkpoint
 from minillm.config import ModelConfig, pad_vocab, resolve
 from minillm.errors import MiniLLMError
-from minillm.model import GPT
-from minillm.optim import Schedule, configure_optimizer
+from minillm.model.gpt import GPT
+from minillm.optim.groups import Schedule, configure_optimizer
 from tests.conftest import events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_resume_may_change_the_length_and_recomputes_the_decay(tmp_path, tokeniz
 
 
 def test_existing_outdir_is_refused_untouched(tmp_path, tokenizer_path, corpus, runner):
-    from minillm.cli import app
+    from minillm.cli.commands import app
 
     out = tmp_path / "r"
     out.mkdir()

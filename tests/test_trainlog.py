@@ -1,4 +1,4 @@
-"""Progress logging, MFU peaks and durations (minillm/trainlog.py)."""
+"""Progress logging, MFU peaks and durations (minillm/train/log.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from minillm.trainlog import PEAK_FLOPS, TrainLog, fmt_duration, peak_flops
+from minillm.train.log import PEAK_FLOPS, TrainLog, fmt_duration, peak_flops
 
 
 @pytest.mark.parametrize("secs,text", [(0, "0s"), (59.9, "59s"), (61, "1m01s"), (3725, "1h02m05s")])

@@ -1,13 +1,13 @@
-"""One training step and one validation pass (minillm/trainstep.py)."""
+"""One training step and one validation pass (minillm/train/step.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minillm import trainstep as ts
+from minillm.train import step as ts
 from minillm.config import ModelConfig, resolve
-from minillm.model import GPT
+from minillm.model.gpt import GPT
 
 
 def test_accumulation_equals_one_large_batch():
@@ -30,7 +30,7 @@ def test_accumulation_equals_one_large_batch():
 def test_doc_masking_reaches_the_model():
     """--doc-masking: the training and validation forward pass documents' segment ids (positions restart and
     attention stops at each <|doc|>); without it, the plain causal forward."""
-    from minillm.model import segment_ids
+    from minillm.model.gpt import segment_ids
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))

@@ -11,7 +11,7 @@ import torch
 
 from minillm.config import TrainConfig
 from minillm.errors import MiniLLMError
-from minillm.optim import clip_gradients, set_lr
+from minillm.optim.groups import clip_gradients, set_lr
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,7 +46,7 @@ def _to_device(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def _forward(model, x, y, doc_masking: bool, doc_id: int, device, dtype, reduction: str = "mean") -> torch.Tensor:
-    from minillm.model import segment_ids
+    from minillm.model.gpt import segment_ids
 
     seg = segment_ids(x, doc_id) if doc_masking else None
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minillm.corpus import DOC_SEPARATOR, batch_documents, check_input_file, iter_documents
+from minillm.corpus.read import DOC_SEPARATOR, batch_documents, check_input_file, iter_documents
 from minillm.errors import MiniLLMError
 
 BYTES_PER_TOKEN = 4.0  # estimate without --tokenizer: a BPE of 8k-32k tokens on European-language text

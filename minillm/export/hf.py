@@ -23,7 +23,7 @@ Every write goes to a temporary directory or file that is renamed into place at 
 replaces only a directory that is an export minillm wrote (``not_our_export``), never one holding other files.
 
 ``safetensors`` is an optional dependency (``pip install 'minillm[export]'``), imported lazily.
-``--format gguf`` (llama.cpp) is ``minillm.gguf_export``, reached through ``export``.
+``--format gguf`` (llama.cpp) is ``minillm.export.gguf``, reached through ``export``.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def hf_config(cfg: ModelConfig, specials: dict[str, int], dtype: str, minillm: d
     """``config.json`` for ``LlamaForCausalLM`` or ``Qwen3ForCausalLM``. ``specials``: doc/pad ids.
 
     RoPE is written both ways: ``rope_theta`` (transformers 4.x) and ``rope_parameters`` (5.x)."""
-    from minillm.model import RMS_EPS
+    from minillm.model.gpt import RMS_EPS
 
     arch = hf_architecture(cfg)
     c: dict[str, Any] = {
@@ -155,7 +155,7 @@ def hf_config(cfg: ModelConfig, specials: dict[str, int], dtype: str, minillm: d
 
 def config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
     """Our ``ModelConfig`` from an HF ``config.json``; refuses anything our model would compute differently."""
-    from minillm.model import RMS_EPS
+    from minillm.model.gpt import RMS_EPS
 
     arch = c.get("model_type")
     problems = []
@@ -204,7 +204,7 @@ def is_export_config(c: dict[str, Any]) -> bool:
 def not_our_export(d: Path) -> str | None:
     """Why directory ``d`` is not an HF export minillm wrote, or None when it is one (its ``config.json`` has our
     block and it holds nothing but the files an export writes)."""
-    from minillm.rundir import read_json
+    from minillm.train.rundir import read_json
 
     cfg = d / "config.json"
     if not cfg.is_file():
@@ -404,7 +404,7 @@ def load_exported(path: Path | str, device: str = "cpu"):
     ``checkpoint.load_model``: ``state`` has ``path`` (beside which ``tokenizer.json`` is looked for),
     ``model_config``, ``tokenizer_sha256`` and ``train_config`` (``doc_masking`` only)."""
     from minillm.checkpoint import checked_model_config, tensors_sha256
-    from minillm.model import GPT
+    from minillm.model.gpt import GPT
 
     st = _safetensors_torch()
     p = Path(path)
@@ -428,7 +428,7 @@ def load_exported(path: Path | str, device: str = "cpu"):
             sd["lm_head.weight"] = sd["tok_emb.weight"]
         info = {k: _maybe_json(v) for k, v in meta.items() if k not in ("format", "model_config")}
     elif cfg_json.is_file():
-        from minillm.rundir import read_json
+        from minillm.train.rundir import read_json
 
         hf = read_json(cfg_json, "re-export the model with `minillm export`")
         try:
@@ -473,7 +473,7 @@ def export(ckpt: Path, out: Path, fmt: str = "hf", *, tokenizer: Path | None = N
     if fmt not in ("hf", "safetensors", "gguf"):
         raise UsageError(f"--format: {fmt!r} is not one of hf, safetensors, gguf")
     if fmt == "gguf":
-        from minillm.gguf_export import export_gguf, finetune_mode, require_gguf
+        from minillm.export.gguf import export_gguf, finetune_mode, require_gguf
 
         require_gguf()
     else:

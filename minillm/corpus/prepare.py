@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minillm.corpus import (
+from minillm.corpus.read import (
     DOC_SEPARATOR,
     FileInfo,
     ReadOptions,
@@ -25,7 +25,7 @@ from minillm.corpus import (
     read_documents,
     validate_encoding,
 )
-from minillm.corpus_clean import CleanOptions, CleanResult, clean_batch
+from minillm.corpus.clean import CleanOptions, CleanResult, clean_batch
 from minillm.errors import MiniLLMError, UsageError
 
 BATCH_CHARS = 1 << 20  # characters per unit of work sent to a worker

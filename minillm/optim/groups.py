@@ -83,7 +83,7 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     fused = True if device.type == "cuda" else None
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
     if hidden:
-        from minillm.muon import Muon
+        from minillm.optim.muon import Muon
 
         muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True)
         for g in muon.param_groups:

@@ -53,7 +53,7 @@ def require_gguf():
 
 def gguf_architecture(cfg: ModelConfig) -> str:
     """``llama`` or ``qwen3``; refuses models llama.cpp has no architecture for, naming the alternative."""
-    from minillm.export import arch_problems
+    from minillm.export.hf import arch_problems
 
     problems = arch_problems(cfg)
     if problems:
@@ -74,7 +74,7 @@ def gguf_tensors(sd: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
     """Our state dict -> ``{llama.cpp name: float32 numpy array}`` in llama.cpp's layout."""
     import torch
 
-    from minillm.export import to_hf_state_dict
+    from minillm.export.hf import to_hf_state_dict
 
     gguf = require_gguf()
     arch = gguf_architecture(cfg)
@@ -166,7 +166,7 @@ def sft_chat_template() -> str:
     the prompt is ready for the answer with or without ``add_generation_prompt``; BOS (``<|doc|>``) is not
     in the template because llama.cpp adds it. All text is in string expressions, so it renders the same
     with or without ``trim_blocks``/``lstrip_blocks`` (which transformers and llama.cpp turn on)."""
-    from minillm.finetune import INSTRUCTION, RESPONSE, SYSTEM
+    from minillm.train.finetune import INSTRUCTION, RESPONSE, SYSTEM
 
     def lit(text: str) -> str:  # a Jinja string literal (JSON's escapes are Jinja's)
         return json.dumps(text)
@@ -193,7 +193,7 @@ def finetune_mode(state: dict[str, Any]) -> str | None:
 
 def _metadata(w, gguf, cfg: ModelConfig, dtype: str, name: str, info: dict[str, Any]) -> None:
     """The architecture keys, and ``info`` as ``minillm.*`` JSON strings."""
-    from minillm.model import RMS_EPS
+    from minillm.model.gpt import RMS_EPS
 
     ftype = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
@@ -266,7 +266,7 @@ def export_gguf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out
     """Write ``out`` (a ``.gguf`` file) from our state dict; ``mode`` ``sft`` adds the chat template.
     Written to a temporary file beside ``out`` and renamed into place, so an old ``out`` survives a failure."""
     from minillm.checkpoint import _fsync_dir, sha256_file, write_error
-    from minillm.export import EXPORT_FORMAT, _check_out, _specials
+    from minillm.export.hf import EXPORT_FORMAT, _check_out, _specials
     from minillm.tokenizer import load_tokenizer
 
     gguf = require_gguf()

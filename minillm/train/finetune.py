@@ -55,7 +55,7 @@ from minillm.checkpoint import (
     sha256_file,
 )
 from minillm.config import ModelConfig, TrainConfig, to_dict, train_from_dict, validate
-from minillm.corpus import check_input_file
+from minillm.corpus.read import check_input_file
 from minillm.errors import MiniLLMError, UsageError
 from minillm.lora import LoRAConfig
 
@@ -237,7 +237,7 @@ def decode_masked_inputs(model: nn.Module, doc_id: int):
     ``targets`` to -1 (no loss) and recomputes ``seg_ids`` from the decoded tokens. Whoever calls the model
     (the trainer's step, its validation pass, compiled or not) gets the decoding; plain batches pass through
     unchanged. Returns the hook's handle (``.remove()`` undoes it)."""
-    from minillm.model import segment_ids
+    from minillm.model.gpt import segment_ids
 
     def hook(_module, args, kwargs):
         args = list(args)
@@ -257,7 +257,7 @@ def decode_masked_inputs(model: nn.Module, doc_id: int):
 def sft_data(fs: FinetuneSpec, tok_path: Path, block_size: int, tcfg: TrainConfig, log) -> Any:
     """The SFT rows as a ``dataset.RunData``: a seeded split by example (or ``--val-file``), the trainer's
     ``Loader`` over the training rows, fixed validation batches."""
-    from minillm import dataset as ds
+    from minillm.data import loader as ds
     from minillm.tokenizer import doc_id, load_tokenizer, pad_id
 
     tok = load_tokenizer(tok_path)
@@ -350,7 +350,7 @@ def _load_adapter(model, ck: dict) -> None:
 def _restore(path: Path, model, lora: bool, opts, scaler, loader, device):
     """``ckpt_last.pt`` -> model (LoRA: the adapter on the base already loaded), optimizers, scaler, loader,
     RNGs; returns the ``RunState``."""
-    from minillm.training import _restore as restore
+    from minillm.train.run import _restore as restore
 
     return restore(path, model, opts, scaler, loader, device, _load_adapter if lora else None)
 
@@ -358,7 +358,7 @@ def _restore(path: Path, model, lora: bool, opts, scaler, loader, device):
 def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None, device) -> nn.Module:
     """The base's weights in a model of ``mcfg`` (the base's shape; dropout etc. may differ), with adapters."""
     from minillm.lora import apply_lora
-    from minillm.model import GPT
+    from minillm.model.gpt import GPT
 
     model = GPT(mcfg)
     try:
@@ -372,8 +372,8 @@ def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None
 
 def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> dict[str, Any]:
     """Set up and run one fine-tuning run; returns the trainer's summary (plus the LoRA figures)."""
-    from minillm import dataset as ds
-    from minillm.rundir import (
+    from minillm.data import loader as ds
+    from minillm.train.rundir import (
         config_diff,
         inputs_of,
         prepare_outdir,
@@ -382,7 +382,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         run_config,
         write_run_files,
     )
-    from minillm.training import (
+    from minillm.train.run import (
         RunSpec,
         RunState,
         _set_schedule,
@@ -392,8 +392,8 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         oom_message,
         total_steps_for,
     )
-    from minillm.trainlog import TrainLog, check_tensorboard
-    from minillm.trainstep import maybe_compile, resolve_device, resolve_precision
+    from minillm.train.log import TrainLog, check_tensorboard
+    from minillm.train.step import maybe_compile, resolve_device, resolve_precision
 
     t_entry = fs.started or time.time()
     if fs.mode not in MODES:
@@ -406,7 +406,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     base_path = Path(base["path"])
     mcfg = dataclasses.replace(model_config_of(base),
                                **{k: v for k, v in model_overrides.items() if v is not None})
-    from minillm.model import liger_kernel
+    from minillm.model.gpt import liger_kernel
 
     if mcfg.loss_kernel == "liger" and liger_kernel() is None:  # a kernel choice of the base's machine, not
         mcfg = dataclasses.replace(mcfg, loss_kernel="torch")    # of its weights: this one lacks the extra
@@ -459,7 +459,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
                 model = build_model(base, mcfg, fs.lora, device)
                 del base
                 report = _lora_report(model, mcfg, fs.lora, log)
-                from minillm.optim import configure_optimizer
+                from minillm.optim.groups import configure_optimizer
 
                 opts = configure_optimizer(model, tcfg, device)
                 scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
@@ -496,7 +496,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
 
 def check_outdir_not_base(ckpt: Path, outdir: Path) -> None:
     """Refuse an --outdir that is the base checkpoint's own run directory (the base is an input)."""
-    from minillm.rundir import same_file
+    from minillm.train.rundir import same_file
 
     if same_file(Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent, Path(outdir)):
         raise UsageError(f"--outdir {outdir} is the directory of the base checkpoint --ckpt {ckpt}, an input of "

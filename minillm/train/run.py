@@ -2,8 +2,8 @@
 
 Layering (after litgpt): ``train(spec)`` sets up the run (output directory, lock, data, model, optimizer,
 resume) and calls ``fit``, the loop itself, which only steps, logs, evaluates and saves. Beside it:
-``minillm.trainstep`` (one optimizer step, one validation pass), ``minillm.optim`` (optimizer groups and the
-``lr_at`` schedule), ``minillm.rundir`` (existing-run and resume guards) and ``minillm.trainlog`` (progress
+``minillm.train.step`` (one optimizer step, one validation pass), ``minillm.optim.groups`` (optimizer groups and the
+``lr_at`` schedule), ``minillm.train.rundir`` (existing-run and resume guards) and ``minillm.train.log`` (progress
 lines, the progress bar, TensorBoard, MFU).
 
 Faults: SIGINT/SIGTERM set a flag the loop checks between steps (a step is never cut in half), then
@@ -38,7 +38,7 @@ from minillm.checkpoint import (
 )
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError, UsageError
-from minillm.optim import (
+from minillm.optim.groups import (
     UNBOUNDED,
     Schedule,
     configure_optimizer,
@@ -46,7 +46,7 @@ from minillm.optim import (
     rescheduled,
     schedule_for,
 )
-from minillm.rundir import (
+from minillm.train.rundir import (
     check_resume,
     config_diff,
     inputs_of,
@@ -56,7 +56,7 @@ from minillm.rundir import (
     run_config,
     write_run_files,
 )
-from minillm.trainlog import (
+from minillm.train.log import (
     PEAK_FLOPS,
     TrainLog,
     check_tensorboard,
@@ -64,7 +64,7 @@ from minillm.trainlog import (
     is_main_process,
     peak_flops,
 )
-from minillm.trainstep import (
+from minillm.train.step import (
     estimate_val_loss,
     make_train_step,
     maybe_compile,
@@ -181,8 +181,7 @@ def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dty
     memory available on ``device`` (``model.available_memory``), or the ``--dry-run`` estimate (eager mode;
     a compiled run keeps much less) exceeds it twice over; ``warn(message)`` when the estimate exceeds it.
     ``trainable`` False: the weights are frozen (LoRA); ``shards``: FSDP ranks sharing the state."""
-    from minillm import model
-
+    from minillm.model import gpt as model
     avail = model.available_memory(device)
     if not avail:
         return
@@ -219,7 +218,7 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
 def _claim_outdir(spec: RunSpec, dist: distributed.Dist):
     """Rank 0 locks (for the whole run), checks and cleans the run directory; the other ranks wait for it.
     Yields notes for the log (``rundir.prepare_outdir``)."""
-    from minillm.dataset import cache_dir_for
+    from minillm.data.loader import cache_dir_for
 
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -239,8 +238,7 @@ def _per_rank_eval(tcfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
 
 
 def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distributed.Dist) -> dict[str, Any]:
-    from minillm import dataset as ds
-
+    from minillm.data import loader as ds
     t_entry = spec.started or time.time()
     if spec.tensorboard:
         check_tensorboard()
@@ -248,7 +246,7 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
     dtype = resolve_precision(tcfg.precision, device)
     if spec.fsdp and (problem := distributed.fsdp_problem(tcfg.optimizer, dist.world_size, dtype)):
         raise UsageError(problem)
-    from minillm.model import liger_problem
+    from minillm.model.gpt import liger_problem
 
     if problem := liger_problem(mcfg, device):
         raise UsageError(problem)
@@ -295,7 +293,7 @@ def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dic
                    dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
     """Model, optimizer, scaler, restored state and schedule; then the run's files (an old run in the way is set
     aside until the first checkpoint: ``rundir.replacing``) and the loop."""
-    from minillm.model import GPT
+    from minillm.model.gpt import GPT
 
     model = GPT(mcfg).to(device)
     n_params = model.num_params()
@@ -419,7 +417,7 @@ def epoch_of(loader, loader_state: dict) -> float:
 def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: TrainConfig,
                       loader_state: dict, lr: float, log: TrainLog) -> None:
     """Validation loss -> history record, patience counter, ckpt_last (+ ckpt_best), history.json, curves.png."""
-    from minillm.plots import plot_curves
+    from minillm.train.plots import plot_curves
 
     state.elapsed_s = time.time() - ctx["t_entry"]
     # the uncompiled model: an eval-mode, no-grad graph would be compiled anew (tens of seconds on a GPU)
@@ -477,7 +475,7 @@ def plan_time_budget(step: int, elapsed: float, max_time: float, step_s: float, 
 def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ctx: dict, log: TrainLog,
         sig: _Signals) -> dict[str, Any]:
     """The loop: step, log, evaluate, save. Ends with the schedule, the time budget, patience or a signal."""
-    from minillm.dataset import Prefetcher
+    from minillm.data.loader import Prefetcher
 
     model, device, loader = ctx["model"], ctx["device"], ctx["loader"]
     sched = Schedule(**state.schedule)

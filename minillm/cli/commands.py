@@ -151,10 +151,10 @@ def prepare_corpus(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout instead of a table."),
 ) -> None:
     """Clean raw text into a corpus file: documents separated by <|doc|> lines, deduplicated."""
-    from minillm.corpus import ReadOptions
-    from minillm.corpus_clean import CleanOptions
-    from minillm.corpus_prepare import DedupOptions
-    from minillm.corpus_prepare import prepare_corpus as run_prepare
+    from minillm.corpus.read import ReadOptions
+    from minillm.corpus.clean import CleanOptions
+    from minillm.corpus.prepare import DedupOptions
+    from minillm.corpus.prepare import prepare_corpus as run_prepare
 
     if not near_dedup and dedup_threshold != 0.8:
         _err("--dedup-threshold has no effect without --near-dedup")
@@ -200,7 +200,7 @@ def analyze_corpus(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Report corpus statistics and recommend block size, stride, model size, epochs and vocabulary."""
-    from minillm.corpus_stats import (
+    from minillm.corpus.stats import (
         LABELS,
         analyze,
         plot_lengths,
@@ -357,12 +357,12 @@ def train(
         world = 2 if dry_run else (nproc or env_ranks()[1])  # --dry-run: only the optimizer is checked
         if problem := fsdp_problem(tcfg.optimizer, world):
             raise UsageError(problem)
-    from minillm.corpus import check_input_file
+    from minillm.corpus.read import check_input_file
 
     for p, flag in ((tokenizer, "--tokenizer"), *((c, "--corpus") for c in corpus),
                     *(((val_file, "--val-file"),) if val_file else ())):
         check_input_file(p, flag, "give the tokenizer file" if flag == "--tokenizer" else "give the corpus file")
-    from minillm.dataset import Mixture
+    from minillm.data.loader import Mixture
     from minillm.tokenizer import load_tokenizer
 
     load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before --outdir is touched
@@ -373,8 +373,8 @@ def train(
         return
     if nproc is not None and nproc != 1:  # after the checks above, so that a mistake is reported once
         _relaunch_torchrun(nproc)  # does not return (--fsdp and the other arguments pass through)
-    from minillm.training import Interrupted, RunSpec
-    from minillm.training import train as run_train
+    from minillm.train.run import Interrupted, RunSpec
+    from minillm.train.run import train as run_train
 
     spec = RunSpec(tokenizer=tokenizer, corpus=corpus_arg, outdir=outdir, val_file=val_file, cache_dir=cache_dir,
                    resume=resume, overwrite=overwrite, log_format=log_format, config_name=config,
@@ -442,7 +442,7 @@ def _dry_run(tokenizer: Path, mcfg, tcfg) -> None:
     import dataclasses
 
     from minillm.config import pad_vocab, to_dict
-    from minillm.model import GPT, estimate_memory
+    from minillm.model.gpt import GPT, estimate_memory
     from minillm.tokenizer import load_tokenizer
 
     mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(load_tokenizer(tokenizer).get_vocab_size()))
@@ -492,7 +492,7 @@ def generate(
     from minillm.errors import UsageError
     from minillm.generation import DOC_JOIN, Sampling, check_sampling, complete, decode_mode
     from minillm.tokenizer import load_tokenizer
-    from minillm.training import resolve_device
+    from minillm.train.run import resolve_device
 
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     problems = [m for bad, m in (
@@ -507,7 +507,7 @@ def generate(
     if problems:
         raise UsageError("; ".join(problems))
     if prompt_file is not None:
-        from minillm.corpus import check_input_file
+        from minillm.corpus.read import check_input_file
 
         check_input_file(prompt_file, "--prompt-file", "give a UTF-8 text file with one prompt per line")
         try:
@@ -588,18 +588,18 @@ def evaluate(
     from tqdm import tqdm
 
     from minillm.checkpoint import load_model, resolve_tokenizer
-    from minillm.corpus import iter_documents
+    from minillm.corpus.read import iter_documents
     from minillm.errors import UsageError
     from minillm.evaluation import n_windows, score, summarize, validation_texts
     from minillm.tokenizer import encode_documents, load_tokenizer, pad_id
-    from minillm.training import resolve_device
+    from minillm.train.run import resolve_device
 
     if (test_file is None) == (split is None):
         raise UsageError("give --test-file FILE or --split val (one of them)")
     if split is not None and split != "val":
         raise UsageError(f"--split: {split!r} is not supported; use --split val or --test-file")
     if test_file is not None:
-        from minillm.corpus import check_input_file
+        from minillm.corpus.read import check_input_file
 
         check_input_file(test_file, "--test-file", "give a corpus file")
     if stride < 0 or batch_size < 1:
@@ -687,8 +687,8 @@ def finetune(
     started = process_started_at() or time.time()
     from minillm.config import parse_duration
     from minillm.errors import UsageError
-    from minillm.finetune import MODES, FinetuneSpec
-    from minillm.finetune import finetune as run_finetune
+    from minillm.train.finetune import MODES, FinetuneSpec
+    from minillm.train.finetune import finetune as run_finetune
 
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format: {log_format!r} is not one of text, json")
@@ -718,7 +718,7 @@ def finetune(
     train_over = {k: vals[k] for k in _TRAIN_KEYS - keys - _MODEL_ONLY if vals.get(k) is not None}
     if max_time is not None:
         train_over["max_time"] = parse_duration(max_time)
-    from minillm.training import Interrupted
+    from minillm.train.run import Interrupted
 
     fs = FinetuneSpec(ckpt=ckpt, data=data, outdir=outdir, mode=mode, tokenizer=tokenizer,
                       force_tokenizer=force_tokenizer, lora=lora, val_file=val_file, cache_dir=cache_dir,
@@ -782,7 +782,7 @@ def export(
     """Export a model to a Hugging Face directory (transformers loads it offline), a safetensors file or a GGUF file (llama.cpp)."""
     import tempfile
 
-    from minillm.export import export as run_export
+    from minillm.export.hf import export as run_export
 
     with tempfile.TemporaryDirectory(prefix="minillm-merge-") as tmp:
         if adapter is not None:  # merge first, then export the merged checkpoint (with the base's tokenizer)

@@ -1,0 +1,5 @@
+"""The command line: see docs/ARCHITECTURE.md."""
+
+from minillm.cli.commands import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,1 @@
+"""corpus: see docs/ARCHITECTURE.md."""

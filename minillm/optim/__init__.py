@@ -1,0 +1,1 @@
+"""optim: see docs/ARCHITECTURE.md."""
