@@ -42,10 +42,10 @@ def bench_one(name: str, args, dist=None) -> dict:
     import torch
 
     from minillm import distributed
-    from minillm.train import run as tr
     from minillm.config import pad_vocab, resolve
     from minillm.data.loader import Loader, Prefetcher, window_starts
     from minillm.model.gpt import GPT
+    from minillm.train import run as tr
 
     ref_batch, ref_vocab, ref_tps = REFERENCE.get(name, (None, 32000, None))
     overrides = {"device": args.device, "precision": args.precision, "compile": args.compile}

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from minillm.corpus import read as corpus_mod
-from minillm.corpus.read import ReadOptions, _split_chunks, _split_lines, iter_documents, read_documents
 from minillm.corpus.clean import CleanOptions, _ftfy_config, clean_document, fix_text, rewrite_special
 from minillm.corpus.prepare import DedupOptions, prepare_corpus
+from minillm.corpus.read import ReadOptions, _split_chunks, _split_lines, iter_documents, read_documents
 from minillm.corpus.stats import analyze, expected_windows, recommend, summary_lines
 from minillm.errors import MiniLLMError, UsageError
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.data import loader as ds
 from minillm.corpus.read import iter_documents
+from minillm.data import loader as ds
 from minillm.errors import UsageError
 from minillm.tokenizer import DOC, load_tokenizer, save_tokenizer, train_tokenizer
 from tests.conftest import make_corpus

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.train import finetune as ft
 from minillm.cli.commands import app
 from minillm.errors import MiniLLMError
+from minillm.train import finetune as ft
 from tests.conftest import make_corpus
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--batch-size", "4",

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from minillm.config import ModelConfig, TrainConfig, resolve
-from minillm.corpus.read import iter_documents
 from minillm.corpus.clean import CleanOptions
 from minillm.corpus.prepare import DedupOptions, prepare_corpus
+from minillm.corpus.read import iter_documents
 from minillm.errors import MiniLLMError, UsageError
 from tests.conftest import make_corpus
 

@@ -22,8 +22,8 @@ from minillm.model.gpt import GPT
 
 gguf = pytest.importorskip("gguf")  # in the dev extra: skipped only where minillm[gguf] is not installed
 
-from minillm.export.hf import export  # noqa: E402
 from minillm.export.gguf import sft_chat_template  # noqa: E402
+from minillm.export.hf import export  # noqa: E402
 
 VARIANTS = {
     "llama": {},

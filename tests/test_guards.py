@@ -216,8 +216,8 @@ def test_an_overlong_line_is_read_in_pieces_cut_where_the_tokens_do_not_change(t
 @given(st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\r", "\r\n", "<|doc|>", "<|doc|>\n", "de fg",
                                  "ab cd " * 30, "x" * 200]), max_size=200).map("".join), st.integers(32, 64))
 def test_pieces_hold_each_documents_text_and_stay_bounded_whatever_the_lines(tmp_path_factory, text, limit):
-    from minillm.data import loader as ds
     from minillm.corpus.read import iter_documents
+    from minillm.data import loader as ds
 
     path = tmp_path_factory.mktemp("p") / "c.txt"
     path.write_text(text, encoding="utf-8", newline="")
@@ -308,8 +308,8 @@ def test_sft_line_nested_too_deep_is_a_bad_line(runner, old, tmp_path):
 
 
 def test_sft_examples_all_longer_than_the_block_name_the_block_and_their_lengths(runner, old, tmp_path):
-    from minillm.train import finetune as ft
     from minillm.tokenizer import load_tokenizer
+    from minillm.train import finetune as ft
 
     lines = [json.dumps({"instruction": "el rio y el mar " * (4 + i), "response": "si"}) for i in range(5)]
     data = _sft(tmp_path / "long.jsonl", lines)

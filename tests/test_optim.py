@@ -9,7 +9,14 @@ import torch
 
 from minillm.config import ModelConfig, resolve
 from minillm.model.gpt import GPT
-from minillm.optim.groups import Schedule, clip_gradients, configure_optimizer, lr_at, rescheduled, schedule_for
+from minillm.optim.groups import (
+    Schedule,
+    clip_gradients,
+    configure_optimizer,
+    lr_at,
+    rescheduled,
+    schedule_for,
+)
 
 
 def test_lr_at_matches_a_table():

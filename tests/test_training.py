@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from minillm.train import run as tr
-from minillm.train import step as ts
 from minillm.checkpoint import load_checkpoint
 from minillm.config import ModelConfig, pad_vocab, resolve
 from minillm.errors import MiniLLMError
 from minillm.model.gpt import GPT
 from minillm.optim.groups import Schedule, configure_optimizer
+from minillm.train import run as tr
+from minillm.train import step as ts
 from tests.conftest import events
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minillm.train import step as ts
 from minillm.config import ModelConfig, resolve
 from minillm.model.gpt import GPT
+from minillm.train import step as ts
 
 
 def test_accumulation_equals_one_large_batch():

@@ -151,10 +151,10 @@ def prepare_corpus(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout instead of a table."),
 ) -> None:
     """Clean raw text into a corpus file: documents separated by <|doc|> lines, deduplicated."""
-    from minillm.corpus.read import ReadOptions
     from minillm.corpus.clean import CleanOptions
     from minillm.corpus.prepare import DedupOptions
     from minillm.corpus.prepare import prepare_corpus as run_prepare
+    from minillm.corpus.read import ReadOptions
 
     if not near_dedup and dedup_threshold != 0.8:
         _err("--dedup-threshold has no effect without --near-dedup")

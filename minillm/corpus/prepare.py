@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from minillm.corpus.clean import CleanOptions, CleanResult, clean_batch
 from minillm.corpus.read import (
     DOC_SEPARATOR,
     FileInfo,
@@ -25,7 +26,6 @@ from minillm.corpus.read import (
     read_documents,
     validate_encoding,
 )
-from minillm.corpus.clean import CleanOptions, CleanResult, clean_batch
 from minillm.errors import MiniLLMError, UsageError
 
 BATCH_CHARS = 1 << 20  # characters per unit of work sent to a worker

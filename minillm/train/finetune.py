@@ -373,15 +373,7 @@ def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None
 def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> dict[str, Any]:
     """Set up and run one fine-tuning run; returns the trainer's summary (plus the LoRA figures)."""
     from minillm.data import loader as ds
-    from minillm.train.rundir import (
-        config_diff,
-        inputs_of,
-        prepare_outdir,
-        refuse_diffs,
-        replacing,
-        run_config,
-        write_run_files,
-    )
+    from minillm.train.log import TrainLog, check_tensorboard
     from minillm.train.run import (
         RunSpec,
         RunState,
@@ -392,7 +384,15 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
         oom_message,
         total_steps_for,
     )
-    from minillm.train.log import TrainLog, check_tensorboard
+    from minillm.train.rundir import (
+        config_diff,
+        inputs_of,
+        prepare_outdir,
+        refuse_diffs,
+        replacing,
+        run_config,
+        write_run_files,
+    )
     from minillm.train.step import maybe_compile, resolve_device, resolve_precision
 
     t_entry = fs.started or time.time()

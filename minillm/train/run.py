@@ -46,6 +46,14 @@ from minillm.optim.groups import (
     rescheduled,
     schedule_for,
 )
+from minillm.train.log import (
+    PEAK_FLOPS,
+    TrainLog,
+    check_tensorboard,
+    fmt_duration,
+    is_main_process,
+    peak_flops,
+)
 from minillm.train.rundir import (
     check_resume,
     config_diff,
@@ -55,14 +63,6 @@ from minillm.train.rundir import (
     replacing,
     run_config,
     write_run_files,
-)
-from minillm.train.log import (
-    PEAK_FLOPS,
-    TrainLog,
-    check_tensorboard,
-    fmt_duration,
-    is_main_process,
-    peak_flops,
 )
 from minillm.train.step import (
     estimate_val_loss,
