@@ -1,4 +1,4 @@
-from minillm.cli.commands import main
+from minillm.cli import main
 
 if __name__ == "__main__":
     main()

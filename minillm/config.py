@@ -20,42 +20,59 @@ from typing import Any
 
 from minillm.errors import UsageError
 
+TRAIN, FINETUNE = "train", "finetune"
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None, *, cli: tuple[str, ...] = (TRAIN, FINETUNE),
+       short: str | None = None, finetune_help: str | None = None, duration: bool = False) -> Any:
+    """A config field and its one declaration: ``help`` (the --help line and the key's meaning in TOML),
+    ``choices``, ``cli``: the commands with a flag for it (``()``: a TOML-only key), ``short``: a short flag,
+    ``finetune_help``: finetune's help where it differs, ``duration``: the flag takes 90s / 2m / 1h."""
+    meta: dict[str, Any] = {"help": help, "cli": cli}
+    for key, value in (("choices", choices), ("short", short), ("finetune_help", finetune_help), ("duration", duration)):
+        if value:
+            meta[key] = value
     return field(default=default, metadata=meta)
+
+
+def _m(default: Any, help: str, choices: tuple[str, ...] | None = None, *, cli: tuple[str, ...] = (TRAIN,),
+       finetune_help: str | None = None) -> Any:
+    """A ``ModelConfig`` field: a ``train`` flag only unless said, as finetune keeps the base model's shape."""
+    return _f(default, help, choices, cli=cli, finetune_help=finetune_help)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The transformer's shape. Defaults follow the Llama family (pre-norm RMSNorm, SwiGLU, RoPE)."""
 
-    vocab_size: int = _f(0, "vocabulary size; always taken from the tokenizer, padded to a multiple of 64")
-    block_size: int = _f(256, "context length in tokens (the longest sequence the model sees)")
-    n_layer: int = _f(6, "number of transformer blocks")
-    n_head: int = _f(4, "attention heads (query heads)")
-    n_kv_head: int = _f(0, "key/value heads for grouped-query attention; 0 means n_head (plain multi-head)")
-    n_embd: int = _f(256, "model width (embedding size); must be divisible by n_head")
-    mlp: str = _f("swiglu", "feed-forward type: swiglu (Llama) or gelu (GPT-2, 4x wide)", ("swiglu", "gelu"))
-    norm: str = _f("rmsnorm", "normalization layer: rmsnorm (Llama) or layernorm (GPT-2)", ("rmsnorm", "layernorm"))
-    rope_theta: float = _f(10000.0, "RoPE base frequency")
-    dropout: float = _f(0.0, "dropout on attention and MLP outputs (0 for short runs, 0.1 for many epochs)")
-    bias: bool = _f(False, "biases in linear layers and norms (off in the Llama family)")
-    tie_embeddings: bool = _f(True, "share the input embedding and output layer weights")
-    qk_norm: bool = _f(False, "RMS-normalize queries and keys per head before attention (exports as Qwen3)")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
-    attention: str = _f(
+    vocab_size: int = _m(0, "Vocabulary size; always taken from the tokenizer, padded to a multiple of 64.", cli=())
+    block_size: int = _m(256, "Context length in tokens (the longest sequence the model sees).")
+    n_layer: int = _m(6, "Number of transformer blocks.")
+    n_head: int = _m(4, "Attention heads (query heads).")
+    n_kv_head: int = _m(0, "Key/value heads (grouped-query attention); 0 = n_head (plain multi-head).")
+    n_embd: int = _m(256, "Model width (embedding size); must be divisible by n_head.")
+    mlp: str = _m("swiglu", "Feed-forward type: swiglu (Llama) or gelu (GPT-2, 4x wide).", ("swiglu", "gelu"), cli=())
+    norm: str = _m("rmsnorm", "Normalization layer: rmsnorm (Llama) or layernorm (GPT-2).", ("rmsnorm", "layernorm"),
+                   cli=())
+    rope_theta: float = _m(10000.0, "RoPE base frequency.", cli=())
+    dropout: float = _m(0.0, "Dropout on attention and MLP outputs (0 for short runs, 0.1 for many epochs).",
+                        cli=(TRAIN, FINETUNE), finetune_help="Model dropout during fine-tuning (default: the base's).")
+    bias: bool = _m(False, "Biases in linear layers and norms (off in the Llama family).", cli=())
+    tie_embeddings: bool = _m(True, "Share the input embedding and output layer weights.", cli=())
+    qk_norm: bool = _m(False, "RMS-normalize queries and keys per head before attention (exports as Qwen3).", cli=())
+    gradient_checkpointing: bool = _m(False, "Recompute activations in the backward pass to save memory.",
+                                      cli=(TRAIN, FINETUNE))
+    attention: str = _m(
         "auto",
-        "attention kernel: auto (fastest available), flash, cudnn, efficient, math; does not change the weights",
+        "Attention kernel: auto (fastest available), flash, cudnn, efficient, math; does not change the weights.",
         ("auto", "flash", "cudnn", "efficient", "math"),
     )
-    loss_chunk: int = _f(0, "rows per chunk of the fused output layer + loss (never holds all logits); 0 = all at once; does not change the weights")
-    loss_kernel: str = _f(
+    loss_chunk: int = _m(0, "Rows per chunk of the fused output layer + loss (never holds all logits); 0 = all at once; "
+                            "does not change the weights.", cli=())
+    loss_kernel: str = _m(
         "torch",
-        "output layer + loss: torch (compiled PyTorch) or liger (liger-kernel's fused Triton linear + cross-entropy, "
-        "CUDA training only, pip install 'minillm[kernels]'); does not change the weights",
+        "Output layer + loss: torch (compiled PyTorch), or liger (liger-kernel's fused Triton linear + cross-entropy: "
+        "less memory; CUDA training only; pip install 'minillm[kernels]'); does not change the weights.",
         ("torch", "liger"),
     )
 
@@ -81,34 +98,44 @@ class ModelConfig:
 class TrainConfig:
     """One training run: data, optimizer, schedule, precision, evaluation and logging."""
 
-    batch_size: int = _f(32, "micro-batch size (windows per forward pass)")
-    accumulation_steps: int = _f(1, "micro-batches accumulated per optimizer step")
-    lr: float = _f(1e-3, "peak learning rate")
-    min_lr: float = _f(-1.0, "final learning rate of the cosine decay; negative means lr / 10")
-    warmup_steps: int = _f(100, "linear warmup steps (capped at a tenth of the run)")
-    max_steps: int = _f(0, "stop after this many optimizer steps; 0 means no limit (use epochs)")
-    epochs: float = _f(1.0, "passes over the training windows; the run ends at whichever of epochs/max_steps comes first")
-    max_time: float = _f(0.0, "wall-clock budget in seconds for the whole run; 0 means none")
-    weight_decay: float = _f(0.1, "AdamW weight decay (never on norms, biases and embeddings)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    grad_clip: float = _f(1.0, "clip the gradient norm to this; 0 disables clipping")
-    optimizer: str = _f("adamw", "optimizer: adamw, or muon for 2-D hidden weights with AdamW for the rest", ("adamw", "muon"))
-    muon_lr: float = _f(0.02, "Muon learning rate for hidden matrices (with --optimizer muon)")
-    eval_every: int = _f(0, "evaluate every N steps; 0 means about 10 times per run")
-    eval_batches: int = _f(20, "validation batches per evaluation")
-    patience: int = _f(0, "stop after this many evaluations without improvement; 0 disables early stopping")
-    log_every: int = _f(10, "print a progress line every N steps")
-    precision: str = _f("auto", "auto (bf16 on capable GPUs, fp16 on older ones, fp32 on CPU), bf16, fp16, fp32",
+    batch_size: int = _f(32, "Micro-batch size (windows per forward pass).", short="-b",
+                         finetune_help="Micro-batch size (default: the base run's).")
+    accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = _f(1e-3, "Peak learning rate.",
+                   finetune_help="Peak learning rate (default: a tenth of the base run's; with LoRA the base run's).")
+    min_lr: float = _f(-1.0, "Final learning rate of the cosine decay (default lr/10; a negative value means the same).")
+    warmup_steps: int = _f(100, "Linear warmup steps (capped at a tenth of the run).")
+    max_steps: int = _f(0, "Stop after this many optimizer steps, or at --epochs if that comes first (0 = no step limit).")
+    epochs: float = _f(1.0, "Passes over the training windows; the run ends at whichever of --epochs / --max-steps comes "
+                            "first (0 = no epoch limit).",
+                       finetune_help="Passes over the training windows / examples (default 1; 0 = no epoch limit); the "
+                                     "run ends at whichever of --epochs / --max-steps comes first.")
+    max_time: float = _f(0.0, "Wall-clock budget for the whole run, e.g. 90s, 2m, 1h (in TOML: seconds; 0 = none).",
+                         duration=True)
+    weight_decay: float = _f(0.1, "AdamW weight decay (never on norms, biases and embeddings).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    grad_clip: float = _f(1.0, "Gradient-norm clip (0 disables).")
+    optimizer: str = _f("adamw", "adamw, or muon for the 2-D hidden matrices with AdamW for the rest.", ("adamw", "muon"))
+    muon_lr: float = _f(0.02, "Muon learning rate for hidden matrices (with --optimizer muon).", cli=(TRAIN,))
+    eval_every: int = _f(0, "Evaluate every N steps (0 = about 10 per run).")
+    eval_batches: int = _f(20, "Validation batches per evaluation.")
+    patience: int = _f(0, "Stop after N evaluations without improvement (0 = off).")
+    log_every: int = _f(10, "Progress line every N steps.")
+    precision: str = _f("auto", "auto (bf16 on capable GPUs, fp16 on older ones, fp32 on CPU), bf16, fp16 or fp32.",
                         ("auto", "bf16", "fp16", "fp32"))
-    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA, off for CPU), on, off", ("auto", "on", "off"))
-    device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    seed: int = _f(1337, "random seed for initialization, data order and dropout")
-    num_workers: int = _f(1, "background threads preparing batches ahead of the GPU; 0 prepares them inline")
-    stride: int = _f(0, "step between windows of a long document; 0 means block_size (no overlap)")
-    val_fraction: float = _f(0.05, "fraction of documents held out for validation (at least one document)")
-    doc_masking: bool = _f(False, "restart positions at each document and block attention across documents")
-
+    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA, off for CPU), on, off.", ("auto", "on", "off"))
+    device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    seed: int = _f(1337, "Random seed (initialization, data order, split, dropout).",
+                   finetune_help="Random seed (data order, split, dropout, adapter init).")
+    num_workers: int = _f(1, "Background threads preparing batches ahead of the GPU (0 = inline).")
+    stride: int = _f(0, "Step between windows of a long document (0 = block size: no overlap).",
+                     finetune_help="continue: step between windows (default block size).")
+    val_fraction: float = _f(0.05, "Fraction of documents held out for validation (at least one document).",
+                             finetune_help="Fraction of documents / examples held out for validation.")
+    doc_masking: bool = _f(False, "Restart positions and block attention at document boundaries.",
+                           finetune_help="Restart positions and block attention at document boundaries (default: the "
+                                         "base run's).")
 
 # Presets are defined here once. configs/*.toml mirror them (tests/test_config.py checks they agree).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -143,10 +170,6 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def field_help(cls: type) -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
 def _base_type(tp: Any) -> type:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -174,13 +197,22 @@ def _check_value(cls: type, key: str, value: Any, where: str) -> str | None:
     return None
 
 
-# Fields a TOML ``[model]`` table sets; every other field is also a ``train`` flag (tests check both ways).
-TOML_ONLY = frozenset({"vocab_size", "mlp", "norm", "rope_theta", "bias", "tie_embeddings", "qk_norm", "loss_chunk"})
+# Fields only a TOML file sets (no flag); every other field is also a ``train`` flag (tests check both ways).
+TOML_ONLY = frozenset(f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls) if not f.metadata["cli"])
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of field ``key``."""
+    return "--" + key.replace("_", "-")
 
 
 def key_name(key: str) -> str:
-    """How a user sets field ``key``: its ``train`` flag, or its key in a TOML ``[model]`` table."""
-    return f"[model] {key}" if key in TOML_ONLY else "--" + key.replace("_", "-")
+    """How a user sets field ``key``: its ``train`` flag, or its key in a TOML ``[model]`` / ``[train]`` table."""
+    for table, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        for f in dataclasses.fields(cls):
+            if f.name == key and not f.metadata["cli"]:
+                return f"[{table}] {key}"
+    return flag_name(key)
 
 
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
@@ -247,7 +279,9 @@ def validate(model: ModelConfig, train: TrainConfig) -> list[str]:
     return p
 
 
-def _split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """``overrides`` (None values left out) split into ModelConfig fields, TrainConfig fields, and a problem line
+    per unknown key."""
     mkeys = {f.name for f in dataclasses.fields(ModelConfig)}
     tkeys = {f.name for f in dataclasses.fields(TrainConfig)}
     m, t, problems = {}, {}, []
@@ -311,7 +345,7 @@ def resolve(config: str = "tiny", overrides: dict[str, Any] | None = None) -> tu
             preset = None
     else:
         raise UsageError(f"--config: unknown preset {config!r}; choose one of {', '.join(PRESETS)} or a .toml file")
-    om, ot, extra = _split_overrides(overrides or {})
+    om, ot, extra = split_overrides(overrides or {})
     problems += extra
     base = PRESETS.get(preset or "", {"model": {}, "train": {}})
     mvals = {**base["model"], **file_model, **om}

@@ -1,4 +1,4 @@
-"""The two exceptions library code raises; ``cli.py`` turns them into exit codes."""
+"""The two exceptions library code raises; ``minillm.cli`` turns them into exit codes."""
 
 
 class MiniLLMError(Exception):

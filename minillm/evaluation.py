@@ -127,3 +127,38 @@ def _check_exists(path: Path, key: str) -> None:
     if not path.is_file():
         raise MiniLLMError(f"--split val: {key} {path} (from the run's config.json) does not exist; run evaluate "
                            f"from the directory train ran in, or score the file with --test-file")
+
+
+def eval_texts(test_file: Path | None, run_dir: Path) -> tuple[list[str], str]:
+    """The documents to score and where they came from: those of ``test_file``, or with None the validation
+    documents of the run in ``run_dir``."""
+    if test_file is None:
+        return validation_texts(run_dir)
+    from minillm.corpus.read import iter_documents
+
+    texts = list(iter_documents(test_file))
+    if not texts:
+        raise MiniLLMError(f"--test-file: {test_file} holds no documents")
+    return texts, str(test_file)
+
+
+def evaluate_texts(model, tok, texts: list[str], source: str, stride: int = 0, batch_size: int = 16,
+                   show_progress: bool = False) -> dict:
+    """Score ``texts`` (see the module's docstring) in sliding windows ``stride`` apart (0: half the block),
+    ``batch_size`` windows per forward pass, with a progress bar on stderr if asked. Returns ``summarize``'s
+    figures plus documents, source, stride and block_size."""
+    import sys
+
+    from tqdm import tqdm
+
+    from minillm.tokenizer import encode_documents, pad_id
+
+    docs = encode_documents(tok, texts)
+    block = model.cfg.block_size
+    stride = min(stride or max(1, block // 2), block)
+    with tqdm(total=sum(n_windows(len(d), block, stride) for d in docs), unit="win", file=sys.stderr,
+              disable=not show_progress, desc="evaluate") as bar:
+        total, n = score(model, docs, stride, batch_size, pad_id(tok), progress=bar.update)
+    res = summarize(total, n, sum(len(t.encode("utf-8")) for t in texts))
+    res.update(documents=len(texts), source=source, stride=stride, block_size=block)
+    return res

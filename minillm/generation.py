@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -457,3 +458,71 @@ def complete(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int,
             records.append({"prompt": p, "completion": text, "tokens": len(c.tokens), "seconds": round(seconds, 4),
                             "finish_reason": c.reason})
     return records
+
+
+# ---------------------------------------------------------------- the generate command's inputs and output
+
+
+def not_utf8(flag: str, text: str | None) -> str | None:
+    """A problem line when a command-line text holds bytes that are not UTF-8 (Python keeps each as a lone
+    surrogate, which the tokenizer cannot take)."""
+    try:
+        (text or "").encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        c = ord(e.object[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        return (f"{flag} holds {what} at character {e.start + 1}, which is not UTF-8 text; set the terminal to UTF-8 "
+                f"(e.g. LANG=C.UTF-8) or put the text in a UTF-8 file and pass --prompt-file")
+
+
+def check_request(*, prompt: str | None, prompt_file: Path | None, max_tokens: int, num_samples: int,
+                  batch_size: int | None, batch_generate: bool, stream: bool, as_json: bool, output: Path | None,
+                  stops: Sequence[str]) -> None:
+    """Raise one ``UsageError`` naming every problem among the options of ``generate``."""
+    problems = [m for bad, m in (
+        (prompt is not None and prompt_file is not None, "give --prompt or --prompt-file, not both"),
+        (max_tokens < 0, "--max-tokens must be >= 0"), (num_samples < 1, "--num-samples must be >= 1"),
+        (batch_size is not None and not batch_generate, "--batch-size needs --batch-generate"),
+        (batch_size is not None and batch_size < 1, "--batch-size must be >= 1"),
+        (stream and batch_generate, "--stream prints one sample at a time; drop --batch-generate"),
+        (stream and (as_json or output is not None), "--stream prints text to the terminal; drop --json / --output"),
+    ) if bad]
+    problems += [m for m in (not_utf8("--prompt", prompt), *(not_utf8("--stop", s) for s in stops)) if m]
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def read_prompts(prompt: str | None, prompt_file: Path | None) -> list[str]:
+    """The prompts to continue: the non-blank lines of ``prompt_file`` (UTF-8), else ``[prompt or ""]``."""
+    if prompt_file is None:
+        return [prompt or ""]
+    from minillm.corpus.read import check_input_file
+
+    check_input_file(prompt_file, "--prompt-file", "give a UTF-8 text file with one prompt per line")
+    try:
+        text = prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MiniLLMError(f"--prompt-file: {prompt_file} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                           f"offset {e.start}); re-encode it, e.g. `iconv -f latin1 -t utf-8 {prompt_file} > "
+                           f"prompts.txt` (or `minillm prepare-corpus`, which reads cp1252)") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise MiniLLMError(f"--prompt-file: {prompt_file} holds no prompts (one per line)")
+    return prompts
+
+
+def check_output(output: Path | None, ckpt: Path, prompt_file: Path | None, tokenizer: Path | None) -> None:
+    """Refuse an ``--output`` that is one of the files generate reads."""
+    inputs = (ckpt, prompt_file, tokenizer, *(ckpt / n for n in ("ckpt_best.pt", "ckpt_last.pt", "tokenizer.json")))
+    if output is not None and any(output.resolve() == p.resolve() for p in inputs if p):
+        raise UsageError(f"--output {output} is also an input; write the samples to another file")
+
+
+def render_samples(records: Sequence[dict], as_json: bool) -> str:
+    """The output of ``complete``'s records: JSON lines, or the texts joined by ``<|doc|>`` lines."""
+    import json
+
+    if as_json:
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return DOC_JOIN.join(r["prompt"] + r["completion"] for r in records) + "\n"

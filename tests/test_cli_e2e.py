@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from minillm.cli.commands import app
+from minillm.cli import app
 from tests.conftest import make_corpus
 
 

@@ -20,7 +20,7 @@ def old(tmp_path: Path) -> Path:
 
 
 def _cli(runner, *args: str):
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     return runner.invoke(app, list(args))
 

@@ -358,7 +358,7 @@ def test_summary_lines_es_en(tmp_path):
 
 
 def test_cli_prepare_and_analyze(tmp_path):
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     runner = CliRunner()
     f = write(tmp_path / "raw.txt", SEP.join(["Hola <|pad|> mundo", "Hola <|pad|> mundo", "CafÃ©\r\n"]))

@@ -277,7 +277,7 @@ def test_prepare_data_mixture_is_recorded(tmp_path, tokenizer_path):
 
 
 def test_train_command_mixes_corpora(tmp_path, tokenizer_path, runner):
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     a = make_corpus(tmp_path / "a.txt", n_docs=20, seed=1)
     b = make_corpus(tmp_path / "b.txt", n_docs=10, seed=2)

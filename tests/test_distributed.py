@@ -118,7 +118,7 @@ def test_only_rank_zero_writes_and_logs(pair):
 
 def test_two_rank_checkpoint_loads_in_one_process_generate_and_evaluate(pair, data, runner):
     from minillm.checkpoint import load_model
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     d = pair[0]
     ck = load_checkpoint(d / "two" / "ckpt_last.pt")
@@ -237,7 +237,7 @@ def test_fsdp_two_ranks_match_one_process_with_the_same_global_batch(fsdp_pair):
 
 def test_fsdp_checkpoint_has_the_one_process_format_and_loads_in_generate_and_evaluate(fsdp_pair, data, runner):
     from minillm.checkpoint import load_model
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     d = fsdp_pair[0]
     ck = torch.load(d / "fsdp" / "ckpt_last.pt", weights_only=True)
@@ -286,7 +286,7 @@ def test_fsdp_resume_through_nproc_matches_one_process_and_a_ddp_resume(fsdp_pai
 
 
 def test_fsdp_is_refused_with_muon_and_with_one_process(data, tmp_path, runner, monkeypatch):
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)

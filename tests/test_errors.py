@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.cli.commands import app
+from minillm.cli import app
 from tests.conftest import SAMPLE, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.checkpoint import sha256_file
-from minillm.cli.commands import app
+from minillm.cli import app
 from minillm.corpus.read import iter_documents
 from minillm.evaluation import doc_windows, n_windows, score, summarize
 from tests.conftest import make_corpus

@@ -300,7 +300,7 @@ def test_load_refuses_foreign_config(tmp_path, tokenizer_path):
 
 def test_cli_export_then_generate_and_evaluate(tmp_path, tokenizer_path, runner, monkeypatch):
     from minillm import checkpoint
-    from minillm.cli.commands import app
+    from minillm.cli import app
     from minillm.export import hf as export_mod
     from tests.conftest import make_corpus
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from minillm.checkpoint import RunLock, atomic_write_text, clean_stale_temps, save_checkpoint
-from minillm.cli.commands import app
+from minillm.cli import app
 from minillm.errors import MiniLLMError
 from tests.conftest import make_corpus
 from tests.test_errors import TINY, cli, copy_run, failed, no_temps
@@ -521,7 +521,7 @@ def test_a_fifo_given_as_an_input_file_is_named_as_such(runner, base, tmp_path, 
 @pytest.mark.parametrize("flag", ["--prompt-file", "--adapter"])
 def test_generate_names_a_fifo_prompt_file_or_adapter(tmp_path, runner, flag):
     """A FIFO given as --prompt-file or --adapter is named as such at once (opening it would block)."""
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

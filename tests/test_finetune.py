@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.cli.commands import app
+from minillm.cli import app
 from minillm.errors import MiniLLMError
 from minillm.train import finetune as ft
 from tests.conftest import make_corpus

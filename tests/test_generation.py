@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from minillm.checkpoint import save_checkpoint, sha256_file
-from minillm.cli.commands import app
+from minillm.cli import app
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import UsageError
 from minillm.generation import (

@@ -326,7 +326,7 @@ def _renders_training_text(tmpl, format_example) -> None:
 
 @pytest.mark.slow
 def test_cli_sft_run_and_merged_adapter_carry_the_template(tmp_path, corpus, tokenizer_path, runner, no_plots):
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"instruction": f"suma {a} y {b}", "response": str(a + b)}) + "\n"

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.cli.commands import app
+from minillm.cli import app
 from tests.conftest import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,7 +325,7 @@ def test_sft_examples_all_longer_than_the_block_name_the_block_and_their_lengths
 
 
 def test_prepare_corpus_jsonl_nested_too_deep_is_a_clear_error(tmp_path, runner):
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")

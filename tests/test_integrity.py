@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from minillm.checkpoint import load_checkpoint, load_model, save_checkpoint, sha256_file
-from minillm.cli.commands import app
+from minillm.cli import app
 from minillm.config import ModelConfig, TrainConfig, to_dict
 from minillm.errors import MiniLLMError
 from minillm.model.gpt import GPT

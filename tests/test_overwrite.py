@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from minillm.cli.commands import app
+from minillm.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "v_c624e6b"

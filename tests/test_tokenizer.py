@@ -111,7 +111,7 @@ def test_streaming_from_files_and_directories(tmp_path):
 def test_init_tokenizer_command(tmp_path, runner):
     from tokenizers import Tokenizer
 
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     d = tmp_path / "texts"
     d.mkdir()

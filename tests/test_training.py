@@ -145,7 +145,7 @@ def test_resume_may_change_the_length_and_recomputes_the_decay(tmp_path, tokeniz
 
 
 def test_existing_outdir_is_refused_untouched(tmp_path, tokenizer_path, corpus, runner):
-    from minillm.cli.commands import app
+    from minillm.cli import app
 
     out = tmp_path / "r"
     out.mkdir()
