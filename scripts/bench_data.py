@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minillm import dataset as ds  # noqa: E402
+from minillm.data import loader as ds  # noqa: E402
 from minillm.tokenizer import iter_training_texts, load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
 

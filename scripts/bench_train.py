@@ -6,8 +6,8 @@
     python scripts/bench_train.py --config configs/tiny.toml --device cpu --steps 5   # CPU smoke test
     python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/bench_train.py --config large
 
-Each step is the trainer's own step (minillm.train.run.train_step): batches come through the real
-loader and prefetcher (pinned host memory), forward/backward under autocast, clipping, fused AdamW.
+Each step is the trainer's own step (the one ``make_train_step`` in minillm/train/step.py builds): batches come
+through the real loader and prefetcher (pinned host memory), forward/backward under autocast, clipping, fused AdamW.
 Steps after warm-up are timed one by one; the median is reported.
 
 Under torchrun (WORLD_SIZE > 1) every rank joins the process group (NCCL on CUDA, one GPU per local rank;
@@ -91,10 +91,8 @@ def bench_one(name: str, args, dist=None) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = step(prefetch, lr_scale=1.0)
-        if device.type == "cuda":
+        if device.type == "cuda":  # on the CPU each step has finished when it returns
             torch.cuda.synchronize()
-        else:
-            float(loss)
         if i == 0:
             first_step_s = time.time() - t_first
         if i >= args.warmup:
@@ -125,7 +123,7 @@ def bench_one(name: str, args, dist=None) -> dict:
         "params_M": round(n_params / 1e6, 2), "step_ms": round(1000 * dt, 2),
         "tokens_per_s": round(tps), "mfu_pct": round(100 * flops_per_token * tps / (peak * world), 1) if peak else None,
         "peak_mem_GiB": max(mem_per_rank) if device.type == "cuda" else None,
-        "first_step_s": round(first_step_s, 1), "loss": round(float(loss), 3), "set": args.set,
+        "first_step_s": round(first_step_s, 1), "loss": round(float(getattr(loss, "loss", loss)), 3), "set": args.set,
         "no_sync": args.no_sync,
         "reference_tokens_per_s": ref_tps,
     }

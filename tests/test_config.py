@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,32 @@ def test_config_files_mirror_presets(name):
     assert resolve(name) == resolve(str(CONFIGS / f"{name}.toml"))
 
 
-def test_every_field_has_help():
+def _train_flag_help() -> dict[str, str]:
+    """``train --help``'s text for each flag: its name, metavar (choices, where shown) and help line."""
+    import click
+    import typer.main
+
+    from minillm.cli import app
+
+    cmd = typer.main.get_command(app).commands["train"]
+    ctx = click.Context(cmd)
+    return {o: " ".join(rec) for p in cmd.params if (rec := p.get_help_record(ctx)) for o in p.opts}
+
+
+def test_every_field_has_its_own_help_naming_its_choices():
+    """A help line of its own per field (not a copy of another's), and a field with choices names each one in
+    its help and in its ``train`` flag's help, so a choice added to the config shows where users look."""
+    flags, seen = _train_flag_help(), {}
     for cls in (ModelConfig, TrainConfig):
         for f in dataclasses.fields(cls):
-            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help line"
+            text, flag = f.metadata.get("help", ""), "--" + f.name.replace("_", "-")
+            assert len(text.split()) >= 2, f"{cls.__name__}.{f.name} has no help line"
+            assert seen.setdefault(text, f.name) == f.name, f"{f.name} repeats the help of {seen[text]}"
+            for choice in f.metadata.get("choices", ()):
+                assert re.search(rf"\b{re.escape(choice)}\b", text), f"{f.name}'s help omits {choice!r}"
+                if flag in flags:
+                    assert re.search(rf"\b{re.escape(choice)}\b", flags[flag]), f"train {flag} omits {choice!r}"
+    assert {"--attention", "--precision", "--compile", "--optimizer", "--loss-kernel"} <= set(flags)
 
 
 def test_precedence_preset_file_flags(tmp_path):

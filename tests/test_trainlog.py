@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from minillm.train.log import PEAK_FLOPS, TrainLog, fmt_duration, peak_flops
+from minillm.train.log import TrainLog, fmt_duration, peak_flops
 
 
 @pytest.mark.parametrize("secs,text", [(0, "0s"), (59.9, "59s"), (61, "1m01s"), (3725, "1h02m05s")])
@@ -15,10 +15,26 @@ def test_fmt_duration(secs, text):
     assert fmt_duration(secs) == text
 
 
-def test_peak_flops_only_on_known_gpus(monkeypatch):
+# Real device names as torch reports them -> the vendor's dense bf16 tensor-core peak, written out here (not read
+# from the table): several names hold a shorter key ("NVIDIA A100" holds "A10", "NVIDIA L40S" holds "L40" and
+# "L4"), so a lookup that tries the keys in the wrong order gives the wrong peak.
+KNOWN_GPUS = [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12),
+              ("NVIDIA B200", 2250e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A800 80GB PCIe", 312e12),
+              ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
+              ("NVIDIA A10", 125e12), ("NVIDIA RTX A6000", 155e12), ("NVIDIA GeForce RTX 4090", 165e12),
+              ("NVIDIA GeForce RTX 3090", 71e12), ("Tesla T4", 65e12), ("Tesla V100-SXM2-16GB", 125e12)]
+
+
+@pytest.mark.parametrize("name,peak", KNOWN_GPUS, ids=[n for n, _ in KNOWN_GPUS])
+def test_peak_flops_of_each_known_gpu(monkeypatch, name, peak):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: asked.append(d) or name)
+    assert peak_flops(torch.device("cuda", 1)) == peak
+    assert asked == [torch.device("cuda", 1)]  # the name of the run's own GPU, not of GPU 0
+
+
+def test_peak_flops_none_on_cpu_and_unknown_gpus(monkeypatch):
     assert peak_flops(torch.device("cpu")) is None
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
-    assert peak_flops(torch.device("cuda")) == PEAK_FLOPS["H100"] == 989e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Mystery GPU")
     assert peak_flops(torch.device("cuda")) is None
 
