@@ -337,7 +337,7 @@ def train(
     import os
     import time
 
-    from minillm.checkpoint import process_started_at
+    from minillm.io import process_started_at
 
     started = process_started_at() or time.time()  # --max-time counts from the process's start
     from minillm.config import parse_duration, resolve
@@ -488,9 +488,9 @@ def generate(
     """Generate text from a trained checkpoint. Samples are separated by a <|doc|> line in text output."""
     import torch
 
-    from minillm.checkpoint import load_model, resolve_tokenizer
     from minillm.errors import UsageError
     from minillm.generation import DOC_JOIN, Sampling, check_sampling, complete, decode_mode
+    from minillm.model.load import load_model, resolve_tokenizer
     from minillm.tokenizer import load_tokenizer
     from minillm.train.run import resolve_device
 
@@ -552,7 +552,7 @@ def generate(
     if output is None:
         write(text)
     else:
-        from minillm.checkpoint import atomic_write_text
+        from minillm.io import atomic_write_text
 
         atomic_write_text(output, text)
         typer.echo(f"wrote {len(records)} sample(s) to {output}", err=True)
@@ -587,10 +587,10 @@ def evaluate(
     """Score a checkpoint on whole documents: loss, perplexity and bits per byte."""
     from tqdm import tqdm
 
-    from minillm.checkpoint import load_model, resolve_tokenizer
     from minillm.corpus.read import iter_documents
     from minillm.errors import UsageError
     from minillm.evaluation import n_windows, score, summarize, validation_texts
+    from minillm.model.load import load_model, resolve_tokenizer
     from minillm.tokenizer import encode_documents, load_tokenizer, pad_id
     from minillm.train.run import resolve_device
 
@@ -682,7 +682,7 @@ def finetune(
     """Fine-tune a checkpoint: continued pretraining on a corpus, or instruction tuning on JSONL; all weights or LoRA."""
     import time
 
-    from minillm.checkpoint import process_started_at
+    from minillm.io import process_started_at
 
     started = process_started_at() or time.time()
     from minillm.config import parse_duration
@@ -782,7 +782,7 @@ def export(
     """Export a model to a Hugging Face directory (transformers loads it offline), a safetensors file or a GGUF file (llama.cpp)."""
     import tempfile
 
-    from minillm.export.hf import export as run_export
+    from minillm.export import export as run_export
 
     with tempfile.TemporaryDirectory(prefix="minillm-merge-") as tmp:
         if adapter is not None:  # merge first, then export the merged checkpoint (with the base's tokenizer)
