@@ -85,14 +85,14 @@ def validation_texts(run_dir: Path) -> tuple[list[str], str]:
     """The documents a run held out for validation, read from its ``config.json``: the ``data.val_file``
     if it had one, else documents ``val_doc_ids`` of ``data.corpus`` (document i = the i-th yielded by
     ``iter_documents``). Returns the texts and a description of where they came from."""
-    from minillm.checkpoint import sha256_file
     from minillm.corpus.read import iter_documents
+    from minillm.io import sha256_file
 
     cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.is_file():
         raise MiniLLMError(f"--split val: {cfg_path} does not exist; give the checkpoint inside its run directory, "
                            f"or score a file with --test-file")
-    from minillm.train.rundir import read_json
+    from minillm.io import read_json
 
     cfg = read_json(cfg_path, "restore it from a copy of the run, or score a file with --test-file")
     data = cfg.get("data", {})

@@ -224,7 +224,7 @@ def attach_adapter(model: nn.Module, base_state: dict[str, Any], adapter: dict[s
     """Put an adapter on ``model``, loaded from the checkpoint ``base_state`` (``load_model``'s state, with
     its ``path``). Refuses an adapter trained on another base (the sha256 of the base file differs).
     ``merged`` folds it into the weights (fastest for inference; same logits)."""
-    from minillm.checkpoint import sha256_file
+    from minillm.io import sha256_file
 
     ad = load_adapter(adapter) if not isinstance(adapter, dict) else adapter
     base_path = Path(base_state["path"])
@@ -252,8 +252,8 @@ def attach_adapter(model: nn.Module, base_state: dict[str, Any], adapter: dict[s
 
 
 def load_with_adapter(ckpt: Path | str, adapter: Path | str | None, device: str = "cpu"):
-    """``checkpoint.load_model`` plus, when given, an adapter merged into the weights. ``(model, state)``."""
-    from minillm.checkpoint import load_model
+    """``model.load.load_model`` plus, when given, an adapter merged into the weights. ``(model, state)``."""
+    from minillm.model.load import load_model
 
     model, state = load_model(ckpt, "cpu")
     if adapter is not None:
@@ -288,8 +288,10 @@ def merge_checkpoint(ckpt: Path | str, adapter: Path | str, out: Path | str, tok
     with the base's tokenizer copied beside it as ``tokenizer.json`` (refused if a different one is there)."""
     import shutil
 
-    from minillm.checkpoint import atomic_open, load_model, resolve_tokenizer, save_checkpoint, sha256_file
+    from minillm.checkpoint import save_checkpoint
     from minillm.config import to_dict
+    from minillm.io import atomic_open, sha256_file
+    from minillm.model.load import load_model, resolve_tokenizer
 
     out = Path(out)
     model, state = load_model(ckpt, "cpu")

@@ -170,7 +170,7 @@ def encode_documents(tok, docs: list[str]) -> list[list[int]]:
 
 
 def save_tokenizer(tok, path: Path) -> None:
-    from minillm.checkpoint import atomic_write_text
+    from minillm.io import atomic_write_text
 
     atomic_write_text(Path(path), tok.to_str(pretty=False))
 

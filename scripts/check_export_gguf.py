@@ -44,11 +44,13 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from minillm.checkpoint import save_checkpoint, sha256_file  # noqa: E402
+from minillm.checkpoint import save_checkpoint  # noqa: E402
 from minillm.config import ModelConfig, pad_vocab, to_dict  # noqa: E402
-from minillm.export.hf import export, load_any  # noqa: E402
+from minillm.export import export  # noqa: E402
 from minillm.generation import generate  # noqa: E402
+from minillm.io import sha256_file  # noqa: E402
 from minillm.model.gpt import GPT  # noqa: E402
+from minillm.model.load import load_model  # noqa: E402
 from minillm.tokenizer import doc_id, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
 VARIANTS = {
@@ -326,7 +328,7 @@ def main() -> int:
         for i, (name, kw) in enumerate(VARIANTS.items()):
             print(f"== {name} {kw}", flush=True)
             run = make_run(work / name, tok_path, docs, args.steps, seed=i, **kw)
-            model, _ = load_any(run)
+            model, _ = load_model(run)
             path = work / f"{name}.gguf"
             res = export(run, path, "gguf", dtype="fp32")
             print(f"  exported {res['architecture']}: {res['params']:,} params, {res['vocab']} tokens "

@@ -33,11 +33,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from minillm.checkpoint import save_checkpoint, sha256_file  # noqa: E402
+from minillm.checkpoint import save_checkpoint  # noqa: E402
 from minillm.config import ModelConfig, pad_vocab, to_dict  # noqa: E402
-from minillm.export.hf import export, load_any, load_exported  # noqa: E402
+from minillm.export import export  # noqa: E402
 from minillm.generation import generate  # noqa: E402
+from minillm.io import sha256_file  # noqa: E402
 from minillm.model.gpt import GPT  # noqa: E402
+from minillm.model.load import load_exported, load_model  # noqa: E402
 from minillm.tokenizer import doc_id, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
 VARIANTS = {
@@ -98,7 +100,7 @@ def check(name: str, run: Path, work: Path, device: str, texts: list[str]) -> No
     import transformers
 
     dkey = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model, state = load_any(run, device)
+    model, state = load_model(run, device)
     out = work / f"{name}-hf"
     t0 = time.time()
     res = export(run, out)

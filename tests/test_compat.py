@@ -28,7 +28,7 @@ def _cli(runner, *args: str):
 def test_old_run_loads_with_its_weights(old):
     import torch
 
-    from minillm.checkpoint import load_model
+    from minillm.model.load import load_model
 
     model, state = load_model(old / "run" / "ckpt_best.pt")
     for name, t in model.state_dict().items():

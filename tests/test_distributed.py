@@ -117,8 +117,8 @@ def test_only_rank_zero_writes_and_logs(pair):
 
 
 def test_two_rank_checkpoint_loads_in_one_process_generate_and_evaluate(pair, data, runner):
-    from minillm.checkpoint import load_model
     from minillm.cli import app
+    from minillm.model.load import load_model
 
     d = pair[0]
     ck = load_checkpoint(d / "two" / "ckpt_last.pt")
@@ -236,8 +236,8 @@ def test_fsdp_two_ranks_match_one_process_with_the_same_global_batch(fsdp_pair):
 
 
 def test_fsdp_checkpoint_has_the_one_process_format_and_loads_in_generate_and_evaluate(fsdp_pair, data, runner):
-    from minillm.checkpoint import load_model
     from minillm.cli import app
+    from minillm.model.load import load_model
 
     d = fsdp_pair[0]
     ck = torch.load(d / "fsdp" / "ckpt_last.pt", weights_only=True)

@@ -632,7 +632,7 @@ def test_sigkill_during_train_leaves_loadable_checkpoints_and_resume_works(runne
             break
     proc.kill()
     proc.wait(timeout=30)
-    from minillm.checkpoint import _node
+    from minillm.io import _node
 
     node = _node()
     assert (out / ".lock").exists()  # left behind by the killed run

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.checkpoint import sha256_file
 from minillm.cli import app
 from minillm.corpus.read import iter_documents
 from minillm.evaluation import doc_windows, n_windows, score, summarize
+from minillm.io import sha256_file
 from tests.conftest import make_corpus
 from tests.test_generation import make_run, varied_model
 
@@ -106,7 +106,7 @@ def evaluate(runner, run, *args):
 
 
 def test_cli_evaluate_test_file_matches_the_library_and_batch_size(runner, tmp_path, tokenizer_path):
-    from minillm.checkpoint import load_model
+    from minillm.model.load import load_model
     from minillm.tokenizer import encode_documents, load_tokenizer, pad_id
 
     run = make_run(tmp_path, tokenizer_path, block_size=32)

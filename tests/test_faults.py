@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.checkpoint import RunLock, atomic_write_text, clean_stale_temps, save_checkpoint
+from minillm.checkpoint import save_checkpoint
 from minillm.cli import app
 from minillm.errors import MiniLLMError
+from minillm.io import RunLock, atomic_write_text, clean_stale_temps
 from tests.conftest import make_corpus
 from tests.test_errors import TINY, cli, copy_run, failed, no_temps
 
@@ -90,7 +91,7 @@ time.sleep(120)
 
 RUNLOCK_HOLDER = """
 import sys, time
-from minillm.checkpoint import RunLock
+from minillm.io import RunLock
 RunLock(sys.argv[1]).acquire()
 print("ready", flush=True)
 time.sleep(120)
@@ -179,7 +180,7 @@ def test_three_trains_into_one_new_outdir_one_runs_the_others_are_refused(base, 
 
 WRITER = """
 import sys, time
-from minillm.checkpoint import atomic_open
+from minillm.io import atomic_open
 with atomic_open(sys.argv[1], "wb") as f:
     f.write(b"x" * 4096)
     f.flush()

@@ -110,7 +110,7 @@ def test_sft_targets_mask_the_prompt(base):
 
 
 def test_changing_a_prompt_label_does_not_change_the_loss(base):
-    from minillm.checkpoint import load_model
+    from minillm.model.load import load_model
 
     tok = tok_of(base)
     model, _ = load_model(base / "base" / "ckpt_best.pt")
@@ -206,7 +206,7 @@ def test_sft_lora_generate_merge_resume(base, runner_module):
     assert "trainable parameters" in r.stderr
     # the adapter alone: small, weights_only, records the base's sha256
     ad = torch.load(out / "adapter.pt", weights_only=True)
-    from minillm.checkpoint import sha256_file
+    from minillm.io import sha256_file
 
     assert ad["base_sha256"] == sha256_file(base_ckpt)
     assert (out / "adapter.pt").stat().st_size < base_ckpt.stat().st_size / 4

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.checkpoint import save_checkpoint, sha256_file
+from minillm.checkpoint import save_checkpoint
 from minillm.cli import app
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import UsageError
@@ -25,6 +25,7 @@ from minillm.generation import (
     sample_next_token,
     slide_keep,
 )
+from minillm.io import sha256_file
 from minillm.model.gpt import GPT
 
 V = 64

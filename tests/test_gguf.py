@@ -15,15 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.checkpoint import save_checkpoint, sha256_file
+from minillm.checkpoint import save_checkpoint
 from minillm.config import ModelConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError, UsageError
+from minillm.io import sha256_file
 from minillm.model.gpt import GPT
 
 gguf = pytest.importorskip("gguf")  # in the dev extra: skipped only where minillm[gguf] is not installed
 
+from minillm.export import export  # noqa: E402
 from minillm.export.gguf import sft_chat_template  # noqa: E402
-from minillm.export.hf import export  # noqa: E402
 
 VARIANTS = {
     "llama": {},

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from minillm.checkpoint import load_checkpoint, load_model, save_checkpoint, sha256_file
+from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.cli import app
 from minillm.config import ModelConfig, TrainConfig, to_dict
 from minillm.errors import MiniLLMError
+from minillm.io import sha256_file
 from minillm.model.gpt import GPT
+from minillm.model.load import load_model
 from tests.conftest import events, make_corpus
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "v_c624e6b"
@@ -203,7 +205,9 @@ def test_an_old_adapter_without_a_checksum_loads():
 @pytest.mark.parametrize("fmt", ["hf", "safetensors"])
 def test_an_export_with_flipped_tensor_bytes_is_refused(tmp_path, tokenizer_path, fmt):
     pytest.importorskip("safetensors")
-    from minillm.export.hf import WEIGHTS, export, load_exported
+    from minillm.export import export
+    from minillm.export.layout import WEIGHTS
+    from minillm.model.load import load_exported
 
     run = tmp_path / "run"
     run.mkdir()
@@ -231,7 +235,7 @@ def dataclasses_replace(cfg: ModelConfig, **kw) -> ModelConfig:
 
 def test_an_old_export_without_a_checksum_loads():
     pytest.importorskip("safetensors")
-    from minillm.export.hf import load_exported
+    from minillm.model.load import load_exported
 
     model, state = load_exported(FIXTURE / "hf")
     assert model.cfg.n_layer == 1
@@ -325,7 +329,9 @@ def test_an_export_whose_config_is_larger_than_its_tensors_is_refused(tmp_path, 
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file
 
-    from minillm.export.hf import WEIGHTS, export, load_exported
+    from minillm.export import export
+    from minillm.export.layout import WEIGHTS
+    from minillm.model.load import load_exported
 
     cfg = dataclasses_replace(CFG, vocab_size=320)
     run = tmp_path / "run"

@@ -135,7 +135,8 @@ def _base_file(path, seed: int):
 
 
 def test_adapter_file_roundtrip_and_refuses_a_different_base(tmp_path):
-    from minillm.checkpoint import load_model, sha256_file
+    from minillm.io import sha256_file
+    from minillm.model.load import load_model
 
     a, b = _base_file(tmp_path / "a.pt", 0), _base_file(tmp_path / "b.pt", 1)
     model, state = load_model(a)

@@ -37,7 +37,6 @@ def generate(
     """Generate text from a trained checkpoint. Samples are separated by a <|doc|> line in text output."""
     import torch
 
-    from minillm.checkpoint import load_model, resolve_tokenizer
     from minillm.generation import (
         Sampling,
         check_output,
@@ -48,6 +47,7 @@ def generate(
         read_prompts,
         render_samples,
     )
+    from minillm.model.load import load_model, resolve_tokenizer
     from minillm.tokenizer import load_tokenizer
     from minillm.train.run import resolve_device
 
@@ -80,7 +80,7 @@ def generate(
     elif output is None:
         write(render_samples(records, as_json))
     else:
-        from minillm.checkpoint import atomic_write_text
+        from minillm.io import atomic_write_text
 
         atomic_write_text(output, render_samples(records, as_json))
         typer.echo(f"wrote {len(records)} sample(s) to {output}", err=True)
@@ -98,8 +98,8 @@ def evaluate(
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
 ) -> None:
     """Score a checkpoint on whole documents: loss, perplexity and bits per byte."""
-    from minillm.checkpoint import load_model, resolve_tokenizer
     from minillm.evaluation import eval_texts, evaluate_texts
+    from minillm.model.load import load_model, resolve_tokenizer
     from minillm.tokenizer import load_tokenizer
     from minillm.train.run import resolve_device
 

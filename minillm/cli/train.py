@@ -123,7 +123,7 @@ def _started() -> float:
     """When this process started (``--max-time`` counts from then), or now if that is unknown."""
     import time
 
-    from minillm.checkpoint import process_started_at
+    from minillm.io import process_started_at
 
     return process_started_at() or time.time()
 

@@ -150,7 +150,7 @@ def prepare_corpus(
     log: Callable[[str], None] = lambda s: None,
 ) -> PrepareSummary:
     """Clean ``inputs`` into one corpus file at ``output`` (documents separated by ``<|doc|>`` lines)."""
-    from minillm.checkpoint import atomic_open
+    from minillm.io import atomic_open
 
     if not 0.0 < dedup.threshold <= 1.0:
         raise UsageError(f"--dedup-threshold {dedup.threshold} must be in (0, 1]; 0.8 is a common choice")

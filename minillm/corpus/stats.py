@@ -360,7 +360,7 @@ def plot_lengths(lengths: Sequence[int], path: Path, estimated: bool) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from minillm.checkpoint import atomic_open
+    from minillm.io import atomic_open
 
     a = np.asarray(lengths, dtype=np.int64)
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -40,8 +40,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from minillm.checkpoint import atomic_open, atomic_write_json, sha256_file
 from minillm.errors import MiniLLMError, UsageError
+from minillm.io import atomic_open, atomic_write_json, sha256_file
 
 CACHE_FORMAT = 2
 VERIFY_BYTES = 32 << 20  # a token cache (or split) up to this size has its checksum verified at every start

@@ -53,7 +53,7 @@ def require_gguf():
 
 def gguf_architecture(cfg: ModelConfig) -> str:
     """``llama`` or ``qwen3``; refuses models llama.cpp has no architecture for, naming the alternative."""
-    from minillm.export.hf import arch_problems
+    from minillm.export.layout import arch_problems
 
     problems = arch_problems(cfg)
     if problems:
@@ -74,7 +74,7 @@ def gguf_tensors(sd: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
     """Our state dict -> ``{llama.cpp name: float32 numpy array}`` in llama.cpp's layout."""
     import torch
 
-    from minillm.export.hf import to_hf_state_dict
+    from minillm.export.layout import to_hf_state_dict
 
     gguf = require_gguf()
     arch = gguf_architecture(cfg)
@@ -265,8 +265,9 @@ def export_gguf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out
                 inputs: tuple[Path, ...] = ()) -> dict:
     """Write ``out`` (a ``.gguf`` file) from our state dict; ``mode`` ``sft`` adds the chat template.
     Written to a temporary file beside ``out`` and renamed into place, so an old ``out`` survives a failure."""
-    from minillm.checkpoint import _fsync_dir, sha256_file, write_error
-    from minillm.export.hf import EXPORT_FORMAT, _check_out, _specials
+    from minillm.export.hf import _check_out, _specials
+    from minillm.export.layout import EXPORT_FORMAT
+    from minillm.io import fsync_dir, sha256_file, write_error
     from minillm.tokenizer import load_tokenizer
 
     gguf = require_gguf()
@@ -306,7 +307,7 @@ def export_gguf(model_sd: dict[str, Any], cfg: ModelConfig, tokenizer: Path, out
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):

@@ -47,17 +47,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from minillm.checkpoint import (
-    RunLock,
-    clean_stale_temps,
-    load_checkpoint,
-    model_config_of,
-    sha256_file,
-)
+from minillm.checkpoint import load_checkpoint, model_config_of
 from minillm.config import ModelConfig, TrainConfig, to_dict, train_from_dict, validate
 from minillm.corpus.read import check_input_file
 from minillm.errors import MiniLLMError, UsageError
+from minillm.io import RunLock, clean_stale_temps, sha256_file
 from minillm.lora import LoRAConfig
+from minillm.model.load import build_gpt, check_tokenizer
 
 MODES = ("continue", "sft")
 RUN_FORMAT = 1
@@ -305,22 +301,6 @@ def train_config_for(base_train: dict[str, Any] | None, overrides: dict[str, Any
     return dataclasses.replace(tcfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def check_tokenizer(base: dict[str, Any], tokenizer: Path | None, force: bool) -> Path:
-    """The tokenizer for the run: ``--tokenizer`` or the base run's ``tokenizer.json``; refuses one whose
-    sha256 differs from the base checkpoint's (naming both files) unless ``force``."""
-    own = Path(base["path"]).parent / "tokenizer.json"
-    path = Path(tokenizer) if tokenizer else own
-    if not path.is_file():
-        raise MiniLLMError(f"--tokenizer: {path} does not exist; pass the base run's tokenizer.json with --tokenizer")
-    recorded = base.get("tokenizer_sha256")
-    if recorded and not force and sha256_file(path) != recorded:
-        where = f"the base run's {own}" if own.is_file() and sha256_file(own) == recorded else "the base run's tokenizer"
-        raise MiniLLMError(f"--tokenizer {path} is not the tokenizer base checkpoint {base['path']} was trained with "
-                           f"({where}; the sha256 differs): fine-tuning keeps the base's tokenizer. Use {own}, or "
-                           f"--force-tokenizer if you are sure")
-    return path
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -358,13 +338,8 @@ def _restore(path: Path, model, lora: bool, opts, scaler, loader, device):
 def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None, device) -> nn.Module:
     """The base's weights in a model of ``mcfg`` (the base's shape; dropout etc. may differ), with adapters."""
     from minillm.lora import apply_lora
-    from minillm.model.gpt import GPT
 
-    model = GPT(mcfg)
-    try:
-        model.load_state_dict(base["model"])
-    except RuntimeError as e:
-        raise MiniLLMError(f"--ckpt: {base['path']} does not match its own model config: {str(e)[:200]}") from e
+    model = build_gpt(mcfg, base["model"], f"--ckpt: {base['path']}")
     if lora is not None:
         apply_lora(model, lora)
     return model.to(device)
@@ -422,7 +397,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     dtype = resolve_precision(tcfg.precision, device)
     check_memory(mcfg, tcfg, device, dtype, TrainLog(fs.log_format).event, trainable=fs.lora is None,
                  model_fix="a smaller base model" + ("" if fs.lora else " or --lora-rank 8 (trains adapters only)"))
-    tok_path = check_tokenizer(base, fs.tokenizer, fs.force_tokenizer)
+    tok_path = check_tokenizer(base, fs.tokenizer, fs.force_tokenizer, base=True)
     tok_sha, base_sha = sha256_file(tok_path), sha256_file(base_path)
     spec = RunSpec(tokenizer=tok_path, corpus=Path(fs.data), outdir=fs.outdir, val_file=fs.val_file,
                    cache_dir=fs.cache_dir, resume=fs.resume, overwrite=fs.overwrite, log_format=fs.log_format,

@@ -13,7 +13,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from minillm.checkpoint import atomic_open
+    from minillm.io import atomic_open
 
     tokens = [h["tokens"] for h in history]
     fig = Figure(figsize=(10, 4))

@@ -27,17 +27,10 @@ import numpy as np
 import torch
 
 from minillm import distributed
-from minillm.checkpoint import (
-    RunLock,
-    atomic_link,
-    atomic_write_json,
-    clean_stale_temps,
-    load_checkpoint,
-    save_checkpoint,
-    sha256_file,
-)
+from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
 from minillm.errors import MiniLLMError, UsageError
+from minillm.io import RunLock, atomic_link, atomic_write_json, clean_stale_temps, sha256_file
 from minillm.optim.groups import (
     UNBOUNDED,
     Schedule,

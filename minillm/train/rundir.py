@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ from typing import Any
 
 from minillm.config import ModelConfig, TrainConfig, to_dict
 from minillm.errors import MiniLLMError, UsageError
+from minillm.io import atomic_open, atomic_write_json, fsync_dir, read_json
 
 # Keys that may change on --resume; any other difference is refused.
 RESUMABLE_KEYS = {"max_steps", "epochs", "max_time", "eval_every", "patience", "log_every", "num_workers", "device", "compile"}
@@ -43,26 +43,6 @@ RUN_CONFIG_FIX = "restore it from a copy of the run, or choose another --outdir"
 
 
 # ---------------------------------------------------------------- reading our JSON files
-
-
-def read_json(path: Path | str, fix: str) -> dict[str, Any]:
-    """One of minillm's JSON files (a JSON object); a missing, unreadable, damaged or foreign one is a one-line
-    ``MiniLLMError`` naming the file and ending with ``fix``."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise MiniLLMError(f"{path} does not exist; {fix}") from e
-    except OSError as e:
-        raise MiniLLMError(f"cannot read {path} ({e.strerror or e}); check its permissions") from e
-    except json.JSONDecodeError as e:
-        raise MiniLLMError(f"{path} is damaged: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
-                           f"truncated or edited?); {fix}") from e
-    except UnicodeDecodeError as e:
-        raise MiniLLMError(f"{path} is damaged: not valid JSON (not UTF-8 at byte {e.start}); {fix}") from e
-    if not isinstance(obj, dict):
-        raise MiniLLMError(f"{path} is damaged: a JSON {type(obj).__name__}, not an object; {fix}")
-    return obj
 
 
 def is_run_config(obj: dict[str, Any]) -> bool:
@@ -155,15 +135,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _set_aside(out: Path, keep: set[str]) -> None:
     """Move the run's files (but ``keep``) into ``.replaced``, then mark it complete; undone if it fails."""
     present = [n for n in RUN_FILES if n not in keep and (out / n).exists()]
@@ -175,8 +146,8 @@ def _set_aside(out: Path, keep: set[str]) -> None:
         for n in present:
             os.replace(out / n, aside / n)
         (aside / COMPLETE).touch()
-        _fsync_dir(aside)
-        _fsync_dir(out)
+        fsync_dir(aside)
+        fsync_dir(out)
     except BaseException:
         _put_back(out)
         raise
@@ -195,7 +166,7 @@ def _put_back(out: Path, started: Iterable[str] = ()) -> None:
             _remove(out / p.name)
             os.replace(p, out / p.name)
         aside.rmdir()
-        _fsync_dir(out)
+        fsync_dir(out)
 
 
 def _discard(out: Path) -> None:
@@ -261,8 +232,6 @@ def replacing(outdir: Path, inputs: Iterable[Path], active: bool = True) -> Iter
 
 def write_run_files(outdir: Path, run_cfg: dict[str, Any], tokenizer: Path) -> None:
     """``config.json`` and a copy of the tokenizer (unless it is the run's own ``tokenizer.json``)."""
-    from minillm.checkpoint import atomic_open, atomic_write_json
-
     atomic_write_json(outdir / "config.json", run_cfg)
     if not same_file(Path(tokenizer), outdir / "tokenizer.json"):
         with open(tokenizer, "rb") as src, atomic_open(outdir / "tokenizer.json") as dst:
