@@ -1,4 +1,5 @@
-"""Token cache, split, document-aligned windows, mixing, DDP sharding and the resumable loader."""
+"""The run's data (minillm.data.loader): prepare_data's split and windows, --val-file, mixing several
+corpora, one corpus as a mixture of one (the plain cache layout), DDP sharding and the resumable loader."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from minillm.corpus.read import iter_documents
 from minillm.data import loader as ds
+from minillm.data.cache import open_token_cache
+from minillm.data.windows import gather, split_documents, window_starts
 from minillm.errors import UsageError
-from minillm.tokenizer import DOC, load_tokenizer, save_tokenizer, train_tokenizer
 from tests.conftest import make_corpus
 
 
@@ -24,135 +24,17 @@ def _tcfg(**kw):
     return SimpleNamespace(**{**base, **kw})
 
 
-def test_cache_holds_every_document_after_doc(tmp_path, corpus, tokenizer_path):
-    cache = ds.build_token_cache(tokenizer_path, corpus, tmp_path / "cache", batch_chars=500)  # many batches
-    tok = load_tokenizer(tokenizer_path)
-    docs = list(iter_documents(corpus))
-    d = tok.token_to_id(DOC)
-    expect = np.concatenate([[d, *tok.encode(t, add_special_tokens=False).ids] for t in docs])
-    assert cache.tokens.dtype == np.uint16 and cache.n_docs == len(docs)
-    assert np.array_equal(np.asarray(cache.tokens), expect)
-    assert np.array_equal(np.flatnonzero(expect == d), cache.doc_starts[:-1])
-
-
-def test_long_document_is_encoded_in_pieces_exactly(tmp_path, tokenizer_path):
-    path = tmp_path / "long.txt"
-    text = "".join(f"el rio {i}\n  y el mar\n\nla tierra\n" for i in range(300))
-    path.write_text(text + "\n<|doc|>\ncorto\n", encoding="utf-8")
-    cache = ds.build_token_cache(tokenizer_path, path, tmp_path / "c", batch_chars=700)
-    tok = load_tokenizer(tokenizer_path)
-    d = tok.token_to_id(DOC)
-    whole = [d, *tok.encode(text.strip("\n"), add_special_tokens=False).ids, d, *tok.encode("corto").ids]
-    assert cache.n_docs == 2 and np.array_equal(np.asarray(cache.tokens), whole)
-
-
-def test_cache_rebuilt_when_tokenizer_or_corpus_change_reused_otherwise(tmp_path, corpus, tokenizer_path, monkeypatch):
-    calls = []
-    real = ds.encode_pieces
-    monkeypatch.setattr(ds, "encode_pieces", lambda *a: calls.append(1) or real(*a))
-    cdir = tmp_path / "cache"
-    ds.build_token_cache(tokenizer_path, corpus, cdir)
-    n = len(calls)
-    assert n > 0
-    ds.build_token_cache(tokenizer_path, corpus, cdir)
-    assert len(calls) == n  # reused
-    corpus.write_text(corpus.read_text() + "\n<|doc|>\nun documento nuevo\n", encoding="utf-8")
-    c2 = ds.build_token_cache(tokenizer_path, corpus, cdir)
-    assert len(calls) > n and c2.n_docs == 41
-    n = len(calls)
-    tok2 = train_tokenizer(iter_documents(corpus), 280)
-    save_tokenizer(tok2, tokenizer_path)
-    c3 = ds.build_token_cache(tokenizer_path, corpus, cdir)
-    assert len(calls) > n and c3.meta["vocab_size"] == tok2.get_vocab_size()
-    # the split streams follow the cache, even when the same document ids are selected
-    s1 = ds.write_stream(c2, np.arange(5), tmp_path / "s.bin")
-    s1_tokens = np.array(s1.tokens)
-    s3 = ds.write_stream(c3, np.arange(5), tmp_path / "s.bin")
-    assert not np.array_equal(s1_tokens, np.asarray(s3.tokens))
-    assert np.array_equal(np.asarray(s3.tokens), np.asarray(c3.tokens[: c3.doc_starts[5]]))
-
-
-def _big_vocab_tokenizer(path):
-    """A byte-level BPE whose real tokens all have ids above 65535 (a vocabulary of 70,300)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {f"<|filler{i}|>": i for i in range(70000)}
-    for ch in pre_tokenizers.ByteLevel.alphabet():
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([DOC, "<|pad|>"])
-    save_tokenizer(tok, path)
-    return tok
-
-
-def test_uint32_path(tmp_path, corpus, tokenizer_path):
-    tok = _big_vocab_tokenizer(tmp_path / "big.json")
-    assert tok.get_vocab_size() > 65536
-    cache = ds.build_token_cache(tmp_path / "big.json", corpus, tmp_path / "c")
-    assert cache.tokens.dtype == np.uint32 and int(np.asarray(cache.tokens).min()) >= 65536
-    docs = list(iter_documents(corpus))
-    first = np.asarray(cache.tokens[cache.doc_starts[0] + 1 : cache.doc_starts[1]])
-    assert tok.decode(first.tolist()) == docs[0]
-    # forcing uint32 for a small vocabulary stores the same ids
-    small = ds.build_token_cache(tokenizer_path, corpus, tmp_path / "s16")
-    forced = ds.build_token_cache(tokenizer_path, corpus, tmp_path / "s32", dtype="uint32")
-    assert forced.tokens.dtype == np.uint32 and np.array_equal(np.asarray(forced.tokens), np.asarray(small.tokens))
-    with pytest.raises(Exception, match="does not fit uint16"):
-        ds.build_token_cache(tmp_path / "big.json", corpus, tmp_path / "bad", dtype="uint16")
-
-
-def _stream(doc_lens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """A stream of documents (<|doc|> = 0, then tokens tagged with the doc's index + 1)."""
-    parts = [np.concatenate([[0], np.full(n - 1, i + 1)]) for i, n in enumerate(doc_lens)]
-    starts = np.concatenate([[0], np.cumsum(doc_lens)[:-1]]).astype(np.int64)
-    return np.concatenate(parts).astype(np.int64), starts
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(2, 64), st.integers(1, 64))
-def test_windows_cover_every_token_and_cross_documents_only_through_doc(doc_lens, block, stride):
-    stride = min(stride, block)
-    stream, doc_starts = _stream(doc_lens)
-    starts = ds.window_starts(len(stream), block, stride, doc_starts)
-    if len(stream) < block + 1:
-        assert len(starts) == 0
-        return
-    gaps = np.diff(starts)
-    assert starts[0] == 0 and starts[-1] == len(stream) - block - 1
-    assert (gaps > 0).all() and (gaps <= stride).all()
-    assert len(starts) <= len(stream) / stride * 4 / 3 + 2  # alignment costs at most a third more windows
-    covered = np.zeros(len(stream), dtype=bool)
-    for s in starts:
-        covered[s : s + block + 1] = True
-    assert covered.all()
-    # a window that moves into another document does so through that document's <|doc|>
-    w = ds.gather(stream, starts, block + 1)
-    doc_of = np.searchsorted(doc_starts, starts[:, None] + np.arange(block + 1), side="right") - 1
-    change = np.diff(doc_of, axis=1) != 0
-    assert (w[:, 1:][change] == 0).all() and (w[:, 1:][~change] != 0).all()
-
-
-def test_windows_start_at_documents_when_cheap():
-    stream, doc_starts = _stream([57] * 50)  # short documents, block 64: packed, each window at a <|doc|>
-    starts = ds.window_starts(len(stream), 64, 64, doc_starts)
-    assert np.isin(starts[:-1], doc_starts).all() and len(starts) == 50
-    stream, doc_starts = _stream([8] * 400)  # tiny ones: a window moves back at most 8 tokens to align
-    starts = ds.window_starts(len(stream), 64, 64, doc_starts)
-    assert np.isin(starts[:-1], doc_starts).all() and len(starts) <= 3200 // 56 + 2
-    stream, doc_starts = _stream([1000, 700])  # long documents: cut stride apart, the next starts aligned
-    starts = ds.window_starts(len(stream), 128, 96, doc_starts)
-    assert list(starts[:11]) == [0, 96, 192, 288, 384, 480, 576, 672, 768, 864, 960] and 1000 in starts
+def _one(corpus: Path) -> ds.Mixture:
+    return ds.Mixture.parse([corpus], None)
 
 
 def test_segment_ids_follow_the_recorded_boundaries(tmp_path, corpus, tokenizer_path):
     torch = pytest.importorskip("torch")
     from minillm.model.gpt import segment_ids
 
-    data = ds.prepare_data(tokenizer_path, corpus, tmp_path / "c", 32, _tcfg(stride=24))
+    data = ds.prepare_data(tokenizer_path, _one(corpus), tmp_path / "c", 32, _tcfg(stride=24))
     src = data.loader.sources[0]
-    w = ds.gather(src.tokens, src.starts, 33)
+    w = gather(src.tokens, src.starts, 33)
     seg = segment_ids(torch.from_numpy(w), data.doc_id).numpy()
     is_doc = w == data.doc_id
     # positions restart exactly at each <|doc|> the window holds, nowhere else
@@ -160,11 +42,11 @@ def test_segment_ids_follow_the_recorded_boundaries(tmp_path, corpus, tokenizer_
 
 
 def test_split_is_by_document_deterministic_and_nothing_leaks(tmp_path, corpus, tokenizer_path):
-    val = ds.split_documents(40, 0.2, 3)
-    assert np.array_equal(val, ds.split_documents(40, 0.2, 3)) and not np.array_equal(val, ds.split_documents(40, 0.2, 4))
-    assert len(ds.split_documents(5, 1e-9, 0)) == 1 and len(ds.split_documents(2, 0.999, 0)) == 1
-    data = ds.prepare_data(tokenizer_path, corpus, tmp_path / "c", 16, _tcfg())
-    cache = ds.open_token_cache(tmp_path / "c")
+    val = split_documents(40, 0.2, 3)
+    assert np.array_equal(val, split_documents(40, 0.2, 3)) and not np.array_equal(val, split_documents(40, 0.2, 4))
+    assert len(split_documents(5, 1e-9, 0)) == 1 and len(split_documents(2, 0.999, 0)) == 1
+    data = ds.prepare_data(tokenizer_path, _one(corpus), tmp_path / "c", 16, _tcfg())
+    cache = open_token_cache(tmp_path / "c")
     assert data.val_doc_ids == val.tolist()
     train_ids = [i for i in range(40) if i not in set(val.tolist())]
     expect = np.concatenate([cache.tokens[cache.doc_starts[i] : cache.doc_starts[i + 1]] for i in train_ids])
@@ -178,16 +60,16 @@ def test_split_is_by_document_deterministic_and_nothing_leaks(tmp_path, corpus, 
 
 def test_val_file_uses_all_documents_for_training(tmp_path, corpus, tokenizer_path):
     vf = make_corpus(tmp_path / "val.txt", n_docs=5, seed=9)
-    data = ds.prepare_data(tokenizer_path, corpus, tmp_path / "c", 16, _tcfg(), val_file=vf)
+    data = ds.prepare_data(tokenizer_path, _one(corpus), tmp_path / "c", 16, _tcfg(), val_file=vf)
     assert data.val_doc_ids == [] and data.meta["val_file"] == str(vf)
-    assert len(data.loader.sources[0].tokens) == ds.open_token_cache(tmp_path / "c").n_tokens
+    assert len(data.loader.sources[0].tokens) == open_token_cache(tmp_path / "c").n_tokens
 
 
 def _loader(n_windows=37, batch=5, seed=1, rank=0, world=1, weights=None):
     span = 9
     stream = np.arange(n_windows * 8 + 1) % 60000
     if weights is None:
-        return ds.Loader(stream, ds.window_starts(len(stream), 8, 8), 8, batch, seed, rank, world)
+        return ds.Loader(stream, window_starts(len(stream), 8, 8), 8, batch, seed, rank, world)
     sources = [ds.Source(f"s{i}", stream + 100_000 * i, np.arange(n_windows * (i + 1) // 2) * 8, w)
                for i, w in enumerate(weights)]
     assert span == 9
@@ -250,15 +132,28 @@ def test_mixing_proportions_without_replacement_and_source_epochs():
 
 
 def test_mixture_parse():
-    from pathlib import Path
-
-    assert ds.Mixture.parse([Path("a")], None) == Path("a")
+    one = ds.Mixture.parse([Path("a")], None)  # one corpus is a mixture of one, with the plain layout
+    assert one == ds.Mixture((Path("a"),)) and one.single and str(one) == "a"
+    assert not ds.Mixture.parse([Path("a")], "1").single and not ds.Mixture.parse([Path("a"), Path("b")], None).single
     m = ds.Mixture.parse([Path("a"), Path("b")], "7,3")
     assert m.weights == pytest.approx((0.7, 0.3)) and "a (0.7)" in str(m)
     assert ds.Mixture.parse([Path("a"), Path("b")], None).weights is None
     for bad, msg in (("0.5", "1 weight"), ("a,b", "comma-separated"), ("1,-1", "positive"), ("1,nan", "positive")):
         with pytest.raises(UsageError, match=msg):
             ds.Mixture.parse([Path("a"), Path("b")], bad)
+
+
+def test_one_corpus_keeps_the_plain_cache_layout_and_records(tmp_path, corpus, tokenizer_path):
+    """A mixture of one without --mix is what one --corpus always was: the cache in --cache-dir itself (so
+    the caches of earlier runs are reused) and config.json's corpus, sha256 and val_doc_ids unnested."""
+    data = ds.prepare_data(tokenizer_path, _one(corpus), tmp_path / "c", 16, _tcfg())
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "docs.npy", "meta.json", "tokens.bin", "train.bin", "train.key", "val.bin", "val.key"]
+    assert data.meta["corpus"] == str(corpus) and isinstance(data.meta["corpus_sha256"], str)
+    assert "mixture" not in data.meta and data.val_doc_ids == split_documents(40, 0.2, 3).tolist()
+    weighted = ds.prepare_data(tokenizer_path, ds.Mixture.parse([corpus], "1"), tmp_path / "w", 16, _tcfg())
+    assert (tmp_path / "w" / "source0" / "tokens.bin").is_file() and weighted.meta["corpus"] == [str(corpus)]
+    assert weighted.val_doc_ids == [data.val_doc_ids]
 
 
 def test_prepare_data_mixture_is_recorded(tmp_path, tokenizer_path):
