@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from minillm.corpus.read import DOC_JOIN  # between samples in text output (the corpus format)
 from minillm.errors import MiniLLMError, UsageError
 
 
@@ -407,9 +408,6 @@ class TextStream:
     def finish(self) -> str:
         rest, self.emitted = self.text[self.emitted:], len(self.text)
         return rest
-
-
-DOC_JOIN = "\n<|doc|>\n"  # between samples in text output (the corpus format)
 
 
 def complete(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int, *, sampling: Sampling = Sampling(),

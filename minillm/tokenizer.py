@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from minillm.corpus.read import DOC, check_input_file, find_inputs, iter_pieces
 from minillm.errors import MiniLLMError, UsageError
 
-DOC = "<|doc|>"
 PAD = "<|pad|>"
 UNK = "<|unk|>"
 DEFAULT_SPECIALS = (DOC, PAD)
@@ -109,28 +109,15 @@ def shortfall(tok, vocab_size: int, model: str = "bpe", min_frequency: int = 2) 
 
 
 def collect_files(paths: Iterable[Path]) -> list[Path]:
-    """Expand ``--files``: files as given, directories recursively (sorted, hidden entries skipped)."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*")
-                            if q.is_file() and not any(part.startswith(".") for part in q.relative_to(p).parts))
-        else:
-            from minillm.corpus.read import check_input_file
-
-            check_input_file(p, "--files", "check the path", UsageError)
-            files.append(p)
-    if not files:
-        raise UsageError("--files: no input files found; name corpus files or directories holding them")
-    return files
+    """Expand ``--files`` as prepare-corpus expands ``--input`` (``corpus.read.find_inputs``), taking every
+    file of a directory: files as given, directories recursively (sorted, hidden entries skipped)."""
+    return find_inputs(paths, flag="--files", suffixes=None)[0]
 
 
 def iter_training_texts(files: Iterable[Path], piece_chars: int = 1 << 20) -> Iterator[str]:
     """Stream the documents of every file for tokenizer training, one piece at a time (a document longer
     than ``piece_chars`` comes in line-aligned pieces), so a corpus larger than memory trains. The
     ``<|doc|>`` separator lines are never part of the text, so no learned token holds one."""
-    from minillm.data.loader import iter_pieces
-
     for f in files:
         for text, _ in iter_pieces(Path(f), piece_chars):
             yield text
@@ -139,8 +126,6 @@ def iter_training_texts(files: Iterable[Path], piece_chars: int = 1 << 20) -> It
 def load_tokenizer(path: Path | str):
     """Load a ``tokenizer.json``; raises ``MiniLLMError`` naming the file when it is not one."""
     from tokenizers import Tokenizer
-
-    from minillm.corpus.read import check_input_file
 
     path = Path(path)
     check_input_file(path, "tokenizer file", "create one with `minillm init-tokenizer`")

@@ -60,12 +60,11 @@ def helper(*args: str) -> str:
 
 def tokenizer_reference(path: Path, tok_path: Path) -> float:
     """MB/s of the tokenizer's own encode_batch on the corpus's documents, in 1 MiB batches."""
-    from minillm.corpus.read import iter_documents
-    from minillm.corpus.stats import _batches
+    from minillm.corpus.read import batch_documents, iter_documents
     from minillm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_path)
-    batches = list(_batches(iter_documents(path)))
+    batches = list(batch_documents(iter_documents(path), 1 << 20))
     t0 = time.perf_counter()
     for b in batches:
         tok.encode_batch(b, add_special_tokens=False)

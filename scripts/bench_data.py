@@ -23,7 +23,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minillm.data import loader as ds  # noqa: E402
+from minillm.data import cache  # noqa: E402
+from minillm.data.loader import Loader, Prefetcher  # noqa: E402
+from minillm.data.windows import window_starts  # noqa: E402
 from minillm.tokenizer import iter_training_texts, load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
 
@@ -68,7 +70,7 @@ def main() -> None:
 
     # the library's own encode_batch on the same text, in the same batches, text already in memory
     tok = load_tokenizer(tok_path)
-    batches = [texts for texts, _, _ in ds._piece_batches(corpus, ds.BATCH_CHARS)]
+    batches = [texts for texts, _, _ in cache._piece_batches(corpus, cache.BATCH_CHARS)]
     text_bytes = sum(len(t.encode("utf-8")) for b in batches for t in b)
     lib, fast = [], []
     for i in range(args.repeats):
@@ -92,28 +94,28 @@ def main() -> None:
     for i in range(args.repeats):
         cdir = work / f"cache{i}"
         t = time.perf_counter()
-        cache = ds.build_token_cache(tok_path, corpus, cdir)
+        built = cache.build_token_cache(tok_path, corpus, cdir)
         build.append(n_bytes / 1e6 / (time.perf_counter() - t))
-        log(f"cache build {i + 1}: {build[-1]:.2f} MB/s ({cache.n_tokens:,} tokens, {cache.n_docs:,} documents)")
+        log(f"cache build {i + 1}: {build[-1]:.2f} MB/s ({built.n_tokens:,} tokens, {built.n_docs:,} documents)")
     res["cache_build_mb_s"] = med(build)
     res["cache_vs_encode_batch"] = round(statistics.median(build) / statistics.median(lib), 3)
-    res["tokens"], res["documents"] = cache.n_tokens, cache.n_docs
-    res["bytes_per_token"] = round(n_bytes / cache.n_tokens, 3)
+    res["tokens"], res["documents"] = built.n_tokens, built.n_docs
+    res["bytes_per_token"] = round(n_bytes / built.n_tokens, 3)
 
     # the loader: document-aligned windows, seeded order, vectorized gather (+ torch tensor via Prefetcher)
-    stream = ds.write_stream(cache, np.arange(cache.n_docs), work / "train.bin")
-    starts = ds.window_starts(len(stream), args.block_size, args.block_size, stream.doc_starts)
+    stream = cache.write_stream(built, np.arange(built.n_docs), work / "train.bin")
+    starts = window_starts(len(stream), args.block_size, args.block_size, stream.doc_starts)
     res["windows"] = len(starts)
     res["windows_at_doc_start"] = round(float(np.isin(starts, stream.doc_starts).mean()), 3)
     per_batch = args.batch_size * args.block_size
     raw, pre = [], []
     for i in range(args.repeats):
-        lo = ds.Loader(stream.tokens, starts, args.block_size, args.batch_size, seed=i)
+        lo = Loader(stream.tokens, starts, args.block_size, args.batch_size, seed=i)
         t = time.perf_counter()
         for _ in range(args.loader_batches):
             lo.next_batch()
         raw.append(per_batch * args.loader_batches / (time.perf_counter() - t) / 1e6)
-        pf = ds.Prefetcher(ds.Loader(stream.tokens, starts, args.block_size, args.batch_size, seed=i), pin=False)
+        pf = Prefetcher(Loader(stream.tokens, starts, args.block_size, args.batch_size, seed=i), pin=False)
         pf.next()
         t = time.perf_counter()
         for _ in range(args.loader_batches):

@@ -61,7 +61,7 @@ def prepare(corpus: Path, work: Path, vocab: int) -> dict:
         t0 = time.time()
         minillm("init-tokenizer", "--files", str(train), "--vocab-size", str(vocab), "--out", str(tok))
         info["tokenizer_s"] = round(time.time() - t0, 1)
-    from minillm.data.loader import build_token_cache
+    from minillm.data.cache import build_token_cache
 
     t0 = time.time()
     build_token_cache(tok, train, work / "cache")

@@ -43,7 +43,8 @@ def bench_one(name: str, args, dist=None) -> dict:
 
     from minillm import distributed
     from minillm.config import pad_vocab, resolve
-    from minillm.data.loader import Loader, Prefetcher, window_starts
+    from minillm.data.loader import Loader, Prefetcher
+    from minillm.data.windows import window_starts
     from minillm.model.gpt import GPT
     from minillm.train import run as tr
 

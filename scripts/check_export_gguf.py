@@ -274,7 +274,7 @@ def check_q8(name: str, llama_cpp, run: Path, work: Path, model, wins: list[list
 def check_chat(llama_cpp, tok_path: Path, docs: list[list[int]], work: Path, threads: int) -> None:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from minillm.train.finetune import format_example
+    from minillm.data.sft import format_example
 
     run = make_run(work / "sft", tok_path, docs, 1, seed=99, mode="sft")
     out = work / "sft.gguf"

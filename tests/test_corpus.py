@@ -306,7 +306,8 @@ def test_recommend_short_documents():
     assert r.epochs == pytest.approx(20 * r.params / 101_000_000, abs=0.05) and r.epochs > 1
     assert r.stride == 64  # repeated epochs: 50% overlap
     assert r.vocab_size == 32768  # 400 MB supports it, and 32768 x 384 stays under medium's 14M
-    assert r.windows == expected_windows([100] * 1_000_000, 128, 64) == -(-101_000_000 // 129)
+    # train's windows (data.windows.window_starts): every 64 tokens, some moved back to a <|doc|>: 8 per 5 documents
+    assert r.windows == 1_000_000 // 5 * 8 - 1
 
 
 def test_recommend_plentiful_data():
@@ -336,11 +337,13 @@ def test_recommend_custom_size_between_presets():
     assert "custom" not in r.reasons["model"] or "between presets" in r.reasons["model"]
 
 
-def test_expected_windows_cuts_long_documents():
+def test_expected_windows_cuts_long_documents_and_packs_short_ones():
     assert expected_windows([65], 64, 32) == 2  # 66 tokens with <|doc|>: one 65-token window + 1 more
     assert expected_windows([64], 64, 32) == 1
     assert expected_windows([64 + 32 * 3], 64, 32) == 4
-    assert expected_windows([31, 31], 64, 64) == 1  # packed: 64 tokens fit in one 65-token example
+    assert expected_windows([31, 31], 64, 64) == 0  # 64 tokens: less than one 65-token window (train refuses)
+    assert expected_windows([31, 31, 31], 64, 64) == 2  # packed: 96 tokens, one window at 0, one flush with the end
+    assert expected_windows([9] * 10, 64, 32) == 3  # starts at documents (0, 30), then flush with the end (35)
 
 
 def test_summary_lines_es_en(tmp_path):
@@ -389,3 +392,44 @@ def test_read_documents_streams_lazily(tmp_path):
     f = write(tmp_path / "a.txt", SEP.join(f"d{i}" for i in range(10)))
     it = read_documents([f], ReadOptions())
     assert next(it) == "d0\n"
+
+
+# ---------------------------------------------------------------- the corpus format's one reader, one expansion
+
+
+def test_a_corpus_that_is_not_utf8_is_named_with_its_first_bad_byte(tmp_path):
+    """Every reader of a corpus file (train's cache, init-tokenizer, analyze-corpus, evaluate) says the same:
+    the file, the offset of its first invalid byte in the file (not in the decoder's buffer), and the fix."""
+    from minillm.tokenizer import iter_training_texts
+
+    good = "una linea de texto\n" * 2000  # 38,000 bytes: past the text reader's first buffers
+    f = tmp_path / "c.txt"
+    f.write_bytes(good.encode() + b"caf\xe9\n")
+    bad_at = len(good.encode()) + 3
+    for read in (lambda: list(iter_documents(f)), lambda: list(iter_training_texts([f])), lambda: analyze(f)):
+        with pytest.raises(MiniLLMError) as e:
+            read()
+        assert str(e.value).startswith(f"{f} is not UTF-8 text (") and f" at byte {bad_at});" in str(e.value)
+        assert "minillm prepare-corpus" in str(e.value)
+
+
+def test_init_tokenizer_and_prepare_corpus_expand_a_directory_alike(tmp_path):
+    """One expansion of directories: the same files in the same order (a directory's own files, then its
+    subdirectories, names sorted, hidden entries skipped); init-tokenizer takes every file, prepare-corpus
+    its text and JSONL files."""
+    from minillm.tokenizer import collect_files
+
+    d = tmp_path / "in"
+    (d / "a").mkdir(parents=True)
+    (d / ".git").mkdir()
+    for rel, text in (("b.txt", "beta"), ("a/x.txt", "equis"), ("c.txt", "ce"), ("a/.h.txt", "oculto"),
+                      (".git/y.txt", "git"), ("notes.rst", "rst")):
+        write(d / rel, text)
+    order = [d / "b.txt", d / "c.txt", d / "a" / "x.txt"]
+    assert collect_files([d]) == [d / "b.txt", d / "c.txt", d / "notes.rst", d / "a" / "x.txt"]
+    s, docs, _ = run(tmp_path, [d])
+    assert docs == ["beta", "ce", "equis"] and s.files == len(order) and s.files_skipped == 1
+    (tmp_path / "empty").mkdir()
+    for expand, flag in ((lambda p: collect_files(p), "--files"), (lambda p: run(tmp_path, p), "--input")):
+        with pytest.raises(UsageError, match=f"^{flag}: directory {tmp_path / 'empty'} holds no "):
+            expand([tmp_path / "empty"])

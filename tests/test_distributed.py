@@ -170,9 +170,10 @@ def test_sigterm_stops_every_rank_at_the_same_step(data, tmp_path):
 
 
 def test_each_rank_reads_a_disjoint_share_and_together_the_single_process_epoch(data, tmp_path):
-    from minillm.data.loader import prepare_data
+    from minillm.data.loader import Mixture, prepare_data
 
     tok, corpus = data
+    corpus = Mixture((corpus,))
     _, tcfg = resolve("tiny", {"batch_size": 3, "block_size": 16})
     big = resolve("tiny", {"batch_size": 6, "block_size": 16})[1]
     one = prepare_data(tok, corpus, tmp_path / "cache", 16, big).loader

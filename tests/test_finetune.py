@@ -1,6 +1,5 @@
-"""Fine-tuning: SFT parsing and masking (prompt tokens carry no loss), bad JSONL lines, the learning-rate
-default, tokenizer refusal, and CLI runs on a tiny base model: continue, SFT with LoRA (base frozen),
-generate --adapter, merge, resume."""
+"""Fine-tuning: the learning-rate default, tokenizer refusal, and CLI runs on a tiny base model: continue,
+SFT with LoRA (base frozen), generate --adapter, merge, resume. (SFT data: tests/test_sft.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from minillm.cli import app
-from minillm.errors import MiniLLMError
 from minillm.train import finetune as ft
 from tests.conftest import make_corpus
 
@@ -60,91 +58,6 @@ def runner_module():
         return CliRunner(mix_stderr=False)
     except TypeError:
         return CliRunner()
-
-
-def tok_of(d: Path):
-    from minillm.tokenizer import load_tokenizer
-
-    return load_tokenizer(d / "tok.json")
-
-
-# ---------------------------------------------------------------- parsing and masking
-
-
-def test_template_for_both_formats():
-    ex = ft.format_example({"instruction": "di hola", "input": "en voz alta", "response": "hola"})
-    assert ex.segments == (("### Instruction:\ndi hola\n\n### Input:\nen voz alta\n\n### Response:\n", False),
-                           ("hola", True))
-    assert ft.format_example({"instruction": "x", "response": "y"}).segments[0][0] == ft.format_prompt("x")
-    chat = ft.format_example({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
-                                           {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
-                                           {"role": "assistant", "content": "A2"}]})
-    assert [t for t, trained in chat.segments if trained] == ["A1", "A2"]
-    assert "".join(t for t, _ in chat.segments) == ("### System:\nS\n\n### Instruction:\nU1\n\n### Response:\nA1\n\n"
-                                                   "### Instruction:\nU2\n\n### Response:\nA2")
-    for bad, msg in (([1], "JSON object"), ({"instruction": "x"}, 'missing "response"'),
-                     ({"instruction": 3, "response": "y"}, '"instruction" must be a string'),
-                     ({"messages": [{"role": "user", "content": "u"}]}, "last message"),
-                     ({"messages": [{"role": "assistant", "content": "a"}]}, "must follow a user"),
-                     ({"messages": [{"role": "bot", "content": "a"}]}, "messages\\[0\\]")):
-        with pytest.raises(ValueError, match=msg):
-            ft.format_example(bad)
-
-
-def test_sft_targets_mask_the_prompt(base):
-    tok = tok_of(base)
-    doc = tok.token_to_id("<|doc|>")
-    ex = ft.format_example({"instruction": "suma 3 y 4", "response": "siete"})
-    ids, tgt = ft.encode_example(tok, ex, doc)
-    n_prompt = len(tok.encode(PROMPT, add_special_tokens=False).ids)
-    n_resp = len(tok.encode("siete", add_special_tokens=False).ids)
-    assert ids[0] == doc and ids[-1] == doc and len(ids) == 1 + n_prompt + n_resp + 1
-    assert tgt == [False] * (1 + n_prompt) + [True] * (n_resp + 1)  # response + the final <|doc|>
-    rows, info = ft.encode_rows(tok, [ex], 64, pad=0)
-    assert rows.shape == (1, 65) and info["target_tokens"] == n_resp + 1
-    x, y = ft.decode_rows(torch.from_numpy(rows))
-    assert x[0, : len(ids)].tolist() == ids
-    targets = y[0, 1:]  # the targets of positions 0..T-1
-    assert (targets[: n_prompt] == -1).all() and (targets[n_prompt : n_prompt + n_resp + 1] >= 0).all()
-    assert (targets[n_prompt + n_resp + 1 :] == -1).all()  # padding
-
-
-def test_changing_a_prompt_label_does_not_change_the_loss(base):
-    from minillm.model.load import load_model
-
-    tok = tok_of(base)
-    model, _ = load_model(base / "base" / "ckpt_best.pt")
-    ex = ft.format_example({"instruction": "suma 3 y 4", "response": "siete"})
-    rows = torch.from_numpy(ft.encode_rows(tok, [ex], 64, pad=0)[0])
-    handle = ft.decode_masked_inputs(model, tok.token_to_id("<|doc|>"))
-    net = model
-    x, y = rows[:, :-1], rows[:, 1:]
-    loss = net(x, y)
-    n_prompt = len(tok.encode(PROMPT, add_special_tokens=False).ids)
-    y2 = y.clone()
-    y2[0, 3] = ~((~y2[0, 3] + 1) % 300)  # another label for a prompt position (still masked)
-    assert y2[0, 3] != y[0, 3]
-    assert torch.equal(net(x, y2), loss)
-    y3 = y.clone()
-    y3[0, n_prompt] = (y3[0, n_prompt] + 1) % 300  # a response label: the loss must move
-    assert not torch.equal(net(x, y3), loss)
-    handle.remove()
-    full = model(ft.decode_rows(x)[0], ft.decode_rows(rows)[0][:, 1:])  # no mask: prompt tokens would count
-    assert not torch.allclose(full, loss)
-
-
-def test_bad_jsonl_lines_are_reported_or_skipped(tmp_path):
-    p = tmp_path / "d.jsonl"
-    good = json.dumps({"instruction": "a", "response": "b"})
-    p.write_text("\n".join([good, "{not json", good, "", json.dumps({"instruction": "x"}), good, "[1, 2]"]) + "\n")
-    with pytest.raises(MiniLLMError) as e:
-        ft.read_jsonl(p)
-    msg = str(e.value)
-    assert "3 malformed line(s)" in msg and "line 2: not valid JSON" in msg and 'line 5: missing "response"' in msg
-    assert "line 7: expected a JSON object" in msg and "--skip-bad-lines" in msg
-    logs = []
-    examples, bad = ft.read_jsonl(p, skip_bad_lines=True, log=logs.append)
-    assert (len(examples), bad) == (3, 3) and "skipped 3" in logs[0]
 
 
 def test_lr_defaults_to_a_tenth_of_the_base_run():

@@ -307,7 +307,7 @@ def test_chat_template_renders_the_sft_training_text():
     jinja2 = pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    from minillm.train.finetune import format_example
+    from minillm.data.sft import format_example
 
     for env in (jinja2.Environment(), ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)):
         _renders_training_text(env.from_string(sft_chat_template()), format_example)  # the second: transformers'

@@ -193,7 +193,7 @@ def _one_line(n_chars: int, seed: int = 0) -> str:
 
 
 def test_an_overlong_line_is_read_in_pieces_cut_where_the_tokens_do_not_change(tmp_path, tokenizer_path):
-    from minillm.data import loader as ds
+    from minillm.corpus.read import iter_pieces
     from minillm.tokenizer import load_tokenizer
 
     line = _one_line(60_000)
@@ -201,7 +201,7 @@ def test_an_overlong_line_is_read_in_pieces_cut_where_the_tokens_do_not_change(t
     for text, hard in ((line, False), (word, True)):
         path = tmp_path / "c.txt"
         path.write_text(f"{text}\n<|doc|>\ncorto\n", encoding="utf-8")
-        pieces = list(ds.iter_pieces(path, 4096))
+        pieces = list(iter_pieces(path, 4096))
         assert pieces[-1] == ("corto", True) and [first for _, first in pieces[:-1]] == [True] + [False] * (len(pieces) - 2)
         assert "".join(t for t, _ in pieces[:-1]) == text and max(len(t) for t, _ in pieces) <= 4096
         assert len(pieces) >= len(text) // 4096 + 1
@@ -216,13 +216,12 @@ def test_an_overlong_line_is_read_in_pieces_cut_where_the_tokens_do_not_change(t
 @given(st.lists(st.sampled_from(["a", "bc", " ", "  ", "\n", "\t", "\r", "\r\n", "<|doc|>", "<|doc|>\n", "de fg",
                                  "ab cd " * 30, "x" * 200]), max_size=200).map("".join), st.integers(32, 64))
 def test_pieces_hold_each_documents_text_and_stay_bounded_whatever_the_lines(tmp_path_factory, text, limit):
-    from minillm.corpus.read import iter_documents
-    from minillm.data import loader as ds
+    from minillm.corpus.read import iter_documents, iter_pieces
 
     path = tmp_path_factory.mktemp("p") / "c.txt"
     path.write_text(text, encoding="utf-8", newline="")
     docs: list[str] = []
-    for t, first in ds.iter_pieces(path, limit):
+    for t, first in iter_pieces(path, limit):
         assert len(t) - first * (len(t) - len(t.lstrip())) <= 3 * limit  # (leading blanks wait for the text)
         docs[len(docs) - (not first):] = [docs[-1] + t] if not first else [t]
     assert docs == list(iter_documents(path))
@@ -230,7 +229,7 @@ def test_pieces_hold_each_documents_text_and_stay_bounded_whatever_the_lines(tmp
 
 _ENCODE = """
 import resource, sys
-from minillm.data import loader as ds
+from minillm.data import cache as ds
 peaks = []
 for corpus in sys.argv[2:]:  # the first is a small, ordinary corpus: the baseline (imports, tokenizer, threads)
     ds.build_token_cache(sys.argv[1], corpus, corpus + ".cache", batch_chars=1 << 18)
@@ -255,7 +254,7 @@ def test_a_corpus_of_one_huge_line_or_word_encodes_in_bounded_memory(tmp_path, t
     assert r.returncode == 0, r.stderr
     base_kb, peak_kb = map(int, r.stdout.split()[-2:])
     assert (peak_kb - base_kb) / 1024 < 200, (base_kb, peak_kb)  # the whole 4 MB line at once: ~600 MB more
-    from minillm.data.loader import open_token_cache
+    from minillm.data.cache import open_token_cache
 
     tok = load_tokenizer(tokenizer_path)
     for name, text in texts.items():
@@ -308,8 +307,8 @@ def test_sft_line_nested_too_deep_is_a_bad_line(runner, old, tmp_path):
 
 
 def test_sft_examples_all_longer_than_the_block_name_the_block_and_their_lengths(runner, old, tmp_path):
+    from minillm.data import sft as ft
     from minillm.tokenizer import load_tokenizer
-    from minillm.train import finetune as ft
 
     lines = [json.dumps({"instruction": "el rio y el mar " * (4 + i), "response": "si"}) for i in range(5)]
     data = _sft(tmp_path / "long.jsonl", lines)

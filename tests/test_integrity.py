@@ -364,7 +364,7 @@ def _prepare(base, cdir: Path, capsys) -> tuple[tuple, list[str]]:
     """The data prepared from ``cdir`` (fingerprinted), and the notes said on stderr meanwhile."""
     from minillm.data import loader as ds
     capsys.readouterr()
-    data = ds.prepare_data(base["tok"], base["corpus"], cdir, 16, TrainConfig(batch_size=4, eval_batches=2, seed=1))
+    data = ds.prepare_data(base["tok"], ds.Mixture((base["corpus"],)), cdir, 16, TrainConfig(batch_size=4, eval_batches=2, seed=1))
     return _fingerprint(data), [ln.removeprefix("note: ") for ln in capsys.readouterr().err.splitlines()
                                 if ln.startswith("note: ")]
 
@@ -442,7 +442,7 @@ def test_a_damaged_token_cache_is_rebuilt_and_trains_on_all_the_data(base, cache
 
 
 def test_a_normal_start_does_not_hash_a_big_cache(base, cache, capsys, monkeypatch):
-    from minillm.data import loader as ds
+    from minillm.data import cache as ds
     cdir, good = cache
     assert {"tokens_sha256", "docs_sha256"} <= set(json.loads((cdir / "meta.json").read_text()))
     monkeypatch.setattr(ds, "VERIFY_BYTES", 0)  # every cache counts as big

@@ -19,6 +19,7 @@ import torch
 
 from minillm.checkpoint import load_checkpoint
 from minillm.config import ModelConfig, pad_vocab, resolve
+from minillm.data.loader import Mixture
 from minillm.errors import MiniLLMError
 from minillm.model.gpt import GPT
 from minillm.optim.groups import Schedule, configure_optimizer
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("no_plots")
 def run(tokenizer: Path, corpus: Path, out: Path, resume: bool = False, overwrite: bool = False,
         log_format: str = "json", **overrides):
     mcfg, tcfg = resolve("tiny", {**TINY, **overrides})
-    spec = tr.RunSpec(tokenizer=tokenizer, corpus=corpus, outdir=out, resume=resume, overwrite=overwrite,
+    spec = tr.RunSpec(tokenizer=tokenizer, corpus=Mixture((corpus,)), outdir=out, resume=resume, overwrite=overwrite,
                       log_format=log_format)
     return tr.train(spec, mcfg, tcfg)
 
@@ -287,7 +288,7 @@ def test_max_time_run_fits_its_budget(tmp_path, tokenizer_path, corpus, capsys):
 def test_tensorboard_missing_names_the_install(tmp_path, tokenizer_path, corpus, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     mcfg, tcfg = resolve("tiny", TINY)
-    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=corpus, outdir=tmp_path / "r", tensorboard=True)
+    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=Mixture((corpus,)), outdir=tmp_path / "r", tensorboard=True)
     with pytest.raises(MiniLLMError, match="pip install tensorboard"):
         tr.train(spec, mcfg, tcfg)
     assert not (tmp_path / "r").exists()  # refused before anything was written
@@ -296,7 +297,7 @@ def test_tensorboard_missing_names_the_install(tmp_path, tokenizer_path, corpus,
 def test_tensorboard_writes_event_files(tmp_path, tokenizer_path, corpus):
     pytest.importorskip("tensorboard")
     mcfg, tcfg = resolve("tiny", {**TINY, "max_steps": 4, "eval_every": 2})
-    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=corpus, outdir=tmp_path / "r", tensorboard=True)
+    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=Mixture((corpus,)), outdir=tmp_path / "r", tensorboard=True)
     tr.train(spec, mcfg, tcfg)
     assert list((tmp_path / "r" / "tb").glob("events.out.tfevents.*"))
 
@@ -363,7 +364,7 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_clears_the_stale_lock(tm
     assert step >= 6 and load_checkpoint(out / "ckpt_best.pt")["run_state"]["step"] >= 3
     kw = {k: v for k, v in TINY.items() if k not in ("log_every",)}
     mcfg, tcfg = resolve("tiny", {**kw, "log_every": 1, "max_steps": step + 2, "eval_every": 3, "num_workers": 1})
-    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=corpus, outdir=out, resume=True, log_format="json")
+    spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=Mixture((corpus,)), outdir=out, resume=True, log_format="json")
     assert tr.train(spec, mcfg, tcfg)["steps"] == step + 2
     assert not (out / ".lock").exists() and not list(out.glob(".*.tmp"))
 

@@ -161,7 +161,7 @@ def export(
     """Export a model to a Hugging Face directory (transformers loads it offline), a safetensors file or a GGUF file (llama.cpp)."""
     import tempfile
 
-    from minillm.export.hf import export as run_export
+    from minillm.export import export as run_export
 
     with tempfile.TemporaryDirectory(prefix="minillm-merge-") as tmp:
         if adapter is not None:  # merge first, then export the merged checkpoint (with the base's tokenizer)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from minillm.corpus.clean import CleanOptions, CleanResult, clean_batch
 from minillm.corpus.read import (
-    DOC_SEPARATOR,
+    DOC_JOIN,
     FileInfo,
     ReadOptions,
     batch_documents,
@@ -184,7 +184,7 @@ def prepare_corpus(
 
     docs = counted(read_documents(files, read, infos, log, on_long))
     stream = _clean_stream(batch_documents(docs, BATCH_CHARS, BATCH_DOCS), clean, dedup.exact, NUM_PERM if near else 0, workers)
-    sep = f"\n{DOC_SEPARATOR}\n".encode()
+    sep = DOC_JOIN.encode()
     with atomic_open(output, "wb") as f:
         first = True
         for results in stream:

@@ -1,6 +1,11 @@
-"""Corpus input: finding input files, decoding them (UTF-8 with a cp1252 fallback), refusing binary
-files, and streaming their documents. Cleaning lives in ``corpus_clean``, the prepare pipeline in
-``corpus_prepare``, statistics and recommendations in ``corpus_stats``.
+"""Corpus input: the corpus format and its one reader, finding input files, decoding raw inputs (UTF-8 with
+a cp1252 fallback), refusing binary files. Cleaning lives in ``corpus.clean``, the prepare pipeline in
+``corpus.prepare``, statistics and recommendations in ``corpus.stats``.
+
+The corpus format (what prepare-corpus writes and every other command reads): UTF-8 text, documents
+separated by a line holding only ``DOC`` (``<|doc|>``, also the tokenizer's document token). ``iter_pieces``
+is its one reader; ``iter_documents`` joins its pieces. Raw inputs (any encoding, another ``--separator``,
+blank-line splitting, JSONL) are read by ``read_documents``.
 
 Everything here streams: memory holds one document (and one read buffer) at a time.
 """
@@ -16,57 +21,117 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from minillm.errors import MiniLLMError, UsageError
 
-DOC_SEPARATOR = "<|doc|>"
+DOC = "<|doc|>"  # the document separator line of the corpus format, and the tokenizer's document token
+DOC_JOIN = f"\n{DOC}\n"  # between two documents written in the corpus format
 TEXT_SUFFIXES = (".txt", ".text", ".md")  # what a directory contributes, besides .jsonl (and .gz of either)
 JSONL_SUFFIXES = (".jsonl",)
-MAX_DOC_CHARS = 8_000_000  # a longer document is cut at its next blank line, so memory stays bounded
+MAX_DOC_CHARS = 8_000_000  # a longer raw document is cut at its next blank line, so memory stays bounded
+PIECE_CHARS = 4 << 20  # iter_pieces: a longer document comes in pieces of about this many characters
+LINE_CHARS = 1 << 18  # iter_pieces: a longer line comes in pieces of at most this many characters
 _CHUNK = 1 << 20
 _SNIFF = 1 << 16
+_SPACE_AFTER_WORD = re.compile(r" (?=\S)")  # searched in reversed text: a space that follows a non-space
+T = TypeVar("T")
 
 
-def iter_documents(path: Path, separator: str = DOC_SEPARATOR) -> Iterator[str]:
-    """Stream the documents of a corpus file: UTF-8 text, documents separated by a line holding only
-    ``separator``. Empty documents are skipped. Memory holds one document at a time."""
+# ---------------------------------------------------------------- the corpus format
+
+
+def iter_pieces(path: Path, limit: int = PIECE_CHARS, separator: str = DOC) -> Iterator[tuple[str, bool]]:
+    """Stream a corpus file as ``(text, starts_document)`` pieces: its documents (a document is the text
+    between two separator lines, without the line breaks at its edges; an empty one is skipped), except that
+    a document longer than ``limit`` characters comes in several pieces cut before a line that starts with a
+    non-space character, and a line longer than ``LINE_CHARS`` (or ``limit``) in pieces of its own
+    (``_bounded_lines``): byte-level BPE pre-token boundaries, so the pieces encode exactly as the whole. A
+    document with no such line within ``2 * limit`` characters (every line indented) is cut before any line.
+    Memory holds one piece."""
     buf: list[str] = []
+    size, first = 0, True
+
+    def flush(last: bool) -> Iterator[tuple[str, bool]]:
+        text = "".join(buf)
+        if first:
+            text = text.lstrip("\n")
+        if last:
+            text = text.rstrip("\n")
+        if text.strip() or (not first and text):
+            yield text, first
+
     with open(path, encoding="utf-8", newline="") as f:
         try:
-            for line in f:
-                if line.rstrip("\r\n") == separator:
-                    doc = "".join(buf).strip("\n")
-                    if doc.strip():
-                        yield doc
-                    buf = []
-                else:
-                    buf.append(line)
+            # a line's first piece is longer than half the bound, so it is never taken for a separator line
+            for line, line_start in _bounded_lines(f, max(min(limit, LINE_CHARS), 4 * len(separator) + 4)):
+                if line_start and line.rstrip("\r\n") == separator:
+                    yield from flush(True)
+                    buf, size, first = [], 0, True
+                    continue
+                cut = not line_start or (size >= limit and (line[:1].strip() or size >= 2 * limit))
+                if cut and "".join(buf).strip():
+                    yield from flush(False)
+                    buf, size, first = [], 0, False
+                buf.append(line)
+                size += len(line)
         except UnicodeDecodeError as e:
-            raise MiniLLMError(f"{path} is not UTF-8 text ({e.reason}); if it is raw text, clean it with "
-                               f"`minillm prepare-corpus` (which reads cp1252 too), else give a corpus file") from e
-    doc = "".join(buf).strip("\n")
-    if doc.strip():
-        yield doc
+            raise _not_utf8(path, e) from e
+    yield from flush(True)
 
 
-@dataclass(frozen=True)
-class ReadOptions:
-    """How input files are read and cut into documents."""
+def iter_documents(path: Path, separator: str = DOC) -> Iterator[str]:
+    """Stream the documents of a corpus file (``iter_pieces``'s pieces joined): document ``i`` here is
+    document ``i`` of the token cache. Memory holds one document at a time."""
+    parts: list[str] = []
+    for text, first in iter_pieces(path, separator=separator):
+        if first and parts:
+            yield "".join(parts)
+            parts = []
+        parts.append(text)
+    if parts:
+        yield "".join(parts)
 
-    separator: str = DOC_SEPARATOR  # a line holding exactly this ends a document
-    split_on_blank_lines: bool = False  # a blank line also ends a document
-    text_field: str = "text"  # the JSON key holding a .jsonl line's text
-    encoding: str = "auto"  # auto (UTF-8, cp1252 fallback per file) or any Python codec name
-    strict: bool = False  # invalid bytes are an error naming the file and byte offset
+
+def _bounded_lines(f: IO[str], limit: int) -> Iterator[tuple[str, bool]]:
+    """The lines of a text stream as ``(text, starts_line)``; a line longer than ``limit`` characters comes in
+    pieces, each cut before the last space that follows a non-space in its second half (a pre-token boundary
+    of the byte-level BPE, Metaspace and Whitespace pre-tokenizers), or at ``limit`` when there is none (a
+    "word" that long). Memory holds two pieces, never the whole line."""
+    buf, start = "", True
+    while part := f.readline(limit):
+        buf += part
+        while len(buf) > limit:
+            cut = _cut_point(buf, limit)
+            yield buf[:cut], start
+            buf, start = buf[cut:], False
+        if buf.endswith(("\n", "\r")):  # else the line goes on
+            yield buf, start
+            buf, start = "", True
+    if buf:
+        yield buf, start
 
 
-def is_jsonl(path: Path) -> bool:
-    name = path.name.lower().removesuffix(".gz")
-    return name.endswith(JSONL_SUFFIXES)
+def _cut_point(text: str, limit: int) -> int:
+    """Where to cut an over-long line: before the last space in ``text[limit // 2 : limit]`` that follows a
+    non-space, else at ``limit``."""
+    m = _SPACE_AFTER_WORD.search(text[limit // 2 : limit][::-1])
+    return limit - 1 - m.start() if m else limit
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> MiniLLMError:
+    """A corpus file that is not UTF-8, naming the offset of its first invalid byte (``e.start`` counts
+    within the decoder's buffer, so the file is scanned again for it)."""
+    _, bad = scan_utf8(path, check_binary=False)
+    at = f" at byte {bad}" if bad is not None else ""
+    return MiniLLMError(f"{path} is not UTF-8 text ({e.reason}{at}); if it is raw text, clean it with "
+                        f"`minillm prepare-corpus` (which reads cp1252 too), else give a corpus file")
+
+
+# ---------------------------------------------------------------- input files
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
@@ -97,38 +162,57 @@ def check_input_file(path: Path, flag: str, fix: str = "give a file", error: typ
         raise error(f"{flag}: {path} {why}; {fix}")
 
 
-def find_inputs(paths: list[Path], log: Callable[[str], None] = lambda s: None) -> tuple[list[Path], int]:
-    """Expand directories (recursively, sorted, hidden entries skipped) into their .txt/.md/.jsonl
-    files and .gz of them; such an entry that is not a regular file (a FIFO, a socket) is skipped with a note.
-    Returns the files and how many directory entries were skipped."""
+def find_inputs(paths: Iterable[Path], log: Callable[[str], None] = lambda s: None, flag: str = "--input",
+                suffixes: tuple[str, ...] | None = TEXT_SUFFIXES + JSONL_SUFFIXES) -> tuple[list[Path], int]:
+    """Expand ``flag``'s files and directories: a file is checked (``check_input_file``) and kept; a
+    directory gives its files (recursively, sorted, hidden entries skipped) whose name ends in one of
+    ``suffixes`` or that plus ``.gz`` (None: every file); such an entry that is not a regular file (a FIFO,
+    a socket) is skipped with a note. Returns the files and how many directory entries were skipped."""
+    paths = [Path(p) for p in paths]
     if not paths:
-        raise UsageError("no inputs given: name one or more files or directories")
+        raise UsageError(f"{flag}: no inputs given; name one or more files or directories")
     files: list[Path] = []
     skipped = 0
     for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = []
-            for root, dirs, names in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for n in sorted(names):
-                    base = n.lower().removesuffix(".gz")
-                    if n.startswith("."):
-                        continue
-                    if not base.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
-                        skipped += 1
-                    elif why := not_a_regular_file(Path(root) / n):
-                        log(f"skipped {Path(root) / n}: it {why}")
-                        skipped += 1
-                    else:
-                        found.append(Path(root) / n)
-            if not found:
-                raise UsageError(f"directory {p} holds no .txt, .md or .jsonl files (or .gz of them)")
-            files.extend(found)
-        else:
-            check_input_file(p, "--input", "check the path", UsageError)
+        if not p.is_dir():
+            check_input_file(p, flag, "check the path", UsageError)
             files.append(p)
+            continue
+        found = []
+        for root, dirs, names in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(n for n in names if not n.startswith(".")):
+                if suffixes is not None and not n.lower().removesuffix(".gz").endswith(suffixes):
+                    skipped += 1
+                elif why := not_a_regular_file(Path(root) / n):
+                    log(f"skipped {Path(root) / n}: it {why}")
+                    skipped += 1
+                else:
+                    found.append(Path(root) / n)
+        if not found:
+            kinds = "files" if suffixes is None else f"{', '.join(suffixes[:-1])} or {suffixes[-1]} files (or .gz of them)"
+            raise UsageError(f"{flag}: directory {p} holds no {kinds}")
+        files.extend(found)
     return files, skipped
+
+
+# ---------------------------------------------------------------- raw inputs (prepare-corpus)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How input files are read and cut into documents."""
+
+    separator: str = DOC  # a line holding exactly this ends a document
+    split_on_blank_lines: bool = False  # a blank line also ends a document
+    text_field: str = "text"  # the JSON key holding a .jsonl line's text
+    encoding: str = "auto"  # auto (UTF-8, cp1252 fallback per file) or any Python codec name
+    strict: bool = False  # invalid bytes are an error naming the file and byte offset
+
+
+def is_jsonl(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return name.endswith(JSONL_SUFFIXES)
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -379,14 +463,16 @@ def read_documents(
                 yield from _split_chunks(f, opts.separator, on_long)
 
 
-def batch_documents(docs: Iterator[str], max_chars: int, max_docs: int = 0) -> Iterator[list[str]]:
-    """Group documents into lists of about ``max_chars`` characters (and at most ``max_docs`` documents
-    when > 0): units of work for the tokenizer or the cleaning workers, with bounded memory."""
-    batch: list[str] = []
+def batch_documents(docs: Iterable[T], max_chars: int, max_docs: int = 0,
+                    size: Callable[[T], int] = len) -> Iterator[list[T]]:
+    """Group documents (or other items of ``size`` characters) into lists of about ``max_chars`` characters
+    (and at most ``max_docs`` items when > 0): units of work for the tokenizer or the cleaning workers, with
+    bounded memory."""
+    batch: list[T] = []
     n = 0
     for d in docs:
         batch.append(d)
-        n += len(d)
+        n += size(d)
         if n >= max_chars or (max_docs and len(batch) >= max_docs):
             yield batch
             batch, n = [], 0

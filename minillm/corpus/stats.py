@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from minillm.corpus.read import DOC_SEPARATOR, batch_documents, check_input_file, iter_documents
+from minillm.corpus.read import DOC, batch_documents, check_input_file, iter_documents
 from minillm.errors import MiniLLMError
 
 BYTES_PER_TOKEN = 4.0  # estimate without --tokenizer: a BPE of 8k-32k tokens on European-language text
@@ -75,7 +75,7 @@ class _Vocab:
         return len(self.words) << self.level
 
 
-def analyze(path: Path, separator: str = DOC_SEPARATOR, tokenizer=None) -> CorpusStats:
+def analyze(path: Path, separator: str = DOC, tokenizer=None) -> CorpusStats:
     """One streaming pass: sizes, words, vocabulary, duplicates, and tokens per document (encoded with
     ``tokenizer`` on a background thread while this one counts words, or estimated from bytes)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -92,33 +92,30 @@ def analyze(path: Path, separator: str = DOC_SEPARATOR, tokenizer=None) -> Corpu
         return [len(e.ids) for e in encode(batch, add_special_tokens=False)]
 
     pending = None
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            for batch in batch_documents(iter_documents(path, separator), BATCH_CHARS):
-                fut = pool.submit(token_lengths, batch) if tokenizer is not None else None
-                for doc in batch:
-                    nb = len(doc.encode("utf-8"))
-                    s.characters += len(doc)
-                    words = doc.split()
-                    s.words += len(words)
-                    vocab.update(words)
-                    h = hash(doc)
-                    if h in seen:
-                        s.duplicate_documents += 1
-                    else:
-                        seen.add(h)
-                    if len(doc.strip()) < NEAR_EMPTY_CHARS:
-                        s.near_empty_documents += 1
-                    if fut is None:
-                        s.lengths.append(max(1, round(nb / BYTES_PER_TOKEN)))
-                s.documents += len(batch)
-                if pending is not None:
-                    s.lengths.extend(pending.result())
-                pending = fut
+    with ThreadPoolExecutor(1) as pool:
+        for batch in batch_documents(iter_documents(path, separator), BATCH_CHARS):
+            fut = pool.submit(token_lengths, batch) if tokenizer is not None else None
+            for doc in batch:
+                nb = len(doc.encode("utf-8"))
+                s.characters += len(doc)
+                words = doc.split()
+                s.words += len(words)
+                vocab.update(words)
+                h = hash(doc)
+                if h in seen:
+                    s.duplicate_documents += 1
+                else:
+                    seen.add(h)
+                if len(doc.strip()) < NEAR_EMPTY_CHARS:
+                    s.near_empty_documents += 1
+                if fut is None:
+                    s.lengths.append(max(1, round(nb / BYTES_PER_TOKEN)))
+            s.documents += len(batch)
             if pending is not None:
                 s.lengths.extend(pending.result())
-    except UnicodeDecodeError as e:
-        raise MiniLLMError(f"{path} is not valid UTF-8 ({e.reason}); clean it first with `minillm prepare-corpus`") from e
+            pending = fut
+        if pending is not None:
+            s.lengths.extend(pending.result())
     if s.documents == 0:
         raise MiniLLMError(f"{path} holds no documents; check --separator or run `minillm prepare-corpus`")
     s.distinct_words = vocab.count
@@ -151,18 +148,17 @@ def _pow2_ceil(n: float) -> int:
 
 
 def expected_windows(lengths: Sequence[int], block_size: int, stride: int) -> int:
-    """Training examples (block_size + 1 tokens each) the corpus yields: each document is ``<|doc|>`` +
-    its tokens; long ones are cut with ``stride``, short ones packed together."""
-    ex = block_size + 1
-    windows = 0
-    packed = 0
-    for n in lengths:
-        n += 1
-        if n > ex:
-            windows += 1 + math.ceil((n - ex) / stride)
-        else:
-            packed += n
-    return windows + math.ceil(packed / ex)
+    """Training windows (block_size + 1 tokens each) that ``train`` builds from documents of these lengths
+    when all of them train (``--val-file``): each is ``<|doc|>`` + its tokens, laid end to end, and the
+    windows are ``data.windows.window_starts``'s, the one rule train uses."""
+    import numpy as np
+
+    from minillm.data.windows import window_starts
+
+    sizes = np.asarray(lengths, dtype=np.int64) + 1
+    starts = np.zeros(len(sizes), dtype=np.int64)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    return len(window_starts(int(sizes.sum()), block_size, stride, starts))
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def sft_chat_template() -> str:
     the prompt is ready for the answer with or without ``add_generation_prompt``; BOS (``<|doc|>``) is not
     in the template because llama.cpp adds it. All text is in string expressions, so it renders the same
     with or without ``trim_blocks``/``lstrip_blocks`` (which transformers and llama.cpp turn on)."""
-    from minillm.train.finetune import INSTRUCTION, RESPONSE, SYSTEM
+    from minillm.data.sft import INSTRUCTION, RESPONSE, SYSTEM
 
     def lit(text: str) -> str:  # a Jinja string literal (JSON's escapes are Jinja's)
         return json.dumps(text)

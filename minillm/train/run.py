@@ -29,6 +29,7 @@ import torch
 from minillm import distributed
 from minillm.checkpoint import load_checkpoint, save_checkpoint
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
+from minillm.data.loader import Mixture
 from minillm.errors import MiniLLMError, UsageError
 from minillm.io import RunLock, atomic_link, atomic_write_json, clean_stale_temps, sha256_file
 from minillm.optim.groups import (
@@ -78,7 +79,7 @@ class RunSpec:
     """Where a run reads and writes, and how it reports, apart from the model and training configs."""
 
     tokenizer: Path  # tokenizer.json the corpus is encoded with (copied into the run)
-    corpus: Any  # clean corpus file (a Path), or a dataset.Mixture of several
+    corpus: Mixture  # the clean corpus file(s): one corpus is a mixture of one
     outdir: Path  # the run directory
     val_file: Path | None = None  # a separate validation corpus instead of a split
     cache_dir: Path | None = None  # token cache directory (default OUTDIR/cache)
@@ -211,7 +212,7 @@ def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]
 def _claim_outdir(spec: RunSpec, dist: distributed.Dist):
     """Rank 0 locks (for the whole run), checks and cleans the run directory; the other ranks wait for it.
     Yields notes for the log (``rundir.prepare_outdir``)."""
-    from minillm.data.loader import cache_dir_for
+    from minillm.data.cache import cache_dir_for
 
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
@@ -232,6 +233,7 @@ def _per_rank_eval(tcfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
 
 def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distributed.Dist) -> dict[str, Any]:
     from minillm.data import loader as ds
+    from minillm.data.cache import cache_dir_for
     t_entry = spec.started or time.time()
     if spec.tensorboard:
         check_tensorboard()
@@ -264,7 +266,7 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
                 log.event(note)
             log.event(f"encoding {spec.corpus} into the token cache")
             with distributed.main_first(dist):  # rank 0 builds the token cache; then the other ranks open it
-                data = ds.prepare_data(spec.tokenizer, spec.corpus, ds.cache_dir_for(spec.outdir, spec.cache_dir),
+                data = ds.prepare_data(spec.tokenizer, spec.corpus, cache_dir_for(spec.outdir, spec.cache_dir),
                                        mcfg.block_size, _per_rank_eval(tcfg, dist), val_file=spec.val_file,
                                        rank=dist.rank, world_size=dist.world_size, note=log.event)
             mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))

@@ -64,8 +64,7 @@ def run_config(outdir: Path, fix: str = RUN_CONFIG_FIX) -> dict[str, Any]:
 
 def inputs_of(spec) -> list[Path]:
     """The files a train or finetune run reads (never deleted or set aside, even inside its --outdir)."""
-    corpora = getattr(spec.corpus, "corpora", (spec.corpus,))
-    return [Path(p) for p in (spec.tokenizer, *corpora, spec.val_file) if p is not None]
+    return [Path(p) for p in (spec.tokenizer, *spec.corpus.corpora, spec.val_file) if p is not None]
 
 
 def same_file(a: Path, b: Path) -> bool:
