@@ -1,7 +1,8 @@
 """Sampling and generation: ``sample_next_token`` (temperature, top-k, top-p, repetition penalty),
 ``generate_batch`` (left-padded batches over a preallocated KV cache, sliding when the context fills),
-an optional compiled one-token decode step for CUDA, and ``complete`` (text in, text out: stop strings,
-streaming that never splits a character, several samples per prompt).
+the static one-token decode step (``GPT.decode_step`` over a fixed-shape cache, replayed as a CUDA graph,
+optionally compiled; kept on the model by ``static_decoder``), and ``complete`` (text in, text out: stop
+strings, streaming that never splits a character, several samples per prompt).
 
 Sliding: a row's context is its most recent tokens, at most ``block_size``. When a new token would
 overflow it, the context restarts at the most recent ``slide_keep(block)`` tokens, which are
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from minillm.errors import MiniLLMError, UsageError
-from minillm.model.gpt import KVCache
+from minillm.model.gpt import GPT, KVCache
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ class StaticDecodeStep(nn.Module):
     """``GPT.decode_step`` bound to a KV cache, as a module to compile and to capture in a CUDA graph: the
     cache's keys and values are its buffers (the same tensors, not copies)."""
 
-    def __init__(self, model: nn.Module, cache: KVCache):
+    def __init__(self, model: GPT, cache: KVCache):
         super().__init__()
         self.model = model
         self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, D), shared with the cache
@@ -168,7 +169,7 @@ class GraphedStep:
 MAX_DECODERS = 8  # static decoders kept per model (shapes); one more clears them
 
 
-def static_decoder(model: nn.Module, batch: int, max_len: int, mode: str) -> tuple[KVCache, Callable]:
+def static_decoder(model: GPT, batch: int, max_len: int, mode: str) -> tuple[KVCache, Callable]:
     """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once and kept
     on the model (``model.decoders``), so every batch of a ``generate`` reuses them. ``mode``: static (eager),
     graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too)."""

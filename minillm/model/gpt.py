@@ -129,6 +129,11 @@ def sdpa_context(attention: str, device: torch.device, masked: bool) -> contextl
 
 
 class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads. ``project`` computes the queries, keys and values for
+    both ways of attending: ``forward`` (many queries through SDPA; with a ``KVCache`` it appends this layer's
+    keys and values at ``cache.pos``) and ``decode`` (one query per row, written out, over a static cache: it
+    writes its key and value at the slot it is given)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
