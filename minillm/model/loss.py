@@ -8,10 +8,10 @@ Two paths, picked by ``output_loss``:
   implementations: liger-kernel's Triton kernel where it can run (``loss_kernel = "liger"``, CUDA, the
   ``kernels`` extra installed, a training step) and chunked PyTorch everywhere else.
 
-The fused path is taken for training steps with ``loss_kernel = "liger"`` on CUDA, and always with the TOML
-key ``loss_chunk`` > 0 (its rows per chunk, for either implementation). ``loss_kernel`` is a choice of
-kernel, never of weights: where liger cannot run (the CPU, evaluation) the loss is exactly what it is with
-``loss_kernel = "torch"``.
+The fused path is taken for training steps with ``loss_kernel = "liger"`` on CUDA, and with the TOML key
+``loss_chunk`` > 0 (its rows per chunk, for either implementation; only a per-token loss with a gradient,
+which the fused path does not give, stays plain). ``loss_kernel`` is a choice of kernel, never of weights:
+where liger cannot run (the CPU, evaluation) the loss is exactly what it is with ``loss_kernel = "torch"``.
 """
 
 from __future__ import annotations
