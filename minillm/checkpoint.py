@@ -183,13 +183,13 @@ def checked_model_config(d: Any, tensors: Any, where: str) -> ModelConfig:
 
 def _size_problems(cfg: ModelConfig, tensors: list) -> list[str]:
     """What in ``cfg`` asks for more than ``tensors`` hold (pure arithmetic: nothing is allocated)."""
-    from minillm.model.gpt import estimate_memory
+    from minillm.model.memory import param_count
 
     n_elems, n_bytes = sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
     p = []
     if cfg.n_layer > len(tensors):
         p.append(f"{cfg.n_layer} layers, but only {len(tensors)} tensors")
-    if (need := estimate_memory(cfg, 1)["params"] // 4) > n_elems:
+    if (need := param_count(cfg)) > n_elems:
         p.append(f"{need:,} parameters, larger than the tensors in the file ({n_elems:,} values)")
     if (rope := 8 * cfg.block_size * cfg.head_dim) > max(ROPE_FLOOR, n_bytes):
         p.append(f"block_size {cfg.block_size} needs a {rope:,}-byte RoPE table")

@@ -246,14 +246,6 @@ def fsdp_problem(optimizer: str, world_size: int, dtype: torch.dtype | None = No
     return None
 
 
-def _fully_shard():
-    try:  # torch >= 2.6
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch 2.4-2.5
-        from torch.distributed._composable.fsdp import fully_shard
-    return fully_shard
-
-
 def wrap_fsdp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """Shard ``model`` over the ranks with FSDP2 (the model itself for one process). Each transformer block
     (``model.blocks``) is one unit, then the root takes the rest (embedding, final norm, output layer).
@@ -268,8 +260,8 @@ def wrap_fsdp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     if not d.enabled:
         return model
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    fully_shard = _fully_shard()
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     for block in getattr(model, "blocks", ()):
         fully_shard(block, mesh=mesh)

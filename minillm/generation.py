@@ -1,7 +1,8 @@
 """Sampling and generation: ``sample_next_token`` (temperature, top-k, top-p, repetition penalty),
 ``generate_batch`` (left-padded batches over a preallocated KV cache, sliding when the context fills),
-an optional compiled one-token decode step for CUDA, and ``complete`` (text in, text out: stop strings,
-streaming that never splits a character, several samples per prompt).
+the static one-token decode step (``GPT.decode_step`` over a fixed-shape cache, replayed as a CUDA graph,
+optionally compiled; kept on the model by ``static_decoder``), and ``complete`` (text in, text out: stop
+strings, streaming that never splits a character, several samples per prompt).
 
 Sliding: a row's context is its most recent tokens, at most ``block_size``. When a new token would
 overflow it, the context restarts at the most recent ``slide_keep(block)`` tokens, which are
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from minillm.corpus.read import DOC_JOIN  # between samples in text output (the corpus format)
 from minillm.errors import MiniLLMError, UsageError
+from minillm.model.gpt import GPT, KVCache
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,10 @@ def decode_mode(device: torch.device, compile: str) -> str:
 
 
 class StaticDecodeStep(nn.Module):
-    """One decode step over a preallocated KV cache with fixed shapes, for ``torch.compile`` with CUDA
-    graphs: the new keys/values are written at the tensor ``slot``, and every slot of the cache is
-    attended to through a mask (no slicing to a length that changes each step). Same math as
-    ``GPT.forward`` with a cache; the query heads sharing a key/value head are treated as queries."""
+    """``GPT.decode_step`` bound to a KV cache, as a module to compile and to capture in a CUDA graph: the
+    cache's keys and values are its buffers (the same tensors, not copies)."""
 
-    def __init__(self, model: nn.Module, cache):
+    def __init__(self, model: GPT, cache: KVCache):
         super().__init__()
         self.model = model
         self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, D), shared with the cache
@@ -116,37 +116,7 @@ class StaticDecodeStep(nn.Module):
     def forward(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor) -> Tensor:
         """idx (B, 1), slot (1,) the cache slot of this token, offsets (B,) left padding,
         key_valid (B, S) False at padding -> logits (B, V)."""
-        m = self.model
-        # a row's context never exceeds the block (generate_batch slides it), so its position is in the RoPE
-        # table; the clamp only keeps finished rows, whose tokens are dropped, inside it
-        positions = (slot - offsets).clamp(0, m.cfg.block_size - 1)[:, None]  # (B, 1)
-        rope = m.rope(positions, 1, in_table=True)  # cos, sin (B, 1, 1, D)
-        visible = key_valid & (torch.arange(self.k.size(3), device=idx.device) <= slot)  # (B, S)
-        mask = visible[:, None, None, :]  # (B, 1, 1, S)
-        x = m.tok_emb(idx)  # (B, 1, C)
-        for i, block in enumerate(m.blocks):
-            x = x + self._attend(i, block.attn, block.norm1(x), rope, mask, slot)
-            x = x + block.mlp(block.norm2(x))
-        return m.lm_head(m.norm_f(x)).float()[:, -1]  # (B, V)
-
-    def _attend(self, i: int, a: nn.Module, h: Tensor, rope, mask: Tensor, slot: Tensor) -> Tensor:
-        """Attention of one new token per row, written out: a single query per head is two matrix-vector
-        products and a softmax. (The fused SDPA kernels are built for many queries; at batch 1 in fp32 the
-        memory-efficient one took 78 us a layer on an H100, half of the whole decode step.)"""
-        from minillm.model.gpt import apply_rope
-
-        B = h.size(0)
-        q = a.q_norm(a.q_proj(h).view(B, 1, a.n_head, a.head_dim))  # (B, 1, H, D)
-        k = a.k_norm(a.k_proj(h).view(B, 1, a.n_kv, a.head_dim))  # (B, 1, Hkv, D)
-        v = a.v_proj(h).view(B, 1, a.n_kv, a.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        self.k[i].index_copy_(2, slot, k.transpose(1, 2).to(self.k.dtype))
-        self.v[i].index_copy_(2, slot, v.transpose(1, 2).to(self.v.dtype))
-        q = q.view(B, a.n_kv, a.n_head // a.n_kv, a.head_dim)  # (B, Hkv, G, D): the heads sharing a key/value head
-        scores = (q @ self.k[i].to(q.dtype).transpose(-1, -2)).float() * a.head_dim ** -0.5  # (B, Hkv, G, S)
-        p = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
-        y = p @ self.v[i].to(q.dtype)  # (B, Hkv, G, D)
-        return a.o_proj(y.reshape(B, 1, a.n_head * a.head_dim))
+        return self.model.decode_step(idx, slot, offsets, key_valid, self.k, self.v)
 
 
 def cache_len(block: int, batch: int, need: int) -> int:
@@ -198,28 +168,26 @@ class GraphedStep:
         return self.out
 
 
-_DECODERS: dict[tuple, tuple] = {}  # (id(model), batch, slots, mode, dtype, device) -> (model, cache, step)
+MAX_DECODERS = 8  # static decoders kept per model (shapes); one more clears them
 
 
-def _static_decoder(model: nn.Module, batch: int, max_len: int, mode: str):
-    """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once. ``mode``:
-    static (eager), graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too)."""
-    from minillm.model.gpt import KVCache
-
+def static_decoder(model: GPT, batch: int, max_len: int, mode: str) -> tuple[KVCache, Callable]:
+    """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once and kept
+    on the model (``model.decoders``), so every batch of a ``generate`` reuses them. ``mode``: static (eager),
+    graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too)."""
     p = next(model.parameters())
-    key = (id(model), batch, max_len, mode, p.dtype, p.device)
-    hit = _DECODERS.get(key)
-    if hit is None or hit[0] is not model:
-        if len(_DECODERS) >= 8:
-            _DECODERS.clear()
+    key = (batch, max_len, mode, p.dtype, p.device)
+    if key not in model.decoders:
+        if len(model.decoders) >= MAX_DECODERS:
+            model.decoders.clear()
         cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
         step: Callable = StaticDecodeStep(model, cache)
         if mode == "compiled":
             step = torch.compile(step, fullgraph=True, dynamic=False)
         if mode in ("graph", "compiled") and p.device.type == "cuda":
             step = GraphedStep(step, batch, max_len, p.device)
-        hit = _DECODERS[key] = (model, cache, step)
-    return hit[1], hit[2]
+        model.decoders[key] = (cache, step)
+    return model.decoders[key]
 
 
 class _Decoder:
@@ -230,15 +198,13 @@ class _Decoder:
     as a CUDA graph on CUDA), none (no cache: ``prefill`` every step)."""
 
     def __init__(self, model: nn.Module, batch: int, mode: str, need: int):
-        from minillm.model.gpt import KVCache
-
         self.model, self.mode = model, mode
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache, self.static = None, None
         max_len = cache_len(model.cfg.block_size, batch, need)
         if mode in ("static", "graph", "compiled"):
-            self.cache, self.static = _static_decoder(model, batch, max_len, mode)
+            self.cache, self.static = static_decoder(model, batch, max_len, mode)
         elif mode == "eager":
             self.cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
         elif mode != "none":
@@ -261,8 +227,6 @@ class _Decoder:
     def slide(self, rows: list[int], contexts: list[list[int]]) -> None:
         """Give ``rows`` new contexts (all the same length, at most ``pos``) ending just before slot ``pos``:
         encoded alone, written into the slots before ``pos``; every older slot of those rows is masked out."""
-        from minillm.model.gpt import KVCache
-
         c, n = self.cache, len(contexts[0])
         s0 = c.pos - n
         if c.key_mask is None:

@@ -9,7 +9,7 @@ by >= 40% for <= 35% more step time.
 Random tokens; AdamW (fused on CUDA); bf16 autocast. Peak memory is torch.cuda.max_memory_allocated
 over the timed steps (on CPU: not measured, printed as -). "saved" is the bytes the autograd graph keeps
 for backward in one step (measured with saved_tensors_hooks, each storage once), on every device;
-"estimate" is minillm.model.gpt.estimate_memory's total for comparison. Results to stdout; --json for machines.
+"estimate" is minillm.model.memory.estimate_memory's total for comparison. Results to stdout; --json for machines.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import time
 import torch
 
 from minillm.config import resolve
-from minillm.model.gpt import GPT, estimate_memory
+from minillm.model.gpt import GPT
+from minillm.model.memory import estimate_memory
 
 GiB = 2**30
 

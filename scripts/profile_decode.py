@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minillm.config import resolve  # noqa: E402
-from minillm.generation import _DECODERS, Sampling, StaticDecodeStep, generate_batch, sample_next_token  # noqa: E402
+from minillm.generation import Sampling, StaticDecodeStep, generate_batch, sample_next_token  # noqa: E402
 from minillm.model.gpt import GPT, KVCache  # noqa: E402
 
 GREEDY = Sampling(temperature=0)
@@ -52,7 +52,7 @@ def main() -> None:
         model = GPT(mcfg).cuda().to(dtype).eval()
         for mode in ("graph", "compiled"):
             generate_batch(model, prompt, args.new_tokens, sampling=GREEDY, mode=mode)  # capture (and compile)
-            _, cache, step = next(v for k, v in _DECODERS.items() if k[0] == id(model) and k[1] == 1 and k[3] == mode)
+            cache, step = next(v for k, v in model.decoders.items() if k[0] == 1 and k[2] == mode)
             replay = per_call_ms(step.graph.replay)
             call = per_call_ms(lambda step=step, cache=cache: step(tok[:, None], 100, cache.offsets, cache.key_mask))
 

@@ -4,8 +4,10 @@ parity (with sliding), batched = one by one, streaming without split characters,
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,25 @@ def test_long_prompts_are_cut_from_the_left_and_on_token_stops():
     seen = []
     out = generate(m, [1, 2], 10, temperature=0, on_token=lambda t: seen.append(t) or len(seen) == 3)
     assert len(out) == 3 and out == seen
+
+
+def test_static_decoders_are_kept_on_their_model_and_go_with_it():
+    """Each model keeps its own static decoders (KV cache and decode step), reused across calls; nothing else
+    holds them, so a model that goes away takes its decoders with it."""
+    a, b = varied_model(seed=0), varied_model(seed=1)
+    prompt = [1, 5, 9, 3]
+    for m in (a, b):
+        eager = generate_batch(m, [prompt], 12, sampling=GREEDY, mode="eager")[0].tokens
+        assert generate_batch(m, [prompt], 12, sampling=GREEDY, mode="static")[0].tokens == eager
+    assert generate_batch(a, [prompt], 12, sampling=GREEDY, mode="static")[0].tokens != eager  # b's, not a's
+    assert len(a.decoders) == len(b.decoders) == 1
+    (cache, step), = a.decoders.values()
+    generate_batch(a, [[1, 2]], 5, sampling=GREEDY, mode="static")  # the same shape: the same decoder
+    assert a.decoders[next(iter(a.decoders))] == (cache, step)
+    gone = weakref.ref(a)
+    del a, cache, step
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

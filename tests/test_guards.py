@@ -78,7 +78,7 @@ def test_train_refuses_a_model_whose_state_alone_exceeds_memory_at_once_touching
 def _state_and_total(tok: Path, **overrides) -> tuple[int, int]:
     """What the guard weighs for ``train --config tiny`` with these flags on the CPU (fp32)."""
     from minillm.config import pad_vocab, resolve
-    from minillm.model.gpt import estimate_memory
+    from minillm.model.memory import estimate_memory
     from minillm.tokenizer import load_tokenizer
 
     mcfg, tcfg = resolve("tiny", overrides)
@@ -97,7 +97,7 @@ def test_train_refuses_when_the_estimate_exceeds_memory_twice_over(runner, old, 
     state, total = _state_and_total(old / "tok.json", block_size=32, batch_size=8)
     avail = (state + total // 2) // 2  # the weights and optimizer fit, half the estimate does not
     assert state < avail < total / 2
-    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: avail)
+    monkeypatch.setattr("minillm.model.memory.available_memory", lambda device: avail)
     out = tmp_path / "new"
     r = _train(runner, old, out)
     assert r.exit_code == 1, r.output
@@ -110,7 +110,7 @@ def test_train_refuses_when_the_estimate_exceeds_memory_twice_over(runner, old, 
 def test_train_warns_when_the_estimate_exceeds_memory_and_trains(runner, old, tmp_path, monkeypatch):
     state, total = _state_and_total(old / "tok.json", block_size=32, batch_size=8, gradient_checkpointing=True)
     avail = total * 3 // 4
-    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: avail)
+    monkeypatch.setattr("minillm.model.memory.available_memory", lambda device: avail)
     r = _train(runner, old, tmp_path / "new", "--gradient-checkpointing")
     assert r.exit_code == 0, r.output
     err = " ".join(r.stderr.split())
@@ -122,16 +122,16 @@ def test_train_warns_when_the_estimate_exceeds_memory_and_trains(runner, old, tm
 def test_finetune_weighs_only_the_weights_of_a_lora_run(runner, old, tmp_path, monkeypatch):
     from minillm.checkpoint import load_checkpoint
     from minillm.config import model_from_dict
-    from minillm.model.gpt import estimate_memory
+    from minillm.model.memory import estimate_memory
 
     est = estimate_memory(model_from_dict(load_checkpoint(old / "run" / "ckpt_best.pt")["model_config"]), 1, "fp32")
     weights, state = est["params"], est["params"] + est["grads"] + est["optimizer"]
-    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: (weights + state) // 2)
+    monkeypatch.setattr("minillm.model.memory.available_memory", lambda device: (weights + state) // 2)
     args = ["finetune", "--ckpt", str(old / "run"), "--data", str(old / "corpus.txt"), "--max-steps", "1", *RUN]
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "full")])
     assert r.exit_code == 1 and not (tmp_path / "full").exists()
     assert "weights, gradients and optimizer state alone" in r.stderr and "--lora-rank 8" in r.stderr, r.stderr
-    monkeypatch.setattr("minillm.model.gpt.available_memory", lambda device: weights // 2)
+    monkeypatch.setattr("minillm.model.memory.available_memory", lambda device: weights // 2)
     r = runner.invoke(app, [*args, "-o", str(tmp_path / "lora"), "--lora-rank", "2"])
     assert r.exit_code == 1 and not (tmp_path / "lora").exists()
     err = " ".join(r.stderr.split())
@@ -141,7 +141,7 @@ def test_finetune_weighs_only_the_weights_of_a_lora_run(runner, old, tmp_path, m
 def test_available_memory_is_the_hosts_on_the_cpu():
     import torch
 
-    from minillm.model.gpt import available_memory
+    from minillm.model.memory import available_memory
 
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert 0 < available_memory(torch.device("cpu")) <= total

@@ -210,7 +210,8 @@ def _dry_run(tokenizer: Path, mcfg, tcfg) -> None:
     import torch
 
     from minillm.config import pad_vocab, to_dict
-    from minillm.model.gpt import GPT, estimate_memory
+    from minillm.model.gpt import GPT
+    from minillm.model.memory import estimate_memory
     from minillm.tokenizer import load_tokenizer
 
     mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(load_tokenizer(tokenizer).get_vocab_size()))

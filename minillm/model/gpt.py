@@ -1,9 +1,12 @@
 """The transformer: a Llama-style decoder (pre-norm RMSNorm, RoPE, SwiGLU, no biases) that can also be
 built GPT-2 style (LayerNorm, GELU), with grouped-query attention, optional QK-norm, tied embeddings,
-gradient checkpointing, document masking and a KV cache kept outside the module.
+gradient checkpointing, document masking and incremental decoding over a KV cache.
 
-Read top to bottom: norms and RoPE, attention, MLP, the block, the model, the loss, the KV cache,
-and the memory estimate used by ``train --dry-run`` and by the memory check before a run.
+Read top to bottom: norms and RoPE, attention, MLP, the block, the model, the KV cache. Attention is written
+once: ``Attention.project`` gives the queries, keys and values (projections, QK-norm, RoPE) to both
+``forward`` (training, evaluation, prefill; appends to a ``KVCache``) and ``decode`` (one new token per row
+over a static cache, for compiled and CUDA-graph decoding). The loss is in ``loss.py``, the estimates of
+parameters, FLOPs and memory in ``memory.py``.
 
 Module names match Hugging Face's Llama/Qwen3 layout one to one (``attn.q_proj`` ~ ``self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm1`` ~ ``input_layernorm``, ...), and RoPE uses the rotate-half convention, so
@@ -13,10 +16,7 @@ export is a renaming of keys.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,11 @@ from torch.utils.checkpoint import checkpoint
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
+from minillm.model.loss import output_loss
+from minillm.model.memory import flops_per_token
 
 RMS_EPS = 1e-6  # Llama/Qwen3 rms_norm_eps; export writes this value
 LN_EPS = 1e-5  # GPT-2 layer_norm_epsilon
-IGNORE_INDEX = -1  # targets with this value add no loss
-LIGER_CHUNK_ROWS = 4096  # rows of logits per chunk with loss_kernel = "liger" (256 MB of bf16 at 32k vocabulary)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -129,6 +129,11 @@ def sdpa_context(attention: str, device: torch.device, masked: bool) -> contextl
 
 
 class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads. ``project`` computes the queries, keys and values for
+    both ways of attending: ``forward`` (many queries through SDPA; with a ``KVCache`` it appends this layer's
+    keys and values at ``cache.pos``) and ``decode`` (one query per row, written out, over a static cache: it
+    writes its key and value at the slot it is given)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -141,12 +146,21 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
-                cache: KVCache | None = None) -> Tensor:
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, T, H, D), keys and values (B, T, Hkv, D) of ``x`` (B, T, C): the queries and keys
+        normed (QK-norm) and rotated by ``rope``."""
         B, T, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)), *rope)  # (B, T, H, D)
         k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), *rope)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
+        return q, k, v
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+                cache: KVCache | None = None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); ``cache``: append this layer's new keys/values at ``cache.pos`` and
+        attend to every one so far."""
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), S = cached + T
@@ -162,6 +176,26 @@ class Attention(nn.Module):
                                                enable_gqa=native_gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.dropout(self.o_proj(y))
+
+    def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], visible: Tensor, slot: Tensor,
+               keys: Tensor, values: Tensor) -> Tensor:
+        """One new token per row over a static cache (fixed shapes): x (B, 1, C) -> (B, 1, C). Its key and
+        value go to slot ``slot`` (1,) of this layer's ``keys``/``values`` (B, Hkv, S, D), and it attends to
+        every slot ``visible`` (B, 1, 1, S) allows.
+
+        Same projections as ``forward``; the attention of the single query is written out, two matrix-vector
+        products and a softmax, the query heads sharing a key/value head taken as its queries. (The fused SDPA
+        kernels are built for many queries: at batch 1 in fp32 the memory-efficient one took 78 us a layer on
+        an H100, half of the decode step; docs/BENCHMARKS.md.)"""
+        B = x.size(0)
+        q, k, v = self.project(x, rope)  # (B, 1, H|Hkv, D)
+        keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
+        values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
+        q = q.view(B, self.n_kv, self.n_head // self.n_kv, self.head_dim)  # (B, Hkv, G, D): G heads per kv head
+        scores = (q @ keys.to(q.dtype).transpose(-1, -2)).float() * self.head_dim ** -0.5  # (B, Hkv, G, S)
+        p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(q.dtype)
+        y = p @ values.to(q.dtype)  # (B, Hkv, G, D)
+        return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
 
 
 # ---------------------------------------------------------------------------------------------- MLP
@@ -201,6 +235,12 @@ class Block(nn.Module):
         x = x + self.mlp(self.norm2(x))
         return x
 
+    def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], visible: Tensor, slot: Tensor,
+               keys: Tensor, values: Tensor) -> Tensor:
+        """``forward`` for one new token per row over a static cache (``Attention.decode``)."""
+        x = x + self.attn.decode(self.norm1(x), rope, visible, slot, keys, values)
+        return x + self.mlp(self.norm2(x))
+
 
 # -------------------------------------------------------------------------------------------- model
 
@@ -219,6 +259,9 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one tensor, one gradient, counted once
+        # generation's static decoders by shape (a KV cache and its compiled or captured decode step), built
+        # on first use and kept with the model they run (minillm.generation.static_decoder)
+        self.decoders: dict[tuple, tuple] = {}
 
     def _init_weights(self, m: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02); the projections that write into the residual stream (o_proj, down_proj)
@@ -259,31 +302,25 @@ class GPT(nn.Module):
         h = self.norm_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(h).float()  # (B, T, V)
-        return self._loss(h, targets, reduction)
+        return output_loss(h, self.lm_head, targets, self.cfg, reduction)
 
-    def _loss(self, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
-        """Cross-entropy of the output layer applied to ``h`` (B, T, C), in fp32, ignoring targets -1.
-
-        With ``cfg.loss_chunk`` > 0, the output layer and the loss run over that many rows at a time and
-        never hold the full (B*T, V) logits (``linear_cross_entropy``); otherwise the plain path."""
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        B, T, C = h.shape
-        chunk = self.cfg.loss_chunk
-        fused = (self.cfg.loss_kernel == "liger" and h.is_cuda and reduction == "mean" and torch.is_grad_enabled()
-                 and liger_kernel())  # without the extra installed: the PyTorch path (train refuses it up front)
-        if fused:
-            return liger_linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1), fused)
-        if chunk > 0 and not (reduction == "none" and torch.is_grad_enabled()):
-            losses = linear_cross_entropy(h.reshape(B * T, C), self.lm_head.weight, targets.reshape(-1),
-                                          chunk, reduction)
-        else:
-            logits = self.lm_head(h).float()  # (B, T, V)
-            losses = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                     reduction="none")  # (B*T,)
-            if reduction == "mean":
-                losses = losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        return losses if reduction == "mean" else losses.view(B, T)
+    def decode_step(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor,
+                    keys: Tensor, values: Tensor) -> Tensor:
+        """One new token per row over a static KV cache, with fixed shapes for ``torch.compile`` and CUDA
+        graphs: idx (B, 1) goes to the cache slot ``slot`` (a (1,) tensor, not ``cache.pos``), whose rows
+        start after ``offsets`` (B,) slots of left padding; every slot is attended to through a mask
+        (``key_valid`` (B, S), False at padding, and the slots up to ``slot``). ``keys``/``values``: a
+        ``KVCache``'s ``k``/``v`` (L, B, Hkv, S, D). -> logits (B, V), as ``forward`` with the cache gives."""
+        # a row's context never exceeds the block (generation slides it), so its position is in the RoPE
+        # table; the clamp only keeps finished rows, whose tokens are dropped, inside it
+        positions = (slot - offsets).clamp(0, self.cfg.block_size - 1)[:, None]  # (B, 1)
+        rope = self.rope(positions, 1, in_table=True)  # cos, sin (B, 1, 1, D)
+        visible = key_valid & (torch.arange(keys.size(3), device=idx.device) <= slot)  # (B, S)
+        mask = visible[:, None, None, :]  # (B, 1, 1, S)
+        x = self.tok_emb(idx)  # (B, 1, C)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, rope, mask, slot, keys[i], values[i])
+        return self.lm_head(self.norm_f(x)).float()[:, -1]  # (B, V)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, tied weights counted once. ``non_embedding`` leaves out the token embedding and
@@ -296,11 +333,9 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token, PaLM appendix B: 6N + 12·L·H·Q·T, N counting every matrix that is
-        multiplied (the output layer, but not the input embedding lookup), T = block_size."""
-        c = self.cfg
-        n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
-        return 6.0 * n + 12.0 * c.n_layer * c.n_head * c.head_dim * c.block_size
+        """Training FLOPs per token (``memory.flops_per_token``), N counting every parameter but the input
+        embedding lookup's (the output layer's matrix too, when tied)."""
+        return flops_per_token(self.cfg, self.num_params(non_embedding=True) + self.lm_head.weight.numel())
 
 
 def default_positions(T: int, device: torch.device, seg_ids: Tensor | None, cache: KVCache | None) -> Tensor:
@@ -337,105 +372,14 @@ def attention_mask(T: int, device: torch.device, seg_ids: Tensor | None, cache: 
     return mask
 
 
-# --------------------------------------------------------------------------------------------- loss
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Sum over rows of cross_entropy(h @ w.T, targets), computed ``chunk`` rows at a time.
-
-    Because the result is a sum (its gradient is a scalar times a fixed tensor), the gradients are
-    computed during the forward pass chunk by chunk and only scaled in backward: no (N, V) tensor ever
-    exists and no matmul is recomputed."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, targets: Tensor, chunk: int) -> Tensor:  # h (N, C), w (V, C)
-        dev = h.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # fp32 (fp64 stays fp64)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(dev, enabled=False):
-            wc = w.to(dtype)
-            total = torch.zeros((), dtype=acc, device=h.device)
-            gh = torch.empty_like(h) if need_grad else None
-            gw = torch.zeros_like(w, dtype=acc) if need_grad else None
-            for s in range(0, h.size(0), chunk):
-                hc, tc = h[s:s + chunk].to(dtype), targets[s:s + chunk]
-                logits = (hc @ wc.T).to(acc)  # (n, V)
-                valid = tc != IGNORE_INDEX
-                tgt = tc.clamp(min=0)[:, None]
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
-                if need_grad:
-                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                    g.scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=g.dtype))
-                    g = (g * valid[:, None]).to(dtype)  # (n, V) d(sum of losses)/d(logits)
-                    gh[s:s + chunk] = g @ wc
-                    gw += (g.T @ hc).to(acc)
-        ctx.save_for_backward(gh, gw.to(w.dtype) if need_grad else None)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        gh, gw = ctx.saved_tensors
-        gh = gh * grad.to(gh.dtype) if ctx.needs_input_grad[0] else None
-        gw = gw * grad if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
-
-
-def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int, reduction: str = "mean") -> Tensor:
-    """Cross-entropy of ``h @ w.T`` (h (N, C), w (V, C), targets (N,), -1 ignored) without ever
-    materializing the (N, V) logits: ``mean`` over non-ignored rows, or ``none`` -> (N,) (no gradient)."""
-    if reduction == "none":
-        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
-            raise ValueError("linear_cross_entropy: reduction='none' is for evaluation (no gradient)")
-        out = []
-        for s in range(0, h.size(0), chunk):
-            logits = h[s:s + chunk] @ w.T  # (n, V)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            out.append(F.cross_entropy(logits, targets[s:s + chunk], ignore_index=IGNORE_INDEX, reduction="none"))
-        return torch.cat(out)
-    total = _LinearCrossEntropy.apply(h, w, targets, chunk)
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
-@functools.cache  # looked up once: the loss asks on every training step
-def liger_kernel():
-    """liger-kernel's fused linear + cross-entropy function, or None when the optional extra is not installed."""
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-    except ImportError:
-        return None
-    return liger_fused_linear_cross_entropy
-
-
-def liger_problem(cfg: ModelConfig, device: torch.device) -> str | None:
-    """Why ``loss_kernel = "liger"`` cannot run as asked on ``device`` (None when it can, or is not asked for)."""
-    if cfg.loss_kernel == "liger" and device.type == "cuda" and liger_kernel() is None:
-        return ("--loss-kernel liger needs liger-kernel: pip install 'minillm[kernels]', "
-                "or pass --loss-kernel torch (the weights are the same either way)")
-    return None
-
-
-@torch.compiler.disable  # a Triton kernel with a host sync inside: run it eagerly, between compiled graphs
-def liger_linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, fn) -> Tensor:
-    """Mean cross-entropy of ``h @ w.T`` over non-ignored targets through liger-kernel's fused Triton
-    kernel (``loss_kernel = "liger"``): the logits exist a chunk of rows at a time and the gradients are
-    computed in the forward pass. ``fn``: ``liger_kernel()``. Training on CUDA only; evaluation and the CPU
-    take the PyTorch path."""
-    n, c = h.shape
-    # liger sizes its chunks to about N*C logits (chunk_mem_const = 1): a 1,024-row chunk at C = 256, V = 32k.
-    # Ask for ~LIGER_CHUNK_ROWS rows per chunk instead: fewer, fuller matrix products.
-    mem_const = max(1, math.ceil(w.shape[0] * LIGER_CHUNK_ROWS / (c * max(1, n))))
-    return fn(h, w, targets, ignore_index=IGNORE_INDEX, reduction="mean", chunk_mem_const=mem_const)
-
-
 # ----------------------------------------------------------------------------------------- KV cache
 
 
 class KVCache:
     """Keys and values of every layer for incremental decoding, preallocated to ``max_len`` slots.
 
-    ``pos``: slots filled so far (``GPT.forward`` writes its new tokens at ``pos`` and advances it).
+    ``pos``: slots filled so far (``GPT.forward`` writes its new tokens at ``pos`` and advances it;
+    ``GPT.decode_step`` writes one token per row at the slot it is given and leaves ``pos`` to its caller).
     Batched prompts of different lengths are LEFT-padded; call ``set_left_padding(pad_lens)`` before the
     first forward: padded slots are masked out as keys and each row's RoPE positions start at its first
     real token, so every row decodes exactly as it would alone."""
@@ -466,73 +410,3 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-# ------------------------------------------------------------------------------------ memory estimate
-
-
-def estimate_memory(cfg: ModelConfig, batch_size: int, precision: str = "bf16", optimizer: str = "adamw") -> dict[str, int]:
-    """Rough training memory in bytes of eager PyTorch (torch.compile usually keeps less): fp32 weights,
-    fp32 gradients, AdamW's two fp32 moments (Muon keeps one for the hidden matrices), and the activations
-    saved for backward.
-
-    Per token and layer (fused attention, so no T x T term): each norm keeps its fp32 input and
-    normalized copy (4·C fp32); then 8·C + 2·Ckv + 4·hidden values (GELU: 2·hidden) in the compute dtype:
-    the normed input once per projection it feeds (autocast casts it per call), q, the attention output
-    and its reshaped copy, k, v, and the MLP's intermediates. Autocast also keeps a bf16 copy of every
-    weight. In fp32 there are no casts and the 8·C + ... values are the whole count. The output layer keeps the fp32 logits (only ``loss_chunk`` rows at a time when set) and
-    backward adds their gradient. With gradient checkpointing each block keeps only its input, plus one
-    block recomputed at a time. Calibrated against the bytes autograd saves (saved_tensors_hooks, CPU,
-    torch 2.13): 2-8% above them for the small and medium shapes, bf16 and fp32."""
-    act = 2 if precision in ("bf16", "fp16") else 4
-    c, L = cfg, cfg.n_layer
-    C, Ckv, Hd = c.n_embd, c.kv_heads * c.head_dim, c.mlp_hidden
-    matrices = L * (2 * C * C + 2 * C * Ckv + (3 if c.mlp == "swiglu" else 2) * C * Hd) + c.vocab_size * C
-    n_params = (matrices + L * 2 * C + C + (L * 2 * c.head_dim if c.qk_norm else 0)
-                + (0 if c.tie_embeddings else c.vocab_size * C))
-    tokens = batch_size * c.block_size
-    saved = 8 * C + 2 * Ckv + (4 if c.mlp == "swiglu" else 2) * Hd
-    per_layer = 4 * 4 * C + act * saved if act == 2 else 4 * saved  # bytes per token (fp32: no cast copies)
-    rows = min(c.loss_chunk, tokens) if c.loss_chunk > 0 else tokens
-    head = tokens * (8 + act) * C + rows * c.vocab_size * (4 + 4 + act)  # final norm; fp32 logits and grads
-    blocks = tokens * (L * 4 * C + per_layer) if c.gradient_checkpointing else tokens * L * per_layer
-    weight_copies = 2 * matrices if act == 2 else 0
-    hidden = matrices - c.vocab_size * C  # Muon's matrices: one moment instead of two
-    out = {"params": 4 * n_params, "grads": 4 * n_params,
-           "optimizer": 8 * n_params - (4 * hidden if optimizer == "muon" else 0),
-           "activations": blocks + head + weight_copies}
-    out["total"] = sum(out.values())
-    return out
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes a run on ``device`` can use: the GPU's free memory, or the host's available memory (capped by a
-    cgroup v2 limit); None when unknown (no check is made)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return _host_memory() if device.type == "cpu" else None
-
-
-def _host_memory() -> int | None:
-    """``MemAvailable`` of /proc/meminfo (else the free pages), capped by a cgroup v2 limit less its use."""
-    avail = None
-    with contextlib.suppress(OSError, ValueError):
-        avail = _stat_value(Path("/proc/meminfo"), "MemAvailable:") * 1024
-    if avail is None:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    cg = Path("/sys/fs/cgroup")
-    with contextlib.suppress(OSError, ValueError):
-        limit = (cg / "memory.max").read_text().strip()
-        if limit != "max":  # the page cache (inactive_file) is reclaimable
-            free = int(limit) - int((cg / "memory.current").read_text()) + _stat_value(cg / "memory.stat", "inactive_file ")
-            avail = free if avail is None else min(avail, free)
-    return avail
-
-
-def _stat_value(path: Path, key: str) -> int:
-    """The number after ``key`` in a file of ``key value`` lines (/proc/meminfo, memory.stat)."""
-    for line in path.read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1])
-    raise ValueError(f"no {key} in {path}")

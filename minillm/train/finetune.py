@@ -180,7 +180,7 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
     base_path = Path(base["path"])
     mcfg = dataclasses.replace(model_config_of(base),
                                **{k: v for k, v in model_overrides.items() if v is not None})
-    from minillm.model.gpt import liger_kernel
+    from minillm.model.loss import liger_kernel
 
     if mcfg.loss_kernel == "liger" and liger_kernel() is None:  # a kernel choice of the base's machine, not
         mcfg = dataclasses.replace(mcfg, loss_kernel="torch")    # of its weights: this one lacks the extra

@@ -175,7 +175,7 @@ def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dty
     memory available on ``device`` (``model.available_memory``), or the ``--dry-run`` estimate (eager mode;
     a compiled run keeps much less) exceeds it twice over; ``warn(message)`` when the estimate exceeds it.
     ``trainable`` False: the weights are frozen (LoRA); ``shards``: FSDP ranks sharing the state."""
-    from minillm.model import gpt as model
+    from minillm.model import memory as model
     avail = model.available_memory(device)
     if not avail:
         return
@@ -241,7 +241,7 @@ def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distribute
     dtype = resolve_precision(tcfg.precision, device)
     if spec.fsdp and (problem := distributed.fsdp_problem(tcfg.optimizer, dist.world_size, dtype)):
         raise UsageError(problem)
-    from minillm.model.gpt import liger_problem
+    from minillm.model.loss import liger_problem
 
     if problem := liger_problem(mcfg, device):
         raise UsageError(problem)

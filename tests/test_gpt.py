@@ -1,32 +1,21 @@
-"""The model, proven on tiny CPU configs: causality, RoPE, tying, checkpointing, KV cache, GQA,
-document masking, preset sizes, init loss, overfitting, state dict, losses."""
+"""The model (minillm/model/gpt.py), proven on tiny CPU configs: causality, RoPE, tying, init loss,
+overfitting, state dict, checkpointing, the KV cache and the static decode step (held to the full forward),
+GQA, document masking. The loss is tested in test_loss.py, the estimates in test_memory.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 
 import pytest
 import torch
 
-from minillm.config import PRESETS, ModelConfig
+from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
-from minillm.model.gpt import (
-    GPT,
-    KVCache,
-    apply_rope,
-    estimate_memory,
-    linear_cross_entropy,
-    rope_cos_sin,
-    segment_ids,
-    segment_positions,
-)
+from minillm.model.gpt import GPT, KVCache, apply_rope, rope_cos_sin, segment_ids, segment_positions
 
 V = 64
 DOC = 1  # the <|doc|> id in these tests
 PAD = 0
-
 
 
 def tiny(**kw) -> ModelConfig:
@@ -171,145 +160,6 @@ def test_too_long_sequence_is_refused():
         model()(tokens(1, 33))
 
 
-# ---------------------------------------------------------------------------------- losses
-
-
-def test_reduction_none_and_ignore_index():
-    m = model()
-    x = tokens(2, 10)
-    y = torch.roll(x, -1, dims=1)
-    y[0, 3:6] = -1
-    y[1, 9] = -1
-    with torch.no_grad():
-        per_tok = m(x, y, reduction="none")
-        mean = m(x, y)
-        logits = m(x)
-    assert per_tok.shape == (2, 10)
-    assert (per_tok[y == -1] == 0).all() and (per_tok[y != -1] > 0).all()
-    torch.testing.assert_close(mean, per_tok[y != -1].mean())
-    want = torch.nn.functional.cross_entropy(logits[y != -1], y[y != -1])
-    torch.testing.assert_close(mean, want)
-    assert m(x, torch.full_like(y, -1)).item() == 0.0  # all ignored -> 0, not NaN
-    with pytest.raises(ValueError):
-        m(x, y, reduction="sum")
-
-
-@pytest.mark.parametrize("chunk", [7, 16, 1000])
-def test_chunked_loss_matches_plain(chunk):
-    torch.manual_seed(0)
-    h = torch.randn(40, 32, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(V, 32, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, V, (40,))
-    t[::5] = -1
-    loss = linear_cross_entropy(h, w, t, chunk)
-    ref = torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=-1)
-    torch.testing.assert_close(loss, ref)
-    gh, gw = torch.autograd.grad(loss * 3.0, (h, w))
-    rh, rw = torch.autograd.grad(ref * 3.0, (h, w))
-    torch.testing.assert_close(gh, rh)
-    torch.testing.assert_close(gw, rw)
-    with torch.no_grad():
-        per_tok = linear_cross_entropy(h, w, t, chunk, reduction="none")
-        ref_tok = torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=-1, reduction="none")
-    torch.testing.assert_close(per_tok, ref_tok)
-
-
-def test_model_with_loss_chunk_matches_plain():
-    plain, chunked = model(), model()
-    chunked.cfg = dataclasses.replace(chunked.cfg, loss_chunk=5)
-    x = tokens(2, 12)
-    y = torch.roll(x, -1, dims=1)
-    y[:, -1] = -1
-    a, b = plain(x, y), chunked(x, y)
-    torch.testing.assert_close(a, b)
-    a.backward()
-    b.backward()
-    for (n, p), q in zip(plain.named_parameters(), chunked.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
-    with torch.no_grad():
-        torch.testing.assert_close(plain(x, y, reduction="none"), chunked(x, y, reduction="none"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 loss, same numerics
-        torch.testing.assert_close(plain(x, y), chunked(x, y), rtol=1e-3, atol=1e-3)
-
-
-def test_liger_loss_kernel_falls_back_exactly_off_cuda():
-    """loss_kernel = liger changes nothing on the CPU (nor in evaluation): same loss and gradients."""
-    plain, liger = model(), model()
-    liger.cfg = dataclasses.replace(liger.cfg, loss_kernel="liger")
-    x = tokens(2, 12)
-    y = torch.roll(x, -1, dims=1)
-    a, b = plain(x, y), liger(x, y)
-    assert torch.equal(a, b)
-    a.backward()
-    b.backward()
-    for p, q in zip(plain.parameters(), liger.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad)
-
-
-def test_liger_missing_is_refused_on_cuda_and_ignored_elsewhere(monkeypatch):
-    import sys
-
-    from minillm.model.gpt import liger_kernel, liger_problem
-
-    monkeypatch.setitem(sys.modules, "liger_kernel", None)
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", None)
-    liger_kernel.cache_clear()  # the lookup is cached: look again without the package, and forget it after
-    try:
-        assert liger_kernel() is None
-        cfg = dataclasses.replace(model().cfg, loss_kernel="liger")
-        assert re.search(r"--loss-kernel liger.*minillm\[kernels\].*--loss-kernel torch",
-                         liger_problem(cfg, torch.device("cuda")))
-        assert liger_problem(cfg, torch.device("cpu")) is None  # the CPU takes the PyTorch path anyway
-        assert liger_problem(model().cfg, torch.device("cuda")) is None  # not asked for
-    finally:
-        liger_kernel.cache_clear()
-
-
-def test_liger_chunking_passes_the_loss_through():
-    """The wrapper hands liger h, w, targets, ignore_index -1 and a chunk budget of ~LIGER_CHUNK_ROWS rows."""
-    from minillm.model.gpt import LIGER_CHUNK_ROWS, liger_linear_cross_entropy
-
-    seen = {}
-
-    def fake(h, w, t, **kw):
-        seen.update(kw)
-        return torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=kw["ignore_index"])
-
-    h, w = torch.randn(8192, 16), torch.randn(1000, 16)
-    t = torch.randint(0, 1000, (8192,))
-    t[:5] = -1
-    out = liger_linear_cross_entropy(h, w, t, fake)
-    torch.testing.assert_close(out, torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=-1))
-    assert seen["ignore_index"] == -1 and seen["reduction"] == "mean"
-    # liger's chunk = n / ceil(V / (mem_const * C)) rows: about LIGER_CHUNK_ROWS
-    rows = 8192 / math.ceil(1000 / (seen["chunk_mem_const"] * 16))
-    assert LIGER_CHUNK_ROWS / 2 <= rows <= 8192
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_liger_loss_kernel_matches_plain_on_cuda():
-    pytest.importorskip("liger_kernel")
-    torch.manual_seed(0)
-    plain = model().cuda()
-    liger = model().cuda()
-    liger.load_state_dict(plain.state_dict())
-    liger.cfg = dataclasses.replace(liger.cfg, loss_kernel="liger")
-    x = tokens(4, 16).cuda()
-    y = torch.roll(x, -1, dims=1)
-    y[:, -1] = -1
-    for dtype in (torch.float32, torch.bfloat16):
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            a, b = plain(x, y), liger(x, y)
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-        plain.zero_grad()
-        liger.zero_grad()
-        a.backward()
-        b.backward()
-        for (n, p), q in zip(plain.named_parameters(), liger.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, rtol=10 * tol, atol=tol, msg=n)
-
-
 # ------------------------------------------------------------------------ gradient checkpointing
 
 
@@ -374,6 +224,40 @@ def test_kv_cache_overflow_is_an_error():
         m(tokens(1, 5), cache=cache)
 
 
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """The prompts as one LEFT-padded batch (B, longest) and each row's padding."""
+    L = max(len(p) for p in prompts)
+    pad_lens = [L - len(p) for p in prompts]
+    return torch.stack([torch.cat([torch.full((n,), PAD), p]) for p, n in zip(prompts, pad_lens, strict=True)]), pad_lens
+
+
+@pytest.mark.parametrize("kw", [*VARIANTS, {"n_kv_head": 2, "qk_norm": True, "tie_embeddings": False}])
+def test_decode_step_equals_the_full_forward(kw):
+    """The static decode step (``Attention.decode``: one query written out over every slot of the cache) gives
+    the logits of the training forward over each row's whole sequence, in a left-padded batch, and writes the
+    same keys and values into the cache as ``forward`` with the cache does."""
+    m = model(**kw)
+    prompts = [tokens(1, n, seed=n)[0] for n in (3, 7, 5)]
+    new = tokens(3, 8, seed=11)  # fed one token per row per step after the prompts
+    batch, pad_lens = left_padded(prompts)
+    static, ref = KVCache(m.cfg, 3, 24), KVCache(m.cfg, 3, 24)
+    got = []
+    with torch.no_grad():
+        for c in (static, ref):
+            c.set_left_padding(pad_lens)
+            m(batch, cache=c)
+        for t in range(new.size(1)):
+            slot = torch.tensor([static.pos])
+            got.append(m.decode_step(new[:, t:t + 1], slot, static.offsets, static.key_mask, static.k, static.v))
+            static.pos += 1
+            m(new[:, t:t + 1], cache=ref)
+        for b, p in enumerate(prompts):
+            full = m(torch.cat([p, new[b]])[None])[0, len(p):]  # (8, V)
+            torch.testing.assert_close(torch.stack([g[b] for g in got]), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static.k, ref.k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(static.v, ref.v, atol=1e-6, rtol=1e-6)
+
+
 def greedy(m: GPT, prompt: torch.Tensor, n: int, pad_lens: list[int] | None = None):
     """Greedy decoding with the cache; returns (new tokens (B, n), last-step logits (B, n, V))."""
     B = prompt.size(0)
@@ -395,9 +279,7 @@ def greedy(m: GPT, prompt: torch.Tensor, n: int, pad_lens: list[int] | None = No
 def test_left_padded_batch_decodes_like_each_prompt_alone(kw):
     m = model(**kw)
     prompts = [tokens(1, n, seed=n)[0] for n in (3, 9, 6)]
-    L = max(len(p) for p in prompts)
-    pad_lens = [L - len(p) for p in prompts]
-    batch = torch.stack([torch.cat([torch.full((L - len(p),), PAD), p]) for p in prompts])
+    batch, pad_lens = left_padded(prompts)
     got, got_logits = greedy(m, batch, 10, pad_lens)
     for i, p in enumerate(prompts):
         want, want_logits = greedy(m, p[None], 10)
@@ -507,67 +389,3 @@ def test_rope_table_matches_positions_computed_on_the_fly():
         assert t.shape == f.shape == (2, 6, 1, 8)
         torch.testing.assert_close(t, f, rtol=0, atol=1e-6)
     torch.testing.assert_close(m.rope(None, 6)[0], m.rope(torch.arange(6)[None], 6)[0], rtol=0, atol=1e-6)
-
-
-# ---------------------------------------------------------------------------------- presets, memory
-
-
-@pytest.mark.parametrize("name,vocab,low,high", [
-    ("small", 32000, 12.5e6, 13.5e6),
-    ("medium", 32000, 26e6, 28e6),
-    ("large", 32000, 68e6, 72e6),
-    ("gpt2-124m", 50304, 122e6, 126e6),
-])
-def test_preset_parameter_counts(name, vocab, low, high):
-    cfg = ModelConfig(vocab_size=vocab, **PRESETS[name]["model"])
-    with torch.device("meta"):
-        m = GPT(cfg)
-    assert low <= m.num_params() <= high
-    # SwiGLU keeps the MLP at about 8·C² (a GELU 4x model of the same shape has 8·C² exactly)
-    mlp = sum(p.numel() for p in m.blocks[0].mlp.parameters())
-    assert abs(mlp - 8 * cfg.n_embd ** 2) / (8 * cfg.n_embd ** 2) < 0.07
-    est = estimate_memory(cfg, 8)
-    assert est["params"] == 4 * m.num_params()
-
-
-def test_flops_per_token_palm_formula():
-    m = model()
-    c = m.cfg
-    n = m.num_params()  # tied: the one V x C matrix is the output layer; the lookup costs nothing
-    assert m.flops_per_token() == 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
-
-
-def test_estimate_memory():
-    cfg = ModelConfig(vocab_size=32000, **PRESETS["large"]["model"])
-    plain = estimate_memory(cfg, 64)
-    ckpt = estimate_memory(dataclasses.replace(cfg, gradient_checkpointing=True), 64)
-    assert set(plain) == {"params", "grads", "optimizer", "activations", "total"}
-    assert plain["total"] == sum(v for k, v in plain.items() if k != "total")
-    assert ckpt["activations"] < 0.6 * plain["activations"]
-    act = {b: estimate_memory(cfg, b)["activations"] for b in (32, 64, 128)}
-    assert act[128] - act[64] == 2 * (act[64] - act[32])  # linear in the batch
-    assert estimate_memory(cfg, 64, "fp32")["activations"] > plain["activations"]
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
-def test_estimate_memory_matches_saved_activations(precision, mlp):
-    """The activation estimate agrees with the bytes autograd actually keeps for backward."""
-    cfg = tiny(n_embd=128, n_head=4, n_kv_head=2, mlp=mlp, vocab_size=256, block_size=64)
-    torch.manual_seed(0)
-    m = GPT(cfg).train()
-    x = torch.randint(0, 256, (2, 64))
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=dtype, enabled=precision == "bf16"):
-        m(x, x)
-    ratio = estimate_memory(cfg, 2, precision)["activations"] / sum(seen.values())
-    assert 0.85 < ratio < 1.3
