@@ -521,10 +521,6 @@ class Loader:
         return -(-int(self.n_windows.sum()) // self.world_size)
 
     @property
-    def epoch_float(self) -> float:
-        return self.g / float(self.n_windows.sum())
-
-    @property
     def epoch(self) -> int:
         return int(self.g // int(self.n_windows.sum()))
 

@@ -340,8 +340,8 @@ def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides:
                    cache_dir=fs.cache_dir, resume=fs.resume, overwrite=fs.overwrite, log_format=fs.log_format,
                    config_name=f"finetune-{fs.mode}", tensorboard=fs.tensorboard, started=t_entry)
     lora_info = None if fs.lora is None else {**dataclasses.asdict(fs.lora), "targets": list(fs.lora.targets)}
-    info = {"mode": fs.mode, "base_checkpoint": str(base["path"]), "base_sha256": sha256_file(Path(base["path"])),
-            "lora": lora_info}
+    base_path = Path(base["path"])
+    info = {"mode": fs.mode, "base_checkpoint": str(base_path), "base_sha256": sha256_file(base_path), "lora": lora_info}
     job = Job(data=corpus_data(spec, mcfg.block_size) if fs.mode == "continue" else _sft(fs, tok_path, mcfg.block_size),
               model_config=functools.partial(_check_vocab, tok_path), model=_base_model(base, fs),
               record={"finetune": info}, run_fields={"mode": fs.mode}, trainable=fs.lora is None,
