@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from minillm.checkpoint import atomic_write_json
+from minillm.data.loader import Loader
 from minillm.errors import MiniLLMError
 from minillm.train import plots
 from minillm.train.state import RunState
@@ -155,13 +156,13 @@ class TrainLog:
 # ---------------------------------------------------------------- the history of evaluations
 
 
-def epoch_of(loader, loader_state: dict) -> float:
+def epoch_of(loader: Loader, loader_state: dict) -> float:
     """Epochs consumed at ``loader_state`` (from the consumed position, not the prefetcher's read-ahead)."""
-    per_epoch = int(np.sum(getattr(loader, "n_windows", loader.windows_per_epoch)))
+    per_epoch = int(np.sum(loader.n_windows))
     return loader_state["epoch"] + loader_state["pos"] / max(1, per_epoch)
 
 
-def eval_record(state: RunState, val: float, lr: float, loader, loader_state: dict) -> dict[str, Any]:
+def eval_record(state: RunState, val: float, lr: float, loader: Loader, loader_state: dict) -> dict[str, Any]:
     """One evaluation's entry of ``history.json`` (docs/FORMATS.md), at ``state`` after ``state.elapsed_s``;
     a mixture adds each corpus's epochs."""
     rec = {"step": state.step, "epoch": round(epoch_of(loader, loader_state), 4),
@@ -169,7 +170,7 @@ def eval_record(state: RunState, val: float, lr: float, loader, loader_state: di
            "val_loss": val, "val_ppl": math.exp(min(val, 50)), "lr": lr,
            "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": round(state.elapsed_s, 3),
            "train_s": round(state.train_s, 3), "first_step_s": round(state.first_step_s, 3)}
-    if len(getattr(loader, "sources", ())) > 1:  # a mixture: each corpus's own epochs
+    if len(loader.sources) > 1:  # a mixture: each corpus's own epochs
         rec["source_epochs"] = {src.name: round(d / n, 4) for src, d, n in
                                 zip(loader.sources, loader_state["drawn"], loader.n_windows, strict=True)}
     return rec
