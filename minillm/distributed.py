@@ -126,13 +126,6 @@ def session(device_name: str) -> Iterator[Dist]:
     cleanup(d, finished=True)
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
-        import torch.distributed as td
-
-        td.barrier()
-
-
 def all_reduce_(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
     """Reduce ``t`` in place over the ranks (``op`` sum, mean, max or min); returns it."""
     if not d.enabled:
@@ -144,11 +137,6 @@ def all_reduce_(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
     if op == "mean":
         t /= d.world_size
     return t
-
-
-def all_reduce_mean(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """The mean of ``t`` over the ranks, in place."""
-    return all_reduce_(t, d, "mean")
 
 
 def agree_max(values: Sequence[float], d: Dist) -> list[float]:

@@ -251,16 +251,6 @@ def attach_adapter(model: nn.Module, base_state: dict[str, Any], adapter: dict[s
     return cfg
 
 
-def load_with_adapter(ckpt: Path | str, adapter: Path | str | None, device: str = "cpu"):
-    """``model.load.load_model`` plus, when given, an adapter merged into the weights. ``(model, state)``."""
-    from minillm.model.load import load_model
-
-    model, state = load_model(ckpt, "cpu")
-    if adapter is not None:
-        attach_adapter(model, state, adapter)
-    return model.to(device).eval(), state
-
-
 def param_report(model: nn.Module, mcfg: ModelConfig, cfg: LoRAConfig) -> dict[str, int]:
     """Trainable parameters counted on the model and by the formula, and the AdamW state they need
     (two fp32 tensors per parameter: exp_avg and exp_avg_sq). Raises if the count and the formula differ."""

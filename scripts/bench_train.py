@@ -46,7 +46,9 @@ def bench_one(name: str, args, dist=None) -> dict:
     from minillm.data.loader import Loader, Prefetcher
     from minillm.data.windows import window_starts
     from minillm.model.gpt import GPT
-    from minillm.train import run as tr
+    from minillm.optim.groups import configure_optimizer
+    from minillm.train import step as ts
+    from minillm.train.log import peak_flops
 
     ref_batch, ref_vocab, ref_tps = REFERENCE.get(name, (None, 32000, None))
     overrides = {"device": args.device, "precision": args.precision, "compile": args.compile}
@@ -62,8 +64,8 @@ def bench_one(name: str, args, dist=None) -> dict:
     vocab = pad_vocab(args.vocab or ref_vocab)
     mcfg = dataclasses.replace(mcfg, vocab_size=vocab)
     dist = dist or distributed.Dist()
-    device = dist.device if dist.enabled else tr.resolve_device(tcfg.device)
-    dtype = tr.resolve_precision(tcfg.precision, device)
+    device = dist.device if dist.enabled else ts.resolve_device(tcfg.device)
+    dtype = ts.resolve_precision(tcfg.precision, device)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -73,8 +75,8 @@ def bench_one(name: str, args, dist=None) -> dict:
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
     if args.fsdp:  # FSDP2 shards the parameters in place: the optimizer is built on the sharded ones
         model = distributed.wrap_fsdp(model, dist)
-    opts = tr.configure_optimizer(model, tcfg, device)
-    compiled = tr.maybe_compile(model, tcfg, device)
+    opts = configure_optimizer(model, tcfg, device)
+    compiled = ts.maybe_compile(model, tcfg, device)
     train_model = compiled if args.fsdp else distributed.wrap_ddp(compiled, dist)  # as the trainer wraps it
     reduce = (lambda t: distributed.all_reduce_(t, dist, "mean")) if dist.enabled else None
     stream = np.random.default_rng(dist.rank).integers(0, vocab, size=4 << 20 if device.type == "cuda" else 1 << 16,
@@ -82,7 +84,8 @@ def bench_one(name: str, args, dist=None) -> dict:
     starts = window_starts(len(stream), mcfg.block_size, mcfg.block_size)
     loader = Loader(stream, starts, mcfg.block_size, tcfg.batch_size, seed=0)
     prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=1)
-    step = tr.make_train_step(model, train_model, opts, tcfg, device, dtype, doc_id=0, reduce=reduce)
+    train_step = ts.make_train_step(model, train_model, opts, tcfg, device, dtype, doc_id=0, reduce=reduce)
+    step = lambda prefetch, lr_scale: train_step(prefetch, lr_scale).loss  # noqa: E731  the step's loss (a float)
     if args.no_sync:  # measurement only: the same step without the host sync (no non-finite check)
         step = _step_without_sync(model, train_model, opts, tcfg, device, dtype)
     times = []
@@ -117,7 +120,7 @@ def bench_one(name: str, args, dist=None) -> dict:
     mem_per_rank = [round(v, 2) for v in distributed.all_reduce_(mem, dist, "sum").tolist()]
     tokens = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size * world  # all ranks
     tps = tokens / dt
-    peak = tr.peak_flops(device)
+    peak = peak_flops(device)
     out = {
         "config": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "batch": tcfg.batch_size, "block": mcfg.block_size, "vocab": vocab,

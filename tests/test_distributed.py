@@ -318,3 +318,66 @@ def test_wrap_fsdp_for_one_process_returns_the_model_unchanged():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert distributed.fsdp_problem("adamw", 2) is None
     assert distributed.fsdp_problem("adamw", 2, torch.float16) is not None  # fp16 loss scaling is per shard
+
+
+# ---------------------------------------------------------------- finetune under torchrun
+
+FT = ["--device", "cpu", "--eval-batches", "2", "--log-every", "1", "--compile", "off", "--log-format", "json",
+      "--num-workers", "0", "--warmup-steps", "2"]
+
+
+def launch_finetune(nproc: int, base: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    args = ["finetune", "--ckpt", str(base), "--data", str(data), "-o", str(out), *FT, *extra]
+    pre = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    return subprocess.Popen([sys.executable, *pre, "-m", "minillm", *args], cwd=out.parent, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def ft_base(data, tmp_path_factory) -> Path:
+    """A 2-step base run and an SFT JSONL file beside it."""
+    d = tmp_path_factory.mktemp("ftbase")
+    r = launch(1, data, d / "base", "--batch-size", "4", "--max-steps", "2", "--eval-every", "2", "--block-size", "48")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [{"instruction": f"suma {a} y {b}", "response": f"{a + b}"} for a in range(1, 7) for b in range(1, 7)]
+    (d / "sft.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return d
+
+
+def test_finetune_with_lora_under_torchrun_matches_one_process_with_the_same_global_batch(ft_base, data):
+    """Fine-tuning shares train's run setup: under torchrun it trains data-parallel (LoRA adapters in DDP), rank 0
+    alone writes the run and adapter.pt, and a resume with another number of processes is refused."""
+    d = ft_base
+    common = ["--lora-rank", "2", "--max-steps", "4", "--eval-every", "2", "--accumulation-steps", "2", "--lr", "1e-2"]
+    one, two = both(launch_finetune(1, d / "base", data[1], d / "one", "--batch-size", "4", *common),
+                    launch_finetune(2, d / "base", data[1], d / "two", "--batch-size", "2", *common))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert_same_run(d / "one", d / "two", one.stderr, two.stderr)
+    assert [e.get("parallel") for e in events(two.stderr, "run")] == ["ddp"]
+    assert json.loads((d / "two" / "config.json").read_text())["world_size"] == 2
+    files = lambda p: sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.name != ".lock")  # noqa: E731
+    assert files(d / "two") == files(d / "one") and "adapter.pt" in files(d / "two")
+    a, b = (torch.load(d / r / "adapter.pt", weights_only=True)["tensors"] for r in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert "Traceback" not in two.stderr
+    bad = launch_finetune(1, d / "base", data[1], d / "two", "--batch-size", "2", *common, "--resume")
+    _, err = bad.communicate(timeout=120)
+    assert bad.returncode == 1 and "2 process(es), this one has 1" in err
+
+
+def test_sft_under_torchrun_reads_each_ranks_share_of_the_examples(ft_base):
+    """SFT rows under torchrun: the two ranks together read what one process with their global batch reads (the
+    same steps, epochs and learning rates; the loss is each rank's mean over its own response tokens, so it is
+    close to the one-process loss, not equal)."""
+    d = ft_base
+    common = ["--mode", "sft", "--max-steps", "3", "--eval-every", "3"]
+    one, two = both(launch_finetune(1, d / "base", d / "sft.jsonl", d / "sft1", "--batch-size", "4", *common),
+                    launch_finetune(2, d / "base", d / "sft.jsonl", d / "sft2", "--batch-size", "2", *common))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    s1, s2 = events(one.stderr, "step"), events(two.stderr, "step")
+    assert [(e["step"], e["epoch"], e["lr"]) for e in s1] == [(e["step"], e["epoch"], e["lr"]) for e in s2] and s1
+    assert all(abs(x["loss"] - y["loss"]) < 0.05 * x["loss"] for x, y in zip(s1, s2, strict=True))
+    h1, h2 = history(d / "sft1"), history(d / "sft2")
+    assert [(h["step"], h["tokens"]) for h in h1] == [(h["step"], h["tokens"]) for h in h2]

@@ -493,7 +493,7 @@ def test_validation_documents_too_short_for_the_block_suggest_a_block_size(runne
 def test_out_of_memory_names_smaller_settings_with_numbers_and_keeps_the_checkpoint(runner, base, tmp_path,
                                                                                      monkeypatch):
     from minillm.checkpoint import load_checkpoint
-    from minillm.train import run as training
+    from minillm.train import loop as training
 
     real = training.make_train_step
 
@@ -585,7 +585,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_last_good_ch
 def test_a_signal_saves_exits_130_or_143_and_resume_continues_the_curve(runner, base, tmp_path, monkeypatch, sig,
                                                                         code):
     from minillm.checkpoint import load_checkpoint
-    from minillm.train import run as training
+    from minillm.train import loop as training
 
     real = training.make_train_step
 

@@ -137,7 +137,7 @@ def test_overwrite_with_a_bad_value_leaves_the_old_run_untouched(old, runner):
 
 
 def test_overwrite_failing_before_its_first_checkpoint_puts_the_old_run_back(old, runner, monkeypatch):
-    from minillm.train import run as training
+    from minillm.train import loop as training
     def boom(*a, **kw):
         raise RuntimeError("boom in the first evaluation")
 
@@ -150,7 +150,7 @@ def test_overwrite_failing_before_its_first_checkpoint_puts_the_old_run_back(old
 
 
 def test_finetune_overwrite_failing_puts_the_old_finetune_back(old, runner, monkeypatch):
-    from minillm.train import run as training
+    from minillm.train import loop as training
     def boom(*a, **kw):
         raise RuntimeError("boom in the first evaluation")
 

@@ -5,7 +5,6 @@ real ``minillm train`` process (SIGINT 130, SIGTERM 143, SIGKILL at any moment).
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -13,16 +12,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from minillm.checkpoint import load_checkpoint
-from minillm.config import ModelConfig, pad_vocab, resolve
+from minillm.config import pad_vocab, resolve
 from minillm.data.loader import Mixture
 from minillm.errors import MiniLLMError
-from minillm.model.gpt import GPT
-from minillm.optim.groups import Schedule, configure_optimizer
+from minillm.optim.groups import Schedule
+from minillm.train import loop
 from minillm.train import run as tr
 from minillm.train import step as ts
 from tests.conftest import events
@@ -84,7 +82,7 @@ def test_resume_is_exact(tmp_path, tokenizer_path, corpus, capsys, monkeypatch, 
     run(tokenizer_path, corpus, tmp_path / "a", **kw)
     straight = [(e["step"], e["loss"]) for e in events(capsys.readouterr().err)]
 
-    real_lr_at, fired = tr.lr_at, []
+    real_lr_at, fired = loop.lr_at, []
 
     def lr_at_then_sigint(step, s):
         if step == 6 and not fired:
@@ -92,12 +90,12 @@ def test_resume_is_exact(tmp_path, tokenizer_path, corpus, capsys, monkeypatch, 
             os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; the step finishes, then the loop saves
         return real_lr_at(step, s)
 
-    monkeypatch.setattr(tr, "lr_at", lr_at_then_sigint)
+    monkeypatch.setattr(loop, "lr_at", lr_at_then_sigint)
     with pytest.raises(tr.Interrupted) as exc:
         run(tokenizer_path, corpus, tmp_path / "b", **kw)
     assert exc.value.exit_code == 130 and "--resume" in str(exc.value)
     assert load_checkpoint(tmp_path / "b" / "ckpt_last.pt")["run_state"]["step"] == 7
-    monkeypatch.setattr(tr, "lr_at", real_lr_at)
+    monkeypatch.setattr(loop, "lr_at", real_lr_at)
     run(tokenizer_path, corpus, tmp_path / "b", resume=True, **kw)
     split = [(e["step"], e["loss"]) for e in events(capsys.readouterr().err)]
     assert split == straight and len(straight) == 12
@@ -160,73 +158,6 @@ def test_existing_outdir_is_refused_untouched(tmp_path, tokenizer_path, corpus, 
     assert r.exit_code == 1 and "no checkpoint" in r.stderr
 
 
-def test_early_stopping_after_patience_evaluations(tmp_path, tokenizer_path, corpus, monkeypatch):
-    vals = iter([3.0, 2.0, 2.5, 2.1, 2.0, 1.0, 0.5])
-    monkeypatch.setattr(tr, "estimate_val_loss", lambda *a, **k: next(vals))
-    s = run(tokenizer_path, corpus, tmp_path / "r", max_steps=40, eval_every=2, patience=3)
-    assert s["end"] == "early_stopping" and s["steps"] == 10 and s["best_val_loss"] == 2.0
-    ck = load_checkpoint(tmp_path / "r" / "ckpt_last.pt")
-    assert ck["run_state"]["bad_evals"] == 3
-    assert load_checkpoint(tmp_path / "r" / "ckpt_best.pt")["run_state"]["step"] == 4
-
-
-def test_nonfinite_losses_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoint(
-        tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
-    real, calls = ts._forward, {"n": 0}
-    bad_calls: set[int] = {3}
-
-    def forward(model, x, y, *a, **k):
-        loss = real(model, x, y, *a, **k)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] in bad_calls or (bad_calls == {-1} and calls["n"] > 4):
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(ts, "_forward", forward)
-    s = run(tokenizer_path, corpus, tmp_path / "one", max_steps=6, eval_every=3)
-    assert s["steps"] == 6 and "non-finite loss nan; update skipped" in capsys.readouterr().err
-
-    calls["n"], bad_calls = 0, {-1}  # every training step after the 4th
-    out = tmp_path / "many"
-    with pytest.raises(MiniLLMError, match=r"(?s)non-finite steps in a row.*--lr.*fp16.*last good checkpoint"):
-        run(tokenizer_path, corpus, out, max_steps=20, eval_every=4)
-    ck = load_checkpoint(out / "ckpt_last.pt")
-    assert ck["run_state"]["step"] == 4 and all(torch.isfinite(t).all() for t in ck["model"].values())
-
-
-class _InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
-
-
-def test_a_nonfinite_gradient_skips_the_update():
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
-    tcfg = resolve("tiny", {})[1]
-    model = GPT(cfg)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-
-    class Inf(torch.nn.Module):
-        def forward(self, x, y, **kw):
-            return _InfGrad.apply(model(x, y, **kw))
-
-    class Feed:
-        def next(self):
-            return torch.randint(0, 64, (2, 17)), {"epoch": 0, "pos": 2}
-
-    cpu = torch.device("cpu")
-    step = tr.make_train_step(model, Inf(), configure_optimizer(model, tcfg, cpu), tcfg, cpu, torch.float32, 1)
-    r = step(Feed(), 1.0)
-    assert math.isfinite(r.loss) and "gradient norm" in r.skipped and float(r) == r.loss
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
 def test_cuda_oom_names_smaller_settings(tmp_path, tokenizer_path, corpus, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -236,53 +167,6 @@ def test_cuda_oom_names_smaller_settings(tmp_path, tokenizer_path, corpus, monke
         run(tokenizer_path, corpus, tmp_path / "r", max_steps=4, accumulation_steps=2)
     msg = str(exc.value)
     assert "--batch-size 2 --accumulation-steps 4" in msg and "--gradient-checkpointing" in msg and "intact" in msg
-
-
-def test_time_budget_plan_table():
-    # 100 s budget, 10 s used, 0.1 s/step, 1 s per evaluation, ~10 evaluations
-    total, every = tr.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 0, 10**12)
-    assert 20 + 700 < total < 20 + 800 and every == pytest.approx((total - 20) / 10, rel=0.02)
-    assert tr.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 0, 100)[0] == 100  # --max-steps first
-    total, every = tr.plan_time_budget(0, 0.0, 100.0, 0.1, 1.0, 50, 10**12)
-    assert every == 50 and total * 0.1 + (total / 50 + 1) * 1.0 <= 100 - 3 - 1.5
-    assert tr.plan_time_budget(5, 99.0, 100.0, 0.1, 1.0, 0, 10**12)[0] == 5  # nothing left: stop now
-
-
-def test_max_time_run_outlives_a_first_step_that_took_most_of_the_budget(tmp_path, tokenizer_path, corpus,
-                                                                          monkeypatch):
-    """The first step stands in for compilation (3 s of a 6 s budget): it says nothing about the next steps, so
-    the run must go on training instead of predicting another 3 s step and stopping after one."""
-    real = tr.make_train_step
-
-    def slow_first(*args, **kwargs):
-        step, calls = real(*args, **kwargs), []
-
-        def wrapped(prefetch, lr_scale):
-            if not calls:
-                time.sleep(3.0)
-            calls.append(1)
-            return step(prefetch, lr_scale)
-        return wrapped
-
-    monkeypatch.setattr(tr, "make_train_step", slow_first)
-    t0 = time.time()
-    s = run(tokenizer_path, corpus, tmp_path / "r", max_time=6.0, max_steps=0, epochs=0.0, log_every=50)
-    assert s["end"] in ("max_time", "schedule") and s["steps"] > 5, s
-    assert time.time() - t0 <= 6.0
-
-
-def test_max_time_run_fits_its_budget(tmp_path, tokenizer_path, corpus, capsys):
-    t0 = time.time()
-    s = run(tokenizer_path, corpus, tmp_path / "r", max_time=5.0, max_steps=0, epochs=0.0, log_every=50)
-    wall = time.time() - t0
-    err = capsys.readouterr().err
-    assert s["elapsed_s"] <= 5.0 and wall <= 5.0, (s, wall)
-    assert "--max-time 5s" in err and s["steps"] > 5
-    ck = load_checkpoint(tmp_path / "r" / "ckpt_last.pt")
-    sched = Schedule(**ck["run_state"]["schedule"])
-    assert ck["run_state"]["step"] == s["steps"] and sched.total < 10**9
-    hist = json.loads((tmp_path / "r" / "history.json").read_text())["evals"]
-    assert hist[-1]["step"] == s["steps"] and len(hist) >= 2  # the planning evaluation and the final one
 
 
 def test_tensorboard_missing_names_the_install(tmp_path, tokenizer_path, corpus, monkeypatch):
@@ -367,23 +251,3 @@ def test_sigkill_leaves_loadable_checkpoints_and_resume_clears_the_stale_lock(tm
     spec = tr.RunSpec(tokenizer=tokenizer_path, corpus=Mixture((corpus,)), outdir=out, resume=True, log_format="json")
     assert tr.train(spec, mcfg, tcfg)["steps"] == step + 2
     assert not (out / ".lock").exists() and not list(out.glob(".*.tmp"))
-
-
-def test_signals_defer_inside_the_loop_and_abort_outside_it():
-    with tr._Signals() as sig:
-        with pytest.raises(tr.Interrupted) as exc:  # outside the loop (setup): at once
-            os.kill(os.getpid(), signal.SIGTERM)
-        assert exc.value.exit_code == 143
-        sig.deferred = True
-        os.kill(os.getpid(), signal.SIGINT)  # inside: only a flag, the step finishes
-        assert sig.code == 130
-        with pytest.raises(tr.Interrupted):  # a second one: at once
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_epoch_helper_counts_consumed_windows():
-    class L:
-        windows_per_epoch, n_windows = 10, np.array([10])
-
-    assert tr.epoch_of(L(), {"epoch": 2, "pos": 5}) == 2.5

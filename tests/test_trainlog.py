@@ -45,3 +45,38 @@ def test_json_events_are_one_object_per_line(capsys):
     log.close()
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     assert lines == [{"event": "eval", "step": 3, "val_loss": 4.5}]
+
+
+def test_epoch_helper_counts_consumed_windows():
+    import numpy as np
+
+    from minillm.train.log import epoch_of
+
+    class L:
+        windows_per_epoch, n_windows = 10, np.array([10])
+
+    assert epoch_of(L(), {"epoch": 2, "pos": 5}) == 2.5
+
+
+def test_an_evaluation_record_and_the_history_files(tmp_path):
+    import math
+
+    import numpy as np
+
+    from minillm.data.loader import Loader, Source
+    from minillm.train.log import eval_record, write_history
+    from minillm.train.state import RunState
+
+    state = RunState(step=6, tokens=1200, elapsed_s=2.0, running=[3.0, 2.0], train_s=1.5, first_step_s=0.4)
+    one = Loader(np.arange(200), np.arange(0, 160, 16), 16, 2, seed=0)
+    rec = eval_record(state, 2.25, 1e-3, one, {"epoch": 1, "pos": 5, "drawn": [15]})
+    assert rec == {"step": 6, "epoch": 1.5, "tokens": 1200, "train_loss": 2.5, "val_loss": 2.25,
+                   "val_ppl": math.exp(2.25), "lr": 1e-3, "tokens_per_s": 600.0, "elapsed_s": 2.0,
+                   "train_s": 1.5, "first_step_s": 0.4}
+    two = Loader(None, None, 16, 2, seed=0, sources=[Source("a.txt", np.arange(200), np.arange(0, 160, 16)),
+                                                    Source("b.txt", np.arange(100), np.arange(0, 80, 16))])
+    rec = eval_record(RunState(), 9.0, 0.0, two, {"epoch": 0, "pos": 3, "drawn": [4, 1]})
+    assert rec["source_epochs"] == {"a.txt": 0.4, "b.txt": 0.2} and rec["train_loss"] is None
+    write_history(tmp_path, [rec])
+    assert json.loads((tmp_path / "history.json").read_text()) == {"format": 1, "evals": [rec]}
+    assert (tmp_path / "curves.png").stat().st_size > 1000

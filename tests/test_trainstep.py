@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from minillm.config import ModelConfig, resolve
 from minillm.model.gpt import GPT
+from minillm.optim.groups import configure_optimizer
 from minillm.train import step as ts
 
 
@@ -48,3 +51,33 @@ def test_doc_masking_reaches_the_model():
     assert val == pytest.approx(float(masked), rel=1e-6)
 
 
+class _InfGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_a_nonfinite_gradient_skips_the_update():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    tcfg = resolve("tiny", {})[1]
+    model = GPT(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Inf(torch.nn.Module):
+        def forward(self, x, y, **kw):
+            return _InfGrad.apply(model(x, y, **kw))
+
+    class Feed:
+        def next(self):
+            return torch.randint(0, 64, (2, 17)), {"epoch": 0, "pos": 2}
+
+    cpu = torch.device("cpu")
+    step = ts.make_train_step(model, Inf(), configure_optimizer(model, tcfg, cpu), tcfg, cpu, torch.float32, 1)
+    r = step(Feed(), 1.0)
+    assert math.isfinite(r.loss) and "gradient norm" in r.skipped
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -1,21 +1,42 @@
 """Fine-tuning a trained checkpoint: continued pretraining (``continue``) and instruction tuning (``sft``),
 of all weights or, with ``--lora-rank``, of LoRA adapters only (``minillm.lora``).
 
-Both modes set up a run directory exactly as ``train`` does (config.json, tokenizer.json, ckpt_best.pt,
-ckpt_last.pt, history.json, curves.png; ``--resume``/``--overwrite`` as there) and then run the trainer's own
-loop, ``training.fit``. What differs is where the weights and the data come from:
+Both modes run through the trainer's own ``setup_run`` and ``fit`` (``minillm.train.run``, ``.loop``): the same
+run directory, ``--resume``/``--overwrite``, signals, and ``torchrun`` (data-parallel; no FSDP). This module
+brings the ``Job``: where the weights and the data come from, and what the checkpoints record:
 
 - weights: the base checkpoint (``--ckpt``); the model config is the base's. A LoRA run's checkpoints hold
   the merged weights under ``model`` (so generate/evaluate/export take them as they are) and the adapter
   under ``lora``; ``adapter.pt`` (the adapter of ``ckpt_best.pt`` alone) is written when the run ends.
-- data: ``continue`` reads a corpus file through the token cache (``data.loader.prepare_data``); ``sft`` reads
-  JSONL and builds one row per example (``data.sft``: the prompt template, the loss mask in the rows' sign),
-  which a forward pre-hook on the model (``decode_masked_inputs``) decodes.
+- data: ``continue`` reads a corpus file through the token cache (``run.corpus_data``); ``sft`` reads
+  JSONL and builds one row per example (below).
+
+SFT prompt template (``format_example``). ``{"instruction", "input"?, "response"}`` becomes::
+
+    <|doc|>### Instruction:
+    {instruction}
+
+    ### Input:            <- only when "input" is present and not empty
+    {input}
+
+    ### Response:
+    {response}<|doc|>
+
+and ``{"messages": [{"role": "system"|"user"|"assistant", "content"}...]}`` becomes ``### System:\\n{c}\\n\\n``
+for a system message, ``### Instruction:\\n{c}\\n\\n### Response:\\n`` for each user message and ``{c}`` for each
+assistant message (``\\n\\n`` between turns). The loss counts only the response (assistant) tokens and the
+final ``<|doc|>``, so the model learns to answer and then stop; at generation time give the prompt part,
+ending in ``### Response:\\n`` (``generate`` puts the first ``<|doc|>`` itself and stops at the next).
+
+Rows carry their loss mask in the sign: a value ``~t`` (< 0) is token ``t`` that is no target. The trainer's
+step sees ordinary ``(B, T+1)`` int64 batches; a forward pre-hook on the model (``decode_masked_inputs``)
+decodes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -25,18 +46,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillm import distributed
 from minillm.checkpoint import load_checkpoint, model_config_of
 from minillm.config import ModelConfig, TrainConfig, to_dict, train_from_dict, validate
 from minillm.corpus.read import check_input_file
-from minillm.data.cache import cache_dir_for
+from minillm.data.loader import Loader, Mixture, RunData
 from minillm.data.sft import sft_data
 from minillm.errors import MiniLLMError, UsageError
-from minillm.io import RunLock, clean_stale_temps, sha256_file
-from minillm.lora import LoRAConfig
+from minillm.io import sha256_file
+from minillm.lora import LoRAConfig, check_config, merged_state_dict, param_report
 from minillm.model.load import build_gpt, check_tokenizer
+from minillm.model.loss import liger_kernel
+from minillm.train.log import TrainLog
+from minillm.train.loop import CheckpointHook, fit
+from minillm.train.run import DataFactory, Job, ModelFactory, RunSpec, corpus_data, setup_run
+from minillm.train.rundir import check_outdir_not_base
 
 MODES = ("continue", "sft")
-RUN_FORMAT = 1
 # reset for a fine-tuning run rather than inherited from the base run's train config
 FRESH_KEYS = {"max_steps": 0, "epochs": 1.0, "max_time": 0.0, "eval_every": 0, "patience": 0, "min_lr": -1.0}
 
@@ -103,17 +129,108 @@ def train_config_for(base_train: dict[str, Any] | None, overrides: dict[str, Any
 # ---------------------------------------------------------------- the run
 
 
-def _ckpt_hook(fs: FinetuneSpec, info: dict[str, Any]):
+def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set up and run one fine-tuning run (one process, or each rank of a ``torchrun`` run) through the trainer's
+    ``setup_run`` and ``fit``; returns the trainer's summary (plus the LoRA figures)."""
+    t_entry = fs.started or time.time()
+    if fs.mode not in MODES:
+        raise UsageError(f"--mode: {fs.mode!r} is not one of {', '.join(MODES)}")
+    check_input_file(Path(fs.data), "--data", "give the corpus or JSONL file")
+    check_outdir_not_base(fs.ckpt, fs.outdir)
+    base = load_checkpoint(fs.ckpt)
+    mcfg, tcfg = configs_for(base, fs, model_overrides, train_overrides)
+    tok_path = check_tokenizer(base, fs.tokenizer, fs.force_tokenizer, base=True)
+    spec = RunSpec(tokenizer=tok_path, corpus=Mixture((Path(fs.data),)), outdir=fs.outdir, val_file=fs.val_file,
+                   cache_dir=fs.cache_dir, resume=fs.resume, overwrite=fs.overwrite, log_format=fs.log_format,
+                   config_name=f"finetune-{fs.mode}", tensorboard=fs.tensorboard, started=t_entry)
+    lora_info = None if fs.lora is None else {**dataclasses.asdict(fs.lora), "targets": list(fs.lora.targets)}
+    base_path = Path(base["path"])
+    info = {"mode": fs.mode, "base_checkpoint": str(base_path), "base_sha256": sha256_file(base_path), "lora": lora_info}
+    job = Job(data=corpus_data(spec, mcfg.block_size) if fs.mode == "continue" else _sft(fs, tok_path, mcfg.block_size),
+              model_config=functools.partial(_check_vocab, tok_path), model=_base_model(base, fs),
+              record={"finetune": info}, run_fields={"mode": fs.mode}, trainable=fs.lora is None,
+              model_fix="a smaller base model" + ("" if fs.lora else " or --lora-rank 8 (trains adapters only)"),
+              load_weights=_load_adapter if fs.lora else None, on_save=finetune_checkpoint(info, fs.lora))
+    with distributed.session(tcfg.device) as dist, setup_run(spec, mcfg, tcfg, job, dist) as (ctx, state):
+        try:
+            summary = fit(ctx, state)
+        finally:
+            if fs.lora is not None and dist.is_main:
+                write_adapter(fs, mcfg, tcfg, info, ctx.tok_sha)
+    if fs.lora is not None:
+        report = param_report(ctx.model, mcfg, fs.lora)
+        report["optimizer_state_bytes_measured"] = _check_state_size(ctx.optimizers, report, tcfg)
+        summary["lora"] = report
+        summary["adapter"] = str(fs.outdir / "adapter.pt")
+    return summary
+
+
+def configs_for(base: dict[str, Any], fs: FinetuneSpec, model_overrides: dict[str, Any],
+                train_overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    """The run's model config (the base's, with ``model_overrides``) and TrainConfig (``train_config_for``),
+    validated together with the LoRA config."""
+    mcfg = dataclasses.replace(model_config_of(base), **{k: v for k, v in model_overrides.items() if v is not None})
+    if mcfg.loss_kernel == "liger" and liger_kernel() is None:  # a kernel choice of the base's machine, not
+        mcfg = dataclasses.replace(mcfg, loss_kernel="torch")    # of its weights: this one lacks the extra
+    tcfg = train_config_for(base.get("train_config"), train_overrides, fs.lora is not None)
+    problems = validate(mcfg, tcfg)
+    if fs.lora is not None:
+        check_config(fs.lora, mcfg)
+    if problems:
+        raise UsageError("invalid config:\n  " + "\n  ".join(problems))
+    return mcfg, tcfg
+
+
+# ---------------------------------------------------------------- the job: data, model, checkpoints
+
+
+def _sft(fs: FinetuneSpec, tok_path: Path, block_size: int) -> DataFactory:
+    """The data factory of ``--mode sft``: ``sft_data``, its loader reading this rank's share under torchrun."""
+
+    def load(tcfg: TrainConfig, dist: distributed.Dist, log: TrainLog) -> RunData:
+        data = sft_data(fs, tok_path, block_size, tcfg, log.event)
+        if not dist.enabled:
+            return data
+        loader = Loader(None, None, block_size, tcfg.batch_size, tcfg.seed, dist.rank, dist.world_size,
+                        sources=data.loader.sources)
+        return dataclasses.replace(data, loader=loader)
+
+    return load
+
+
+def _check_vocab(tok_path: Path, mcfg: ModelConfig, data: RunData) -> ModelConfig:
+    """The base's model config, refused when the tokenizer has more tokens than the base's vocabulary."""
+    if data.vocab_size > mcfg.vocab_size:
+        raise MiniLLMError(f"--tokenizer {tok_path} has {data.vocab_size} tokens, more than the base model's "
+                           f"{mcfg.vocab_size}; use the base run's tokenizer")
+    return mcfg
+
+
+def _base_model(base: dict[str, Any], fs: FinetuneSpec) -> ModelFactory:
+    """The model factory: the base's weights (``build_model``) with the adapters; for SFT, decoding the masked
+    rows. The base checkpoint is let go once its weights are in the model."""
+
+    def make(mcfg: ModelConfig, data: RunData, device: torch.device, log: TrainLog) -> nn.Module:
+        model = build_model(base, mcfg, fs.lora, device)
+        base.clear()
+        _lora_report(model, mcfg, fs.lora, log)
+        if fs.mode == "sft":
+            decode_masked_inputs(model, data.doc_id)
+        return model
+
+    return make
+
+
+def finetune_checkpoint(info: dict[str, Any], lora: LoRAConfig | None) -> CheckpointHook:
     """Turns the trainer's checkpoint dict into a fine-tuning one: the finetune record, and for LoRA the
     merged weights under ``model`` and the adapter under ``lora``."""
-    from minillm.lora import merged_state_dict
 
     def hook(state: dict[str, Any]) -> dict[str, Any]:
         state = {**state, "finetune": info}
-        if fs.lora is not None:
+        if lora is not None:
             sd = state["model"]
             state["lora"] = {"config": info["lora"], "tensors": {k: v for k, v in sd.items() if ".lora_" in k}}
-            state["model"] = merged_state_dict(sd, fs.lora.scaling)
+            state["model"] = merged_state_dict(sd, lora.scaling)
         return state
 
     return hook
@@ -126,14 +243,6 @@ def _load_adapter(model, ck: dict) -> None:
         raise ValueError(f"adapter keys differ ({list(unexpected)[:2]})")
 
 
-def _restore(path: Path, model, lora: bool, opts, scaler, loader, device):
-    """``ckpt_last.pt`` -> model (LoRA: the adapter on the base already loaded), optimizers, scaler, loader,
-    RNGs; returns the ``RunState``."""
-    from minillm.train.run import _restore as restore
-
-    return restore(path, model, opts, scaler, loader, device, _load_adapter if lora else None)
-
-
 def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None, device) -> nn.Module:
     """The base's weights in a model of ``mcfg`` (the base's shape; dropout etc. may differ), with adapters."""
     from minillm.lora import apply_lora
@@ -142,139 +251,6 @@ def build_model(base: dict[str, Any], mcfg: ModelConfig, lora: LoRAConfig | None
     if lora is not None:
         apply_lora(model, lora)
     return model.to(device)
-
-
-def finetune(fs: FinetuneSpec, model_overrides: dict[str, Any], train_overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set up and run one fine-tuning run; returns the trainer's summary (plus the LoRA figures)."""
-    from minillm.data import loader as ds
-    from minillm.train.log import TrainLog, check_tensorboard
-    from minillm.train.run import (
-        RunSpec,
-        RunState,
-        _set_schedule,
-        _Signals,
-        check_memory,
-        fit,
-        oom_message,
-        total_steps_for,
-    )
-    from minillm.train.rundir import (
-        config_diff,
-        inputs_of,
-        prepare_outdir,
-        refuse_diffs,
-        replacing,
-        run_config,
-        write_run_files,
-    )
-    from minillm.train.step import maybe_compile, resolve_device, resolve_precision
-
-    t_entry = fs.started or time.time()
-    if fs.mode not in MODES:
-        raise UsageError(f"--mode: {fs.mode!r} is not one of {', '.join(MODES)}")
-    if fs.tensorboard:
-        check_tensorboard()
-    check_input_file(Path(fs.data), "--data", "give the corpus or JSONL file")
-    check_outdir_not_base(fs.ckpt, fs.outdir)
-    base = load_checkpoint(fs.ckpt)
-    base_path = Path(base["path"])
-    mcfg = dataclasses.replace(model_config_of(base),
-                               **{k: v for k, v in model_overrides.items() if v is not None})
-    from minillm.model.loss import liger_kernel
-
-    if mcfg.loss_kernel == "liger" and liger_kernel() is None:  # a kernel choice of the base's machine, not
-        mcfg = dataclasses.replace(mcfg, loss_kernel="torch")    # of its weights: this one lacks the extra
-    tcfg = train_config_for(base.get("train_config"), train_overrides, fs.lora is not None)
-    problems = validate(mcfg, tcfg)
-    if fs.lora is not None:
-        from minillm.lora import check_config
-
-        check_config(fs.lora, mcfg)
-    if problems:
-        raise UsageError("invalid config:\n  " + "\n  ".join(problems))
-    device = resolve_device(tcfg.device)
-    dtype = resolve_precision(tcfg.precision, device)
-    check_memory(mcfg, tcfg, device, dtype, TrainLog(fs.log_format).event, trainable=fs.lora is None,
-                 model_fix="a smaller base model" + ("" if fs.lora else " or --lora-rank 8 (trains adapters only)"))
-    tok_path = check_tokenizer(base, fs.tokenizer, fs.force_tokenizer, base=True)
-    tok_sha, base_sha = sha256_file(tok_path), sha256_file(base_path)
-    spec = RunSpec(tokenizer=tok_path, corpus=ds.Mixture((Path(fs.data),)), outdir=fs.outdir, val_file=fs.val_file,
-                   cache_dir=fs.cache_dir, resume=fs.resume, overwrite=fs.overwrite, log_format=fs.log_format,
-                   config_name=f"finetune-{fs.mode}", tensorboard=fs.tensorboard, started=t_entry)
-    lora_info = None if fs.lora is None else {**dataclasses.asdict(fs.lora), "targets": list(fs.lora.targets)}
-    info = {"mode": fs.mode, "base_checkpoint": str(base_path), "base_sha256": base_sha, "lora": lora_info}
-    with _Signals() as sig:
-        sig.outdir = fs.outdir
-        with RunLock(fs.outdir):
-            notes = prepare_outdir(spec, inputs_of(spec))
-            clean_stale_temps(fs.outdir)
-            clean_stale_temps(cache_dir_for(fs.outdir, fs.cache_dir), recursive=True)
-            old = run_config(fs.outdir) if fs.resume else None
-            torch.manual_seed(tcfg.seed)
-            log = TrainLog(fs.log_format)
-            for note in notes:
-                log.event(note)
-            if fs.mode == "sft":
-                data = sft_data(fs, tok_path, mcfg.block_size, tcfg, log.event)
-            else:
-                log.event(f"encoding {fs.data} into the token cache")
-                data = ds.prepare_data(tok_path, spec.corpus, cache_dir_for(fs.outdir, fs.cache_dir),
-                                       mcfg.block_size, tcfg, val_file=fs.val_file, note=log.event)
-            if data.vocab_size > mcfg.vocab_size:
-                raise MiniLLMError(f"--tokenizer {tok_path} has {data.vocab_size} tokens, more than the base model's "
-                                   f"{mcfg.vocab_size}; use the base run's tokenizer")
-            run_cfg = {"format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg), "train": to_dict(tcfg),
-                       "data": {"tokenizer_sha256": tok_sha, **data.meta}, "val_doc_ids": data.val_doc_ids,
-                       "finetune": info}
-            if old is not None:
-                refuse_diffs(config_diff(old, run_cfg, ("model", "train", "data", "finetune")))
-            log.event("config", model=to_dict(mcfg), train=to_dict(tcfg), finetune=info)
-            try:
-                model = build_model(base, mcfg, fs.lora, device)
-                del base
-                report = _lora_report(model, mcfg, fs.lora, log)
-                from minillm.optim.groups import configure_optimizer
-
-                opts = configure_optimizer(model, tcfg, device)
-                scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-                state = (_restore(fs.outdir / "ckpt_last.pt", model, fs.lora is not None, opts, scaler, data.loader,
-                                  device) if old else RunState())
-                _set_schedule(state, tcfg, old, total_steps_for(tcfg, data.loader.windows_per_epoch), log)
-                log.event("run", mode=fs.mode, params=f"{model.num_params() / 1e6:.2f}M", device=str(device),
-                          steps=state.schedule["total"], windows=data.loader.windows_per_epoch)
-                if fs.mode == "sft":
-                    decode_masked_inputs(model, data.doc_id)
-                ctx = dict(model=model, compiled=maybe_compile(model, tcfg, device), optimizers=opts, scaler=scaler,
-                           loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype,
-                           doc_id=data.doc_id, tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=True,
-                           ckpt_hook=_ckpt_hook(fs, info))
-                with replacing(fs.outdir, inputs_of(spec), active=old is None) as saved:
-                    write_run_files(fs.outdir, run_cfg, tok_path)
-                    if fs.tensorboard:
-                        log.open_tensorboard(fs.outdir / "tb")
-                    ctx["saved"] = saved
-                    try:
-                        with log:
-                            summary = fit(spec, mcfg, tcfg, state, ctx, log, sig)
-                    finally:
-                        if fs.lora is not None:
-                            write_adapter(fs, mcfg, tcfg, info, tok_sha)
-            except torch.OutOfMemoryError as e:
-                raise MiniLLMError(oom_message(mcfg, tcfg, fs.outdir)) from e
-    if report is not None:
-        report["optimizer_state_bytes_measured"] = _check_state_size(opts, report, tcfg)
-        summary["lora"] = report
-        summary["adapter"] = str(fs.outdir / "adapter.pt")
-    return summary
-
-
-def check_outdir_not_base(ckpt: Path, outdir: Path) -> None:
-    """Refuse an --outdir that is the base checkpoint's own run directory (the base is an input)."""
-    from minillm.train.rundir import same_file
-
-    if same_file(Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent, Path(outdir)):
-        raise UsageError(f"--outdir {outdir} is the directory of the base checkpoint --ckpt {ckpt}, an input of "
-                         f"this run; choose another --outdir")
 
 
 def _lora_report(model: nn.Module, mcfg: ModelConfig, lora: LoRAConfig | None, log) -> dict[str, int] | None:
@@ -316,3 +292,4 @@ def write_adapter(fs: FinetuneSpec, mcfg: ModelConfig, tcfg: TrainConfig, info: 
                          {"tokenizer_sha256": tok_sha, "train_config": to_dict(tcfg), "mode": fs.mode,
                           "step": rs.get("step"), "val_loss": rs.get("best_val")
                           if math.isfinite(rs.get("best_val", math.inf)) else None})
+

@@ -1,5 +1,6 @@
 """What a training run tells the user: progress lines on stderr (text or JSON), a rich progress bar on a
-terminal, TensorBoard event files, and the MFU estimate.
+terminal, TensorBoard event files, the MFU estimate, and the run's history (``history.json`` and
+``curves.png``, rewritten after each evaluation).
 
 Only the main process (rank 0 under ``torchrun``) writes anything, so a multi-GPU run logs once.
 """
@@ -7,12 +8,19 @@ Only the main process (rank 0 under ``torchrun``) writes anything, so a multi-GP
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from minillm.data.loader import Loader
 from minillm.errors import MiniLLMError
+from minillm.io import atomic_write_json
+from minillm.train import plots
+from minillm.train.state import RunState
 
 # Dense bf16/fp16 tensor-core peak FLOP/s by device-name fragment (most specific first), for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
@@ -143,3 +151,32 @@ class TrainLog:
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
+
+
+# ---------------------------------------------------------------- the history of evaluations
+
+
+def epoch_of(loader: Loader, loader_state: dict) -> float:
+    """Epochs consumed at ``loader_state`` (from the consumed position, not the prefetcher's read-ahead)."""
+    per_epoch = int(np.sum(loader.n_windows))
+    return loader_state["epoch"] + loader_state["pos"] / max(1, per_epoch)
+
+
+def eval_record(state: RunState, val: float, lr: float, loader: Loader, loader_state: dict) -> dict[str, Any]:
+    """One evaluation's entry of ``history.json`` (docs/FORMATS.md), at ``state`` after ``state.elapsed_s``;
+    a mixture adds each corpus's epochs."""
+    rec = {"step": state.step, "epoch": round(epoch_of(loader, loader_state), 4),
+           "tokens": state.tokens, "train_loss": float(np.mean(state.running)) if state.running else None,
+           "val_loss": val, "val_ppl": math.exp(min(val, 50)), "lr": lr,
+           "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": round(state.elapsed_s, 3),
+           "train_s": round(state.train_s, 3), "first_step_s": round(state.first_step_s, 3)}
+    if len(loader.sources) > 1:  # a mixture: each corpus's own epochs
+        rec["source_epochs"] = {src.name: round(d / n, 4) for src, d, n in
+                                zip(loader.sources, loader_state["drawn"], loader.n_windows, strict=True)}
+    return rec
+
+
+def write_history(outdir: Path, history: list[dict[str, Any]]) -> None:
+    """``OUTDIR/history.json`` and ``OUTDIR/curves.png``, each written atomically."""
+    atomic_write_json(outdir / "history.json", {"format": 1, "evals": history})
+    plots.plot_curves(history, outdir / "curves.png")

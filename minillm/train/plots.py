@@ -1,4 +1,5 @@
-"""Plots people would rather look at than read: training curves, document-length histograms."""
+"""The training curves of a run (``curves.png``): loss and perplexity against tokens seen. (The histogram
+of document lengths that ``analyze-corpus --plot`` draws is ``minillm.corpus.stats.plot_lengths``.)"""
 
 from __future__ import annotations
 

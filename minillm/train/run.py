@@ -1,53 +1,46 @@
-"""The training run: setup, the loop, evaluation, checkpoints, exact resume, time budgets and faults.
+"""Setting up a run, one way for ``train`` and ``finetune``; ``train`` itself.
 
-Layering (after litgpt): ``train(spec)`` sets up the run (output directory, lock, data, model, optimizer,
-resume) and calls ``fit``, the loop itself, which only steps, logs, evaluates and saves. Beside it:
-``minillm.train.step`` (one optimizer step, one validation pass), ``minillm.optim.groups`` (optimizer groups and the
-``lr_at`` schedule), ``minillm.train.rundir`` (existing-run and resume guards) and ``minillm.train.log`` (progress
-lines, the progress bar, TensorBoard, MFU).
+A command describes its run as a ``Job`` (where the data and the model come from, what the run records beside
+the configs) and enters ``setup_run``, which checks the hardware and memory, takes the run directory (signals,
+the lock, the overwrite rule), refuses a resume that changes the run, builds the data and the model, restores
+a resumed run, fixes the learning-rate schedule, writes ``config.json`` and the tokenizer, and yields the
+``TrainContext`` that ``minillm.train.loop.fit`` trains; a CUDA out-of-memory error on the way becomes one
+message naming smaller settings. ``train`` is a ``Job`` on a corpus and a new model; ``finetune``
+(``minillm.train.finetune``) brings a base checkpoint, its data and LoRA. Under ``torchrun`` both run on every
+rank: rank 0 locks, checks and writes the run directory and the token cache while the others wait.
 
-Faults: SIGINT/SIGTERM set a flag the loop checks between steps (a step is never cut in half), then
-``ckpt_last.pt`` is saved and the run exits 130/143; a second signal aborts at once. Every file is written
-atomically, so SIGKILL at any moment leaves the previous checkpoints loadable. A non-finite loss or
-gradient skips the step; several in a row stop the run without touching the last good checkpoint.
+Beside it: ``loop`` (the loop, evaluation, checkpoints, signals), ``step`` (one optimizer step, one validation
+pass), ``budget`` (--max-time), ``log`` (progress lines, TensorBoard, history and curves), ``state`` (what a
+checkpoint restores), ``rundir`` (existing-run and resume guards).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
-import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from torch import nn
 
 from minillm import distributed
-from minillm.checkpoint import load_checkpoint, save_checkpoint
+from minillm.checkpoint import load_checkpoint
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
-from minillm.data.loader import Mixture
+from minillm.data.cache import cache_dir_for
+from minillm.data.loader import Mixture, RunData, prepare_data
 from minillm.errors import MiniLLMError, UsageError
-from minillm.io import RunLock, atomic_link, atomic_write_json, clean_stale_temps, sha256_file
-from minillm.optim.groups import (
-    UNBOUNDED,
-    Schedule,
-    configure_optimizer,
-    lr_at,
-    rescheduled,
-    schedule_for,
-)
-from minillm.train.log import (
-    PEAK_FLOPS,
-    TrainLog,
-    check_tensorboard,
-    fmt_duration,
-    is_main_process,
-    peak_flops,
-)
+from minillm.io import RunLock, clean_stale_temps, sha256_file
+from minillm.model import memory
+from minillm.model.gpt import GPT
+from minillm.model.loss import liger_problem
+from minillm.optim.groups import UNBOUNDED, Schedule, configure_optimizer, lr_at, rescheduled, schedule_for
+from minillm.tokenizer import load_tokenizer
+from minillm.train.log import TrainLog, check_tensorboard
+from minillm.train.loop import CheckpointHook, Interrupted, Signals, TrainContext, fit
 from minillm.train.rundir import (
     check_resume,
     config_diff,
@@ -58,20 +51,14 @@ from minillm.train.rundir import (
     run_config,
     write_run_files,
 )
-from minillm.train.step import (
-    estimate_val_loss,
-    make_train_step,
-    maybe_compile,
-    resolve_device,
-    resolve_precision,
-)
+from minillm.train.state import RunState, total_steps_for
+from minillm.train.step import maybe_compile, resolve_device, resolve_precision
 
-__all__ = ["PEAK_FLOPS", "RunSpec", "RunState", "train", "fit", "lr_at", "configure_optimizer", "peak_flops",
-           "make_train_step", "maybe_compile", "resolve_device", "resolve_precision", "estimate_val_loss"]
+__all__ = ["Interrupted", "Job", "RunSpec", "check_memory", "corpus_data", "setup_run", "train"]
 
 RUN_FORMAT = 1
 LENGTH_KEYS = ("max_steps", "epochs", "max_time")
-MAX_BAD_STEPS = 5  # non-finite steps in a row that stop the run
+MODEL_FIX = "a smaller model (--n-layer, --n-embd)"
 
 
 @dataclass(frozen=True)
@@ -92,69 +79,60 @@ class RunSpec:
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
 
 
-@dataclass
-class RunState:
-    """Everything a checkpoint restores besides weights, optimizer, scaler, loader position and RNG."""
-
-    step: int = 0  # optimizer steps done
-    best_val: float = math.inf  # best validation loss so far
-    bad_evals: int = 0  # evaluations since the best one (the patience counter)
-    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
-    tokens: int = 0  # training tokens seen
-    elapsed_s: float = 0.0  # wall-clock seconds of the run so far, across resumes
-    running: list[float] = field(default_factory=list)  # training losses since the last evaluation
-    schedule: dict[str, Any] | None = None  # the optim.Schedule, as a dict
-    eval_every: int = 0  # evaluation interval fixed by a --max-time plan (0: from --eval-every or total / 10)
-    planned: bool = True  # False until a --max-time run has measured its step time and fixed its total
-    train_s: float = 0.0  # seconds spent in training steps, leaving out each process's first (compilation)
-    first_step_s: float = 0.0  # seconds of the first step (includes torch.compile), summed over resumes
+# this rank's data for a TrainConfig asking for the validation windows of all ranks; rank 0 calls it first
+DataFactory = Callable[[TrainConfig, distributed.Dist, TrainLog], RunData]
+# the model on the device, its weights initialised or loaded (before any sharding)
+ModelFactory = Callable[[ModelConfig, RunData, torch.device, TrainLog], nn.Module]
+# on --resume, the weights of ckpt_last.pt into the model (instead of load_state_dict)
+WeightsLoader = Callable[[nn.Module, dict[str, Any]], None]
 
 
-def total_steps_for(cfg: TrainConfig, windows_per_epoch: int) -> int:
-    """Optimizer steps in the run: whichever of ``epochs`` and ``max_steps`` ends first (0 = neither set)."""
-    per_step = cfg.batch_size * cfg.accumulation_steps
-    by_epochs = math.ceil(cfg.epochs * windows_per_epoch / per_step) if cfg.epochs > 0 else 0
-    cands = [s for s in (by_epochs, cfg.max_steps) if s > 0]
-    return max(1, min(cands)) if cands else 0
+@dataclass(frozen=True)
+class Job:
+    """What a command brings to ``setup_run``: where its data and model come from, and what the run records."""
+
+    data: DataFactory
+    model_config: Callable[[ModelConfig, RunData], ModelConfig]  # the model config made to fit the data (vocabulary)
+    model: ModelFactory
+    record: dict[str, Any] = field(default_factory=dict)  # more config.json sections: compared on resume, logged
+    run_fields: dict[str, Any] = field(default_factory=dict)  # the first fields of the "run" event
+    trainable: bool = True  # False: the weights stay frozen (LoRA) and need neither gradients nor optimizer state
+    model_fix: str = MODEL_FIX  # the advice when the model's state alone does not fit in memory
+    load_weights: WeightsLoader | None = None
+    on_save: CheckpointHook | None = None
 
 
-class Interrupted(MiniLLMError):
-    """SIGINT (exit 130) or SIGTERM (exit 143)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.exit_code = code
+# ---------------------------------------------------------------- train
 
 
-class _Signals:
-    """SIGINT/SIGTERM handling. While ``deferred`` (inside the loop), the first signal only sets ``code``, which
-    the loop checks between steps; outside it, or on a second signal, ``Interrupted`` is raised at once."""
+def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
+    """Set up and run one training run (one process, or each rank of a ``torchrun`` run); returns the summary."""
+    job = Job(data=corpus_data(spec, mcfg.block_size), model_config=_vocab_of, model=_new_model)
+    mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(load_tokenizer(spec.tokenizer).get_vocab_size()))
+    with distributed.session(tcfg.device) as dist, setup_run(spec, mcfg, tcfg, job, dist) as (ctx, state):
+        return fit(ctx, state)
 
-    def __init__(self) -> None:
-        self.code, self.deferred, self.outdir = 0, False, Path(".")
-        self._old: dict[int, Any] = {}
 
-    def _handle(self, signum: int, _frame: Any) -> None:
-        code = 130 if signum == signal.SIGINT else 143
-        if self.deferred and not self.code:
-            self.code, self._at = code, time.monotonic()
-            return
-        if self.deferred and distributed.under_torchrun() and time.monotonic() - getattr(self, "_at", 0.0) < 2.0:
-            return  # torchrun's agent forwards the Ctrl-C the terminal already sent: the same request, not a second
-        raise Interrupted(code, f"interrupted; checkpoints already in {self.outdir} are intact "
-                                f"(continue with the same command and --resume if ckpt_last.pt exists)")
+def corpus_data(spec: RunSpec, block_size: int) -> DataFactory:
+    """The data of a run on ``spec.corpus`` through the token cache (``train``, ``finetune --mode continue``)."""
 
-    def __enter__(self) -> _Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
+    def load(tcfg: TrainConfig, dist: distributed.Dist, log: TrainLog) -> RunData:
+        log.event(f"encoding {spec.corpus} into the token cache")
+        return prepare_data(spec.tokenizer, spec.corpus, cache_dir_for(spec.outdir, spec.cache_dir), block_size, tcfg,
+                            val_file=spec.val_file, rank=dist.rank, world_size=dist.world_size, note=log.event)
 
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    return load
+
+
+def _vocab_of(mcfg: ModelConfig, data: RunData) -> ModelConfig:
+    return dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))
+
+
+def _new_model(mcfg: ModelConfig, _data: RunData, device: torch.device, _log: TrainLog) -> nn.Module:
+    return GPT(mcfg).to(device)
+
+
+# ---------------------------------------------------------------- checks before anything is written
 
 
 def oom_message(mcfg: ModelConfig, tcfg: TrainConfig, outdir: Path) -> str:
@@ -170,16 +148,15 @@ def oom_message(mcfg: ModelConfig, tcfg: TrainConfig, outdir: Path) -> str:
 
 
 def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype, warn,
-                 trainable: bool = True, shards: int = 1, model_fix: str = "a smaller model (--n-layer, --n-embd)") -> None:
+                 trainable: bool = True, shards: int = 1, model_fix: str = MODEL_FIX) -> None:
     """Before anything is allocated: refuse when the weights, gradients and optimizer state alone exceed the
     memory available on ``device`` (``model.available_memory``), or the ``--dry-run`` estimate (eager mode;
     a compiled run keeps much less) exceeds it twice over; ``warn(message)`` when the estimate exceeds it.
     ``trainable`` False: the weights are frozen (LoRA); ``shards``: FSDP ranks sharing the state."""
-    from minillm.model import memory as model
-    avail = model.available_memory(device)
+    avail = memory.available_memory(device)
     if not avail:
         return
-    est = model.estimate_memory(mcfg, tcfg.batch_size, "fp32" if dtype == torch.float32 else "bf16", tcfg.optimizer)
+    est = memory.estimate_memory(mcfg, tcfg.batch_size, "fp32" if dtype == torch.float32 else "bf16", tcfg.optimizer)
     state = (est["params"] + (est["grads"] + est["optimizer"] if trainable else 0)) / shards
     total = state + est["activations"]
     where = f"the {avail / 2**30:.1f} GiB of {'GPU' if device.type == 'cuda' else 'host'} memory available ({device})"
@@ -202,18 +179,84 @@ def check_memory(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dty
     warn(f"warning: {msg}")
 
 
-def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
-    """Set up and run one training run (one process, or each rank of a ``torchrun`` run); returns the summary."""
-    with distributed.session(tcfg.device) as dist:
-        return _train(spec, mcfg, tcfg, dist)
+def _check_hardware(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, job: Job, dist: distributed.Dist,
+                    log: TrainLog) -> tuple[torch.device, torch.dtype]:
+    """The run's device and precision; impossible settings (TensorBoard missing, FSDP or liger as asked, a
+    model too big for the memory) are refused before anything is written."""
+    if spec.tensorboard:
+        check_tensorboard()
+    device = dist.device if dist.enabled else resolve_device(tcfg.device)
+    dtype = resolve_precision(tcfg.precision, device)
+    if spec.fsdp and (problem := distributed.fsdp_problem(tcfg.optimizer, dist.world_size, dtype)):
+        raise UsageError(problem)
+    if problem := liger_problem(mcfg, device):
+        raise UsageError(problem)
+    check_memory(mcfg, tcfg, device, dtype, log.event, trainable=job.trainable,
+                 shards=dist.world_size if spec.fsdp else 1, model_fix=job.model_fix)
+    return device, dtype
+
+
+# ---------------------------------------------------------------- setup_run
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What ``setup_run`` has fixed before the data: the command's job and where and how the run computes."""
+
+    spec: RunSpec
+    tcfg: TrainConfig
+    job: Job
+    dist: distributed.Dist
+    device: torch.device
+    dtype: torch.dtype
+    log: TrainLog
+    signals: Signals
+    tok_sha: str  # the tokenizer's sha256
+    old: dict[str, Any] | None  # the resumed run's config.json (None: a new run)
+    t_entry: float  # time.time() when the command (or setup_run) started: --max-time counts from it
 
 
 @contextlib.contextmanager
-def _claim_outdir(spec: RunSpec, dist: distributed.Dist):
+def setup_run(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, job: Job,
+              dist: distributed.Dist) -> Iterator[tuple[TrainContext, RunState]]:
+    """Set up the run of ``job`` and yield ``(TrainContext, RunState)`` for ``loop.fit``; see the module's
+    docstring. ``mcfg``: the model config before the data (``job.model_config`` fits it). Everything written
+    before the first checkpoint of a run that replaces another is undone if the body fails (``rundir.replacing``);
+    the lock is held and the signals handled until the body ends."""
+    t_entry = spec.started or time.time()
+    log = TrainLog(spec.log_format)
+    device, dtype = _check_hardware(spec, mcfg, tcfg, job, dist, log)
+    with Signals(spec.outdir) as sig, _claim_outdir(spec, dist) as notes:
+        old = run_config(spec.outdir) if spec.resume else None
+        tok_sha = sha256_file(spec.tokenizer)
+        if old is not None:  # before any data work
+            check_resume(spec, old, mcfg, tcfg, tok_sha)
+            distributed.check_world_size(old.get("world_size", 1), dist, spec.outdir)
+        torch.manual_seed(tcfg.seed)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        for note in notes:
+            log.event(note)
+        run = _Run(spec, tcfg, job, dist, device, dtype, log, sig, tok_sha, old, t_entry)
+        data, mcfg, run_cfg = _data_and_config(run, mcfg)
+        try:
+            ctx, state = _start(run, mcfg, data)
+            with replacing(spec.outdir, inputs_of(spec), active=dist.is_main and old is None) as saved:
+                if dist.is_main:
+                    write_run_files(spec.outdir, run_cfg, spec.tokenizer)
+                if spec.tensorboard:
+                    log.open_tensorboard(spec.outdir / "tb")
+                with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
+                    yield dataclasses.replace(ctx, saved=saved), state
+        except torch.OutOfMemoryError as e:
+            raise MiniLLMError(oom_message(mcfg, tcfg, spec.outdir)) from e
+
+
+@contextlib.contextmanager
+def _claim_outdir(spec: RunSpec, dist: distributed.Dist) -> Iterator[list[str]]:
     """Rank 0 locks (for the whole run), checks and cleans the run directory; the other ranks wait for it.
     Yields notes for the log (``rundir.prepare_outdir``)."""
-    from minillm.data.cache import cache_dir_for
-
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         with distributed.main_first(dist):
@@ -225,106 +268,60 @@ def _claim_outdir(spec: RunSpec, dist: distributed.Dist):
         yield notes
 
 
-def _per_rank_eval(tcfg: TrainConfig, dist: distributed.Dist) -> TrainConfig:
-    """Under torchrun, pick the validation windows of the global batch (``eval_batches`` batches of
-    ``batch_size * world_size``), as one process with that batch would; each rank evaluates its share."""
-    return dataclasses.replace(tcfg, eval_batches=tcfg.eval_batches * dist.world_size) if dist.enabled else tcfg
+def _data_and_config(run: _Run, mcfg: ModelConfig) -> tuple[RunData, ModelConfig, dict[str, Any]]:
+    """The job's data (rank 0 first: it builds the token cache, then the other ranks open it), the model config
+    made to fit it, and the run's ``config.json``, which a resume must match."""
+    tcfg, dist = run.tcfg, run.dist
+    # under torchrun, pick the validation windows of the global batch (eval_batches batches of batch_size *
+    # world_size), as one process with that batch would; each rank evaluates its share
+    per_rank = dataclasses.replace(tcfg, eval_batches=tcfg.eval_batches * dist.world_size) if dist.enabled else tcfg
+    with distributed.main_first(dist):
+        data = run.job.data(per_rank, dist, run.log)
+    mcfg = run.job.model_config(mcfg, data)
+    run_cfg = {"format": RUN_FORMAT, "config": run.spec.config_name, "model": to_dict(mcfg), "train": to_dict(tcfg),
+               "data": {"tokenizer_sha256": run.tok_sha, **data.meta}, "val_doc_ids": data.val_doc_ids,
+               "world_size": dist.world_size, **run.job.record}
+    if run.old is not None:
+        refuse_diffs(config_diff(run.old, run_cfg, ("model", "train", "data", *run.job.record)))
+    run.log.event("config", model=to_dict(mcfg), train=to_dict(tcfg), **run.job.record)
+    return data, mcfg, run_cfg
 
 
-def _train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, dist: distributed.Dist) -> dict[str, Any]:
-    from minillm.data import loader as ds
-    from minillm.data.cache import cache_dir_for
-    t_entry = spec.started or time.time()
-    if spec.tensorboard:
-        check_tensorboard()
-    device = dist.device if dist.enabled else resolve_device(tcfg.device)  # refuse impossible settings early
-    dtype = resolve_precision(tcfg.precision, device)
-    if spec.fsdp and (problem := distributed.fsdp_problem(tcfg.optimizer, dist.world_size, dtype)):
-        raise UsageError(problem)
-    from minillm.model.loss import liger_problem
-
-    if problem := liger_problem(mcfg, device):
-        raise UsageError(problem)
-    from minillm.tokenizer import load_tokenizer
-
-    check_memory(dataclasses.replace(mcfg, vocab_size=pad_vocab(load_tokenizer(spec.tokenizer).get_vocab_size())),
-                 tcfg, device, dtype, TrainLog(spec.log_format).event, shards=dist.world_size if spec.fsdp else 1)
-    with _Signals() as sig:
-        sig.outdir = spec.outdir
-        with _claim_outdir(spec, dist) as notes:  # under torchrun, rank 0 checks, locks and writes the run directory
-            old = run_config(spec.outdir) if spec.resume else None
-            tok_sha = sha256_file(spec.tokenizer)
-            if old is not None:
-                check_resume(spec, old, mcfg, tcfg, tok_sha)
-                distributed.check_world_size(old.get("world_size", 1), dist, spec.outdir)
-            torch.manual_seed(tcfg.seed)
-            if device.type == "cuda":
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-            log = TrainLog(spec.log_format)
-            for note in notes:
-                log.event(note)
-            log.event(f"encoding {spec.corpus} into the token cache")
-            with distributed.main_first(dist):  # rank 0 builds the token cache; then the other ranks open it
-                data = ds.prepare_data(spec.tokenizer, spec.corpus, cache_dir_for(spec.outdir, spec.cache_dir),
-                                       mcfg.block_size, _per_rank_eval(tcfg, dist), val_file=spec.val_file,
-                                       rank=dist.rank, world_size=dist.world_size, note=log.event)
-            mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(data.vocab_size))
-            run_cfg = {"format": RUN_FORMAT, "config": spec.config_name, "model": to_dict(mcfg),
-                       "train": to_dict(tcfg), "data": {"tokenizer_sha256": tok_sha, **data.meta},
-                       "val_doc_ids": data.val_doc_ids, "world_size": dist.world_size}
-            if old is not None:
-                refuse_diffs(config_diff(old, run_cfg))
-            log.event("config", model=to_dict(mcfg), train=to_dict(tcfg))
-            try:
-                return _build_and_fit(spec, mcfg, tcfg, old, data, device, dtype, tok_sha, t_entry, log, sig, run_cfg,
-                                      dist)
-            except torch.OutOfMemoryError as e:
-                raise MiniLLMError(oom_message(mcfg, tcfg, spec.outdir)) from e
-
-
-def _build_and_fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, old: dict | None, data, device, dtype,
-                   tok_sha: str, t_entry: float, log: TrainLog, sig: _Signals, run_cfg: dict[str, Any],
-                   dist: distributed.Dist = distributed.Dist()) -> dict[str, Any]:
-    """Model, optimizer, scaler, restored state and schedule; then the run's files (an old run in the way is set
-    aside until the first checkpoint: ``rundir.replacing``) and the loop."""
-    from minillm.model.gpt import GPT
-
-    model = GPT(mcfg).to(device)
-    n_params = model.num_params()
+def _start(run: _Run, mcfg: ModelConfig, data: RunData) -> tuple[TrainContext, RunState]:
+    """Model, optimizers, scaler, the restored state and the schedule: the ``TrainContext`` of the loop. Under
+    torchrun the training forward/backward go through DDP around the compiled model, while evaluation and
+    saving use the model itself; FSDP shards the model in place, before the optimizers are built on it (and it
+    is compiled after: its hooks break the graph at each block)."""
+    tcfg, dist, device, spec = run.tcfg, run.dist, run.device, run.spec
     fsdp = spec.fsdp and dist.enabled
-    if fsdp:  # in place: the parameters become this rank's shards, and the optimizer is built on them
+    model = run.job.model(mcfg, data, device, run.log)
+    n_params = model.num_params()
+    if fsdp:
         distributed.wrap_fsdp(model, dist)
     opts = configure_optimizer(model, tcfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    state = (_restore(spec.outdir / "ckpt_last.pt", model, opts, scaler, data.loader, device, sharded=fsdp)
-             if old else RunState())
-    _set_schedule(state, tcfg, old, total_steps_for(tcfg, data.loader.windows_per_epoch), log)
-    log.event("run", params=f"{n_params / 1e6:.2f}M", device=str(device),
-              precision=str(dtype).split(".")[-1], steps=_total_str(state),
-              windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"],
-              **({"parallel": "fsdp" if fsdp else "ddp"} if dist.enabled else {}))
-    ctx = dict(model=model, compiled=maybe_compile(model, tcfg, device), optimizers=opts, scaler=scaler,
-               loader=data.loader, val_batches=data.val_batches, device=device, dtype=dtype, doc_id=data.doc_id,
-               tok_sha=tok_sha, t_entry=t_entry - state.elapsed_s, main=is_main_process())
-    if dist.enabled:  # the training forward/backward go through the wrapper; evaluation and saving use the model
-        # DDP wraps the compiled model; FSDP sharded the model itself (compiled after: its hooks break the graph
-        # at each block, and evaluation calls the sharded model, whose hooks gather each block's weights)
-        ctx.update(dist=dist, sharded=fsdp,
-                   train_model=ctx["compiled"] if fsdp else distributed.wrap_ddp(ctx["compiled"], dist),
-                   val_batches=data.val_batches[dist.rank :: dist.world_size])
-    with replacing(spec.outdir, inputs_of(spec), active=ctx["main"] and old is None) as saved:
-        if ctx["main"]:
-            write_run_files(spec.outdir, run_cfg, spec.tokenizer)
-        if spec.tensorboard:
-            log.open_tensorboard(spec.outdir / "tb")
-        ctx["saved"] = saved
-        with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
-            return fit(spec, mcfg, tcfg, state, ctx, log, sig)
+    scaler = torch.amp.GradScaler(device.type, enabled=(run.dtype == torch.float16))
+    state = (restore(spec.outdir / "ckpt_last.pt", model, opts, scaler, data.loader, device, run.job.load_weights,
+                     sharded=fsdp) if run.old else RunState())
+    set_schedule(state, tcfg, run.old, total_steps_for(tcfg, data.loader.windows_per_epoch), run.log)
+    run.log.event("run", **run.job.run_fields, params=f"{n_params / 1e6:.2f}M", device=str(device),
+                  precision=str(run.dtype).split(".")[-1], steps=_total_str(state),
+                  windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"],
+                  **({"parallel": "fsdp" if fsdp else "ddp"} if dist.enabled else {}))
+    compiled = maybe_compile(model, tcfg, device)
+    ctx = TrainContext(outdir=spec.outdir, mcfg=mcfg, tcfg=tcfg, model=model,
+                       train_model=compiled if fsdp else distributed.wrap_ddp(compiled, dist), optimizers=opts,
+                       scaler=scaler, loader=data.loader, val_batches=data.val_batches[dist.rank :: dist.world_size],
+                       device=device, dtype=run.dtype, doc_id=data.doc_id, tok_sha=run.tok_sha,
+                       t_entry=run.t_entry - state.elapsed_s, dist=dist, log=run.log,
+                       signals=run.signals, sharded=fsdp, on_save=run.job.on_save)
+    return ctx, state
 
 
-def _restore(path: Path, model, opts, scaler, loader, device: torch.device, load_weights=None,
-             sharded: bool = False) -> RunState:
+# ---------------------------------------------------------------- resume and schedule
+
+
+def restore(path: Path, model: nn.Module, opts, scaler, loader, device: torch.device,
+            load_weights: WeightsLoader | None = None, sharded: bool = False) -> RunState:
     """Load ``ckpt_last.pt`` into the model, optimizers, scaler, loader and RNGs; return the run state.
     ``load_weights(model, ckpt)`` replaces the plain ``load_state_dict`` (finetune: a LoRA adapter).
     ``sharded``: the model was sharded by ``distributed.wrap_fsdp``; each rank keeps its shard of the
@@ -353,7 +350,7 @@ def _restore(path: Path, model, opts, scaler, loader, device: torch.device, load
     return state
 
 
-def _set_schedule(state: RunState, tcfg: TrainConfig, old: dict | None, steps_total: int, log: TrainLog) -> None:
+def set_schedule(state: RunState, tcfg: TrainConfig, old: dict | None, steps_total: int, log: TrainLog) -> None:
     """Fix the learning-rate schedule: a fresh run's, or a resumed run's, recomputed when its length changed."""
     target = steps_total or UNBOUNDED
     if state.schedule is None:
@@ -375,232 +372,3 @@ def _set_schedule(state: RunState, tcfg: TrainConfig, old: dict | None, steps_to
 def _total_str(state: RunState) -> str:
     total = state.schedule["total"] if state.schedule else 0
     return str(total) if total < UNBOUNDED else "time-bound"
-
-
-def save_run(path: Path, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: TrainConfig, loader_state) -> None:
-    """Write a resumable checkpoint atomically. Rank 0 alone writes; with a sharded model (FSDP) every rank
-    must call this, since the whole weights and optimizer state are first gathered from all of them."""
-    if ctx.get("sharded"):
-        weights, optim = distributed.full_state_dicts(ctx["model"], ctx["optimizers"])  # a collective
-    if not ctx.get("main", True):
-        return
-    if not ctx.get("sharded"):
-        weights, optim = ctx["model"].state_dict(), [o.state_dict() for o in ctx["optimizers"]]
-    rng = {"cpu": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state(ctx["device"]) if ctx["device"].type == "cuda" else None}
-    ckpt = {
-        "model": weights, "model_config": to_dict(mcfg), "train_config": to_dict(tcfg),
-        "optimizer": optim, "scaler": ctx["scaler"].state_dict(),
-        "loader": dict(loader_state), "run_state": dataclasses.asdict(state), "rng": rng,
-        "tokenizer_sha256": ctx["tok_sha"],
-    }
-    hook = ctx.get("ckpt_hook")  # finetune: adds its record; LoRA: merged weights + the adapter apart
-    save_checkpoint(path, hook(ckpt) if hook else ckpt)
-    if "saved" in ctx:  # the first checkpoint of a run that replaces another: the old one goes
-        ctx["saved"]()
-
-
-# ---------------------------------------------------------------- evaluation and time budgets
-
-
-def epoch_of(loader, loader_state: dict) -> float:
-    """Epochs consumed at ``loader_state`` (from the consumed position, not the prefetcher's read-ahead)."""
-    per_epoch = int(np.sum(getattr(loader, "n_windows", loader.windows_per_epoch)))
-    return loader_state["epoch"] + loader_state["pos"] / max(1, per_epoch)
-
-
-def evaluate_and_save(spec: RunSpec, ctx: dict, state: RunState, mcfg: ModelConfig, tcfg: TrainConfig,
-                      loader_state: dict, lr: float, log: TrainLog) -> None:
-    """Validation loss -> history record, patience counter, ckpt_last (+ ckpt_best), history.json, curves.png."""
-    from minillm.train.plots import plot_curves
-
-    state.elapsed_s = time.time() - ctx["t_entry"]
-    # the uncompiled model: an eval-mode, no-grad graph would be compiled anew (tens of seconds on a GPU)
-    val = estimate_val_loss(ctx["model"], ctx["val_batches"], tcfg, ctx["doc_id"], ctx["device"], ctx["dtype"],
-                            reduce=_reducer(ctx, "sum"))
-    if not math.isfinite(val):
-        raise MiniLLMError(f"validation loss is {val} at step {state.step}: the weights diverged; the last good "
-                           f"checkpoint in {spec.outdir} is kept. Lower --lr (now {tcfg.lr:g}) or use --precision "
-                           f"bf16/fp32, then start again or --resume")
-    rec = {"step": state.step, "epoch": round(epoch_of(ctx["loader"], loader_state), 4),
-           "tokens": state.tokens, "train_loss": float(np.mean(state.running)) if state.running else None,
-           "val_loss": val, "val_ppl": math.exp(min(val, 50)), "lr": lr,
-           "tokens_per_s": state.tokens / max(state.elapsed_s, 1e-9), "elapsed_s": round(state.elapsed_s, 3),
-           "train_s": round(state.train_s, 3), "first_step_s": round(state.first_step_s, 3)}
-    loader = ctx["loader"]
-    if len(getattr(loader, "sources", ())) > 1:  # a mixture: each corpus's own epochs
-        rec["source_epochs"] = {src.name: round(d / n, 4) for src, d, n in
-                                zip(loader.sources, loader_state["drawn"], loader.n_windows, strict=True)}
-    state.running = []
-    state.history.append(rec)
-    improved = val < state.best_val
-    state.bad_evals = 0 if improved else state.bad_evals + 1
-    state.best_val = min(state.best_val, val)
-    log.event("eval", step=state.step, val_loss=round(val, 4), val_ppl=round(rec["val_ppl"], 2),
-              best="yes" if improved else "no", **({"epochs": rec["source_epochs"]} if "source_epochs" in rec else {}))
-    log.scalars(state.step, {"val/loss": val, "val/ppl": rec["val_ppl"]})
-    log.flush()
-    save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)  # rank 0 writes
-    if ctx["main"]:
-        if improved:  # the same bytes: linked, not written twice
-            atomic_link(spec.outdir / "ckpt_last.pt", spec.outdir / "ckpt_best.pt")
-        atomic_write_json(spec.outdir / "history.json", {"format": 1, "evals": state.history})
-        plot_curves(state.history, spec.outdir / "curves.png")
-
-
-def plan_time_budget(step: int, elapsed: float, max_time: float, step_s: float, eval_s: float,
-                     eval_every: int, limit: int) -> tuple[int, int]:
-    """``(total_steps, eval_every)`` for a run that has done ``step`` steps in ``elapsed`` seconds so that the
-    rest, its evaluations and a final evaluation + checkpoint fit in ``max_time`` (a 3% + 1.5 s margin).
-    ``eval_every`` 0 asks for about 10 evaluations in all (fewer when each one is costly); ``limit`` caps
-    the total (from --max-steps / --epochs)."""
-    left = max_time - elapsed - eval_s - (0.03 * max_time + 1.5)  # margin: jitter and the process's exit
-    if eval_every:
-        steps = left / (step_s + eval_s / eval_every)
-    else:
-        n_evals = min(9, int(0.25 * left / eval_s)) if eval_s > 0 else 9
-        steps = (left - max(0, n_evals) * eval_s) / step_s
-        eval_every = max(1, int(steps / (n_evals + 1))) if n_evals > 0 else UNBOUNDED
-    return max(step, min(limit, step + int(max(0.0, steps)))), eval_every
-
-
-# ---------------------------------------------------------------- the loop
-
-
-def fit(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, state: RunState, ctx: dict, log: TrainLog,
-        sig: _Signals) -> dict[str, Any]:
-    """The loop: step, log, evaluate, save. Ends with the schedule, the time budget, patience or a signal."""
-    from minillm.data.loader import Prefetcher
-
-    model, device, loader = ctx["model"], ctx["device"], ctx["loader"]
-    sched = Schedule(**state.schedule)
-    step_fn = make_train_step(model, ctx.get("train_model", ctx["compiled"]), ctx["optimizers"], tcfg, device,
-                              ctx["dtype"], ctx["doc_id"], ctx["scaler"], reduce=_reducer(ctx, "mean"))
-    tokens_per_step = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size * _world(ctx)
-    flops, peak = model.flops_per_token(), peak_flops(device)
-    limit = total_steps_for(tcfg, loader.windows_per_epoch) or UNBOUNDED
-    clock = lambda: time.time() - ctx["t_entry"]  # noqa: E731  the run's seconds, across resumes
-    loader_state = loader.state_dict()  # what has been consumed; read before the prefetcher runs ahead
-    prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=tcfg.num_workers)
-    durs: list[float] = []  # seconds of each step this process ran (the first includes compilation)
-    eval_s, bad, end, saved_step, lr = 0.0, 0, "schedule", state.step, lr_at(state.step, sched)
-    last_eval = state.history[-1]["step"] if state.history else -1
-    t_log, step_log = time.time(), state.step
-    sig.deferred = True
-    try:
-        while True:
-            code = sig.code
-            # the first step's time includes compilation: until a second step is timed, none is predicted (a
-            # compilation that took most of the budget would otherwise end the run after one step)
-            next_s = _step_time(durs) if len(durs) > 1 else 0.0
-            over = bool(tcfg.max_time) and clock() + next_s + eval_s + 0.01 * tcfg.max_time > tcfg.max_time
-            if _world(ctx) > 1:  # every rank stops at the same step: a signal or the time limit on one is on all
-                code, over = (int(v) for v in distributed.agree_max([code, over], ctx["dist"]))
-            if code:
-                if saved_step != state.step:
-                    state.elapsed_s = clock()
-                    save_run(spec.outdir / "ckpt_last.pt", ctx, state, mcfg, tcfg, loader_state)
-                raise Interrupted(code, f"interrupted at step {state.step}: saved {spec.outdir / 'ckpt_last.pt'}; "
-                                        f"continue with the same command and --resume")
-            if state.step >= sched.total:
-                break
-            if over:
-                end = "max_time"
-                break
-            lr, t0 = lr_at(state.step, sched), time.time()
-            r = step_fn(prefetch, lr / tcfg.lr)
-            loader_state = r.loader_state
-            if r.skipped:
-                bad += 1
-                log.event(f"step {state.step + 1}: {r.skipped}; update skipped ({bad} in a row)")
-                if bad >= MAX_BAD_STEPS:
-                    raise MiniLLMError(
-                        f"{bad} non-finite steps in a row at step {state.step + 1}: the learning rate is likely too "
-                        f"high (try --lr {tcfg.lr / 3:.2g}), fp16 overflowed (try --precision bf16 or fp32), or "
-                        f"--grad-clip is off; the last good checkpoint in {spec.outdir} is kept")
-                continue
-            bad = 0
-            durs.append(time.time() - t0)
-            if len(durs) == 1:
-                state.first_step_s += durs[0]
-            else:
-                state.train_s += durs[-1]
-            state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
-            state.running.append(r.loss)
-            total = sched.total if sched.total < UNBOUNDED else 0
-            eval_every = tcfg.eval_every or state.eval_every or max(1, sched.total // 10)
-            log.progress(state.step, total)
-            if state.step % tcfg.log_every == 0 or state.step == 1:
-                tps = tokens_per_step * (state.step - step_log) / max(time.time() - t_log, 1e-9)
-                left = total - state.step
-                eta = left * _step_time(durs) + (left // eval_every + 1) * eval_s
-                log.step(state.step, total, epoch_of(loader, loader_state), r.loss, lr, tps,
-                         flops * tps / peak if peak else None, eta if total else None)
-                t_log, step_log = time.time(), state.step
-            plan_now = not state.planned and len(durs) >= 6 and (
-                sum(durs[1:]) >= 1.0 or len(durs) >= 50 or sum(durs) >= 0.05 * tcfg.max_time)
-            if not state.planned and _world(ctx) > 1:  # ranks time their steps apart: plan when any is ready
-                plan_now = bool(distributed.agree_max([plan_now], ctx["dist"])[0])
-            if plan_now or state.step % eval_every == 0 or state.step >= sched.total:
-                t0 = time.time()
-                evaluate_and_save(spec, ctx, state, mcfg, tcfg, loader_state, lr, log)
-                eval_s, last_eval, saved_step = time.time() - t0, state.step, state.step
-                t_log += eval_s  # tokens/s counts training time only
-                if tcfg.max_time and len(durs) >= 2:
-                    now, step_s, ev_s = _agreed(ctx, [clock(), _step_time(durs), eval_s])  # the same plan on all ranks
-                    sched = _replan(state, sched, tcfg, now, step_s, ev_s, limit, log)
-                if tcfg.patience and state.bad_evals >= tcfg.patience:
-                    end = "early_stopping"
-                    log.event(f"early stopping: {tcfg.patience} evaluations without improvement")
-                    break
-    finally:
-        sig.deferred = False
-        prefetch.close()
-    if last_eval != state.step and state.step > 0:  # ended by the time budget between evaluations
-        evaluate_and_save(spec, ctx, state, mcfg, tcfg, loader_state, lr, log)
-    state.elapsed_s = clock()
-    best = state.best_val if math.isfinite(state.best_val) else None  # None: never evaluated
-    summary = {"steps": state.step, "best_val_loss": best, "end": end, "outdir": str(spec.outdir),
-               "elapsed_s": round(state.elapsed_s, 2)}
-    log.event("done", **summary)
-    return summary
-
-
-def _world(ctx: dict) -> int:
-    """Processes training together (1 outside torchrun)."""
-    return ctx["dist"].world_size if "dist" in ctx else 1
-
-
-def _reducer(ctx: dict, op: str):
-    """``reduce(t)``: ``t`` reduced in place over the ranks with ``op``; None for one process."""
-    if _world(ctx) == 1:
-        return None
-    return lambda t: distributed.all_reduce_(t, ctx["dist"], op)
-
-
-def _agreed(ctx: dict, values: list[float]) -> list[float]:
-    """Each value's maximum over the ranks (the values themselves for one process)."""
-    return distributed.agree_max(values, ctx["dist"]) if _world(ctx) > 1 else values
-
-
-def _step_time(durs: list[float]) -> float:
-    """Mean seconds per step over the last 100 steps, leaving out the first (compilation) while it is among them."""
-    recent = durs[-100:] if len(durs) > 100 else (durs[1:] or durs)
-    return sum(recent) / len(recent) if recent else 0.0
-
-
-def _replan(state: RunState, sched: Schedule, tcfg: TrainConfig, elapsed: float, step_s: float, eval_s: float,
-            limit: int, log: TrainLog) -> Schedule:
-    """Fit the rest of a --max-time run to its budget from measured step and evaluation times; the decay is
-    recomputed from the current step when the total moves by more than 1%."""
-    total, every = plan_time_budget(state.step, elapsed, tcfg.max_time, step_s, eval_s, tcfg.eval_every, limit)
-    first = not state.planned
-    state.planned, state.eval_every = True, (0 if tcfg.eval_every else every)
-    if not first and abs(total - sched.total) <= max(1, 0.01 * sched.total):
-        return sched
-    new = rescheduled(sched, state.step, total)
-    state.schedule = dataclasses.asdict(new)
-    log.event(f"--max-time {fmt_duration(tcfg.max_time)}: {step_s * 1000:.1f} ms/step, {eval_s:.1f} s per evaluation "
-              f"-> {new.total} steps in all, " + (f"evaluating every {tcfg.eval_every or every}"
-                                                   if (tcfg.eval_every or every) < UNBOUNDED else "evaluating at the end"))
-    return new

@@ -74,6 +74,13 @@ def same_file(a: Path, b: Path) -> bool:
     return False
 
 
+def check_outdir_not_base(ckpt: Path, outdir: Path) -> None:
+    """Refuse an --outdir that is the base checkpoint's own run directory (the base is an input)."""
+    if same_file(Path(ckpt) if Path(ckpt).is_dir() else Path(ckpt).parent, Path(outdir)):
+        raise UsageError(f"--outdir {outdir} is the directory of the base checkpoint --ckpt {ckpt}, an input of "
+                         f"this run; choose another --outdir")
+
+
 def _user_names(out: Path, inputs: Iterable[Path]) -> list[str]:
     """Entries of ``out`` that count as held files: all but the lock, cache, replacement, temporaries and inputs."""
     inputs = list(inputs)

@@ -1,5 +1,5 @@
 """One training step and one validation pass: device and precision resolution, autocast, gradient
-accumulation, unscaling, clipping, skipping non-finite updates. Used by ``training.fit`` and by
+accumulation, unscaling, clipping, skipping non-finite updates. Used by ``minillm.train.loop.fit`` and by
 ``scripts/bench_train.py`` (so the benchmark times the trainer's own step)."""
 
 from __future__ import annotations
@@ -77,24 +77,23 @@ class StepResult:
     loader_state: dict  # the loader's position after the step's micro-batches
     skipped: str | None = None  # why the update was skipped (a non-finite loss or gradient), else None
 
-    def __float__(self) -> float:
-        return self.loss
 
-
-def make_train_step(model, compiled, opts, tcfg: TrainConfig, device, dtype, doc_id: int,
+def make_train_step(model, train_model, opts, tcfg: TrainConfig, device, dtype, doc_id: int,
                     scaler: torch.amp.GradScaler | None = None, reduce=None):
     """One optimizer step: ``step(prefetcher, lr_scale) -> StepResult``. Accumulates ``accumulation_steps``
     micro-batches, unscales (fp16), clips, and updates unless the loss or (outside fp16, where the scaler
-    skips overflowing steps itself) the gradient norm is non-finite. ``reduce(t)`` (data-parallel runs)
-    averages the (loss, norm) pair over the ranks in place, so every rank logs the global loss and takes the
-    same skip decision; ``compiled`` is then the DistributedDataParallel wrapper."""
+    skips overflowing steps itself) the gradient norm is non-finite. ``model`` owns the parameters (clipped
+    and stepped); ``train_model`` is what the forward and backward go through: ``model`` itself, its
+    ``torch.compile`` wrapper, or under torchrun the DistributedDataParallel wrapper around that. ``reduce(t)``
+    (data-parallel runs) averages the (loss, norm) pair over the ranks in place, so every rank logs the global
+    loss and takes the same skip decision."""
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(prefetch, lr_scale: float) -> StepResult:
         set_lr(opts, lr_scale)
         items = [prefetch.next() for _ in range(tcfg.accumulation_steps)]
-        loss = accumulate(compiled, [b for b, _ in items], tcfg, doc_id, device, dtype, scaler)
+        loss = accumulate(train_model, [b for b, _ in items], tcfg, doc_id, device, dtype, scaler)
         for opt in opts:
             scaler.unscale_(opt)
         norm = clip_gradients(params, tcfg.grad_clip)
