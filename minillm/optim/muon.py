@@ -1,5 +1,5 @@
 """Muon for the hidden 2-D weight matrices: Nesterov momentum whose update is orthogonalized by a
-Newton-Schulz iteration (Keller Jordan et al.; see ../shared/notes/recipes.md).
+Newton-Schulz iteration (Keller Jordan et al., "Muon: An optimizer for hidden layers in neural networks", 2024).
 
 ``torch.optim.Muon`` (torch >= 2.9) updates one matrix at a time: on a GPU that is about a thousand
 small kernels per step for a 30M model (measured on an H100: a 64x512 medium step went from ~22 ms

@@ -9,28 +9,8 @@ brings the ``Job``: where the weights and the data come from, and what the check
   the merged weights under ``model`` (so generate/evaluate/export take them as they are) and the adapter
   under ``lora``; ``adapter.pt`` (the adapter of ``ckpt_best.pt`` alone) is written when the run ends.
 - data: ``continue`` reads a corpus file through the token cache (``run.corpus_data``); ``sft`` reads
-  JSONL and builds one row per example (below).
-
-SFT prompt template (``format_example``). ``{"instruction", "input"?, "response"}`` becomes::
-
-    <|doc|>### Instruction:
-    {instruction}
-
-    ### Input:            <- only when "input" is present and not empty
-    {input}
-
-    ### Response:
-    {response}<|doc|>
-
-and ``{"messages": [{"role": "system"|"user"|"assistant", "content"}...]}`` becomes ``### System:\\n{c}\\n\\n``
-for a system message, ``### Instruction:\\n{c}\\n\\n### Response:\\n`` for each user message and ``{c}`` for each
-assistant message (``\\n\\n`` between turns). The loss counts only the response (assistant) tokens and the
-final ``<|doc|>``, so the model learns to answer and then stop; at generation time give the prompt part,
-ending in ``### Response:\\n`` (``generate`` puts the first ``<|doc|>`` itself and stops at the next).
-
-Rows carry their loss mask in the sign: a value ``~t`` (< 0) is token ``t`` that is no target. The trainer's
-step sees ordinary ``(B, T+1)`` int64 batches; a forward pre-hook on the model (``decode_masked_inputs``)
-decodes them.
+  JSONL and builds one row per example (``minillm.data.sft``: the prompt template, the loss mask in the
+  rows' sign), which a forward pre-hook on the model (``decode_masked_inputs``) decodes.
 """
 
 from __future__ import annotations
