@@ -160,14 +160,27 @@ def save_tokenizer(tok, path: Path) -> None:
     atomic_write_text(Path(path), tok.to_str(pretty=False))
 
 
+def readable_pieces(tok, ids: list[int]) -> list[str]:
+    """The text of each token of ``ids`` (``" estadísticas"``, not the byte-level ``"ĠestadÃŃsticas"``); a token
+    holding part of a UTF-8 character is joined with the next ones until the character is whole."""
+    pieces: list[str] = []
+    start = 0
+    for end in range(1, len(ids) + 1):
+        text = tok.decode(ids[start:end], skip_special_tokens=False)
+        if not text.endswith("\ufffd") or end == len(ids):
+            pieces.append(text)
+            start = end
+    return pieces
+
+
 def describe(tok, sample: list[str], n_examples: int = 3) -> dict:
-    """Vocabulary size, bytes per token on a sample and a few sample tokenizations."""
+    """Vocabulary size, bytes per token on a sample and a few sample tokenizations (each token as text)."""
     encs = tok.encode_batch(sample, add_special_tokens=False) if sample else []
     n_bytes = sum(len(s.encode("utf-8")) for s in sample)
     n_tok = sum(len(e.ids) for e in encs)
     examples = []
     for s, e in list(zip(sample, encs, strict=True))[:n_examples]:
-        examples.append({"text": s[:80], "tokens": e.tokens[:24]})
+        examples.append({"text": s[:80], "tokens": readable_pieces(tok, e.ids[:24])})
     return {
         "vocab_size": tok.get_vocab_size(),
         "bytes_per_token": round(n_bytes / n_tok, 3) if n_tok else None,

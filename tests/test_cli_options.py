@@ -145,9 +145,9 @@ def test_a_field_declared_once_becomes_a_flag_its_help_and_a_toml_key(runner, tm
     cli.command("train", epilog=options.toml_only_help())(options.config_flags("train")(command))
     cli.command("finetune")(options.config_flags(FINETUNE)(command))
     train, ft = _help(runner, "train", cli), _help(runner, "finetune", cli)
-    assert "--warmup-shape <str> Shape of the warmup: linear or cosine." in train
-    assert "--warmup-shape <str> Shape of the warmup: linear or cosine." in ft
-    assert "--n-expert <int> Experts per MLP layer (0 = a dense MLP)." in train and "--n-expert" not in ft
+    assert "--warmup-shape linear|cosine Shape of the warmup: linear or cosine." in train
+    assert "--warmup-shape linear|cosine Shape of the warmup: linear or cosine." in ft
+    assert "--n-expert INTEGER Experts per MLP layer (0 = a dense MLP)." in train and "--n-expert" not in ft
     assert "--router" not in train and "[model] router How tokens pick experts: topk or hash." in train
     r = runner.invoke(cli, ["train", "--warmup-shape", "cosine", "--n-expert", "2", "--lr", "0.5"])
     assert r.exit_code == 0, r.output

@@ -15,7 +15,7 @@ import typer
 
 from minillm import __version__
 from minillm.cli import data, infer, train
-from minillm.cli.options import toml_only_help
+from minillm.cli.options import readable_metavars, toml_only_help
 from minillm.errors import MiniLLMError
 
 app = typer.Typer(
@@ -123,13 +123,14 @@ def _root(
     _DEBUG["on"] = debug
 
 
-# The commands in the order --help lists them, each with its errors handled by handle_errors.
+# The commands in the order --help lists them, each with its errors handled by handle_errors and readable
+# metavars in its --help.
 for _command, _settings in (
     (data.prepare_corpus, {}), (data.analyze_corpus, {}), (data.init_tokenizer, {}),
     (train.train, {"epilog": toml_only_help()}), (infer.generate, {}), (infer.evaluate, {}),
     (train.finetune, {}), (infer.merge, {}), (infer.export, {}),
 ):
-    app.command(**_settings)(handle_errors(_command))
+    app.command(**_settings)(handle_errors(readable_metavars(_command)))
 
 
 def main() -> None:

@@ -11,6 +11,11 @@ import typer
 from minillm.errors import MiniLLMError, UsageError
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def prepare_corpus(
     input: list[Path] = typer.Option(..., "--input", "-i", help="Input file or directory (recursive: .txt/.md/.jsonl and .gz of them); repeat for several."),
     output: Path = typer.Option(..., "--output", "-o", help="Clean corpus to write (documents separated by <|doc|> lines); never one of the inputs."),
@@ -67,8 +72,8 @@ def prepare_corpus(
     t.add_row("files read as cp1252", f"{len(summary.fallback_files):,}", "")
     if summary.long_documents_split:
         t.add_row("documents over 8M chars split", "", f"{summary.long_documents_split:,}")
-    t.add_row("speed", f"{summary.mb_per_s:,.1f} MB/s", f"{summary.seconds:,.1f} s, {summary.workers} workers")
-    Console(stderr=True).print(t)
+    t.add_row("speed", f"{summary.mb_per_s:,.1f} MB/s", f"{summary.seconds:,.1f} s, {plural(summary.workers, 'worker')}")
+    Console().print(t)
 
 
 def analyze_corpus(
@@ -145,5 +150,4 @@ def init_tokenizer(
     else:
         typer.echo(f"wrote {out}: vocabulary {info['vocab_size']:,}, {info['bytes_per_token']} bytes per token")
         for ex in info["examples"]:
-            pieces = [tok.decode([tok.token_to_id(t)], skip_special_tokens=False) for t in ex["tokens"][:12]]
-            typer.echo(f"  {ex['text'][:60]!r} -> {pieces}")  # readable text, not byte-level symbols
+            typer.echo(f"  {ex['text'][:60]!r} -> {ex['tokens'][:12]}")

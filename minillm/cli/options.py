@@ -7,8 +7,10 @@ import dataclasses
 import functools
 import inspect
 import textwrap
+import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -16,6 +18,28 @@ import typer
 from minillm.config import FINETUNE, ModelConfig, TrainConfig, flag_name, key_name, parse_duration
 
 GENERATED: Any = None  # the default of a command's ``overrides`` parameter: ``config_flags`` replaces it
+METAVARS = {Path: "PATH", int: "INTEGER", float: "NUMBER", str: "TEXT"}
+
+
+def metavar(annotation: Any, choices: tuple[str, ...] = (), duration: bool = False) -> str | None:
+    """The word ``--help`` shows for an option's value: ``PATH``, ``INTEGER``, ``NUMBER``, ``TEXT``, ``DURATION``
+    or the choices (``adamw|muon``), for the value type of ``annotation`` (``Optional`` and ``list`` unwrapped:
+    a repeatable option names one value); None for a flag (bool) or a type without a word."""
+    while typing.get_origin(annotation) in (typing.Union, list, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if choices:
+        return "|".join(choices)
+    return "DURATION" if duration else METAVARS.get(annotation)
+
+
+def readable_metavars(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give each option of the command ``fn`` that has none a readable metavar (``metavar``), in place: typer's
+    own are Python types (``<list[Path]>``)."""
+    hints = typing.get_type_hints(fn)
+    for p in inspect.signature(fn).parameters.values():
+        if isinstance(p.default, typer.models.OptionInfo) and p.default.metavar is None:
+            p.default.metavar = metavar(hints.get(p.name, p.annotation))
+    return fn
 
 
 def config_fields(command: str) -> list[tuple[type, dataclasses.Field]]:
@@ -32,7 +56,9 @@ def _parameter(cls: type, f: dataclasses.Field, command: str) -> inspect.Paramet
     decls = [f"{flag}/--no-{flag[2:]}" if tp is bool else flag, *([f.metadata["short"]] if "short" in f.metadata else [])]
     own_help = f.metadata.get("finetune_help") if command == FINETUNE else None
     return inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Optional[tp],
-                             default=typer.Option(None, *decls, help=own_help or f.metadata["help"]))
+                             default=typer.Option(None, *decls, help=own_help or f.metadata["help"],
+                                                  metavar=metavar(tp, f.metadata.get("choices", ()),
+                                                                  f.metadata.get("duration", False))))
 
 
 def config_flags(command: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -13,6 +13,11 @@ from minillm.cli.options import GENERATED, config_flags
 from minillm.config import FINETUNE, TRAIN
 from minillm.errors import UsageError
 
+# train and finetune print their result as JSON with or without --json (scripts parse it; docs/FORMATS.md)
+JSON_SUMMARY: Any = typer.Option(False, "--json", help="Print the result as JSON on stdout: one line with the "
+                                 "steps, best validation loss and run directory (also without --json; "
+                                 "--dry-run: the resolved config). Progress lines go to stderr.")
+
 
 @config_flags(TRAIN)
 def train(
@@ -28,6 +33,7 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, parameter count, FLOPs and memory estimate, then exit."),
     log_format: str = typer.Option("text", "--log-format", help="Progress lines on stderr: text or json."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files to OUTDIR/tb (needs `pip install tensorboard`)."),
+    as_json: bool = JSON_SUMMARY,
     overrides: dict[str, Any] = GENERATED,
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train on N GPUs of this machine: re-launches this command under torchrun (DistributedDataParallel, or FSDP2 with --fsdp); --batch-size is per GPU."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With several processes (--nproc N or torchrun): shard weights, gradients and optimizer state across the GPUs (FSDP2) instead of copying them to each (DDP), for models whose optimizer state does not fit one GPU. Needs --optimizer adamw (small/medium default to muon). Checkpoints keep the one-GPU format."),
@@ -92,6 +98,7 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --outdir."),
     log_format: str = typer.Option("text", "--log-format", help="Progress lines on stderr: text or json."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files to OUTDIR/tb."),
+    as_json: bool = JSON_SUMMARY,
     overrides: dict[str, Any] = GENERATED,
 ) -> None:
     """Fine-tune a checkpoint: continued pretraining on a corpus, or instruction tuning on JSONL; all weights or LoRA."""

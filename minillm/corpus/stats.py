@@ -47,6 +47,10 @@ class CorpusStats:
         return int(sum(self.lengths))
 
     @property
+    def training_tokens(self) -> int:
+        return training_tokens(self.lengths)
+
+    @property
     def type_token_ratio(self) -> float:
         return self.distinct_words / self.words if self.words else 0.0
 
@@ -143,6 +147,11 @@ def _presets() -> list[tuple[str, int, int, int]]:
     return sorted(out, key=lambda x: body_params(x[1], x[2]))
 
 
+def training_tokens(lengths: Sequence[int]) -> int:
+    """The tokens ``train`` reads from documents of these lengths: each one's tokens and its ``<|doc|>``."""
+    return int(sum(lengths)) + len(lengths)
+
+
 def _pow2_ceil(n: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
@@ -188,7 +197,7 @@ def recommend(lengths: Sequence[int], total_bytes: int) -> Recommendation:
     lens = np.asarray(lengths, dtype=np.int64)
     if lens.size == 0:
         raise MiniLLMError("the corpus holds no documents; nothing to recommend")
-    total = int(lens.sum() + lens.size)  # + one <|doc|> per document
+    total = training_tokens(lens)
     reasons: dict[str, str] = {}
 
     # model size: ~20 tokens per parameter over at most 4 epochs
@@ -197,10 +206,10 @@ def recommend(lengths: Sequence[int], total_bytes: int) -> Recommendation:
     sizes = [body_params(l_, d) for _, l_, d, _ in presets]
     if target >= sizes[-1]:
         preset, n_layer, n_embd, n_head = presets[-1]
-        reasons["model"] = f"{total:,} tokens could feed a {target / 1e6:.0f}M model; {preset} is the largest preset"
+        reasons["model"] = f"{total:,} training tokens could feed a {target / 1e6:.0f}M model; {preset} is the largest preset"
     elif target <= sizes[0]:
         preset, n_layer, n_embd, n_head = presets[0]
-        reasons["model"] = f"{total:,} tokens x {MAX_EPOCHS} epochs / {TOKENS_PER_PARAM} tokens per parameter is below the smallest preset"
+        reasons["model"] = f"{total:,} training tokens x {MAX_EPOCHS} epochs / {TOKENS_PER_PARAM} tokens per parameter is below the smallest preset"
     else:
         i = min(range(len(sizes)), key=lambda k: abs(math.log2(sizes[k] / target)))
         if abs(math.log2(sizes[i] / target)) <= 1:
@@ -225,7 +234,7 @@ def recommend(lengths: Sequence[int], total_bytes: int) -> Recommendation:
         reasons["epochs"] = f"the model wants {want:.0f} passes for {TOKENS_PER_PARAM} tokens/parameter; more than {MAX_EPOCHS} mostly overfits (add dropout 0.1)"
     else:
         epochs = round(max(want, 1.0), 1) if want >= 1 else round(want, 2)
-        reasons["epochs"] = f"{epochs:g} pass(es) give ~{TOKENS_PER_PARAM} training tokens per parameter"
+        reasons["epochs"] = f"{epochs:g} {'pass gives' if epochs == 1 else 'passes give'} ~{TOKENS_PER_PARAM} training tokens per parameter"
 
     # block size: a power of two covering 90% of documents, halved while windows are scarce
     p90 = int(np.percentile(lens, 90)) + 1
@@ -237,7 +246,7 @@ def recommend(lengths: Sequence[int], total_bytes: int) -> Recommendation:
         why = f"documents are short (90th percentile {p90} tokens); {MIN_BLOCK} packs several per window"
     while block > MIN_BLOCK and total / block < MIN_WINDOWS:
         block //= 2
-        why = f"halved to {block} so {total:,} tokens give at least {MIN_WINDOWS:,} windows"
+        why = f"halved to {block} so {total:,} training tokens give at least {MIN_WINDOWS:,} windows"
     reasons["block_size"] = why
 
     # stride: overlap where data is scarce (repeated epochs), none where plentiful
@@ -272,8 +281,8 @@ def length_summary(lengths: Sequence[int]) -> dict[str, float]:
     return {
         "min": int(a.min()),
         "mean": round(float(a.mean()), 1),
-        "median": float(np.median(a)),
-        "p90": float(np.percentile(a, 90)),
+        "median": round(float(np.median(a)), 1),
+        "p90": round(float(np.percentile(a, 90)), 1),
         "max": int(a.max()),
     }
 
@@ -283,7 +292,8 @@ def report(stats: CorpusStats, rec: Recommendation) -> dict:
     d = {k: v for k, v in asdict(stats).items() if k != "lengths"}
     d["seconds"] = round(stats.seconds, 3)
     d["type_token_ratio"] = round(stats.type_token_ratio, 5)
-    d["tokens"] = {"total": stats.total_tokens, "estimated": stats.tokens_estimated, **length_summary(stats.lengths)}
+    d["tokens"] = {"total": stats.total_tokens, "training": stats.training_tokens, "estimated": stats.tokens_estimated,
+                   **length_summary(stats.lengths)}
     return {"format": 1, **d, "recommendations": rec.to_dict()}
 
 
@@ -325,6 +335,7 @@ def render_table(stats: CorpusStats, rec: Recommendation):
         ("words", f"{stats.words:,}", "whitespace-separated"),
         ("documents", f"{stats.documents:,}", ""),
         ("tokens", f"{stats.total_tokens:,}", "estimated: bytes / 4" if stats.tokens_estimated else "from --tokenizer"),
+        ("training tokens", f"{stats.training_tokens:,}", "tokens + one <|doc|> per document"),
         ("doc tokens min/mean/median", f"{ls['min']:,} / {ls['mean']:,.0f} / {ls['median']:,.0f}", ""),
         ("doc tokens p90/max", f"{ls['p90']:,.0f} / {ls['max']:,}", ""),
         ("distinct words", f"{stats.distinct_words:,}", "" if stats.distinct_exact else "estimated (large vocabulary)"),
