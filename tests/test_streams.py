@@ -136,7 +136,10 @@ def test_generate_and_evaluate_print_results_on_stdout(runner, run):
                      "--json", "-n", "2")
     assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["the", "the"]
     out, _ = streams(runner, "evaluate", "--ckpt", run / "run", "--test-file", run / "corpus.txt", "--device", "cpu")
-    assert out.startswith("loss ") and "perplexity" in out
+    assert out.startswith("loss ") and "perplexity" in out and "30 documents)" in out
+    one = make_corpus(run / "one.txt", 1)
+    out, _ = streams(runner, "evaluate", "--ckpt", run / "run", "--test-file", one, "--device", "cpu")
+    assert out.rstrip().endswith("tokens, 1 document)")  # not "1 documents"
     out, _ = streams(runner, "evaluate", "--ckpt", run / "run", "--test-file", run / "corpus.txt", "--device", "cpu",
                      "--json")
     assert json.loads(out)["documents"] == 30

@@ -98,6 +98,7 @@ def evaluate(
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
 ) -> None:
     """Score a checkpoint on whole documents: loss, perplexity and bits per byte."""
+    from minillm.cli.data import plural
     from minillm.evaluation import eval_texts, evaluate_texts
     from minillm.model.load import load_model, resolve_tokenizer
     from minillm.tokenizer import load_tokenizer
@@ -122,7 +123,7 @@ def evaluate(
         typer.echo(json.dumps(res, indent=2, ensure_ascii=False))
     else:
         typer.echo(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.2f}  bits/byte {res['bits_per_byte']:.4f}  "
-                   f"({res['tokens']:,} tokens, {res['documents']} documents)")
+                   f"({plural(res['tokens'], 'token')}, {plural(res['documents'], 'document')})")
 
 
 def merge(
