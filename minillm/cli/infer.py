@@ -29,7 +29,7 @@ def generate(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results to this file instead of stdout."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines, one per sample: prompt, completion, tokens, seconds, finish_reason."),
     seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     compile: str = typer.Option("auto", "--compile", help="Decode step: auto (a CUDA graph on CUDA, plain on CPU), on (torch.compile as well: faster per token, slower to start), off (plain PyTorch)."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt (from finetune --lora-rank) to apply on top of --ckpt, which must be the base it was trained on."),
@@ -93,7 +93,7 @@ def evaluate(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the run's tokenizer.json)."),
     stride: int = typer.Option(0, "--stride", help="Sliding-window stride in tokens (default half the block)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass (does not change the result)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
 ) -> None:
