@@ -71,6 +71,11 @@ def test_the_corpus_reader_reads_a_compressed_corpus(tmp_path, suffix):
     assert list(iter_documents(packed)) == DOCS
 
 
+def test_the_corpus_reader_still_takes_a_path_as_a_string(tmp_path):
+    (tmp_path / "c.txt").write_text(TEXT, encoding="utf-8")
+    assert list(iter_documents(str(tmp_path / "c.txt"))) == DOCS
+
+
 def test_zst_without_a_zstd_library_names_the_extra(tmp_path, monkeypatch):
     real = builtins.__import__
 

@@ -81,9 +81,9 @@ def base_name(name: str) -> str:
     return name.removesuffix(compression(name))
 
 
-def open_binary(path: Path) -> IO[bytes]:
+def open_binary(path: Path | str) -> IO[bytes]:
     """A file's bytes, decompressed by its suffix."""
-    opener = OPENERS.get(compression(path.name))
+    opener = OPENERS.get(compression(Path(path).name))
     return opener(path) if opener else open(path, "rb")
 
 
