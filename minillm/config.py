@@ -125,7 +125,7 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 on capable GPUs, fp16 on older ones, fp32 on CPU), bf16, fp16 or fp32.",
                         ("auto", "bf16", "fp16", "fp32"))
     compile: str = _f("auto", "torch.compile the model: auto (on for CUDA, off for CPU), on, off.", ("auto", "on", "off"))
-    device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    device: str = _f("auto", "auto (CUDA, else Apple's MPS, when present), cpu, cuda, cuda:N or mps.")
     seed: int = _f(1337, "Random seed (initialization, data order, split, dropout).",
                    finetune_help="Random seed (data order, split, dropout, adapter init).")
     num_workers: int = _f(1, "Background threads preparing batches ahead of the GPU (0 = inline).")
@@ -274,8 +274,8 @@ def validate(model: ModelConfig, train: TrainConfig) -> list[str]:
         p.append("the run has no end: set epochs, max_steps or max_time")
     if fine("stride", "block_size") and train.stride > model.block_size:
         p.append(f"stride ({train.stride}) must be <= block_size ({model.block_size}), or tokens are skipped")
-    if not (train.device in ("auto", "cpu", "cuda") or str(train.device).startswith("cuda:")):
-        p.append(f"device: {train.device!r} is not one of auto, cpu, cuda, cuda:N")
+    if not (train.device in ("auto", "cpu", "cuda", "mps") or str(train.device).startswith("cuda:")):
+        p.append(f"device: {train.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
     return p
 
 

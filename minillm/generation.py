@@ -35,6 +35,15 @@ class Sampling:
     repetition_penalty: float = field(default=1.0, metadata={"help": "CTRL penalty on tokens in the context; 1 disables"})
 
 
+SAMPLING_PENALTY = 1.1  # generate's --repetition-penalty when sampling (its text then repeats as held-out text does)
+GREEDY_PENALTY = 1.3  # ... and with --temperature 0: at 1.1 greedy text loops (measured: docs/GENERATION.md)
+
+
+def default_penalty(temperature: float) -> float:
+    """``--repetition-penalty`` when it is not given: stronger for greedy decoding, which loops otherwise."""
+    return GREEDY_PENALTY if temperature == 0 else SAMPLING_PENALTY
+
+
 def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
     problems = []
     if not temperature >= 0:  # NaN too

@@ -17,11 +17,11 @@ def plural(n: int, noun: str) -> str:
 
 
 def prepare_corpus(
-    input: list[Path] = typer.Option(..., "--input", "-i", help="Input file or directory (recursive: .txt/.md/.jsonl and .gz of them); repeat for several."),
+    input: list[Path] = typer.Option(..., "--input", "-i", help="Input file or directory (recursive: .txt/.md/.jsonl, .gz/.bz2/.xz/.zst of them, .parquet); repeat for several."),
     output: Path = typer.Option(..., "--output", "-o", help="Clean corpus to write (documents separated by <|doc|> lines); never one of the inputs."),
     separator: str = typer.Option("<|doc|>", "--separator", help="A line holding exactly this ends a document in the input."),
     split_on_blank_lines: bool = typer.Option(False, "--split-on-blank-lines", help="Also end a document at every blank line."),
-    text_field: str = typer.Option("text", "--text-field", help="JSON key holding the text of each .jsonl line."),
+    text_field: str = typer.Option("text", "--text-field", help="JSON key of each .jsonl line, or column of a .parquet file, holding the text."),
     encoding: str = typer.Option("auto", "--encoding", help="auto (UTF-8, falling back to cp1252 per file, said on stderr), utf-8, cp1252, latin-1, or any Python codec."),
     strict: bool = typer.Option(False, "--strict", help="Make undecodable bytes an error naming the file and byte offset (no fallback)."),
     ftfy: bool = typer.Option(True, "--ftfy/--no-ftfy", help="Repair mojibake and broken HTML entities with ftfy."),

@@ -20,7 +20,7 @@ def generate(
     temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 is greedy."),
     top_k: int = typer.Option(50, "--top-k", help="Keep the k most likely tokens (0 disables)."),
     top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
-    repetition_penalty: float = typer.Option(1.1, "--repetition-penalty", help="CTRL repetition penalty (1 disables)."),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help="CTRL repetition penalty (1 disables); default 1.1, or 1.3 with --temperature 0 (greedy text loops at 1.1)."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop when this text appears (not printed); repeatable."),
     num_samples: int = typer.Option(1, "--num-samples", "-n", help="Samples per prompt."),
     batch_generate: bool = typer.Option(False, "--batch-generate", help="Decode prompts and samples together in batches of --batch-size."),
@@ -29,7 +29,7 @@ def generate(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results to this file instead of stdout."),
     as_json: bool = typer.Option(False, "--json", help="JSON lines, one per sample: prompt, completion, tokens, seconds, finish_reason."),
     seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     compile: str = typer.Option("auto", "--compile", help="Decode step: auto (a CUDA graph on CUDA, plain on CPU), on (torch.compile as well: faster per token, slower to start), off (plain PyTorch)."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt (from finetune --lora-rank) to apply on top of --ckpt, which must be the base it was trained on."),
@@ -44,6 +44,7 @@ def generate(
         check_sampling,
         complete,
         decode_mode,
+        default_penalty,
         read_prompts,
         render_samples,
     )
@@ -51,6 +52,8 @@ def generate(
     from minillm.tokenizer import load_tokenizer
     from minillm.train.run import resolve_device
 
+    if repetition_penalty is None:
+        repetition_penalty = default_penalty(temperature)
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     check_request(prompt=prompt, prompt_file=prompt_file, max_tokens=max_tokens, num_samples=num_samples,
                   batch_size=batch_size, batch_generate=batch_generate, stream=stream, as_json=as_json, output=output,
@@ -93,7 +96,7 @@ def evaluate(
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Tokenizer (default: the run's tokenizer.json)."),
     stride: int = typer.Option(0, "--stride", help="Sliding-window stride in tokens (default half the block)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass (does not change the result)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
 ) -> None:

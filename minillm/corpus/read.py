@@ -14,23 +14,30 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import gzip
 import io
 import json
 import os
 import re
 import stat
-import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TypeVar
 
+from minillm.corpus.formats import (
+    PARQUET_SUFFIXES,
+    READ_ERRORS,
+    base_name,
+    is_parquet,
+    iter_parquet,
+    open_binary,
+)
 from minillm.errors import MiniLLMError, UsageError
 
 DOC = "<|doc|>"  # the document separator line of the corpus format, and the tokenizer's document token
 DOC_JOIN = f"\n{DOC}\n"  # between two documents written in the corpus format
-TEXT_SUFFIXES = (".txt", ".text", ".md")  # what a directory contributes, besides .jsonl (and .gz of either)
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # what a directory contributes, besides .jsonl, .parquet (and
+# .gz, .bz2, .xz, .zst of a text or .jsonl file)
 JSONL_SUFFIXES = (".jsonl",)
 MAX_DOC_CHARS = 8_000_000  # a longer raw document is cut at its next blank line, so memory stays bounded
 PIECE_CHARS = 4 << 20  # iter_pieces: a longer document comes in pieces of about this many characters
@@ -64,7 +71,7 @@ def iter_pieces(path: Path, limit: int = PIECE_CHARS, separator: str = DOC) -> I
         if text.strip() or (not first and text):
             yield text, first
 
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.TextIOWrapper(open_binary(path), encoding="utf-8", newline="") as f:
         try:
             # a line's first piece is longer than half the bound, so it is never taken for a separator line
             for line, line_start in _bounded_lines(f, max(min(limit, LINE_CHARS), 4 * len(separator) + 4)):
@@ -80,6 +87,8 @@ def iter_pieces(path: Path, limit: int = PIECE_CHARS, separator: str = DOC) -> I
                 size += len(line)
         except UnicodeDecodeError as e:
             raise _not_utf8(path, e) from e
+        except READ_ERRORS as e:
+            raise MiniLLMError(f"cannot read {path}: {e}; check the file") from e
     yield from flush(True)
 
 
@@ -163,10 +172,11 @@ def check_input_file(path: Path, flag: str, fix: str = "give a file", error: typ
 
 
 def find_inputs(paths: Iterable[Path], log: Callable[[str], None] = lambda s: None, flag: str = "--input",
-                suffixes: tuple[str, ...] | None = TEXT_SUFFIXES + JSONL_SUFFIXES) -> tuple[list[Path], int]:
+                suffixes: tuple[str, ...] | None = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES,
+                ) -> tuple[list[Path], int]:
     """Expand ``flag``'s files and directories: a file is checked (``check_input_file``) and kept; a
     directory gives its files (recursively, sorted, hidden entries skipped) whose name ends in one of
-    ``suffixes`` or that plus ``.gz`` (None: every file); such an entry that is not a regular file (a FIFO,
+    ``suffixes`` or that plus a compression suffix (``formats.OPENERS``; None: every file); such an entry that is not a regular file (a FIFO,
     a socket) is skipped with a note. Returns the files and how many directory entries were skipped."""
     paths = [Path(p) for p in paths]
     if not paths:
@@ -182,7 +192,7 @@ def find_inputs(paths: Iterable[Path], log: Callable[[str], None] = lambda s: No
         for root, dirs, names in os.walk(p):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for n in sorted(n for n in names if not n.startswith(".")):
-                if suffixes is not None and not n.lower().removesuffix(".gz").endswith(suffixes):
+                if suffixes is not None and not base_name(n).endswith(suffixes):
                     skipped += 1
                 elif why := not_a_regular_file(Path(root) / n):
                     log(f"skipped {Path(root) / n}: it {why}")
@@ -190,7 +200,7 @@ def find_inputs(paths: Iterable[Path], log: Callable[[str], None] = lambda s: No
                 else:
                     found.append(Path(root) / n)
         if not found:
-            kinds = "files" if suffixes is None else f"{', '.join(suffixes[:-1])} or {suffixes[-1]} files (or .gz of them)"
+            kinds = "files" if suffixes is None else f"{', '.join(suffixes[:-1])} or {suffixes[-1]} files (or .gz, .bz2, .xz, .zst of them)"
             raise UsageError(f"{flag}: directory {p} holds no {kinds}")
         files.extend(found)
     return files, skipped
@@ -211,14 +221,7 @@ class ReadOptions:
 
 
 def is_jsonl(path: Path) -> bool:
-    name = path.name.lower().removesuffix(".gz")
-    return name.endswith(JSONL_SUFFIXES)
-
-
-def _open_binary(path: Path) -> IO[bytes]:
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+    return base_name(path.name).endswith(JSONL_SUFFIXES)
 
 
 def _looks_binary(head: bytes) -> str | None:
@@ -253,13 +256,14 @@ def _wide_codec(encoding: str) -> bool:
 
 
 def check_head(path: Path, encoding: str = "auto") -> None:
-    """Refuse a file whose first 64 KiB look binary (cheap; run on every input before writing)."""
-    if encoding != "auto" and _wide_codec(encoding):
+    """Refuse a file whose first 64 KiB look binary (cheap; run on every input before writing). A Parquet
+    file is binary by design: pyarrow checks it as it reads."""
+    if is_parquet(path) or (encoding != "auto" and _wide_codec(encoding)):
         return
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             head = f.read(_SNIFF)
-    except (OSError, EOFError, zlib.error) as e:
+    except READ_ERRORS as e:
         raise MiniLLMError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}; check the file and its "
                            f"permissions") from e
     why = _looks_binary(head)
@@ -274,7 +278,7 @@ def scan_utf8(path: Path, check_binary: bool = True) -> tuple[int, int | None]:
     bad: int | None = None
     carry = b""
     try:
-        with _open_binary(path) as f:
+        with open_binary(path) as f:
             while chunk := f.read(_CHUNK):
                 if check_binary and b"\x00" in chunk:
                     nul = offset + chunk.index(b"\x00")
@@ -291,7 +295,7 @@ def scan_utf8(path: Path, check_binary: bool = True) -> tuple[int, int | None]:
                         else:
                             bad = start + e.start
                 offset += len(chunk)
-    except (OSError, EOFError, zlib.error) as e:
+    except READ_ERRORS as e:
         raise MiniLLMError(f"cannot read {path}: {e}") from e
     if bad is None and carry:
         bad = offset - len(carry)
@@ -337,7 +341,7 @@ def _open_text(path: Path, info: FileInfo, strict: bool) -> IO[str]:
 
         encoding = "sloppy-windows-1252"
     errors = "strict" if strict else "replace"
-    return io.TextIOWrapper(_open_binary(path), encoding=encoding, errors=errors, newline="")
+    return io.TextIOWrapper(open_binary(path), encoding=encoding, errors=errors, newline="")
 
 
 @contextlib.contextmanager
@@ -349,7 +353,7 @@ def _read_errors(path: Path, info: FileInfo, strict: bool) -> Iterator[None]:
             f"{path}: cannot decode as {info.encoding} ({e.reason}); pass the file's real --encoding"
             + (" or drop --strict" if strict else "")
         ) from e
-    except (OSError, EOFError, zlib.error) as e:
+    except READ_ERRORS as e:
         raise MiniLLMError(f"cannot read {path}: {e}") from e
 
 
@@ -451,6 +455,11 @@ def read_documents(
 ) -> Iterator[str]:
     """Stream raw (uncleaned) documents from every file in order; appends a FileInfo per file to ``infos``."""
     for path in files:
+        if is_parquet(path):  # one document per row of the --text-field column
+            if infos is not None:
+                infos.append(FileInfo(str(path), "parquet", os.path.getsize(path)))
+            yield from iter_parquet(path, opts.text_field)
+            continue
         info = resolve_encoding(path, opts, log)
         if infos is not None:
             infos.append(info)

@@ -15,21 +15,28 @@ from minillm.optim.groups import clip_gradients, set_lr
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else Apple's MPS when present, else the CPU; a named device that is not
+    there is refused with the fix."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise MiniLLMError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu (or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MiniLLMError("--device mps: Apple's MPS is not available to PyTorch (it needs a Mac with Apple "
+                           "silicon and macOS 12.3 or later); use --device auto (or cpu)")
     return torch.device(name)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that has it, fp16 on an older CUDA GPU, fp32 on the CPU and on MPS (its
+    autocast is partial and fp16 training there has no gradient scaler to rely on)."""
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    if device.type == "cpu" and dt == torch.float16:
-        raise MiniLLMError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    if device.type in ("cpu", "mps") and dt == torch.float16:
+        raise MiniLLMError(f"--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the {'CPU' if device.type == 'cpu' else 'MPS'}")
     return dt
 
 
