@@ -117,7 +117,6 @@ def corpus_data(spec: RunSpec, block_size: int) -> DataFactory:
     """The data of a run on ``spec.corpus`` through the token cache (``train``, ``finetune --mode continue``)."""
 
     def load(tcfg: TrainConfig, dist: distributed.Dist, log: TrainLog) -> RunData:
-        log.event(f"encoding {spec.corpus} into the token cache")
         return prepare_data(spec.tokenizer, spec.corpus, cache_dir_for(spec.outdir, spec.cache_dir), block_size, tcfg,
                             val_file=spec.val_file, rank=dist.rank, world_size=dist.world_size, note=log.event)
 

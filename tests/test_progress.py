@@ -1,0 +1,84 @@
+"""Issue 24, progress and small fixes: the token cache's messages and bar, evaluate's loading phase,
+--dry-run's report, --workers 0 on compressed input, the loss kernel a run records."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import sys
+
+import pytest
+
+from minillm.cli import app
+from minillm.data import cache as ds
+from minillm.errors import MiniLLMError
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def fake_stderr(monkeypatch):
+    def use(tty: bool) -> io.StringIO:
+        err = Terminal() if tty else io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        return err
+
+    return use
+
+
+# ---------------------------------------------------------------- the token cache
+
+
+def test_cache_says_encoding_when_it_encodes_and_reusing_when_it_reuses(tmp_path, corpus, tokenizer_path):
+    first: list[str] = []
+    ds.build_token_cache(tokenizer_path, corpus, tmp_path / "c", note=first.append)
+    assert first == [f"encoding {corpus} into the token cache {tmp_path / 'c'}"]
+    again: list[str] = []
+    ds.build_token_cache(tokenizer_path, corpus, tmp_path / "c", note=again.append)
+    assert again == [f"reusing the token cache {tmp_path / 'c'} of {corpus}"]
+
+
+def test_no_encoding_message_just_before_a_read_error(runner, tmp_path, corpus, tokenizer_path):
+    gz = tmp_path / "corpus.txt.gz"
+    gz.write_bytes(gzip.compress(corpus.read_bytes()))
+    r = runner.invoke(app, ["train", "-t", str(tokenizer_path), "-c", str(gz), "-o", str(tmp_path / "run"),
+                            "--max-steps", "1", "--device", "cpu"])
+    assert r.exit_code == 1 and "is not UTF-8 text" in r.stderr
+    assert "token cache" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_cache_build_shows_a_bar_on_a_terminal_only(tmp_path, corpus, tokenizer_path, fake_stderr, tty):
+    err = fake_stderr(tty)
+    ds.build_token_cache(tokenizer_path, corpus, tmp_path / "c", note=lambda s: None)
+    assert ("token cache" in err.getvalue()) == tty, err.getvalue()
+    if tty:
+        assert "B/s" in err.getvalue() or "kB" in err.getvalue()
+
+
+def test_cache_progress_callback_gets_every_byte(tmp_path, corpus, tokenizer_path):
+    seen: list[int] = []
+    ds.build_token_cache(tokenizer_path, corpus, tmp_path / "c", progress=seen.append, note=lambda s: None,
+                         batch_chars=500)
+    assert len(seen) > 1
+    text_bytes = sum(len(d.encode()) for d in corpus.read_text(encoding="utf-8").split("\n<|doc|>\n"))
+    assert abs(sum(seen) - text_bytes) <= 2 * len(seen)  # the pieces' bytes, up to their trailing newlines
+
+
+def test_a_read_error_leaves_no_message(tmp_path, tokenizer_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe" * 100)
+    notes: list[str] = []
+    with pytest.raises(MiniLLMError):
+        ds.build_token_cache(tokenizer_path, bad, tmp_path / "c", note=notes.append)
+    assert notes == []
+
+
+def _json(text: str) -> dict:
+    return json.loads(text)
