@@ -82,3 +82,20 @@ def test_a_read_error_leaves_no_message(tmp_path, tokenizer_path):
 
 def _json(text: str) -> dict:
     return json.loads(text)
+
+
+# ---------------------------------------------------------------- --workers 0 on a compressed input
+
+
+def test_workers_0_decides_from_the_text_a_gz_holds_not_its_compressed_size(tmp_path, monkeypatch):
+    from minillm.corpus import prepare
+
+    text = "".join(f"Documento {i}: la casa del rio y el camino del monte.\n\n" for i in range(2000)).encode()
+    gz = tmp_path / "notes.txt.gz"
+    gz.write_bytes(gzip.compress(text))
+    assert prepare.text_size(gz) == len(text)
+    monkeypatch.setattr(prepare, "SMALL_INPUT", len(text) // 2)  # the compressed file is far smaller than that
+    assert gz.stat().st_size < prepare.SMALL_INPUT
+    monkeypatch.setattr(prepare.os, "cpu_count", lambda: 2)
+    s = prepare.prepare_corpus([gz], tmp_path / "out.txt")
+    assert s.workers == 2
