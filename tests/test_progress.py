@@ -99,3 +99,18 @@ def test_workers_0_decides_from_the_text_a_gz_holds_not_its_compressed_size(tmp_
     monkeypatch.setattr(prepare.os, "cpu_count", lambda: 2)
     s = prepare.prepare_corpus([gz], tmp_path / "out.txt")
     assert s.workers == 2
+
+
+# ---------------------------------------------------------------- the loss kernel a run records
+
+
+def test_liger_on_cpu_records_the_kernel_that_ran_and_resumes(runner, tmp_path, corpus, tokenizer_path):
+    run = tmp_path / "run"
+    args = ["train", "-t", str(tokenizer_path), "-c", str(corpus), "-o", str(run), "--device", "cpu",
+            "--loss-kernel", "liger", "--block-size", "32", "--batch-size", "4"]
+    r = runner.invoke(app, [*args, "--max-steps", "1"])
+    assert r.exit_code == 0, r.output
+    assert "--loss-kernel liger runs on CUDA only; this cpu run uses torch" in r.stderr
+    assert json.loads((run / "config.json").read_text())["model"]["loss_kernel"] == "torch"
+    r = runner.invoke(app, [*args, "--max-steps", "2", "--resume"])
+    assert r.exit_code == 0, r.output
