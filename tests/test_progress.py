@@ -114,3 +114,46 @@ def test_liger_on_cpu_records_the_kernel_that_ran_and_resumes(runner, tmp_path, 
     assert json.loads((run / "config.json").read_text())["model"]["loss_kernel"] == "torch"
     r = runner.invoke(app, [*args, "--max-steps", "2", "--resume"])
     assert r.exit_code == 0, r.output
+
+
+# ---------------------------------------------------------------- evaluate's loading and encoding phase
+
+
+def _model_and_tok(tokenizer_path):
+    from minillm.config import ModelConfig, pad_vocab
+    from minillm.model.gpt import GPT
+    from minillm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    cfg = ModelConfig(vocab_size=pad_vocab(tok.get_vocab_size()), block_size=32, n_layer=1, n_head=2, n_embd=32)
+    return GPT(cfg).eval(), tok
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_evaluate_shows_reading_and_encoding_on_a_terminal_only(tmp_path, corpus, tokenizer_path, fake_stderr, tty):
+    from minillm.evaluation import eval_texts, evaluate_texts
+
+    model, tok = _model_and_tok(tokenizer_path)
+    err = fake_stderr(tty)
+    texts, source = eval_texts(corpus, tmp_path)
+    res = evaluate_texts(model, tok, texts, source, batch_size=8)
+    shown = err.getvalue()
+    assert res["documents"] == 40
+    if tty:
+        for phase in (f"reading {corpus.name}", "encoding", "evaluate"):
+            assert phase in shown, shown
+        assert "0/40" in shown  # the encoding bar counts documents
+    else:
+        assert shown == ""
+
+
+def test_split_val_reading_shows_on_a_terminal(runner, tmp_path, corpus, tokenizer_path, fake_stderr):
+    from minillm.evaluation import eval_texts
+
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "-t", str(tokenizer_path), "-c", str(corpus), "-o", str(run), "--device", "cpu",
+                            "--block-size", "32", "--batch-size", "4", "--max-steps", "1"])
+    assert r.exit_code == 0, r.output
+    err = fake_stderr(True)
+    texts, _ = eval_texts(None, run)
+    assert texts and f"reading {corpus.name}" in err.getvalue()
