@@ -80,8 +80,6 @@ def test_a_read_error_leaves_no_message(tmp_path, tokenizer_path):
     assert notes == []
 
 
-def _json(text: str) -> dict:
-    return json.loads(text)
 
 
 # ---------------------------------------------------------------- --workers 0 on a compressed input
@@ -157,3 +155,53 @@ def test_split_val_reading_shows_on_a_terminal(runner, tmp_path, corpus, tokeniz
     err = fake_stderr(True)
     texts, _ = eval_texts(None, run)
     assert texts and f"reading {corpus.name}" in err.getvalue()
+
+
+# ---------------------------------------------------------------- --dry-run
+
+
+def _dry_run(runner, tokenizer_path, corpus, *args) -> dict:
+    r = runner.invoke(app, ["train", "-t", str(tokenizer_path), "-c", str(corpus), "-o", "unused", "--dry-run",
+                            "--device", "cpu", "--block-size", "32", "--batch-size", "4", *args])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_dry_run_gives_gib_the_steps_and_epochs_implied_and_a_measured_time(runner, tmp_path, corpus, tokenizer_path):
+    from minillm.config import TrainConfig
+    from minillm.train.state import total_steps_for
+
+    rep = _dry_run(runner, tokenizer_path, corpus, "--epochs", "2")
+    mem = rep["memory_estimate_gib"]
+    assert all(isinstance(v, float) and 0 < v < 1 for v in mem.values()), mem  # GiB, not raw bytes
+    assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"), rel=0.01)
+    n_tokens = ds.build_token_cache(tokenizer_path, corpus, tmp_path / "c", note=lambda s: None).n_tokens
+    data = rep["data"]
+    assert data["tokens_about"] == n_tokens  # a small corpus is encoded whole: exact
+    assert data["steps"] == total_steps_for(TrainConfig(batch_size=4, epochs=2), data["windows_per_epoch_about"])
+    assert data["epochs"] == pytest.approx(2, abs=0.1)
+    t = rep["time_estimate"]
+    assert t["device"] == "cpu" and t["method"].startswith("measured") and t["seconds_per_step"] > 0
+    assert t["total_s"] == pytest.approx(data["steps"] * t["seconds_per_step"], rel=0.01, abs=0.1)
+
+
+def test_dry_run_with_max_time_alone_gives_the_steps_that_fit(runner, corpus, tokenizer_path):
+    rep = _dry_run(runner, tokenizer_path, corpus, "--max-time", "10m")
+    t = rep["time_estimate"]
+    assert rep["data"]["steps"] == 0 and "total_s" not in t
+    assert t["steps_in_max_time"] == pytest.approx(600 / t["seconds_per_step"], rel=0.01)
+
+
+def test_a_big_model_on_the_cpu_is_estimated_from_matmul_speed_not_run(monkeypatch, tmp_path, corpus, tokenizer_path):
+    from minillm.config import resolve
+    from minillm.train import dryrun
+
+    def never(*a, **k):
+        raise AssertionError("a step this slow must not be run by --dry-run")
+
+    monkeypatch.setattr(dryrun, "measure_step", never)
+    monkeypatch.setattr(dryrun, "matmul_flops", lambda device, dtype: 1e9)  # a slow device
+    mcfg, tcfg = resolve("small", {"device": "cpu"})
+    rep = dryrun.dry_run_report(tokenizer_path, (corpus,), mcfg, tcfg)
+    t = rep["time_estimate"]
+    assert t["method"].startswith("matmul") and t["seconds_per_step"] > dryrun.MEASURE_UNDER_S
