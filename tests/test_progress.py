@@ -56,10 +56,12 @@ def test_no_encoding_message_just_before_a_read_error(runner, tmp_path, corpus, 
 @pytest.mark.parametrize("tty", [True, False])
 def test_cache_build_shows_a_bar_on_a_terminal_only(tmp_path, corpus, tokenizer_path, fake_stderr, tty):
     err = fake_stderr(tty)
-    ds.build_token_cache(tokenizer_path, corpus, tmp_path / "c", note=lambda s: None)
-    assert ("token cache" in err.getvalue()) == tty, err.getvalue()
+    ds.build_token_cache(tokenizer_path, corpus, tmp_path / "c")  # notes go to stderr too
+    said = err.getvalue()
+    assert ("token cache:" in said) == tty, said
+    assert said.startswith(f"note: encoding {corpus} into the token cache {tmp_path / 'c'}\n")  # whole, before the bar
     if tty:
-        assert "B/s" in err.getvalue() or "kB" in err.getvalue()
+        assert "B/s" in said
 
 
 def test_cache_progress_callback_gets_every_byte(tmp_path, corpus, tokenizer_path):

@@ -162,11 +162,13 @@ def build_token_cache(tokenizer_path: Path, corpus_path: Path, cache_dir: Path,
     starts: list[np.ndarray] = []
     n = 0
     digest = hashlib.sha256()
+    batches = _prefetched(_piece_batches(corpus_path, batch_chars))
+    first = list(itertools.islice(batches, 1))  # a corpus that cannot be read fails here, before any message
+    if first:
+        note(f"encoding {corpus_path} into the token cache {cache_dir}")
     with (atomic_open(cache_dir / "tokens.bin", "wb") as f,
           progress_bar(corpus_path.stat().st_size, "token cache", "B", unit_scale=True) as bar):
-        for texts, flags, n_bytes in _prefetched(_piece_batches(corpus_path, batch_chars)):
-            if not starts:
-                note(f"encoding {corpus_path} into the token cache {cache_dir}")
+        for texts, flags, n_bytes in itertools.chain(first, batches):
             ids, doc_offsets = encode_pieces(tok, texts, flags, doc, dtype)
             ids.tofile(f)
             digest.update(ids)
