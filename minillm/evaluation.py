@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from minillm.errors import MiniLLMError
+from minillm.io import progress_bar, read_json, sha256_file
+
+ENCODE_BATCH = 256  # documents per encode_batch call while encoding for evaluation (the bar moves per batch)
 
 
 def doc_windows(ids: list[int], block: int, stride: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -86,20 +89,17 @@ def validation_texts(run_dir: Path) -> tuple[list[str], str]:
     if it had one, else documents ``val_doc_ids`` of ``data.corpus`` (document i = the i-th yielded by
     ``iter_documents``). Returns the texts and a description of where they came from."""
     from minillm.corpus.read import iter_documents
-    from minillm.io import sha256_file
 
     cfg_path = Path(run_dir) / "config.json"
     if not cfg_path.is_file():
         raise MiniLLMError(f"--split val: {cfg_path} does not exist; give the checkpoint inside its run directory, "
                            f"or score a file with --test-file")
-    from minillm.io import read_json
-
     cfg = read_json(cfg_path, "restore it from a copy of the run, or score a file with --test-file")
     data = cfg.get("data", {})
     if data.get("val_file"):
         path = Path(data["val_file"])
         _check_exists(path, "data.val_file")
-        return list(iter_documents(path)), f"{path} (the run's --val-file)"
+        return _read(path), f"{path} (the run's --val-file)"
     # one corpus: corpus, corpus_sha256, val_doc_ids; a mixture (--corpus a --corpus b): a list of each
     corpora, shas, id_lists = data.get("corpus"), data.get("corpus_sha256"), cfg.get("val_doc_ids")
     if not isinstance(corpora, list):
@@ -113,7 +113,8 @@ def validation_texts(run_dir: Path) -> tuple[list[str], str]:
             raise MiniLLMError(f"--split val: the corpus {path} changed since training (sha256 differs), so its "
                                f"validation documents are unknown; restore it, or score a file with --test-file")
         ids = set(doc_ids or [])
-        found = [t for i, t in enumerate(iter_documents(path)) if i in ids]
+        with progress_bar(None, f"reading {path.name}", "doc", iterable=iter_documents(path)) as docs:
+            found = [t for i, t in enumerate(docs) if i in ids]
         if len(found) != len(ids):
             raise MiniLLMError(f"--split val: {path} holds fewer documents than the run's val_doc_ids need; "
                                f"is it the training corpus?")
@@ -129,35 +130,50 @@ def _check_exists(path: Path, key: str) -> None:
                            f"from the directory train ran in, or score the file with --test-file")
 
 
+def _read(path: Path) -> list[str]:
+    """Every document of ``path``, counted on a bar on stderr when it is a terminal."""
+    from minillm.corpus.read import iter_documents
+
+    with progress_bar(None, f"reading {Path(path).name}", "doc", iterable=iter_documents(path)) as docs:
+        return list(docs)
+
+
+def encode_texts(tok, texts: list[str], show: bool | None = None) -> list[list[int]]:
+    """``tokenizer.encode_documents`` in batches of ``ENCODE_BATCH``, with a bar on stderr (``show`` None: on
+    a terminal)."""
+    from minillm.tokenizer import encode_documents
+
+    docs: list[list[int]] = []
+    with progress_bar(len(texts), "encoding", "doc", show) as bar:
+        for i in range(0, len(texts), ENCODE_BATCH):
+            docs += encode_documents(tok, texts[i : i + ENCODE_BATCH])
+            bar.update(len(texts[i : i + ENCODE_BATCH]))
+    return docs
+
+
 def eval_texts(test_file: Path | None, run_dir: Path) -> tuple[list[str], str]:
     """The documents to score and where they came from: those of ``test_file``, or with None the validation
     documents of the run in ``run_dir``."""
     if test_file is None:
         return validation_texts(run_dir)
-    from minillm.corpus.read import iter_documents
-
-    texts = list(iter_documents(test_file))
+    texts = _read(test_file)
     if not texts:
         raise MiniLLMError(f"--test-file: {test_file} holds no documents")
     return texts, str(test_file)
 
 
 def evaluate_texts(model, tok, texts: list[str], source: str, stride: int = 0, batch_size: int = 16,
-                   show_progress: bool = False) -> dict:
+                   show_progress: bool | None = None) -> dict:
     """Score ``texts`` (see the module's docstring) in sliding windows ``stride`` apart (0: half the block),
-    ``batch_size`` windows per forward pass, with a progress bar on stderr if asked. Returns ``summarize``'s
-    figures plus documents, source, stride and block_size."""
-    import sys
+    ``batch_size`` windows per forward pass, with progress bars on stderr for the encoding and the scoring
+    (``show_progress`` None: on a terminal). Returns ``summarize``'s figures plus documents, source, stride
+    and block_size."""
+    from minillm.tokenizer import pad_id
 
-    from tqdm import tqdm
-
-    from minillm.tokenizer import encode_documents, pad_id
-
-    docs = encode_documents(tok, texts)
+    docs = encode_texts(tok, texts, show_progress)
     block = model.cfg.block_size
     stride = min(stride or max(1, block // 2), block)
-    with tqdm(total=sum(n_windows(len(d), block, stride) for d in docs), unit="win", file=sys.stderr,
-              disable=not show_progress, desc="evaluate") as bar:
+    with progress_bar(sum(n_windows(len(d), block, stride) for d in docs), "evaluate", "win", show_progress) as bar:
         total, n = score(model, docs, stride, batch_size, pad_id(tok), progress=bar.update)
     res = summarize(total, n, sum(len(t.encode("utf-8")) for t in texts))
     res.update(documents=len(texts), source=source, stride=stride, block_size=block)

@@ -379,3 +379,14 @@ def _alive(pid: int, start: str) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def progress_bar(total: float | None, desc: str, unit: str = "it", show: bool | None = None, **kw: Any):
+    """A tqdm bar on stderr, shown only on a terminal (``show`` None: when stderr is one): a run whose
+    stderr is a file or a pipe gets no bar lines in its log."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
+                disable=not (sys.stderr.isatty() if show is None else show), **kw)

@@ -66,7 +66,7 @@ def train(
 
     corpus_arg = Mixture.parse(corpus, mix)
     if dry_run:
-        _dry_run(tokenizer, mcfg, tcfg)
+        _dry_run(tokenizer, corpus_arg.corpora, mcfg, tcfg)
         return
     if nproc is not None and nproc != 1:  # after the checks above, so that a mistake is reported once
         _relaunch_torchrun(nproc)  # does not return (--fsdp and the other arguments pass through)
@@ -211,21 +211,7 @@ def _relaunch_torchrun(nproc: int) -> None:
     os.execv(sys.executable, cmd)
 
 
-def _dry_run(tokenizer: Path, mcfg, tcfg) -> None:
-    import dataclasses
+def _dry_run(tokenizer: Path, corpora: tuple[Path, ...], mcfg, tcfg) -> None:
+    from minillm.train.dryrun import dry_run_report
 
-    import torch
-
-    from minillm.config import pad_vocab, to_dict
-    from minillm.model.gpt import GPT
-    from minillm.model.memory import estimate_memory
-    from minillm.tokenizer import load_tokenizer
-
-    mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(load_tokenizer(tokenizer).get_vocab_size()))
-    with torch.device("meta"):
-        model = GPT(mcfg)
-    total, non_emb = model.num_params(), model.num_params(non_embedding=True)
-    mem = estimate_memory(mcfg, tcfg.batch_size, optimizer=tcfg.optimizer)
-    report = {"model": to_dict(mcfg), "train": to_dict(tcfg), "params": total, "params_embedding": total - non_emb,
-              "params_non_embedding": non_emb, "flops_per_token": model.flops_per_token(), "memory_estimate": mem}
-    typer.echo(json.dumps(report, indent=2))
+    typer.echo(json.dumps(dry_run_report(tokenizer, corpora, mcfg, tcfg), indent=2))

@@ -31,7 +31,8 @@ from minillm.errors import MiniLLMError, UsageError
 BATCH_CHARS = 1 << 20  # characters per unit of work sent to a worker
 BATCH_DOCS = 2000
 NUM_PERM = 128
-SMALL_INPUT = 4_000_000  # bytes under which --workers 0 cleans in-process  # MinHash permutations for --near-dedup
+SMALL_INPUT = 4_000_000  # bytes of text under which --workers 0 cleans in-process
+PACKED_RATIO = 4  # text bytes per byte assumed of a compressed input whose size is not recorded (.bz2, .xz, .zst)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,18 @@ def _nothing_left(s: PrepareSummary, clean: CleanOptions) -> str:
             + ("; lower --min-chars" if s.removed.get("too_short") else ""))
 
 
+def text_size(path: Path) -> int:
+    """About how many bytes of text a file holds: a ``.gz`` file's trailer records it (modulo 4 GiB, so never
+    less than the compressed size is assumed); other compressed files count ``PACKED_RATIO`` times their size."""
+    size = path.stat().st_size
+    name = path.name.lower()
+    if name.endswith(".gz") and size >= 18:  # 10-byte header, 8-byte trailer: CRC32, then the size
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return max(size, int.from_bytes(f.read(4), "little"))
+    return size * PACKED_RATIO if name.endswith((".bz2", ".xz", ".zst")) else size
+
+
 def prepare_corpus(
     inputs: list[Path],
     output: Path,
@@ -163,7 +176,7 @@ def prepare_corpus(
     validate_encoding(read.encoding)
     files, skipped = validate_paths(inputs, output, log)
     if workers == 0:  # one per core, but not worth starting processes for a few megabytes
-        small = sum(f.stat().st_size for f in files) < SMALL_INPUT
+        small = sum(map(text_size, files)) < SMALL_INPUT
         workers = 1 if small else (os.cpu_count() or 1)
     for f in files:
         check_head(f, read.encoding)

@@ -35,7 +35,7 @@ import numpy as np
 from minillm.corpus.read import batch_documents, iter_pieces
 from minillm.data.windows import Stream
 from minillm.errors import MiniLLMError
-from minillm.io import atomic_open, atomic_write_json, sha256_file
+from minillm.io import atomic_open, atomic_write_json, progress_bar, sha256_file
 from minillm.tokenizer import doc_id, load_tokenizer
 
 CACHE_FORMAT = 2
@@ -132,8 +132,10 @@ def build_token_cache(tokenizer_path: Path, corpus_path: Path, cache_dir: Path,
                       batch_chars: int = BATCH_CHARS, note: Callable[[str], None] = stderr_note) -> TokenCache:
     """Encode ``corpus_path`` with the tokenizer into ``cache_dir``, or reuse a cache built from the same
     two files (sha256 of both) that ``open_token_cache`` finds intact; a damaged cache, or one from a version
-    without checksums, is rebuilt after saying so through ``note``. ``progress(bytes_done)`` is called per
-    batch. ``dtype`` forces the token type (default: uint16 when the vocabulary fits, else uint32)."""
+    without checksums, is rebuilt after saying so through ``note``, which also says whether the cache is
+    reused or encoded (the latter once the first batch has been read, so never just before a read error).
+    ``progress(bytes)`` is called per batch with the batch's UTF-8 bytes (default: a bar on stderr when it
+    is a terminal). ``dtype`` forces the token type (default: uint16 when the vocabulary fits, else uint32)."""
     corpus_path, cache_dir = Path(corpus_path), Path(cache_dir)
     if not corpus_path.is_file():
         raise MiniLLMError(f"--corpus: {corpus_path} does not exist")
@@ -148,7 +150,9 @@ def build_token_cache(tokenizer_path: Path, corpus_path: Path, cache_dir: Path,
     if meta_path.exists():
         try:
             if all(_read_meta(cache_dir).get(k) == v for k, v in key.items()):  # else built from other files
-                return open_token_cache(cache_dir)
+                cache = open_token_cache(cache_dir)
+                note(f"reusing the token cache {cache_dir} of {corpus_path}")
+                return cache
         except CacheDamaged as e:
             note(f"{e}; rebuilding")
         meta_path.unlink()  # until the rebuild is complete, no meta.json: an interrupted one is redone
@@ -158,15 +162,19 @@ def build_token_cache(tokenizer_path: Path, corpus_path: Path, cache_dir: Path,
     starts: list[np.ndarray] = []
     n = 0
     digest = hashlib.sha256()
-    with atomic_open(cache_dir / "tokens.bin", "wb") as f:
-        for texts, flags, n_bytes in _prefetched(_piece_batches(corpus_path, batch_chars)):
+    batches = _prefetched(_piece_batches(corpus_path, batch_chars))
+    first = list(itertools.islice(batches, 1))  # a corpus that cannot be read fails here, before any message
+    if first:
+        note(f"encoding {corpus_path} into the token cache {cache_dir}")
+    with (atomic_open(cache_dir / "tokens.bin", "wb") as f,
+          progress_bar(corpus_path.stat().st_size, "token cache", "B", unit_scale=True) as bar):
+        for texts, flags, n_bytes in itertools.chain(first, batches):
             ids, doc_offsets = encode_pieces(tok, texts, flags, doc, dtype)
             ids.tofile(f)
             digest.update(ids)
             starts.append(doc_offsets + n)
             n += len(ids)
-            if progress:
-                progress(n_bytes)
+            (progress or bar.update)(n_bytes)
     doc_starts = np.concatenate([*starts, [n]]).astype(np.int64)
     if len(doc_starts) == 1:
         (cache_dir / "tokens.bin").unlink(missing_ok=True)

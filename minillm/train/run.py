@@ -117,7 +117,6 @@ def corpus_data(spec: RunSpec, block_size: int) -> DataFactory:
     """The data of a run on ``spec.corpus`` through the token cache (``train``, ``finetune --mode continue``)."""
 
     def load(tcfg: TrainConfig, dist: distributed.Dist, log: TrainLog) -> RunData:
-        log.event(f"encoding {spec.corpus} into the token cache")
         return prepare_data(spec.tokenizer, spec.corpus, cache_dir_for(spec.outdir, spec.cache_dir), block_size, tcfg,
                             val_file=spec.val_file, rank=dist.rank, world_size=dist.world_size, note=log.event)
 
@@ -196,6 +195,15 @@ def _check_hardware(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, job: Jo
     return device, dtype
 
 
+def kernel_that_runs(mcfg: ModelConfig, device: torch.device, note: Callable[[str], None]) -> ModelConfig:
+    """The model config with the loss kernel that runs on ``device``: liger runs on CUDA only, so elsewhere the
+    run uses (and records in config.json) torch, after saying so; the weights mean the same either way."""
+    if mcfg.loss_kernel != "liger" or device.type == "cuda":
+        return mcfg
+    note(f"--loss-kernel liger runs on CUDA only; this {device.type} run uses torch (and records it)")
+    return dataclasses.replace(mcfg, loss_kernel="torch")
+
+
 # ---------------------------------------------------------------- setup_run
 
 
@@ -226,6 +234,7 @@ def setup_run(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, job: Job,
     t_entry = spec.started or time.time()
     log = TrainLog(spec.log_format)
     device, dtype = _check_hardware(spec, mcfg, tcfg, job, dist, log)
+    mcfg = kernel_that_runs(mcfg, device, log.event)
     with Signals(spec.outdir) as sig, _claim_outdir(spec, dist) as notes:
         old = run_config(spec.outdir) if spec.resume else None
         tok_sha = sha256_file(spec.tokenizer)
