@@ -264,13 +264,15 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 evaluate_and_save(ctx, state, loader_state, lr)
                 eval_s, last_eval, saved_step = time.time() - t0, state.step, state.step
                 t_log += eval_s  # tokens/s counts training time only
-                if tcfg.max_time and len(durs) >= 2:
-                    now, step_s, ev_s = ctx.agreed([clock(), step_time(durs), eval_s])  # the same plan on all ranks
-                    sched = replan(state, sched, tcfg, now, step_s, ev_s, limit, log.event)
                 if tcfg.patience and state.bad_evals >= tcfg.patience:
                     end = "early_stopping"
                     log.event(f"early stopping: {tcfg.patience} evaluations without improvement")
                     break
+            # after each evaluation, and each log step of a planned run (its evaluations may be few or none)
+            if tcfg.max_time and len(durs) >= 2 and (
+                    last_eval == state.step or (state.planned and state.step % tcfg.log_every == 0)):
+                now, step_s, ev_s = ctx.agreed([clock(), step_time(durs), eval_s])  # the same plan on all ranks
+                sched = replan(state, sched, tcfg, now, step_s, ev_s, limit, log.event)
     finally:
         sig.deferred = False
         prefetch.close()
