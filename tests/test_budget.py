@@ -112,6 +112,11 @@ def test_replan_fixes_the_total_then_moves_it_only_by_more_than_one_percent():
     slower = budget.replan(state, new, tcfg, 10.0, 0.2, 1.0, UNBOUNDED, notes.append)  # twice as slow
     assert slower.total < new.total and state.schedule == dataclasses.asdict(slower) and len(notes) == 2
     assert slower.anchor_step == 20  # the decay is recomputed from the current step
+    fixed = dataclasses.replace(tcfg, eval_every=50)  # --eval-every: planned with the user's interval
+    state = RunState(step=20, planned=False, schedule=dataclasses.asdict(sched))
+    assert budget.replan(state, sched, fixed, 10.0, 0.1, 1.0, UNBOUNDED, notes.append).total == \
+        budget.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 50, UNBOUNDED)[0] and state.eval_every == 0
+    assert notes[-1].endswith("evaluating every 50")
 
 
 # ---------------------------------------------------------------- cadence, ETA and the too-big warning, on a fake clock

@@ -82,12 +82,12 @@ def replan(state: RunState, sched: Schedule, tcfg: TrainConfig, elapsed: float, 
     included, moved by more than ``REPLAN_MARGIN`` from the plan's. The decay is recomputed from the current
     step when the total moves by more than 1%; ``note`` hears of a first plan and of a total moved by more
     than ``LOG_MARGIN``."""
-    first, fixed = not state.planned, tcfg.eval_every or state.eval_every
-    cost = step_s + (eval_s / fixed if fixed and fixed < UNBOUNDED else 0.0)
+    first = not state.planned
+    fixed = tcfg.eval_every or (0 if first else state.eval_every)
+    cost = step_s + (eval_s / fixed if 0 < fixed < UNBOUNDED else 0.0)
     if not first and state.plan_step_s and abs(cost - state.plan_step_s) <= REPLAN_MARGIN * state.plan_step_s:
         return sched
-    total, every = plan_time_budget(state.step, elapsed, tcfg.max_time, step_s, eval_s, 0 if first else fixed, limit)
-    every = tcfg.eval_every or every
+    total, every = plan_time_budget(state.step, elapsed, tcfg.max_time, step_s, eval_s, fixed, limit)
     state.planned, state.eval_every = True, (0 if tcfg.eval_every else every)
     state.plan_step_s = step_s + (eval_s / every if every < UNBOUNDED else 0.0)
     if not first and abs(total - sched.total) <= max(1, 0.01 * sched.total):
