@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import time
 
 import pytest
+import torch
 
 from minillm.checkpoint import load_checkpoint
 from minillm.config import resolve
 from minillm.optim.groups import UNBOUNDED, Schedule, schedule_for
 from minillm.train import budget, loop
 from minillm.train.state import RunState
+from minillm.train.step import StepResult
 from tests.test_training import run
 
 pytestmark = pytest.mark.usefixtures("no_plots")
 
 
 def test_time_budget_plan_table():
-    # 100 s budget, 10 s used, 0.1 s/step, 1 s per evaluation, ~10 evaluations
+    # 100 s budget, 10 s used, 0.1 s/step, 1 s per evaluation: 10 evaluations in all (the planning one, 8 at a
+    # steady interval, the final one), 10 s = 10% of the budget
     total, every = budget.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 0, 10**12)
-    assert 20 + 700 < total < 20 + 800 and every == pytest.approx((total - 20) / 10, rel=0.02)
+    assert 20 + 700 < total < 20 + 800 and every == pytest.approx((total - 20) / 9, rel=0.02)
+    assert budget.plan_time_budget(20, 10.0, 100.0, 0.1, 2.5, 0, 10**12)[1] == pytest.approx((total - 20) / 3, rel=0.1)
+    assert budget.plan_time_budget(20, 10.0, 100.0, 0.1, 5.0, 0, 10**12)[1] == UNBOUNDED  # only the final one
     assert budget.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 0, 100)[0] == 100  # --max-steps first
     total, every = budget.plan_time_budget(0, 0.0, 100.0, 0.1, 1.0, 50, 10**12)
     assert every == 50 and total * 0.1 + (total / 50 + 1) * 1.0 <= 100 - 3 - 1.5
@@ -106,3 +112,146 @@ def test_replan_fixes_the_total_then_moves_it_only_by_more_than_one_percent():
     slower = budget.replan(state, new, tcfg, 10.0, 0.2, 1.0, UNBOUNDED, notes.append)  # twice as slow
     assert slower.total < new.total and state.schedule == dataclasses.asdict(slower) and len(notes) == 2
     assert slower.anchor_step == 20  # the decay is recomputed from the current step
+    fixed = dataclasses.replace(tcfg, eval_every=50)  # --eval-every: planned with the user's interval
+    state = RunState(step=20, planned=False, schedule=dataclasses.asdict(sched))
+    assert budget.replan(state, sched, fixed, 10.0, 0.1, 1.0, UNBOUNDED, notes.append).total == \
+        budget.plan_time_budget(20, 10.0, 100.0, 0.1, 1.0, 50, UNBOUNDED)[0] and state.eval_every == 0
+    assert notes[-1].endswith("evaluating every 50")
+
+
+# ---------------------------------------------------------------- cadence, ETA and the too-big warning, on a fake clock
+
+
+class FakeClock:
+    """Stands in for the loop's ``time`` module: the clock moves only by the step and evaluation times a test
+    gives, starting at the real time of its first reading."""
+
+    monotonic = staticmethod(time.monotonic)
+
+    def __init__(self) -> None:
+        self.now: float | None = None
+
+    def time(self) -> float:
+        if self.now is None:
+            self.now = time.time()
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now = self.time() + seconds
+
+
+def timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, step_times, eval_s: float, **overrides) -> dict:
+    """A --max-time run on a fake clock: step ``i`` (from 0) takes ``step_times(i)`` seconds and each evaluation
+    ``eval_s``, without computing anything; returns the summary, the history and the log lines."""
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(loop, "time", clock)
+
+    def fake_step(*args, **kwargs):
+        def step(prefetch, lr_scale):
+            clock.advance(step_times(len(calls)))
+            calls.append(lr_scale)
+            return StepResult(2.0, 1.0, prefetch.next()[1])
+        return step
+
+    def fake_eval(*args, **kwargs):
+        clock.advance(eval_s)
+        return 2.0
+    monkeypatch.setattr(loop, "make_train_step", fake_step)
+    monkeypatch.setattr(loop, "estimate_val_loss", fake_eval)
+    s = run(tokenizer_path, corpus, tmp_path / "r", log_format="text", **{"max_steps": 0, "epochs": 0.0, **overrides})
+    hist = json.loads((tmp_path / "r" / "history.json").read_text())["evals"]
+    return {"summary": s, "evals": [h["step"] for h in hist]}
+
+
+def jittery(ms: float, seed: int = 0):
+    """Step times around ``ms`` milliseconds, 30% jitter, a first (compiling) step of 5 s."""
+    rng = random.Random(seed)
+    return lambda i: 5.0 if i == 0 else ms / 1000 * rng.uniform(0.7, 1.3)
+
+
+def replans(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("--max-time")]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_two_minute_run_plans_once_and_evaluates_at_a_steady_cadence(tmp_path, tokenizer_path, corpus,
+                                                                       monkeypatch, capsys, seed):
+    """Issue 24: a 2-minute CPU run printed 22 replanning lines and ~45 evaluations, every 1-6 steps near the end."""
+    r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, jittery(56.3, seed), 0.5, max_time=120.0,
+                  log_every=50)
+    s, evals, lines = r["summary"], r["evals"], replans(capsys.readouterr().err)
+    assert 1 <= len(lines) <= 2, lines
+    assert s["elapsed_s"] <= 120.0 and s["steps"] > 0.8 * 115 / 0.0563, s  # the budget is used, not exceeded
+    assert len(evals) <= budget.MAX_EVALS + 1 and len(evals) * 0.5 <= budget.EVAL_SHARE * 120, evals
+    gaps = {b - a for a, b in zip(evals[1:-2], evals[2:-1], strict=True)}  # the planning and the final apart
+    assert len(gaps) == 1, evals
+
+
+def test_a_step_time_that_moves_for_good_is_followed_keeping_the_cadence(tmp_path, tokenizer_path, corpus,
+                                                                          monkeypatch, capsys):
+    """The machine gets busier halfway through: the plan follows the step-time estimate (a mean over the last
+    100 steps) in one or two moves, and the evaluation interval stays."""
+    r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, lambda i: 5.0 if i == 0 else (0.05 if i < 900 else 0.08),
+                  0.5, max_time=120.0, log_every=50)
+    lines = replans(capsys.readouterr().err)
+    assert 2 <= len(lines) <= 3 and len({line.split("evaluating every")[1] for line in lines}) == 1, lines
+    assert lines[-1].startswith("--max-time 2m00s: 80.0 ms/step"), lines
+    assert r["summary"]["elapsed_s"] <= 120.0 and r["summary"]["end"] in ("schedule", "max_time")
+    evals = r["evals"]
+    assert len({b - a for a, b in zip(evals[1:-2], evals[2:-1], strict=True)}) == 1, evals
+
+
+def test_a_plan_from_a_slow_warm_up_is_corrected_without_evaluations_in_between(tmp_path, tokenizer_path, corpus,
+                                                                                 monkeypatch, capsys):
+    """Evaluations too costly for any but the final one: the plan is still fitted again as the steps speed up
+    (here a loaded machine's 0.5 s steps fall to 0.05 s), so the run uses its budget instead of ending early."""
+    r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, lambda i: 5.0 if i == 0 else (0.5 if i < 12 else 0.05),
+                  13.0, max_time=120.0, log_every=25)
+    lines = replans(capsys.readouterr().err)
+    assert "evaluating at the end" in lines[0] and len(lines) <= 5, lines
+    assert 0.85 * 120 <= r["summary"]["elapsed_s"] <= 120.0, r["summary"]
+
+
+def test_costly_evaluations_are_spaced_to_take_at_most_a_tenth_of_the_budget(tmp_path, tokenizer_path, corpus,
+                                                                                monkeypatch, capsys):
+    r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, jittery(50.0), 2.0, max_time=120.0, log_every=50)
+    assert len(r["evals"]) * 2.0 <= budget.EVAL_SHARE * 120 + 2.0, r["evals"]  # the planning one may tip it by one
+    assert r["summary"]["elapsed_s"] <= 120.0
+
+
+def test_the_eta_comes_from_measured_steps_never_the_first(tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
+    """Issue 24: "eta 3m06s" on the first lines of a 2-minute run: the first step compiles."""
+    assert budget.eta([30.0], 100, 10, 1.0, None) is None  # only the compiling step measured
+    assert budget.eta([30.0, 0.1, 0.3], 100, 10, 1.0, None) == pytest.approx(100 * 0.2 + 11 * 1.0)
+    assert budget.eta([30.0, 0.1, 0.3], 1000, 10, 1.0, 50.0) == 50.0  # never past the --max-time budget
+    assert budget.eta([30.0, 0.1], None, 10, 1.0, 70.0) == 70.0  # not planned yet: the budget's rest
+    timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, lambda i: 20.0 if i == 0 else 0.05, 0.2,
+              max_steps=200, max_time=0.0, eval_every=50, log_every=10)
+    steps = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("step ")]
+    assert "eta" not in steps[0] and steps[0].startswith("step 1/200"), steps[0]
+    assert steps[1].startswith("step 10/200") and steps[1].endswith("eta 9s"), steps[1]  # 190 * 0.05, no evaluation timed yet
+
+
+def test_a_preset_far_too_big_for_the_device_is_warned_about(tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
+    """Issue 24: `small` on a 2-core CPU takes ~80 s a step, with no warning."""
+    from minillm.model.gpt import GPT
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu = torch.device("cpu")
+
+    def per_step(preset: str) -> float:
+        mcfg, tcfg = resolve(preset, {"vocab_size": 4032})
+        tokens = tcfg.batch_size * tcfg.accumulation_steps * mcfg.block_size
+        return budget.expected_step_s(GPT(mcfg).flops_per_token() * tokens, cpu)
+
+    small, tiny = per_step("small"), per_step("tiny")
+    assert 30 < small < 200 and tiny < 1.0, (small, tiny)
+    warning = budget.too_big_warning(small, cpu, 300.0)
+    assert warning and "2 threads" in warning and f"{small:,.0f} s a step" in warning and "--config tiny" in warning
+    assert "--max-time 5m00s fits about" in warning
+    assert budget.too_big_warning(tiny, cpu, 0.0) is None and budget.too_big_warning(tiny, cpu, 120.0) is None
+    assert budget.too_big_warning(2.0, cpu, 60.0)  # 30 steps in the whole budget
+    assert budget.too_big_warning(None, torch.device("meta"), 0.0) is None  # a device of unknown speed
+    monkeypatch.setattr(budget, "CPU_FLOPS_PER_THREAD", 1.0)  # a very slow CPU: the run says so before it starts
+    run(tokenizer_path, corpus, tmp_path / "r", max_steps=2, log_format="text")
+    assert "warning: this model is far too big for this CPU (2 threads)" in capsys.readouterr().err

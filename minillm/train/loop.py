@@ -31,7 +31,15 @@ from minillm.data.loader import Loader, Prefetcher
 from minillm.errors import MiniLLMError
 from minillm.io import atomic_link
 from minillm.optim.groups import UNBOUNDED, Schedule, lr_at
-from minillm.train.budget import out_of_time, ready_to_plan, replan, step_time
+from minillm.train.budget import (
+    eta,
+    expected_step_s,
+    out_of_time,
+    ready_to_plan,
+    replan,
+    step_time,
+    too_big_warning,
+)
 from minillm.train.log import TrainLog, epoch_of, eval_record, peak_flops, write_history
 from minillm.train.state import RunState, total_steps_for
 from minillm.train.step import estimate_val_loss, make_train_step
@@ -195,6 +203,9 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     eval_s, bad, end, saved_step, lr = 0.0, 0, "schedule", state.step, lr_at(state.step, sched)
     last_eval = state.history[-1]["step"] if state.history else -1
     t_log, step_log = time.time(), state.step
+    warning = too_big_warning(expected_step_s(flops * tokens_per_step, device), device, tcfg.max_time)
+    if warning:
+        log.event(warning)
     sig.deferred = True
     try:
         while True:
@@ -240,10 +251,10 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             log.progress(state.step, total)
             if state.step % tcfg.log_every == 0 or state.step == 1:
                 tps = tokens_per_step * (state.step - step_log) / max(time.time() - t_log, 1e-9)
-                left = total - state.step
-                eta = left * step_time(durs) + (left // eval_every + 1) * eval_s
+                eta_s = eta(durs, total - state.step if total else None, eval_every, eval_s,
+                            tcfg.max_time - clock() if tcfg.max_time else None)
                 log.step(state.step, total, epoch_of(loader, loader_state), r.loss, lr, tps,
-                         flops * tps / peak if peak else None, eta if total else None)
+                         flops * tps / peak if peak else None, eta_s)
                 t_log, step_log = time.time(), state.step
             plan_now = ready_to_plan(state, durs, tcfg.max_time)
             if not state.planned and world > 1:  # ranks time their steps apart: plan when any is ready
@@ -253,13 +264,15 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 evaluate_and_save(ctx, state, loader_state, lr)
                 eval_s, last_eval, saved_step = time.time() - t0, state.step, state.step
                 t_log += eval_s  # tokens/s counts training time only
-                if tcfg.max_time and len(durs) >= 2:
-                    now, step_s, ev_s = ctx.agreed([clock(), step_time(durs), eval_s])  # the same plan on all ranks
-                    sched = replan(state, sched, tcfg, now, step_s, ev_s, limit, log.event)
                 if tcfg.patience and state.bad_evals >= tcfg.patience:
                     end = "early_stopping"
                     log.event(f"early stopping: {tcfg.patience} evaluations without improvement")
                     break
+            # after each evaluation, and each log step of a planned run (its evaluations may be few or none)
+            if tcfg.max_time and len(durs) >= 2 and (
+                    last_eval == state.step or (state.planned and state.step % tcfg.log_every == 0)):
+                now, step_s, ev_s = ctx.agreed([clock(), step_time(durs), eval_s])  # the same plan on all ranks
+                sched = replan(state, sched, tcfg, now, step_s, ev_s, limit, log.event)
     finally:
         sig.deferred = False
         prefetch.close()

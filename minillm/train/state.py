@@ -24,6 +24,7 @@ class RunState:
     schedule: dict[str, Any] | None = None  # the optim.Schedule, as a dict
     eval_every: int = 0  # evaluation interval fixed by a --max-time plan (0: from --eval-every or total / 10)
     planned: bool = True  # False until a --max-time run has measured its step time and fixed its total
+    plan_step_s: float = 0.0  # seconds per step, evaluations included, that the --max-time plan assumed
     train_s: float = 0.0  # seconds spent in training steps, leaving out each process's first (compilation)
     first_step_s: float = 0.0  # seconds of the first step (includes torch.compile), summed over resumes
 
