@@ -153,7 +153,7 @@ class TrainLog:
                 self._tb.add_scalar(k, v, step)
 
 
-# ---------------------------------------------------------------- the history of evaluations
+# ---------------------------------------------------------------- the history: evaluations and training losses
 
 
 def epoch_of(loader: Loader, loader_state: dict) -> float:
@@ -176,7 +176,14 @@ def eval_record(state: RunState, val: float, lr: float, loader: Loader, loader_s
     return rec
 
 
-def write_history(outdir: Path, history: list[dict[str, Any]]) -> None:
-    """``OUTDIR/history.json`` and ``OUTDIR/curves.png``, each written atomically."""
-    atomic_write_json(outdir / "history.json", {"format": 1, "evals": history})
-    plots.plot_curves(history, outdir / "curves.png")
+def train_record(state: RunState, steps: int) -> dict[str, Any]:
+    """One log step's entry of ``history.json``'s ``train``: the training loss smoothed as the mean of the last
+    ``steps`` steps' losses (fewer right after an evaluation), so a resumed run logs what a straight one would."""
+    recent = state.running[-max(1, steps):]
+    return {"step": state.step, "tokens": state.tokens, "loss": float(np.mean(recent))}
+
+
+def write_history(outdir: Path, history: list[dict[str, Any]], train: list[dict[str, Any]] | None = None) -> None:
+    """``OUTDIR/history.json`` (``train`` only when given) and ``OUTDIR/curves.png``, each written atomically."""
+    atomic_write_json(outdir / "history.json", {"format": 1, "evals": history} | ({"train": train} if train else {}))
+    plots.plot_curves(history, outdir / "curves.png", train or ())
