@@ -142,8 +142,9 @@ def _train(tokenizer: Path, corpus: Path, out: Path, resume: bool = False, **kw)
 
 def test_a_run_logs_its_smoothed_training_loss_and_a_resumed_run_continues_it(tmp_path, tokenizer_path, corpus,
                                                                                 capsys, monkeypatch):
-    """``train`` in history.json: every log step's loss averaged over the last log_every steps (not reaching back
-    past an evaluation); interrupted at step 7 and resumed, the run logs exactly what a straight run does."""
+    """``train`` in history.json: at every log step and evaluation, the loss averaged over the last log_every steps
+    (not reaching back past an evaluation); interrupted at step 7 and resumed, the run records exactly what a
+    straight run does."""
     from minillm.train import loop
 
     _train(tokenizer_path, corpus, tmp_path / "every", log_every=1)  # the same run, each step's loss printed
@@ -152,8 +153,8 @@ def test_a_run_logs_its_smoothed_training_loss_and_a_resumed_run_continues_it(tm
     hist = json.loads((tmp_path / "a" / "history.json").read_text())
     assert hist["format"] == 1 and [h["step"] for h in hist["evals"]] == [5, 10, 12]
     rec = {t["step"]: t for t in hist["train"]}
-    assert list(rec) == [1, 3, 6, 9, 12] and rec[12]["tokens"] == 12 * 4 * 16
-    window = {1: [1], 3: [1, 2, 3], 6: [6], 9: [7, 8, 9], 12: [11, 12]}  # evaluations at 5 and 10 reset it
+    assert list(rec) == [1, 3, 5, 6, 9, 10, 12] and rec[12]["tokens"] == 12 * 4 * 16  # log steps and evaluations
+    window = {1: [1], 3: [1, 2, 3], 5: [3, 4, 5], 6: [6], 9: [7, 8, 9], 10: [8, 9, 10], 12: [11, 12]}
     assert all(rec[s]["loss"] == pytest.approx(np.mean([losses[i] for i in w])) for s, w in window.items())
 
     real, fired = loop.lr_at, []
@@ -183,7 +184,7 @@ def test_the_old_fixture_run_resumes_and_its_curves_continue(tmp_path, runner, m
                             "fx.toml", "--resume", "--max-steps", "9"])
     assert r.exit_code == 0, r.output
     hist = json.loads(Path("run/history.json").read_text())
-    assert [h["step"] for h in hist["evals"]] == [3, 6, 9] and [t["step"] for t in hist["train"]] == [9]
+    assert [h["step"] for h in hist["evals"]] == [3, 6, 9] and [t["step"] for t in hist["train"]] == [9]  # log_every 3
     assert train_curve(hist["evals"], hist["train"])[:2] == [(384, hist["evals"][0]["train_loss"]),
                                                             (768, hist["evals"][1]["train_loss"])]
     assert Path("run/curves.png").stat().st_mtime > (FIXTURE / "run" / "history.json").stat().st_mtime
@@ -198,7 +199,9 @@ def test_length_histogram_starts_at_the_shortest_documents_decade_and_marks_the_
     (ax,) = fig.axes
     assert ax.get_xscale() == "log" and ax.get_xlim()[0] == 10  # not 10^0: the shortest is 51 tokens
     marks = {ln.get_label(): ln.get_xdata()[0] for ln in ax.get_lines()}
-    assert marks == {"median 200": 200, "suggested block size 256 (56% of documents fit)": 256}
+    assert marks == {"median 200": 200, "suggested block size 256": 256}
+    labels = [t.get_text() for t in ax.get_xticklabels() if 10 <= t.get_position()[0] <= ax.get_xlim()[1]]
+    assert labels == ["10", "20", "50", "100", "200", "500", "1k", "2k"]
     assert sum(p.get_height() for p in ax.patches) == len(lengths)  # every document is in a bin
 
 

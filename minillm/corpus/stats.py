@@ -362,7 +362,7 @@ def plot_lengths(lengths: Sequence[int], path: Path, estimated: bool, block_size
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     from minillm.io import atomic_open
 
@@ -375,14 +375,13 @@ def plot_lengths(lengths: Sequence[int], path: Path, estimated: bool, block_size
     ax.hist(a, bins=np.unique(np.geomspace(lo_decade, hi + 1, 50).astype(int)), color="tab:blue")
     ax.set_xscale("log")
     ax.set_xlim(lo_decade, hi * 1.1)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(fmt_count))
     ax.set_xlabel("document length (tokens" + (", estimated)" if estimated else ")"))
     ax.set_ylabel("documents")
     ax.axvline(float(np.median(a)), color="tab:orange", label=f"median {np.median(a):,.0f}")
     if block_size:
-        fit = float(np.mean(a <= block_size))
-        ax.axvline(block_size, color="tab:green", ls="--",
-                   label=f"suggested block size {block_size:,} ({fit:.0%} of documents fit)")
+        ax.axvline(block_size, color="tab:green", ls="--", label=f"suggested block size {block_size:,}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

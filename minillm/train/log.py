@@ -176,11 +176,13 @@ def eval_record(state: RunState, val: float, lr: float, loader: Loader, loader_s
     return rec
 
 
-def train_record(state: RunState, steps: int) -> dict[str, Any]:
-    """One log step's entry of ``history.json``'s ``train``: the training loss smoothed as the mean of the last
-    ``steps`` steps' losses (fewer right after an evaluation), so a resumed run logs what a straight one would."""
-    recent = state.running[-max(1, steps):]
-    return {"step": state.step, "tokens": state.tokens, "loss": float(np.mean(recent))}
+def record_train_loss(state: RunState, steps: int) -> None:
+    """Add this step's entry to ``state.train_history`` (``history.json``'s ``train``; once per step, at log steps
+    and evaluations): the training loss smoothed as the mean of the last ``steps`` steps' losses (fewer right
+    after an evaluation), so a resumed run records what a straight one would."""
+    if state.running and not (state.train_history and state.train_history[-1]["step"] == state.step):
+        loss = float(np.mean(state.running[-max(1, steps):]))
+        state.train_history.append({"step": state.step, "tokens": state.tokens, "loss": loss})
 
 
 def write_history(outdir: Path, history: list[dict[str, Any]], train: list[dict[str, Any]] | None = None) -> None:

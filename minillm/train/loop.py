@@ -32,7 +32,7 @@ from minillm.errors import MiniLLMError
 from minillm.io import atomic_link
 from minillm.optim.groups import UNBOUNDED, Schedule, lr_at
 from minillm.train.budget import out_of_time, ready_to_plan, replan, step_time
-from minillm.train.log import TrainLog, epoch_of, eval_record, peak_flops, train_record, write_history
+from minillm.train.log import TrainLog, epoch_of, eval_record, peak_flops, record_train_loss, write_history
 from minillm.train.state import RunState, total_steps_for
 from minillm.train.step import estimate_val_loss, make_train_step
 
@@ -159,6 +159,7 @@ def evaluate_and_save(ctx: TrainContext, state: RunState, loader_state: dict, lr
                            f"checkpoint in {outdir} is kept. Lower --lr (now {tcfg.lr:g}) or use --precision "
                            f"bf16/fp32, then start again or --resume")
     rec = eval_record(state, val, lr, ctx.loader, loader_state)
+    record_train_loss(state, tcfg.log_every)
     state.running = []
     state.history.append(rec)
     improved = val < state.best_val
@@ -239,7 +240,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             eval_every = tcfg.eval_every or state.eval_every or max(1, sched.total // 10)
             log.progress(state.step, total)
             if state.step % tcfg.log_every == 0 or state.step == 1:
-                state.train_history.append(train_record(state, tcfg.log_every))
+                record_train_loss(state, tcfg.log_every)
                 tps = tokens_per_step * (state.step - step_log) / max(time.time() - t_log, 1e-9)
                 left = total - state.step
                 eta = left * step_time(durs) + (left // eval_every + 1) * eval_s

@@ -30,7 +30,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, train: Sequence[dict[
     and this runs after every evaluation)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
 
     from minillm.corpus.stats import fmt_count
     from minillm.io import atomic_open
@@ -57,6 +57,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path, train: Sequence[dict[
     ax1.legend()
     ax2.set_ylabel("validation perplexity")
     ax2.set_yscale("log")
+    for axis_formatter in (ax2.yaxis.set_major_formatter, ax2.yaxis.set_minor_formatter):  # 800, not 8 x 10^2
+        axis_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     for ax in (ax1, ax2):
         ax.set_xlabel("tokens")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
