@@ -107,7 +107,7 @@ def analyze_corpus(
     stats = analyze(corpus, separator, tok)
     rec = recommend(stats.lengths, stats.bytes)
     if plot is not None:
-        plot_lengths(stats.lengths, plot, stats.tokens_estimated)
+        plot_lengths(stats.lengths, plot, stats.tokens_estimated, rec.block_size)
         typer.echo(f"wrote {plot}", err=True)
     if as_json:
         typer.echo(json.dumps(report(stats, rec), indent=2, ensure_ascii=False))

@@ -359,28 +359,42 @@ def render_table(stats: CorpusStats, rec: Recommendation):
     return t
 
 
-def plot_lengths(lengths: Sequence[int], path: Path, estimated: bool) -> None:
-    """Histogram of document lengths in tokens (log-spaced bins), written atomically as a PNG."""
-    import matplotlib
+def fmt_count(x: float, _pos: object = None) -> str:
+    """A tick label for a count at any scale: 0, 500, 1.5k, 250k, 1.2M, 3B (at most 3 significant digits)."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_lengths(lengths: Sequence[int], path: Path, estimated: bool, block_size: int | None = None) -> None:
+    """Histogram of document lengths in tokens (log-spaced bins from the shortest document's order of
+    magnitude), the median and the suggested ``block_size`` marked, written atomically as a PNG."""
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     from minillm.io import atomic_open
 
     a = np.asarray(lengths, dtype=np.int64)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    hi = max(int(a.max()), 2)
-    bins = np.unique(np.logspace(0, math.log10(hi), 50).astype(int))
-    ax.hist(a, bins=bins if len(bins) > 1 else 10, color="tab:blue")
+    lo_decade = 10.0 ** math.floor(math.log10(max(1, int(a.min()))))
+    hi = max(int(a.max()), 2 * lo_decade)
+    fig = Figure(figsize=(8, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.hist(a, bins=np.unique(np.geomspace(lo_decade, hi + 1, 50).astype(int)), color="tab:blue")
     ax.set_xscale("log")
+    ax.set_xlim(lo_decade, hi * 1.1)
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(fmt_count))
     ax.set_xlabel("document length (tokens" + (", estimated)" if estimated else ")"))
     ax.set_ylabel("documents")
     ax.axvline(float(np.median(a)), color="tab:orange", label=f"median {np.median(a):,.0f}")
+    if block_size:
+        ax.axvline(block_size, color="tab:green", ls="--", label=f"suggested block size {block_size:,}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_open(Path(path), "wb") as f:
         fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)

@@ -153,7 +153,7 @@ class TrainLog:
                 self._tb.add_scalar(k, v, step)
 
 
-# ---------------------------------------------------------------- the history of evaluations
+# ---------------------------------------------------------------- the history: evaluations and training losses
 
 
 def epoch_of(loader: Loader, loader_state: dict) -> float:
@@ -176,7 +176,16 @@ def eval_record(state: RunState, val: float, lr: float, loader: Loader, loader_s
     return rec
 
 
-def write_history(outdir: Path, history: list[dict[str, Any]]) -> None:
-    """``OUTDIR/history.json`` and ``OUTDIR/curves.png``, each written atomically."""
-    atomic_write_json(outdir / "history.json", {"format": 1, "evals": history})
-    plots.plot_curves(history, outdir / "curves.png")
+def record_train_loss(state: RunState, steps: int) -> None:
+    """Add this step's entry to ``state.train_history`` (``history.json``'s ``train``; once per step, at log steps
+    and evaluations): the training loss smoothed as the mean of the last ``steps`` steps' losses (fewer right
+    after an evaluation), so a resumed run records what a straight one would."""
+    if state.running and not (state.train_history and state.train_history[-1]["step"] == state.step):
+        loss = float(np.mean(state.running[-max(1, steps):]))
+        state.train_history.append({"step": state.step, "tokens": state.tokens, "loss": loss})
+
+
+def write_history(outdir: Path, history: list[dict[str, Any]], train: list[dict[str, Any]] | None = None) -> None:
+    """``OUTDIR/history.json`` (``train`` only when given) and ``OUTDIR/curves.png``, each written atomically."""
+    atomic_write_json(outdir / "history.json", {"format": 1, "evals": history} | ({"train": train} if train else {}))
+    plots.plot_curves(history, outdir / "curves.png", train or ())

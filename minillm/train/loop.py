@@ -40,7 +40,7 @@ from minillm.train.budget import (
     step_time,
     too_big_warning,
 )
-from minillm.train.log import TrainLog, epoch_of, eval_record, peak_flops, write_history
+from minillm.train.log import TrainLog, epoch_of, eval_record, peak_flops, record_train_loss, write_history
 from minillm.train.state import RunState, total_steps_for
 from minillm.train.step import estimate_val_loss, make_train_step
 
@@ -167,6 +167,7 @@ def evaluate_and_save(ctx: TrainContext, state: RunState, loader_state: dict, lr
                            f"checkpoint in {outdir} is kept. Lower --lr (now {tcfg.lr:g}) or use --precision "
                            f"bf16/fp32, then start again or --resume")
     rec = eval_record(state, val, lr, ctx.loader, loader_state)
+    record_train_loss(state, tcfg.log_every)
     state.running = []
     state.history.append(rec)
     improved = val < state.best_val
@@ -180,7 +181,7 @@ def evaluate_and_save(ctx: TrainContext, state: RunState, loader_state: dict, lr
     if ctx.dist.is_main:
         if improved:  # the same bytes: linked, not written twice
             atomic_link(outdir / "ckpt_last.pt", outdir / "ckpt_best.pt")
-        write_history(outdir, state.history)
+        write_history(outdir, state.history, state.train_history)
 
 
 # ---------------------------------------------------------------- the loop
@@ -250,6 +251,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             eval_every = tcfg.eval_every or state.eval_every or max(1, sched.total // 10)
             log.progress(state.step, total)
             if state.step % tcfg.log_every == 0 or state.step == 1:
+                record_train_loss(state, tcfg.log_every)
                 tps = tokens_per_step * (state.step - step_log) / max(time.time() - t_log, 1e-9)
                 eta_s = eta(durs, total - state.step if total else None, eval_every, eval_s,
                             tcfg.max_time - clock() if tcfg.max_time else None)

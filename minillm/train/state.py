@@ -18,6 +18,7 @@ class RunState:
     best_val: float = math.inf  # best validation loss so far
     bad_evals: int = 0  # evaluations since the best one (the patience counter)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
+    train_history: list[dict[str, Any]] = field(default_factory=list)  # smoothed training loss, log steps + evaluations
     tokens: int = 0  # training tokens seen
     elapsed_s: float = 0.0  # wall-clock seconds of the run so far, across resumes
     running: list[float] = field(default_factory=list)  # training losses since the last evaluation
