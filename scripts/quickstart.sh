@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole minillm pipeline on the sample corpus shipped in the package (or on your own text):
-#   scripts/quickstart.sh [INPUT ...]        (RUN=DIR for another output folder, MAX_TIME=5m to train longer)
+#   scripts/quickstart.sh [INPUT ...]        (RUN=DIR for another output folder, MAX_TIME=20m to train longer)
 # prepare -> analyze -> init-tokenizer -> train (tiny preset, CPU-friendly) -> generate -> evaluate,
 # all into runs/quickstart/. It is also an example of chaining the stages in a shell script.
 set -euo pipefail
@@ -66,10 +66,10 @@ PY
 echo "== 3/6 init-tokenizer" >&2
 minillm init-tokenizer --files "$RUN/train.txt" --vocab-size "$VOCAB" --out "$RUN/tokenizer.json"
 
-echo "== 4/6 train (tiny preset, ${EPOCHS} epochs, at most ${MAX_TIME:-10m})" >&2
+echo "== 4/6 train (tiny preset, ${EPOCHS} epochs, at most ${MAX_TIME:-5m})" >&2
 minillm train --tokenizer "$RUN/tokenizer.json" --corpus "$RUN/train.txt" --outdir "$RUN/model" \
   --config tiny --epochs "$EPOCHS" --max-steps 0 --block-size "$BLOCK" --stride "$STRIDE" \
-  --max-time "${MAX_TIME:-10m}" --overwrite --device auto
+  --max-time "${MAX_TIME:-5m}" --overwrite --device auto
 
 echo "== 5/6 generate" >&2
 TEXT=$(minillm generate --ckpt "$RUN/model/ckpt_best.pt" --prompt "En el principio" --max-tokens 60 --seed 0)
