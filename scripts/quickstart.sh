@@ -16,13 +16,22 @@ else
 fi
 INPUT_ARGS=()
 for f in "${INPUTS[@]}"; do INPUT_ARGS+=(--input "$f"); done
+# Whether a given file (not a directory, not .jsonl) holds no <|doc|> line: then it would be one document.
+needs_split() {
+  local f
+  for f in "$@"; do
+    case "$f" in *.jsonl | *.jsonl.gz) continue ;; esac
+    if [ -f "$f" ] && ! zgrep -qxF '<|doc|>' "$f"; then return 0; fi
+  done
+  return 1
+}
 count_documents() { "$VPY" -c 'import sys; from minillm.corpus.read import iter_documents as d; print(sum(1 for _ in d(sys.argv[1])))' "$1"; }
 
 echo "== 1/6 prepare-corpus" >&2
-# Documents end at <|doc|> lines; text without any (a book, notes, a scraped site) is split at blank lines.
+# Documents end at <|doc|> lines; a file without any (a book, notes, a scraped site) is split at blank lines.
 SPLIT=()
-if ! grep -rqsxF '<|doc|>' "${INPUTS[@]}"; then
-  echo "[quickstart] no <|doc|> line in the input: splitting it into documents at blank lines (--split-on-blank-lines)" >&2
+if needs_split "${INPUTS[@]}"; then
+  echo "[quickstart] no <|doc|> line in an input file: splitting at blank lines into documents (--split-on-blank-lines)" >&2
   SPLIT=(--split-on-blank-lines)
 fi
 minillm prepare-corpus "${INPUT_ARGS[@]}" "${SPLIT[@]}" --output "$RUN/corpus.txt"

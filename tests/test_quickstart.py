@@ -105,3 +105,15 @@ def test_quickstart_stops_on_text_it_cannot_split(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert "1 document(s)" in last and "blank line or a <|doc|> line between documents" in last
     assert "run minillm" not in r.stderr and not (tmp_path / "run" / "train.txt").exists()
+
+
+def test_quickstart_splits_when_prepare_corpus_reports_one_document(tmp_path):
+    """A directory is not searched for <|doc|> lines up front: when prepare-corpus makes one document of it, the
+    quickstart runs it again with --split-on-blank-lines (here still one document, so it stops)."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "notes.txt").write_text("".join(f"nota número {i}\n" for i in range(200)), encoding="utf-8")
+    r = _quickstart(tmp_path, texts)
+    assert r.returncode == 1
+    assert "[quickstart] 1 document(s): splitting the input at blank lines too" in r.stderr
+    assert r.stderr.count("== 1/6 prepare-corpus") == 1 and "1 document(s); the quickstart needs at least 3" in r.stderr
