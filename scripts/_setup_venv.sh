@@ -7,7 +7,7 @@ VENV="${VENV:-$ROOT/.venv}"
 CPU_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_PIN="torch==2.13.0"
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating $VENV (first run only: 1-3 minutes with torch; README § Install)" >&2
+  echo "[setup] creating $VENV (first run only: about a minute with torch; README § Install)" >&2
   "$PY" -m venv "$VENV"
 fi
 VPY="$VENV/bin/python"
@@ -18,7 +18,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   else
     # The CPU index first, with a short timeout so that a machine which cannot reach it loses seconds; then
     # the pinned version from pip's configured (default) index.
-    echo "[setup] no GPU found: installing the CPU build of torch (a 192 MB wheel: 1-3 minutes, once)" >&2
+    echo "[setup] no GPU found: installing the CPU build of torch (a 192 MB wheel: about a minute, once)" >&2
     "$VPY" -m pip install -q --timeout 5 --retries 0 --index-url "$CPU_INDEX" "$TORCH_PIN" 2>/dev/null \
       || { echo "[setup] no torch from $CPU_INDEX (unreachable?): $TORCH_PIN from the default index" >&2
            "$VPY" -m pip install -q "$TORCH_PIN"; }

@@ -34,12 +34,12 @@ if needs_split "${INPUTS[@]}"; then
   echo "[quickstart] no <|doc|> line in an input file: splitting at blank lines into documents (--split-on-blank-lines)" >&2
   SPLIT=(--split-on-blank-lines)
 fi
-minillm prepare-corpus "${INPUT_ARGS[@]}" "${SPLIT[@]}" --output "$RUN/corpus.txt"
+minillm prepare-corpus "${INPUT_ARGS[@]}" ${SPLIT[@]+"${SPLIT[@]}"} --output "$RUN/corpus.txt"
 N_DOCS=$(count_documents "$RUN/corpus.txt")
 if [ "$N_DOCS" -lt 3 ] && [ "${#SPLIT[@]}" -eq 0 ]; then
   echo "[quickstart] $N_DOCS document(s): splitting the input at blank lines too (--split-on-blank-lines)" >&2
   SPLIT=(--split-on-blank-lines)
-  minillm prepare-corpus "${INPUT_ARGS[@]}" "${SPLIT[@]}" --output "$RUN/corpus.txt"
+  minillm prepare-corpus "${INPUT_ARGS[@]}" ${SPLIT[@]+"${SPLIT[@]}"} --output "$RUN/corpus.txt"
   N_DOCS=$(count_documents "$RUN/corpus.txt")
 fi
 if [ "$N_DOCS" -lt 3 ]; then
