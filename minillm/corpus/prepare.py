@@ -23,6 +23,7 @@ from minillm.corpus.read import (
     batch_documents,
     check_head,
     find_inputs,
+    is_jsonl,
     read_documents,
     validate_encoding,
 )
@@ -153,6 +154,19 @@ def text_size(path: Path) -> int:
     return size * PACKED_RATIO if name.endswith((".bz2", ".xz", ".zst")) else size
 
 
+def _single_document_note(s: PrepareSummary, read: ReadOptions, files: list[Path]) -> str | None:
+    """What to do when the text became one document (a validation split and ``train`` need at least 2)."""
+    if s.documents_out != 1 or all(is_jsonl(f) for f in files):
+        return None
+    what = f"{files[0]}" if len(files) == 1 else f"the {len(files)} files"
+    head = f"{what} became a single document of {s.bytes_out / 1e6:.1f} MB"
+    if read.split_on_blank_lines:
+        return (f"{head}: it holds no blank line and no {read.separator} line; put one between documents "
+                f"(articles, chapters, paragraphs): train needs at least 2")
+    return (f"{head}: documents end at {read.separator} lines (--separator); if blank lines separate yours "
+            f"(paragraphs, articles), run again with --split-on-blank-lines")
+
+
 def prepare_corpus(
     inputs: list[Path],
     output: Path,
@@ -235,4 +249,7 @@ def prepare_corpus(
     ]
     s.seconds = round(time.perf_counter() - t0, 3)
     s.mb_per_s = round(s.bytes_in / 1e6 / max(s.seconds, 1e-9), 2)
+    note = _single_document_note(s, read, files)
+    if note:
+        log(note)
     return s
