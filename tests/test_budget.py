@@ -255,3 +255,28 @@ def test_a_preset_far_too_big_for_the_device_is_warned_about(tmp_path, tokenizer
     monkeypatch.setattr(budget, "CPU_FLOPS_PER_THREAD", 1.0)  # a very slow CPU: the run says so before it starts
     run(tokenizer_path, corpus, tmp_path / "r", max_steps=2, log_format="text")
     assert "warning: this model is far too big for this CPU (2 threads)" in capsys.readouterr().err
+
+
+def test_a_budget_spent_before_the_first_step_is_an_error_not_an_empty_success(tmp_path, corpus, tokenizer_path, runner):
+    """--max-time used up by the setup (a token cache build, a compilation) used to end with exit 0, 0 steps and no
+    checkpoint, so the next stage of a script failed; now it says what happened and how to fix it."""
+    from minillm.cli import app
+
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "-t", str(tokenizer_path), "-c", str(corpus), "-o", str(out), "--config", "tiny",
+                            "--max-time", "0.001", "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    assert "--max-time" in r.stderr and "before the first step" in r.stderr
+    assert not list(out.glob("ckpt_*.pt"))
+    r = runner.invoke(app, ["train", "-t", str(tokenizer_path), "-c", str(corpus), "-o", str(out), "--config", "tiny",
+                            "--max-steps", "2", "--eval-every", "2", "--device", "cpu"])
+    assert r.exit_code == 0, r.output  # the directory it left holds no checkpoint: the next run takes it over
+
+
+def test_a_short_budget_alone_is_not_called_a_model_too_big():
+    import torch
+
+    from minillm.train import budget
+
+    w = budget.too_big_warning(0.02, torch.device("cpu"), 1.0)  # 50 steps fit: the budget is short, not the model
+    assert w and "fits only about 50 steps of about 0.02 s" in w and "far too big" not in w and "--config tiny" not in w

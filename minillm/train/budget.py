@@ -116,6 +116,10 @@ def too_big_warning(step_s: float | None, device: torch.device, max_time: float)
     if step_s is None or (step_s < SLOW_STEP_S and not (max_time and max_time / step_s < MIN_STEPS)):
         return None
     where = f"this CPU ({torch.get_num_threads()} threads)" if device.type == "cpu" else str(device)
+    per_step = f"{step_s:,.0f} s" if step_s >= 10 else f"{step_s:.2g} s"
     fits = f"; --max-time {fmt_duration(max_time)} fits about {math.floor(max_time / step_s)} of them" if max_time else ""
-    return (f"warning: this model is far too big for {where}: about {step_s:,.0f} s a step{fits}. "
+    if step_s < SLOW_STEP_S:  # only the budget is short
+        return (f"warning: --max-time {fmt_duration(max_time)} fits only about {math.floor(max_time / step_s)} steps "
+                f"of about {per_step} on {where}; give a larger --max-time, or a smaller model")
+    return (f"warning: this model is far too big for {where}: about {per_step} a step{fits}. "
             f"Try --config tiny (or a smaller --batch-size / --n-layer), and --max-time to bound the run")

@@ -40,7 +40,15 @@ from minillm.train.budget import (
     step_time,
     too_big_warning,
 )
-from minillm.train.log import TrainLog, epoch_of, eval_record, peak_flops, record_train_loss, write_history
+from minillm.train.log import (
+    TrainLog,
+    epoch_of,
+    eval_record,
+    fmt_duration,
+    peak_flops,
+    record_train_loss,
+    write_history,
+)
 from minillm.train.state import RunState, total_steps_for
 from minillm.train.step import estimate_val_loss, make_train_step
 
@@ -225,6 +233,11 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             if state.step >= sched.total:
                 break
             if over:
+                if state.step == 0:  # a fresh run whose budget the setup spent: no empty "success"
+                    raise MiniLLMError(
+                        f"--max-time {fmt_duration(tcfg.max_time)} was spent before the first step (setup took "
+                        f"{fmt_duration(clock())}: the token cache, the model, compilation); give a larger "
+                        f"--max-time (the token cache is kept, so the next start is faster)")
                 end = "max_time"
                 break
             lr, t0 = lr_at(state.step, sched), time.time()
