@@ -78,7 +78,7 @@ def base(tmp_path_factory, runner) -> Path:
     write_sft(d / "sft.jsonl")
     cli(runner, "init-tokenizer", "-f", d / "a.txt", "--vocab-size", "300", "-o", d / "tok.json")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("minillm.train.plots.plot_curves", lambda history, path: None)
+        mp.setattr("minillm.train.plots.plot_curves", lambda *a, **k: None)
         cli(runner, "train", "-t", d / "tok.json", "-c", d / "a.txt", "-o", d / "base", "--n-layer", "2",
             "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--max-steps", "12", "--eval-every", "12",
             "--lr", "3e-3", *RUN)

@@ -45,9 +45,9 @@ def test_cache_says_encoding_when_it_encodes_and_reusing_when_it_reuses(tmp_path
 
 
 def test_no_encoding_message_just_before_a_read_error(runner, tmp_path, corpus, tokenizer_path):
-    gz = tmp_path / "corpus.txt.gz"
-    gz.write_bytes(gzip.compress(corpus.read_bytes()))
-    r = runner.invoke(app, ["train", "-t", str(tokenizer_path), "-c", str(gz), "-o", str(tmp_path / "run"),
+    bad = tmp_path / "latin1.txt"  # a corpus that fails to read (a .gz one reads since compressed inputs do)
+    bad.write_bytes(corpus.read_bytes() + "\n<|doc|>\ncanción\n".encode("latin-1"))
+    r = runner.invoke(app, ["train", "-t", str(tokenizer_path), "-c", str(bad), "-o", str(tmp_path / "run"),
                             "--max-steps", "1", "--device", "cpu"])
     assert r.exit_code == 1 and "is not UTF-8 text" in r.stderr
     assert "token cache" not in r.stderr, r.stderr

@@ -50,7 +50,7 @@ def run(tmp_path_factory, runner) -> Path:
     make_corpus(d / "corpus.txt", 30)
     streams(runner, "init-tokenizer", "-f", d / "corpus.txt", "--vocab-size", "300", "-o", d / "tok.json")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("minillm.train.plots.plot_curves", lambda history, path: None)
+        mp.setattr("minillm.train.plots.plot_curves", lambda *a, **k: None)
         out, err = streams(runner, "train", "-t", d / "tok.json", "-c", d / "corpus.txt", "-o", d / "run",
                            "--max-steps", "4", *RUN)
     assert one_json_line(out)["steps"] == 4  # the default: one JSON line, as scripts parse it
@@ -106,7 +106,7 @@ def test_init_tokenizer_prints_readable_tokens(runner, tmp_path):
 
 
 def test_train_accepts_json_and_keeps_progress_on_stderr(runner, run, monkeypatch):
-    monkeypatch.setattr("minillm.train.plots.plot_curves", lambda history, path: None)
+    monkeypatch.setattr("minillm.train.plots.plot_curves", lambda *a, **k: None)
     out, err = streams(runner, "train", "-t", run / "tok.json", "-c", run / "corpus.txt", "-o", run / "run",
                        "--max-steps", "6", "--resume", "--json", *RUN)
     assert one_json_line(out)["steps"] == 6 and re.search(r"^step\s+6/6", err, re.M)
@@ -116,7 +116,7 @@ def test_train_accepts_json_and_keeps_progress_on_stderr(runner, run, monkeypatc
 
 
 def test_finetune_accepts_json_then_merge_and_export_print_text_or_json(runner, run, monkeypatch, tmp_path):
-    monkeypatch.setattr("minillm.train.plots.plot_curves", lambda history, path: None)
+    monkeypatch.setattr("minillm.train.plots.plot_curves", lambda *a, **k: None)
     ft = tmp_path / "ft"
     out, err = streams(runner, "finetune", "--ckpt", run / "run", "--data", run / "corpus.txt", "-o", ft,
                        "--max-steps", "2", "--lora-rank", "2", "--json", *RUN[:8])
