@@ -23,6 +23,7 @@ EVAL_SHARE = 0.10  # evaluations and checkpoints together: at most this share of
 MAX_EVALS = 10  # evaluations in a planned run, the final one included (fewer when each one is costly)
 REPLAN_MARGIN = 0.15  # replan when the measured seconds per step move by more than this share from the plan's
 LOG_MARGIN = 0.05  # log a replan when the total moves by more than this share
+SAVE_S = 0.5  # seconds allowed for a checkpoint in the first plan's evaluation cost (corrected by measurement)
 CPU_FLOPS_PER_THREAD = 10e9  # sustained fp32 FLOP/s of one CPU thread in training (measured: 10-20e9)
 GPU_MFU = 0.35  # the share of a GPU's peak a small model's training reaches
 SLOW_STEP_S = 10.0  # a step expected to take longer than this is worth a warning
@@ -30,15 +31,15 @@ MIN_STEPS = 100  # ... and so is a --max-time budget expected to fit fewer steps
 
 
 def plan_time_budget(step: int, elapsed: float, max_time: float, step_s: float, eval_s: float,
-                     eval_every: int, limit: int) -> tuple[int, int]:
+                     eval_every: int, limit: int, done_evals: int = 1) -> tuple[int, int]:
     """``(total_steps, eval_every)`` for a run that has done ``step`` steps in ``elapsed`` seconds so that the
     rest, its evaluations and a final evaluation + checkpoint fit in ``max_time`` (a 3% + 1.5 s margin).
     ``eval_every`` 0 picks an interval giving at most ``MAX_EVALS`` evaluations in the run (the one that
     planned and the final one included) that together take at most ``EVAL_SHARE`` of the budget; ``limit``
-    caps the total (from --max-steps / --epochs)."""
+    caps the total (from --max-steps / --epochs); ``done_evals``: evaluations already made, the planning one included."""
     left = max_time - elapsed - eval_s - (0.03 * max_time + 1.5)  # margin: jitter and the process's exit
     if not eval_every:
-        n_evals = min(MAX_EVALS, int(EVAL_SHARE * max_time / eval_s) if eval_s > 0 else MAX_EVALS) - 2
+        n_evals = min(MAX_EVALS, int(EVAL_SHARE * max_time / eval_s) if eval_s > 0 else MAX_EVALS) - 1 - done_evals
         steps = (left - max(0, n_evals) * eval_s) / step_s
         eval_every = max(1, int(steps / (n_evals + 1))) if n_evals > 0 else UNBOUNDED
     steps = left / (step_s + eval_s / eval_every)
@@ -75,26 +76,38 @@ def ready_to_plan(state: RunState, durs: list[float], max_time: float) -> bool:
         sum(durs[1:]) >= 1.0 or len(durs) >= 50 or sum(durs) >= 0.05 * max_time)
 
 
+def first_eval_s(measured: float, step_s: float, tcfg: TrainConfig) -> float:
+    """The steady cost of an evaluation, from a process's first one, which also compiled the evaluation path
+    (2.2 s against ~0.3 s later for ``small`` on an H100): at most the forward passes of ``eval_batches``
+    micro-batches, bounded by as many training micro-steps (forward and backward), plus ``SAVE_S`` for the
+    checkpoint. ``replan(redo_interval=N)`` (N evaluations made) fits the interval again once the next one
+    is measured, if it differs from that estimate by more than ``REPLAN_MARGIN``."""
+    return min(measured, tcfg.eval_batches * step_s / max(1, tcfg.accumulation_steps) + SAVE_S)
+
+
 def replan(state: RunState, sched: Schedule, tcfg: TrainConfig, elapsed: float, step_s: float, eval_s: float,
-           limit: int, note: Callable[[str], None]) -> Schedule:
+           limit: int, note: Callable[[str], None], redo_interval: int = 0) -> Schedule:
     """Plan a --max-time run from measured step and evaluation times: the first time, its total and evaluation
     interval; later, the total alone (the interval kept), and only when the seconds per step, evaluations
     included, moved by more than ``REPLAN_MARGIN`` from the plan's. The decay is recomputed from the current
     step when the total moves by more than 1%; ``note`` hears of a first plan and of a total moved by more
     than ``LOG_MARGIN``."""
     first = not state.planned
-    fixed = tcfg.eval_every or (0 if first else state.eval_every)
+    fixed = tcfg.eval_every or (0 if first or redo_interval else state.eval_every)
     cost = step_s + (eval_s / fixed if 0 < fixed < UNBOUNDED else 0.0)
-    if not first and state.plan_step_s and abs(cost - state.plan_step_s) <= REPLAN_MARGIN * state.plan_step_s:
+    if (not first and not redo_interval and state.plan_step_s
+            and abs(cost - state.plan_step_s) <= REPLAN_MARGIN * state.plan_step_s):
         return sched
-    total, every = plan_time_budget(state.step, elapsed, tcfg.max_time, step_s, eval_s, fixed, limit)
+    old_every = state.eval_every
+    total, every = plan_time_budget(state.step, elapsed, tcfg.max_time, step_s, eval_s, fixed, limit,
+                                    redo_interval or 1)
     state.planned, state.eval_every = True, (0 if tcfg.eval_every else every)
     state.plan_step_s = step_s + (eval_s / every if every < UNBOUNDED else 0.0)
-    if not first and abs(total - sched.total) <= max(1, 0.01 * sched.total):
+    if not first and abs(total - sched.total) <= max(1, 0.01 * sched.total) and every == old_every:
         return sched
     new = rescheduled(sched, state.step, total)
     state.schedule = dataclasses.asdict(new)
-    if first or abs(total - sched.total) > LOG_MARGIN * sched.total:
+    if first or abs(total - sched.total) > LOG_MARGIN * sched.total or every != old_every:
         note(f"--max-time {fmt_duration(tcfg.max_time)}: {step_s * 1000:.1f} ms/step, {eval_s:.1f} s per "
              f"evaluation -> {new.total} steps in all, "
              + (f"evaluating every {every}" if every < UNBOUNDED else "evaluating at the end"))

@@ -32,8 +32,10 @@ from minillm.errors import MiniLLMError
 from minillm.io import atomic_link
 from minillm.optim.groups import UNBOUNDED, Schedule, lr_at
 from minillm.train.budget import (
+    REPLAN_MARGIN,
     eta,
     expected_step_s,
+    first_eval_s,
     out_of_time,
     ready_to_plan,
     replan,
@@ -210,6 +212,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=tcfg.num_workers)
     durs: list[float] = []  # seconds of each step this process ran (the first includes compilation)
     eval_s, bad, end, saved_step, lr = 0.0, 0, "schedule", state.step, lr_at(state.step, sched)
+    evals_here, provisional, plan_eval_s = 0, False, 0.0  # evaluations here; a first plan made from a compiling one
     last_eval = state.history[-1]["step"] if state.history else -1
     t_log, step_log = time.time(), state.step
     warning = too_big_warning(expected_step_s(flops * tokens_per_step, device), device, tcfg.max_time)
@@ -278,6 +281,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 t0 = time.time()
                 evaluate_and_save(ctx, state, loader_state, lr)
                 eval_s, last_eval, saved_step = time.time() - t0, state.step, state.step
+                evals_here += 1
                 t_log += eval_s  # tokens/s counts training time only
                 if tcfg.patience and state.bad_evals >= tcfg.patience:
                     end = "early_stopping"
@@ -287,7 +291,16 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             if tcfg.max_time and len(durs) >= 2 and (
                     last_eval == state.step or (state.planned and state.step % tcfg.log_every == 0)):
                 now, step_s, ev_s = ctx.agreed([clock(), step_time(durs), eval_s])  # the same plan on all ranks
-                sched = replan(state, sched, tcfg, now, step_s, ev_s, limit, log.event)
+                first_plan = not state.planned
+                redo = (provisional and last_eval == state.step and evals_here >= 2  # the first steady evaluation,
+                        and state.step < sched.total)  # unless it was the final one
+                if first_plan and evals_here == 1:  # that evaluation also compiled: plan with its steady cost
+                    ev_s = plan_eval_s = first_eval_s(ev_s, step_s, tcfg)
+                elif provisional and not redo:  # until the next evaluation measures the steady cost
+                    ev_s = plan_eval_s
+                sched = replan(state, sched, tcfg, now, step_s, ev_s, limit, log.event,
+                               redo_interval=evals_here if redo and abs(ev_s - plan_eval_s) > REPLAN_MARGIN * plan_eval_s else 0)
+                provisional = (first_plan and evals_here == 1) or (provisional and not redo)
     finally:
         sig.deferred = False
         prefetch.close()
