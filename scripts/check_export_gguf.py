@@ -44,12 +44,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from minillm.checkpoint import save_checkpoint  # noqa: E402
-from minillm.config import ModelConfig, pad_vocab, to_dict  # noqa: E402
 from minillm.export import export  # noqa: E402
 from minillm.generation import generate  # noqa: E402
-from minillm.io import sha256_file  # noqa: E402
-from minillm.model.gpt import GPT  # noqa: E402
 from minillm.model.load import load_model  # noqa: E402
 from minillm.tokenizer import doc_id, encode_documents, load_tokenizer, save_tokenizer, train_tokenizer  # noqa: E402
 
@@ -149,37 +145,13 @@ def sample_docs() -> list[str]:
 
 def make_run(root: Path, tok_path: Path, docs: list[list[int]], steps: int, seed: int, mode: str | None = None,
              **kw) -> Path:
-    """A run directory holding a tiny model trained ``steps`` AdamW steps on ``docs``; ``mode`` records a
-    fine-tuning mode in the checkpoint as ``finetune`` does."""
-    tok = load_tokenizer(tok_path)
-    cfg = ModelConfig(**{**dict(vocab_size=pad_vocab(tok.get_vocab_size()), block_size=128, n_layer=2, n_head=4,
-                                n_embd=64), **kw})
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    flat = torch.tensor([t for d in docs for t in d])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        starts = torch.randint(0, flat.numel() - cfg.block_size - 1, (16,))
-        batch = torch.stack([flat[s:s + cfg.block_size + 1] for s in starts])
-        loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    if kw.get("bias"):
-        with torch.no_grad():  # biases trained briefly stay near 0: make them matter
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.add_(0.1 * torch.randn_like(p))
-    run = root / "run"
-    run.mkdir(parents=True)
-    (run / "tokenizer.json").write_bytes(tok_path.read_bytes())
-    state = {"model": model.state_dict(), "model_config": to_dict(cfg), "train_config": {"doc_masking": False},
-             "tokenizer_sha256": sha256_file(run / "tokenizer.json")}
-    if mode:
-        state["finetune"] = {"mode": mode}
-    save_checkpoint(run / "ckpt_best.pt", state)
-    print(f"  trained {steps} steps, final loss {loss.item():.3f}", flush=True)
-    return run
+    """``check_export_hf.make_run``'s tiny trained model, block 128; ``mode`` records a fine-tuning mode in the
+    checkpoint as ``finetune`` does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from check_export_hf import make_run as trained_run
+
+    return trained_run(root, tok_path, docs, steps, seed, record={"finetune": {"mode": mode}} if mode else None,
+                       **{"block_size": 128, **kw})
 
 
 # ---------------------------------------------------------------------------------------- checks

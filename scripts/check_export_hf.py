@@ -64,8 +64,10 @@ def sample_docs() -> list[str]:
     return [d for d in iter_documents(SAMPLE) if d.strip()]
 
 
-def make_run(root: Path, tok_path: Path, docs: list[list[int]], steps: int, seed: int, **kw) -> Path:
-    """A run directory holding a tiny model trained ``steps`` AdamW steps on the sample corpus."""
+def make_run(root: Path, tok_path: Path, docs: list[list[int]], steps: int, seed: int, record: dict | None = None,
+             **kw) -> Path:
+    """A run directory holding a tiny model trained ``steps`` AdamW steps on ``docs``; ``record`` adds keys to
+    its checkpoint (``check_export_gguf.py`` records a fine-tuning mode)."""
     tok = load_tokenizer(tok_path)
     cfg = ModelConfig(**{**dict(vocab_size=pad_vocab(tok.get_vocab_size()), block_size=64, n_layer=2, n_head=4,
                                 n_embd=64), **kw})
@@ -90,7 +92,7 @@ def make_run(root: Path, tok_path: Path, docs: list[list[int]], steps: int, seed
     tok_copy = run / "tokenizer.json"
     tok_copy.write_bytes(tok_path.read_bytes())
     save_checkpoint(run / "ckpt_best.pt", {"model": model.state_dict(), "model_config": to_dict(cfg),
-                                           "train_config": {"doc_masking": False},
+                                           "train_config": {"doc_masking": False}, **(record or {}),
                                            "tokenizer_sha256": sha256_file(tok_copy)})
     print(f"  trained {steps} steps, final loss {loss.item():.3f}", flush=True)
     return run

@@ -72,11 +72,16 @@ def tokenizer_path(tmp_path: Path, corpus: Path) -> Path:
     return out
 
 
-@pytest.fixture
-def runner():
+def make_runner():
+    """typer's CLI runner with stdout and stderr apart (click >= 8.2 always separates them)."""
     from typer.testing import CliRunner
 
     try:
         return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always separates stderr
+    except TypeError:
         return CliRunner()
+
+
+@pytest.fixture
+def runner():
+    return make_runner()

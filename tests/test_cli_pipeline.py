@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minillm.cli import app
-from tests.conftest import make_corpus
+from tests.conftest import make_corpus, make_runner
 
 RUN = ["--device", "cpu", "--compile", "off", "--batch-size", "4", "--eval-batches", "2", "--log-every", "1"]
 PROMPT = "### Instruction:\nsuma 3 y 4\n\n### Response:\n"
@@ -22,12 +22,7 @@ pytestmark = pytest.mark.usefixtures("no_plots")
 
 @pytest.fixture(scope="module")
 def runner():
-    from typer.testing import CliRunner
-
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always separates stderr
-        return CliRunner()
+    return make_runner()
 
 
 def cli(runner, *args) -> str:

@@ -33,7 +33,8 @@ VARIANTS = {
 }
 
 
-def make_run(root: Path, tokenizer_path: Path, seed: int = 0, **kw) -> tuple[Path, GPT]:
+def make_run(root: Path, tokenizer_path: Path, seed: int = 0, record: dict | None = None, doc_masking: bool = True,
+             **kw) -> tuple[Path, GPT]:
     """A run directory with a random tiny model whose norm gains and biases are not their init values (so a
     swapped or dropped norm/bias shows in the logits), with large q/k weights so attention is far from
     uniform and RoPE matters."""
@@ -53,7 +54,7 @@ def make_run(root: Path, tokenizer_path: Path, seed: int = 0, **kw) -> tuple[Pat
     run.mkdir()
     shutil.copy(tokenizer_path, run / "tokenizer.json")
     save_checkpoint(run / "ckpt_best.pt", {"model": model.state_dict(), "model_config": to_dict(cfg),
-                                           "train_config": {"doc_masking": True},
+                                           "train_config": {"doc_masking": doc_masking}, **(record or {}),
                                            "tokenizer_sha256": sha256_file(tokenizer_path)})
     return run, model
 

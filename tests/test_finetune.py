@@ -12,7 +12,7 @@ import torch
 
 from minillm.cli import app
 from minillm.train import finetune as ft
-from tests.conftest import make_corpus
+from tests.conftest import make_corpus, make_runner
 
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "64", "--batch-size", "4",
         "--device", "cpu", "--compile", "off", "--eval-batches", "2", "--log-every", "1"]
@@ -52,12 +52,7 @@ def base(tmp_path_factory, runner_module):
 
 @pytest.fixture(scope="module")
 def runner_module():
-    from typer.testing import CliRunner
-
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:
-        return CliRunner()
+    return make_runner()
 
 
 def test_lr_defaults_to_a_tenth_of_the_base_run():

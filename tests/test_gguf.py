@@ -7,7 +7,6 @@ template; the CLI. llama.cpp itself is checked by ``scripts/check_export_gguf.py
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.checkpoint import save_checkpoint
-from minillm.config import ModelConfig, pad_vocab, to_dict
+from minillm.config import to_dict
 from minillm.errors import MiniLLMError, UsageError
 from minillm.io import sha256_file
 from minillm.model.gpt import GPT
@@ -35,27 +33,11 @@ VARIANTS = {
 
 
 def make_run(root: Path, tokenizer_path: Path, seed: int = 0, record: dict | None = None, **kw) -> tuple[Path, GPT]:
-    """A run directory with a random tiny model: norm gains and biases moved off their init values and large
-    q/k weights, so a swapped norm, a dropped bias or a wrong RoPE layout shows in the logits."""
-    from minillm.tokenizer import load_tokenizer
+    """``test_export.make_run``'s tiny model (perturbed norms and biases, large q/k weights, so a swapped norm,
+    a dropped bias or a wrong RoPE layout shows in the logits), 64 wide, without document masking."""
+    from tests.test_export import make_run as export_run
 
-    vocab = pad_vocab(load_tokenizer(tokenizer_path).get_vocab_size())
-    cfg = ModelConfig(**{**dict(vocab_size=vocab, block_size=32, n_layer=2, n_head=4, n_embd=64), **kw})
-    torch.manual_seed(seed)
-    model = GPT(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-            elif "q_proj" in name or "k_proj" in name:
-                p.mul_(15)
-    run = root / "run"
-    run.mkdir()
-    shutil.copy(tokenizer_path, run / "tokenizer.json")
-    save_checkpoint(run / "ckpt_best.pt", {"model": model.state_dict(), "model_config": to_dict(cfg),
-                                           "train_config": {"doc_masking": False}, **(record or {}),
-                                           "tokenizer_sha256": sha256_file(tokenizer_path)})
-    return run, model
+    return export_run(root, tokenizer_path, seed, record=record, doc_masking=False, **{"n_embd": 64, **kw})
 
 
 def ids(n: int = 24, vocab: int = 300, seed: int = 1) -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 import typer.main
 
 from minillm.cli import app
-from tests.conftest import make_corpus
+from tests.conftest import make_corpus, make_runner
 
 WIDE = {"COLUMNS": "300"}  # rich tables unwrapped
 RUN = ["--device", "cpu", "--compile", "off", "--batch-size", "4", "--eval-batches", "1", "--log-every", "1",
@@ -22,12 +22,7 @@ RUN = ["--device", "cpu", "--compile", "off", "--batch-size", "4", "--eval-batch
 
 @pytest.fixture(scope="module")
 def runner():
-    from typer.testing import CliRunner
-
-    try:
-        return CliRunner(mix_stderr=False)
-    except TypeError:  # click >= 8.2 always separates stderr
-        return CliRunner()
+    return make_runner()
 
 
 def streams(runner, *args) -> tuple[str, str]:
