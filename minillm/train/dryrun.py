@@ -86,7 +86,7 @@ def time_estimate(mcfg: ModelConfig, tcfg: TrainConfig, flops_per_step: float, s
     avail = available_memory(device)
     if per_step / tcfg.accumulation_steps < MEASURE_UNDER_S and (avail is None or memory_bytes < avail):
         per_step, method = measure_step(mcfg, tcfg, device, dtype), "measured (eager; torch.compile is faster)"
-    out: dict[str, Any] = {"device": str(device), "seconds_per_step": round(per_step, 4), "method": method}
+    out: dict[str, Any] = {"device": str(device), "seconds_per_step": float(f"{per_step:.4g}"), "method": method}
     if steps:
         out["total_s"] = round(steps * per_step, 1)
     elif tcfg.max_time:
