@@ -17,6 +17,12 @@ from minillm.errors import UsageError
 JSON_SUMMARY: Any = typer.Option(False, "--json", help="Print the result as JSON on stdout: one line with the "
                                  "steps, best validation loss and run directory (also without --json; "
                                  "--dry-run: the resolved config). Progress lines go to stderr.")
+# the run options train and finetune share (their config flags come from config_flags)
+RESUME: Any = typer.Option(False, "--resume", help="Continue the run in --outdir from ckpt_last.pt exactly.")
+OVERWRITE: Any = typer.Option(False, "--overwrite", help="Replace an existing run in --outdir.")
+LOG_FORMAT: Any = typer.Option("text", "--log-format", help="Progress lines on stderr: text or json.")
+TENSORBOARD: Any = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files to OUTDIR/tb (needs "
+                                "`pip install tensorboard`).")
 
 
 @config_flags(TRAIN)
@@ -28,11 +34,11 @@ def train(
     config: str = typer.Option("tiny", "--config", help="Preset (tiny, small, medium, large, gpt2-124m) or a TOML file."),
     val_file: Optional[Path] = typer.Option(None, "--val-file", help="Separate validation corpus instead of a split."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Token cache directory (default RUN/cache)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --outdir from ckpt_last.pt exactly."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --outdir."),
+    resume: bool = RESUME,
+    overwrite: bool = OVERWRITE,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, parameter count, FLOPs and memory estimate, then exit."),
-    log_format: str = typer.Option("text", "--log-format", help="Progress lines on stderr: text or json."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files to OUTDIR/tb (needs `pip install tensorboard`)."),
+    log_format: str = LOG_FORMAT,
+    tensorboard: bool = TENSORBOARD,
     as_json: bool = JSON_SUMMARY,
     overrides: dict[str, Any] = GENERATED,
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Train on N GPUs of this machine: re-launches this command under torchrun (DistributedDataParallel, or FSDP2 with --fsdp); --batch-size is per GPU."),
@@ -94,10 +100,10 @@ def finetune(
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="sft: skip malformed JSONL lines (counted) instead of stopping at them."),
     val_file: Optional[Path] = typer.Option(None, "--val-file", help="Separate validation data (corpus or JSONL, as --data) instead of a split."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="continue: token cache directory (default OUTDIR/cache)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --outdir from ckpt_last.pt exactly."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --outdir."),
-    log_format: str = typer.Option("text", "--log-format", help="Progress lines on stderr: text or json."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard event files to OUTDIR/tb."),
+    resume: bool = RESUME,
+    overwrite: bool = OVERWRITE,
+    log_format: str = LOG_FORMAT,
+    tensorboard: bool = TENSORBOARD,
     as_json: bool = JSON_SUMMARY,
     overrides: dict[str, Any] = GENERATED,
 ) -> None:
