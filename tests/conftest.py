@@ -85,3 +85,20 @@ def make_runner():
 @pytest.fixture
 def runner():
     return make_runner()
+
+
+def wait_for_step(proc, step: int, timeout: float = 120) -> list[str]:
+    """Read a ``--log-format json`` train subprocess's stderr until its step event reaches ``step``; the lines read.
+    Kills the process and fails if it ends or the timeout passes first."""
+    import time
+
+    lines, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("{") and (ev := json.loads(line)).get("event") == "step" and ev["step"] >= step:
+            return lines
+    proc.kill()
+    raise AssertionError(f"train never reached step {step}:\n" + "".join(lines))

@@ -15,12 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from minillm.cli import app
+from tests.conftest import wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "v_c624e6b"
@@ -69,19 +69,6 @@ def spawn(cwd: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "minillm", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("{") and (ev := json.loads(line)).get("event") == "step" and ev["step"] >= step:
-            return
-    proc.kill()
-    raise AssertionError(f"train never reached step {step}:\n" + "".join(lines))
 
 
 def sigkill_at_step(cwd: Path, step: int, *args: str) -> None:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,12 +22,11 @@ from minillm.optim.groups import Schedule
 from minillm.train import loop
 from minillm.train import run as tr
 from minillm.train import step as ts
-from tests.conftest import events
+from tests.conftest import events, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(block_size=16, n_layer=1, n_head=2, n_embd=32, batch_size=4, device="cpu", eval_batches=2, log_every=1,
             warmup_steps=2, compile="off")
-
 
 
 pytestmark = pytest.mark.usefixtures("no_plots")
@@ -40,8 +38,6 @@ def run(tokenizer: Path, corpus: Path, out: Path, resume: bool = False, overwrit
     spec = tr.RunSpec(tokenizer=tokenizer, corpus=Mixture((corpus,)), outdir=out, resume=resume, overwrite=overwrite,
                       log_format=log_format)
     return tr.train(spec, mcfg, tcfg)
-
-
 
 
 # ---------------------------------------------------------------- whole runs
@@ -206,25 +202,12 @@ def _spawn(tokenizer: Path, corpus: Path, out: Path, *extra: str) -> subprocess.
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_step(proc: subprocess.Popen, step: int, timeout: float = 90) -> list[str]:
-    lines, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("{") and (ev := json.loads(line)).get("event") == "step" and ev["step"] >= step:
-            return lines
-    proc.kill()
-    raise AssertionError(f"train never reached step {step}:\n" + "".join(lines))
-
-
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_loadable_checkpoint_and_exits(tmp_path, tokenizer_path, corpus, sig, code):
     out = tmp_path / "r"
     proc = _spawn(tokenizer_path, corpus, out, "--max-steps", "100000")
     try:
-        _wait_for_step(proc, 3)
+        wait_for_step(proc, 3)
         if sig == signal.SIGTERM:  # while it runs, a second train into the same --outdir is refused
             with pytest.raises(MiniLLMError, match=rf"in use by another process \(pid {proc.pid}"):
                 run(tokenizer_path, corpus, out, overwrite=True, max_steps=100000)
@@ -240,7 +223,7 @@ def test_signal_saves_a_loadable_checkpoint_and_exits(tmp_path, tokenizer_path, 
 def test_sigkill_leaves_loadable_checkpoints_and_resume_clears_the_stale_lock(tmp_path, tokenizer_path, corpus):
     out = tmp_path / "r"
     proc = _spawn(tokenizer_path, corpus, out, "--max-steps", "100000", "--eval-every", "3")
-    _wait_for_step(proc, 8)
+    wait_for_step(proc, 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert (out / ".lock").exists()  # left by the killed run
