@@ -124,7 +124,9 @@ class TrainConfig:
     log_every: int = _f(10, "Progress line every N steps.")
     precision: str = _f("auto", "auto (bf16 on capable GPUs, fp16 on older ones, fp32 on CPU), bf16, fp16 or fp32.",
                         ("auto", "bf16", "fp16", "fp32"))
-    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA, off for CPU), on, off.", ("auto", "on", "off"))
+    compile: str = _f("auto", "torch.compile for training: auto (on for CUDA, off for CPU), on (each block and the output "
+                               "head, compiled once and reused: a short start), model (the whole model in one graph, the "
+                               "longer start of earlier versions), off.", ("auto", "on", "model", "off"))
     device: str = _f("auto", "auto (CUDA, else Apple's MPS, when present), cpu, cuda, cuda:N or mps.")
     seed: int = _f(1337, "Random seed (initialization, data order, split, dropout).",
                    finetune_help="Random seed (data order, split, dropout, adapter init).")

@@ -342,14 +342,16 @@ def _start_time(pid: int) -> str:
 
 
 def process_started_at() -> float | None:
-    """This process's start as a ``time.time()`` value (from /proc: boot time + start ticks), so a
-    ``--max-time`` budget also covers the interpreter's start and imports; None where /proc is missing."""
+    """This process's start as a ``time.time()`` value (from /proc: now minus the seconds since its start
+    ticks, to 10 ms; the boot time in /proc/stat has whole seconds only), so a ``--max-time`` budget also covers
+    the interpreter's start and imports; None where /proc is missing."""
     try:
         ticks = int(_start_time(os.getpid()))
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        now = time.time()
+        return now - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 

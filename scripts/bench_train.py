@@ -8,7 +8,10 @@
 
 Each step is the trainer's own step (the one ``make_train_step`` in minillm/train/step.py builds): batches come
 through the real loader and prefetcher (pinned host memory), forward/backward under autocast, clipping, fused AdamW.
-Steps after warm-up are timed one by one; the median is reported.
+Steps after warm-up are timed one by one; the median is reported. ``startup`` breaks the first config's start
+down: imports (process start to the benchmark's first line: Python, torch, minillm), device (CUDA context),
+model (build, optimizers, compile wrapper), first_step (compilation included) and compile_s (the first step
+less a steady one). Later configs of one process find torch imported and the CUDA context made.
 
 Under torchrun (WORLD_SIZE > 1) every rank joins the process group (NCCL on CUDA, one GPU per local rank;
 gloo with --device cpu), the compiled model is wrapped in DistributedDataParallel as the trainer wraps it
@@ -28,6 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minillm.io import process_started_at  # noqa: E402  (light: no torch)
+
+PROCESS_START = process_started_at()
 
 # micro-batch x block of the reference table (H100, nanoGPT train.py)
 REFERENCE = {"small": (256, 32000, 1.59e6), "medium": (128, 32000, 1.59e6), "large": (64, 32000, 0.79e6),
@@ -50,6 +57,7 @@ def bench_one(name: str, args, dist=None) -> dict:
     from minillm.train import step as ts
     from minillm.train.log import peak_flops
 
+    t_begin = time.time()
     ref_batch, ref_vocab, ref_tps = REFERENCE.get(name, (None, 32000, None))
     overrides = {"device": args.device, "precision": args.precision, "compile": args.compile}
     if args.batch_size or ref_batch:
@@ -71,6 +79,9 @@ def bench_one(name: str, args, dist=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # the CUDA context (timed as "device")
+    t_device = time.time()
     model = GPT(mcfg).to(device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token()
     if args.fsdp:  # FSDP2 shards the parameters in place: the optimizer is built on the sharded ones
@@ -89,7 +100,7 @@ def bench_one(name: str, args, dist=None) -> dict:
     if args.no_sync:  # measurement only: the same step without the host sync (no non-finite check)
         step = _step_without_sync(model, train_model, opts, tcfg, device, dtype)
     times = []
-    t_first = time.time()
+    t_first = time.time()  # the model, optimizers and (lazy) compile wrapper are built
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -127,7 +138,11 @@ def bench_one(name: str, args, dist=None) -> dict:
         "params_M": round(n_params / 1e6, 2), "step_ms": round(1000 * dt, 2),
         "tokens_per_s": round(tps), "mfu_pct": round(100 * flops_per_token * tps / (peak * world), 1) if peak else None,
         "peak_mem_GiB": max(mem_per_rank) if device.type == "cuda" else None,
-        "first_step_s": round(first_step_s, 1), "loss": round(float(getattr(loss, "loss", loss)), 3), "set": args.set,
+        "first_step_s": round(first_step_s, 2),
+        "startup": {"imports_s": round(t_begin - PROCESS_START, 2) if PROCESS_START else None,
+                    "device_s": round(t_device - t_begin, 2), "model_s": round(t_first - t_device, 2),
+                    "first_step_s": round(first_step_s, 2), "compile_s": round(first_step_s - dt, 2)},
+        "loss": round(float(getattr(loss, "loss", loss)), 3), "set": args.set,
         "no_sync": args.no_sync,
         "reference_tokens_per_s": ref_tps,
     }

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +34,18 @@ RMS_EPS = 1e-6  # Llama/Qwen3 rms_norm_eps; export writes this value
 LN_EPS = 1e-5  # GPT-2 layer_norm_epsilon
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` whose fp32 weight meets a bf16/fp16 input (under autocast) in the input's dtype: torch's
+    fused kernel refuses mixed dtypes ("Mismatch dtype between input and weight") and falls back to several."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == "layernorm":
         return nn.LayerNorm(dim, eps=LN_EPS, bias=cfg.bias)
-    return nn.RMSNorm(dim, eps=RMS_EPS)
+    return RMSNorm(dim, eps=RMS_EPS)
 
 
 # --------------------------------------------------------------------------------------------- RoPE
@@ -142,8 +152,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -242,6 +252,38 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# ------------------------------------------------------------------------------ regional compilation
+
+
+def run_block(block: Block, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
+              cache: KVCache | None = None) -> Tensor:
+    return block(x, rope, mask, cache)
+
+
+def run_head(norm: nn.Module, head: nn.Linear, x: Tensor, targets: Tensor, cfg: ModelConfig, reduction: str) -> Tensor:
+    """The final norm, the output layer and the loss (``loss.output_loss``)."""
+    return output_loss(norm(x), head, targets, cfg, reduction)
+
+
+class Regions(NamedTuple):
+    """What ``GPT.forward`` runs each block and the output head with: the functions above (``EAGER``), or
+    ``compile_regions``' compiled versions of them."""
+
+    block: Callable[..., Tensor]
+    head: Callable[..., Tensor]
+
+
+EAGER = Regions(run_block, run_head)
+
+
+def compile_regions() -> Regions:
+    """Regional compilation: ``torch.compile`` the block once and the head once. Every block has the same
+    code and shapes, so the graph compiled for the first is reused for the others (their weights are inputs
+    of the graph, not constants): the compile time of one block instead of the whole model, and nothing to
+    recompile when the depth changes."""
+    return Regions(torch.compile(run_block, dynamic=False), torch.compile(run_head, dynamic=False))
+
+
 # -------------------------------------------------------------------------------------------- model
 
 
@@ -275,13 +317,15 @@ class GPT(nn.Module):
                 nn.init.normal_(getattr(m, name).weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, seg_ids: Tensor | None = None,
-                cache: KVCache | None = None, positions: Tensor | None = None, reduction: str = "mean") -> Tensor:
+                cache: KVCache | None = None, positions: Tensor | None = None, reduction: str = "mean",
+                regions: Regions | None = None) -> Tensor:
         """idx (B, T) -> logits (B, T, V) in fp32, or with ``targets`` (B, T) the loss (``reduction``
         ``mean``: a scalar over non-ignored targets; ``none``: (B, T), 0 where the target is -1).
 
         ``seg_ids`` (B, T): document of each token (``segment_ids``); positions restart per document and
         attention stays inside it. ``cache``: a ``KVCache``; the tokens are appended at ``cache.pos``.
-        ``positions`` (B, T): explicit RoPE positions (default: from ``seg_ids``, or the cache's)."""
+        ``positions`` (B, T): explicit RoPE positions (default: from ``seg_ids``, or the cache's).
+        ``regions``: the callables that run each block and the output head (``compile_regions``); eager by default."""
         B, T = idx.shape
         if cache is None and T > self.cfg.block_size:
             raise MiniLLMError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}; crop it")
@@ -291,18 +335,18 @@ class GPT(nn.Module):
         rope = self.rope(positions, T, in_table)  # cos, sin (B|1, T, 1, D)
         mask = attention_mask(T, idx.device, seg_ids, cache)  # None: plain causal (or one decode step)
         remat = self.cfg.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        run = regions or EAGER
         x = self.tok_emb(idx)  # (B, T, C)
         for block in self.blocks:
             if remat:
-                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+                x = checkpoint(run.block, block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
+                x = run.block(block, x, rope, mask, cache)
         if cache is not None:
             cache.pos += T
-        h = self.norm_f(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(h).float()  # (B, T, V)
-        return output_loss(h, self.lm_head, targets, self.cfg, reduction)
+            return self.lm_head(self.norm_f(x)).float()  # (B, T, V)
+        return run.head(self.norm_f, self.lm_head, x, targets, self.cfg, reduction)
 
     def decode_step(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor,
                     keys: Tensor, values: Tensor) -> Tensor:

@@ -42,12 +42,47 @@ def output_loss(h: Tensor, head: nn.Linear, targets: Tensor, cfg: ModelConfig, r
         losses = linear_cross_entropy(h.reshape(B * T, C), head.weight, targets.reshape(-1),
                                       cfg.loss_chunk or LIGER_CHUNK_ROWS, reduction, kernel)
     else:
-        logits = head(h).float()  # (B, T, V)
-        losses = F.cross_entropy(logits.view(B * T, -1), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="none")  # (B*T,)
+        logits = head(h)  # (B, T, V), bf16/fp16 under autocast
+        losses = cross_entropy(logits.view(B * T, -1), targets.reshape(-1))  # (B*T,)
         if reduction == "mean":
             losses = losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
     return losses if reduction == "mean" else losses.view(B, T)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row cross-entropy (N,) of ``logits`` (N, V) in fp32 arithmetic, 0 where the target is -1: through
+    ``F.cross_entropy`` for fp32 logits, through ``_LowPrecisionCrossEntropy`` for bf16/fp16 ones."""
+    if logits.dtype in (torch.float32, torch.float64):
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    return _LowPrecisionCrossEntropy.apply(logits, targets)
+
+
+class _LowPrecisionCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of bf16/fp16 logits in fp32 arithmetic that keeps for the backward pass the logits as they
+    are (2 bytes a value) and the log-sum-exp of each row, and recomputes the softmax there.
+
+    ``F.cross_entropy(logits.float())`` keeps the fp32 log-softmax (4 bytes a value): at 65k tokens x 32k
+    vocabulary that is 8.4 GB written in the forward and read in the backward, the largest memory traffic
+    of a small model's step. Under ``torch.compile`` the forward here is one reduction over the logits and
+    the backward one elementwise kernel (docs/BENCHMARKS.md, issue 20)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:  # (N, V), (N,) -> (N,)
+        lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        lse = torch.logsumexp(lf, dim=-1)  # (N,)
+        valid = targets != IGNORE_INDEX
+        target_logit = lf.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, lse, targets)
+        return (lse - target_logit) * valid
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad (N,)
+        logits, lse, targets = ctx.saved_tensors
+        vocab = torch.arange(logits.size(1), device=logits.device)
+        onehot = vocab[None, :] == targets[:, None]  # (N, V); all False where the target is -1
+        scale = (grad * (targets != IGNORE_INDEX))[:, None]  # (N, 1)
+        d = (torch.exp(logits.to(lse.dtype) - lse[:, None]) - onehot.to(lse.dtype)) * scale
+        return d.to(logits.dtype), None
 
 
 # ------------------------------------------------------------------------------------- the fused path
@@ -60,7 +95,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int, redu
     (no gradient). ``kernel``: liger's function (``liger_kernel()``, a mean with a gradient on CUDA), else
     chunked PyTorch."""
     if kernel is not None:
-        return _liger_linear_cross_entropy(h, w, targets, chunk, kernel)
+        return _liger_eagerly()(h, w, targets, chunk, kernel)
     if reduction == "none":
         if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
             raise ValueError("linear_cross_entropy: reduction='none' is for evaluation (no gradient)")
@@ -145,7 +180,12 @@ def _liger_for(cfg: ModelConfig, h: Tensor, reduction: str) -> Callable | None:
     return None
 
 
-@torch.compiler.disable  # a Triton kernel with a host sync inside: run it eagerly, between compiled graphs
+@functools.cache  # wrapped on first use: torch.compiler.disable imports TorchDynamo, seconds an uncompiled start skips
+def _liger_eagerly() -> Callable:
+    """``_liger_linear_cross_entropy`` run eagerly between compiled graphs (a Triton kernel with a host sync inside)."""
+    return torch.compiler.disable(_liger_linear_cross_entropy)
+
+
 def _liger_linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, rows: int, fn: Callable) -> Tensor:
     """Mean cross-entropy of ``h @ w.T`` over non-ignored targets through liger's fused Triton kernel
     (``fn``), in chunks of about ``rows`` rows."""

@@ -16,7 +16,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,8 @@ class TrainContext:
     sharded: bool = False  # the model is sharded by FSDP: saving gathers it on every rank
     saved: Callable[[], None] = _nothing  # called after each checkpoint (the first deletes a replaced run)
     on_save: CheckpointHook | None = None
+    startup: dict[str, float] = field(default_factory=dict)  # time.time() when each start-up phase ended
+
 
     def reducer(self, op: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``reduce(t)``: ``t`` reduced in place over the ranks with ``op``; None for one process."""
@@ -197,6 +199,26 @@ def evaluate_and_save(ctx: TrainContext, state: RunState, loader_state: dict, lr
 # ---------------------------------------------------------------- the loop
 
 
+START_PHASES = ("imports", "device", "data", "model")  # the marks setup_run records, in order
+
+
+def startup_breakdown(marks: dict[str, float], first_step_end: float) -> dict[str, float]:
+    """Seconds of each start-up phase, from ``marks`` (``"start"``: the process started, then each of
+    ``START_PHASES`` when it ended) to the end of the first step: imports (Python, torch, minillm, the command
+    line), device (CUDA initialisation, the memory check), data (run directory, token cache, validation
+    batches), model (build, optimizers, restore), first_step (its compilation included), and total."""
+    if "start" not in marks:
+        return {}
+    ends = [marks.get(p) for p in START_PHASES]
+    out, prev = {}, marks["start"]
+    for name, end in zip(START_PHASES, ends, strict=True):
+        if end is not None:
+            out[f"{name}_s"], prev = round(end - prev, 2), end
+    out["first_step_s"] = round(first_step_end - prev, 2)
+    out["total_s"] = round(first_step_end - marks["start"], 2)
+    return out
+
+
 def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     """The loop: step, log, evaluate, save. Ends with the schedule, the time budget, patience or a signal."""
     tcfg, log, sig, outdir, loader, device = ctx.tcfg, ctx.log, ctx.signals, ctx.outdir, ctx.loader, ctx.device
@@ -259,6 +281,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             durs.append(time.time() - t0)
             if len(durs) == 1:
                 state.first_step_s += durs[0]
+                log.event("startup", **startup_breakdown(ctx.startup, t0 + durs[0]))
             else:
                 state.train_s += durs[-1]
             state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
@@ -309,6 +332,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     state.elapsed_s = clock()
     best = state.best_val if math.isfinite(state.best_val) else None  # None: never evaluated
     summary = {"steps": state.step, "best_val_loss": best, "end": end, "outdir": str(outdir),
-               "elapsed_s": round(state.elapsed_s, 2)}
+               "elapsed_s": round(state.elapsed_s, 2), "steps_s": round(sum(durs), 2),  # this process's steps
+               "first_step_s": round(durs[0], 2) if durs else None}
     log.event("done", **summary)
     return summary

@@ -52,7 +52,7 @@ from minillm.train.rundir import (
     write_run_files,
 )
 from minillm.train.state import RunState, total_steps_for
-from minillm.train.step import maybe_compile, resolve_device, resolve_precision
+from minillm.train.step import background_warmup, maybe_compile, resolve_device, resolve_precision
 
 __all__ = ["Interrupted", "Job", "RunSpec", "check_memory", "corpus_data", "setup_run", "train"]
 
@@ -232,8 +232,12 @@ def setup_run(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, job: Job,
     before the first checkpoint of a run that replaces another is undone if the body fails (``rundir.replacing``);
     the lock is held and the signals handled until the body ends."""
     t_entry = spec.started or time.time()
+    marks = {"start": t_entry, "imports": time.time()}  # the start-up breakdown (loop.startup_breakdown)
     log = TrainLog(spec.log_format)
     device, dtype = _check_hardware(spec, mcfg, tcfg, job, dist, log)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)  # the CUDA context now, so that "device" times its creation
+    marks["device"] = time.time()
     mcfg = kernel_that_runs(mcfg, device, log.event)
     with Signals(spec.outdir) as sig, _claim_outdir(spec, dist) as notes:
         old = run_config(spec.outdir) if spec.resume else None
@@ -249,15 +253,17 @@ def setup_run(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig, job: Job,
             log.event(note)
         run = _Run(spec, tcfg, job, dist, device, dtype, log, sig, tok_sha, old, t_entry)
         data, mcfg, run_cfg = _data_and_config(run, mcfg)
+        marks["data"] = time.time()
         try:
             ctx, state = _start(run, mcfg, data)
+            marks["model"] = time.time()
             with replacing(spec.outdir, inputs_of(spec), active=dist.is_main and old is None) as saved:
                 if dist.is_main:
                     write_run_files(spec.outdir, run_cfg, spec.tokenizer)
                 if spec.tensorboard:
                     log.open_tensorboard(spec.outdir / "tb")
                 with log:  # starts the progress bar; closes it and the TensorBoard writer however the loop ends
-                    yield dataclasses.replace(ctx, saved=saved), state
+                    yield dataclasses.replace(ctx, saved=saved, startup=marks), state
         except torch.OutOfMemoryError as e:
             raise MiniLLMError(oom_message(mcfg, tcfg, spec.outdir)) from e
 
@@ -316,7 +322,8 @@ def _start(run: _Run, mcfg: ModelConfig, data: RunData) -> tuple[TrainContext, R
                   precision=str(run.dtype).split(".")[-1], steps=_total_str(state),
                   windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"],
                   **({"parallel": "fsdp" if fsdp else "ddp"} if dist.enabled else {}))
-    compiled = maybe_compile(model, tcfg, device)
+    compiled = maybe_compile(model, tcfg, device, whole=fsdp, warmup=_background_compile(model, tcfg, run, data),
+                             on_ready=run.log.event)
     ctx = TrainContext(outdir=spec.outdir, mcfg=mcfg, tcfg=tcfg, model=model,
                        train_model=compiled if fsdp else distributed.wrap_ddp(compiled, dist), optimizers=opts,
                        scaler=scaler, loader=data.loader, val_batches=data.val_batches[dist.rank :: dist.world_size],
@@ -324,6 +331,21 @@ def _start(run: _Run, mcfg: ModelConfig, data: RunData) -> tuple[TrainContext, R
                        t_entry=run.t_entry - state.elapsed_s, dist=dist, log=run.log,
                        signals=run.signals, sharded=fsdp, on_save=run.job.on_save)
     return ctx, state
+
+
+def _background_compile(model: nn.Module, tcfg: TrainConfig, run: _Run, data: RunData):
+    """``--compile auto`` on one CUDA GPU: the warm-up that compiles in the background while the first steps run
+    eagerly (``step.background_warmup``), when the GPU has room for a second copy of the model's step beside the
+    run's own (the eager estimate of both); None (compile before the first step) otherwise, and under torchrun."""
+    if tcfg.compile != "auto" or run.device.type != "cuda" or run.dist.enabled:
+        return None
+    est = memory.estimate_memory(model.cfg, tcfg.batch_size, "fp32" if run.dtype == torch.float32 else "bf16",
+                                 tcfg.optimizer)
+    avail = memory.available_memory(run.device) or 0
+    if avail < 2 * (est["params"] + est["grads"] + est["activations"]) + est["optimizer"]:
+        run.log.event("compiling before the first step (too little GPU memory to compile beside the first steps)")
+        return None
+    return background_warmup(model, tcfg, run.device, run.dtype, data.doc_id)
 
 
 # ---------------------------------------------------------------- resume and schedule

@@ -4,14 +4,22 @@ accumulation, unscaling, clipping, skipping non-finite updates. Used by ``minill
 
 from __future__ import annotations
 
+import copy
 import math
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from minillm.config import TrainConfig
 from minillm.errors import MiniLLMError
 from minillm.optim.groups import clip_gradients, set_lr
+
+if TYPE_CHECKING:
+    from minillm.model.gpt import Regions
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,11 +48,95 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return dt
 
 
-def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    """``torch.compile(model)`` when ``--compile on``, or ``auto`` on CUDA; the model itself otherwise."""
-    if tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda"):
+class RegionallyCompiled(torch.nn.Module):
+    """``model`` with its blocks and output head run by compiled functions (``minillm.model.gpt.compile_regions``):
+    what the training forward and backward go through. ``model`` itself stays eager (evaluation, generation).
+
+    With ``warmup`` (a function that runs given regions once, forward and backward, on a copy of the model:
+    ``background_warmup``), the compilation happens on a background thread while the first steps run eagerly;
+    the first forward after it has ended switches to the compiled regions and calls ``on_ready(note)``. Without
+    it, the first forward compiles (the step waits)."""
+
+    def __init__(self, model: torch.nn.Module, warmup: Callable[[Regions], None] | None = None,
+                 on_ready: Callable[[str], None] | None = None):
+        super().__init__()
+        from minillm.model.gpt import EAGER, compile_regions
+
+        self.model, self._on_ready = model, on_ready
+        self._thread: threading.Thread | None = None
+        self._compiled: Regions | None = None
+        self._note = ""
+        if warmup is None:
+            self.regions = compile_regions()
+            return
+        self.regions = EAGER
+        self._thread = threading.Thread(target=self._compile, args=(warmup,), name="minillm-compile", daemon=True)
+        self._thread.start()
+
+    def _compile(self, warmup: Callable[[Regions], None]) -> None:
+        from minillm.model.gpt import compile_regions
+
+        t0 = time.time()
+        try:
+            regions = compile_regions()
+            warmup(regions)
+        except Exception as e:  # noqa: BLE001  a failed compilation leaves the run eager, never stops it
+            self._note = f"compilation failed ({type(e).__name__}: {str(e)[:200]}); training continues uncompiled"
+            return
+        self._compiled = regions
+        self._note = f"compiled in the background in {time.time() - t0:.1f} s; the steps from here run compiled"
+
+    def wait(self) -> None:
+        """Block until a background compilation has ended (and switch to its regions)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._switch()
+
+    def _switch(self) -> None:
+        self._thread = None
+        if self._compiled is not None:
+            self.regions = self._compiled
+        if self._on_ready is not None:
+            self._on_ready(self._note)
+
+    def forward(self, *args, **kwargs):
+        if self._thread is not None and not self._thread.is_alive():
+            self._switch()
+        return self.model(*args, regions=self.regions, **kwargs)
+
+
+def background_warmup(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype,
+                      doc_id: int) -> Callable[[Regions], None]:
+    """A function that runs compiled regions once, forward and backward, on a copy of ``model`` (made now, before
+    any step: the training never waits for it nor shares a tensor with it) with a random batch of the run's shape,
+    under the run's autocast and document masking: it compiles exactly the graphs the training steps will use."""
+    twin = copy.deepcopy(model, memo={id(model.cfg): model.cfg})  # the config object itself: compile guards on it
+    vocab, block = model.cfg.vocab_size, model.cfg.block_size
+
+    def warmup(regions: Regions) -> None:
+        batch = torch.randint(0, vocab, (tcfg.batch_size, block + 1), device=device)
+        x, y = _to_device(batch, device)
+        _forward(twin, x, y, tcfg.doc_masking, doc_id, device, dtype, regions=regions).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        twin.zero_grad(set_to_none=True)
+
+    return warmup
+
+
+def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
+                  warmup: Callable[[Regions], None] | None = None,
+                  on_ready: Callable[[str], None] | None = None) -> torch.nn.Module:
+    """What the training step runs: with ``--compile auto`` on CUDA or ``on`` anywhere, the model with its blocks
+    and head compiled (regional compilation: one block's compile time, reused for every layer), or with
+    ``--compile model`` (or ``whole``, for FSDP's sharded model) the whole model under one ``torch.compile``;
+    the model itself otherwise. ``warmup`` (``--compile auto`` only): compile in the background while the first
+    steps run eagerly (``RegionallyCompiled``)."""
+    if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
+        return model
+    if tcfg.compile == "model" or whole:
         return torch.compile(model)
-    return model
+    return RegionallyCompiled(model, warmup if tcfg.compile == "auto" else None, on_ready)
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,12 +144,13 @@ def _to_device(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, tor
     return x[:, :-1], x[:, 1:]  # (B, T), (B, T)
 
 
-def _forward(model, x, y, doc_masking: bool, doc_id: int, device, dtype, reduction: str = "mean") -> torch.Tensor:
+def _forward(model, x, y, doc_masking: bool, doc_id: int, device, dtype, reduction: str = "mean",
+             **kwargs) -> torch.Tensor:
     from minillm.model.gpt import segment_ids
 
     seg = segment_ids(x, doc_id) if doc_masking else None
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        return model(x, y, seg_ids=seg, reduction=reduction)
+        return model(x, y, seg_ids=seg, reduction=reduction, **kwargs)
 
 
 def accumulate(model, batches: list[torch.Tensor], tcfg: TrainConfig, doc_id: int, device, dtype,
