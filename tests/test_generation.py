@@ -326,9 +326,26 @@ def test_cli_empty_prompt_and_usage_errors(runner, run):
     r = gen(runner, run, "--max-tokens", "10", "--temperature", "0")
     assert r.exit_code == 0 and r.stdout.strip()
     for bad in (["--stream", "--batch-generate"], ["--batch-size", "4"], ["--stream", "--json"],
-                ["--temperature", "-1"], ["--prompt", "a", "--prompt-file", "x"], ["--compile", "maybe"]):
+                ["--temperature", "-1"], ["--prompt", "a", "--prompt-file", "x"], ["--compile", "maybe"],
+                ["--dtype", "fp16"], ["--decode-chunk", "0"]):
         r = gen(runner, run, *bad)
         assert r.exit_code == 2, (bad, r.output)
+
+
+def test_cli_dtype_and_decode_chunk_reach_the_decoder(runner, run, monkeypatch):
+    import minillm.generation as generation
+
+    seen, real = [], generation.complete
+
+    def spy(model, *a, chunk, **kw):
+        seen.append((next(model.parameters()).dtype, chunk))
+        return real(model, *a, chunk=chunk, **kw)
+
+    monkeypatch.setattr(generation, "complete", spy)
+    for extra in ([], ["--dtype", "bf16", "--decode-chunk", "4"], ["--dtype", "fp32"]):
+        r = gen(runner, run, "--max-tokens", "6", "--temperature", "0", *extra)
+        assert r.exit_code == 0, r.output
+    assert seen == [(torch.float32, 16), (torch.bfloat16, 4), (torch.float32, 16)]  # auto on the CPU: fp32
 
 
 def test_greedy_logits_path_matches_full_forward_loss_sanity():
