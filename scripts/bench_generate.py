@@ -8,16 +8,17 @@ and the teacher-forced loss of the bf16 decode step against fp32 on a model trai
 Decode rows: for each --configs preset (random weights, vocab --vocab) and --dtypes, each --sampling setting
 (default = generate's defaults: temperature 0.8, top-k 50, top-p 0.95, repetition penalty 1.1; greedy = argmax,
 no penalty), each --decoders entry (graph1: one token per CUDA-graph replay and read-back, the decoder before
-issue 22; graphK: --chunk tokens per replay, sampling on the GPU; on CPU the static step run eagerly), at batch 1
-(one --prompt-len prompt) and --batch prompts batched (random lengths in [prompt-len/4, prompt-len]): --new-tokens
-each, no stop token, so every run makes exactly that many. Each row runs once untimed (CUDA-graph capture,
+issue 22; graphK: --chunk tokens per replay, sampling on the GPU; graphKf: graphK decoding with each layer's q/k/v
+and gate/up projections concatenated, three matrix products fewer a layer; on CPU the static step run eagerly), at
+batch 1 (one --prompt-len prompt) and --batch prompts batched (random lengths in [prompt-len/4, prompt-len]):
+--new-tokens each, no stop token, so every run makes exactly that many. Each row runs once untimed (CUDA-graph capture,
 warm-up), then --repeats times; the median is reported. A preset whose block is shorter than prompt + new tokens
 slides (re-encodes its context) as generate does: `small` (block 256) does every 64 tokens at these settings.
 
-Hugging Face rows (--hf-configs, batch 1): ``LlamaForCausalLM`` of the same shape, random weights, static cache
+Hugging Face rows (last; --hf-configs, batch 1): ``LlamaForCausalLM`` of the same shape, random weights, static cache
 (which transformers compiles), ``generate`` with the same sampling settings and no end token.
 
-Training and quality (not with --no-train): a `small` model trained --train-steps steps on --corpus (default the
+Training and quality (first; not with --no-train): a `small` model trained --train-steps steps on --corpus (default the
 bundled Spanish sample) without its last --heldout documents; the mean next-token loss of the held-out documents'
 first block fed one token at a time through the CUDA-graph decode step (``GPT.decode_step``) in fp32 and in bf16
 (the target: within 0.5%); then the seconds from starting ``minillm generate --stream`` on that checkpoint to its
@@ -88,10 +89,11 @@ def measure(row: dict, fn, device: torch.device, repeats: int) -> dict:
     return emit(row)
 
 
-def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tuple[str, int]]:
-    """Decoder name -> (generate_batch's mode, chunk)."""
+def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tuple[str, int, bool]]:
+    """Decoder name -> (generate_batch's mode, chunk, fused)."""
     k_mode = "graph" if device.type == "cuda" else "static"
-    table = {"graph1": (decode_mode(device, "auto"), 1), "graphK": (k_mode, chunk)}
+    table = {"graph1": (decode_mode(device, "auto"), 1, False), "graphK": (k_mode, chunk, False),
+             "graphKf": (k_mode, chunk, True)}
     return {n: table[n] for n in names}
 
 
@@ -106,19 +108,19 @@ def decode_rows(args, device: torch.device) -> None:
             torch.manual_seed(0)
             model = GPT(mcfg).to(device, DTYPES[dtype]).eval()
             for sname in args.sampling.split(","):
-                for dname, (mode, chunk) in decoders(args.decoders.split(","), device, args.chunk).items():
+                for dname, (mode, chunk, fused) in decoders(args.decoders.split(","), device, args.chunk).items():
                     for rows in (1, args.batch):
                         batch = [prompt] if rows == 1 else prompts
 
-                        def run(model=model, batch=batch, sname=sname, mode=mode, chunk=chunk) -> int:
+                        def run(model=model, batch=batch, sname=sname, mode=mode, chunk=chunk, fused=fused) -> int:
                             gen = torch.Generator(device).manual_seed(0)
                             out = generate_batch(model, batch, args.new_tokens, sampling=SAMPLINGS[sname],
-                                                 generator=gen, mode=mode, chunk=chunk)
+                                                 generator=gen, mode=mode, chunk=chunk, fused=fused)
                             return sum(len(c.tokens) for c in out)
 
                         measure({"kind": "decode", "name": f"{config} {dtype} {sname} {dname} batch {rows}",
                                  "config": config, "dtype": dtype, "sampling": sname, "decoder": dname, "mode": mode,
-                                 "chunk": chunk, "batch": rows, "params": model.num_params()},
+                                 "chunk": chunk, "fused": fused, "batch": rows, "params": model.num_params()},
                                 run, device, args.repeats)
 
 
@@ -251,7 +253,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size (padded to a multiple of 64)")
     ap.add_argument("--dtypes", default="fp32,bf16", help="weight and KV-cache dtypes: fp32, bf16, comma-separated")
     ap.add_argument("--sampling", default="default,greedy", help="default (generate's), greedy; comma-separated")
-    ap.add_argument("--decoders", default="graph1,graphK", help="graph1 (one token per replay), graphK (--chunk)")
+    ap.add_argument("--decoders", default="graph1,graphK,graphKf",
+                    help="graph1 (one token per replay), graphK (--chunk per replay), graphKf (graphK with the fused "
+                         "q/k/v and gate/up projections)")
     ap.add_argument("--chunk", type=int, default=DECODE_CHUNK, help="tokens per replay for graphK")
     ap.add_argument("--new-tokens", type=int, default=512, help="new tokens per prompt")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (the longest of the batch)")
@@ -275,15 +279,15 @@ def main() -> None:
           "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "batch": args.batch, "chunk": args.chunk,
           "vocab": args.vocab, "command": " ".join(sys.argv)})
     t0 = time.perf_counter()
-    decode_rows(args, device)
-    if not args.no_hf:
-        hf_rows(args, device)
-    if not args.no_train:
+    if not args.no_train:  # first: quick, and what the issue's acceptance needs besides speed
         work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-generate-"))
         work.mkdir(parents=True, exist_ok=True)
         run, held = train_small(args, work)
         loss_check(run, held, device)
         first_token_rows(run, device)
+    decode_rows(args, device)
+    if not args.no_hf:  # last: transformers compiles its static-cache step (tens of seconds per dtype)
+        hf_rows(args, device)
     emit({"kind": "done", "seconds": round(time.perf_counter() - t0, 1)})
 
 

@@ -35,14 +35,14 @@ def varied_model(seed: int = 0, vocab_size: int = 64, block_size: int = 64, dtyp
     return m.to(dtype).eval()
 
 
-def runs(m: GPT, sampling: Sampling, mode: str, chunk: int, device: str = "cpu") -> list[list[list[int]]]:
+def runs(m: GPT, sampling: Sampling, mode: str, chunk: int, device: str = "cpu", **kw) -> list[list[list[int]]]:
     """The recorded sequence of calls, sharing one generator: a batch with a stop token, one prompt ending early,
     two rows of 100 tokens (they slide: block 64), one prompt of 37 tokens."""
     g = torch.Generator(device).manual_seed(3)
 
-    def run(prompts, n, **kw):
+    def run(prompts, n, stop_id=None):
         return [c.tokens for c in generate_batch(m, prompts, n, sampling=sampling, generator=g, mode=mode,
-                                                 chunk=chunk, **kw)]
+                                                 chunk=chunk, stop_id=stop_id, **kw)]
 
     return [run(PROMPTS, 40, stop_id=9), run([PROMPTS[0]], 30, stop_id=9), run(PROMPTS[:2], 100),
             run([PROMPTS[2]], 37)]
@@ -134,3 +134,12 @@ def test_cuda_graph_chunks_give_the_one_step_tokens_on_cuda(mode):
         assert runs(m, CASES[case], mode, 16, "cuda") == ref
         assert runs(m, CASES[case], mode, 16, "cuda") == ref
     assert runs(m, CASES["greedy"], "eager", 1, "cuda") == runs(m, CASES["greedy"], mode, 16, "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_projections_capture_and_replay_on_cuda():
+    """The fused decode step (concatenated projections) inside the K-step graph gives the tokens of the same
+    fused step run eagerly one token at a time."""
+    m = varied_model(dtype=torch.float32).cuda()
+    ref = runs(m, CASES["default"], "static", 1, "cuda", fused=True)
+    assert runs(m, CASES["default"], "graph", 16, "cuda", fused=True) == ref

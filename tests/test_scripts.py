@@ -28,7 +28,7 @@ def test_bench_generate_runs_on_cpu_with_the_tiny_config():
                "20", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train")
     rows = [json.loads(line) for line in out.splitlines()]
     decode = [r for r in rows if r["kind"] == "decode"]
-    assert len(decode) == 2 * 2 * 2 * 2  # dtypes x samplings x decoders x batch sizes
+    assert len(decode) == 2 * 2 * 3 * 2  # dtypes x samplings x decoders x batch sizes
     assert all(r["tokens"] == 20 * r["batch"] and r["tokens_per_s"] > 0 for r in decode)
 
 

@@ -116,7 +116,7 @@ def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop
     """The ``StepChunk`` of this decoder's static step, built (and captured) once and kept on the model with the
     static decoders (``model.decoders``), for every later ``generate_batch`` of the same shape and settings."""
     c = dec.cache
-    key = ("chunk", c.batch_size, c.max_len, dec.mode, dec.dtype, dec.device, k, sampling, stop_id)
+    key = ("chunk", c.batch_size, c.max_len, dec.mode, dec.dtype, dec.device, k, sampling, stop_id, dec.fused)
     hit = model.decoders.get(key)
     if hit is None or hit.step is not raw_step(dec.static):
         if len(model.decoders) >= MAX_DECODERS:
@@ -161,13 +161,16 @@ def generate_batch(
     use_cache: bool = True,
     mode: str = "eager",
     chunk: int = 1,
+    fused: bool = False,
 ) -> list[Completion]:
     """Continue each prompt (token ids, usually starting with ``<|doc|>``; cut to its last ``block_size``
     tokens) by up to ``max_new_tokens``, all rows decoded together. A row ends at ``stop_id`` (not
     included) or when ``on_token(row, token)`` returns True. ``mode``: eager, static, graph or compiled (see
     ``_Decoder``); ignored without ``use_cache``. ``chunk``: decode steps per ``StepChunk`` call with a static
     step (static, graph, compiled; one CUDA-graph replay on CUDA); 1 decodes one token at a time. The tokens do
-    not depend on it, and ``on_token`` sees them in the same order (step by step, row by row), once per chunk."""
+    not depend on it, and ``on_token`` sees them in the same order (step by step, row by row), once per chunk.
+    ``fused``: the static step with concatenated projections (``StaticDecodeStep``; the same math, rounded
+    differently)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise MiniLLMError("generate: every prompt needs at least one token (start it with <|doc|>)")
     block = model.cfg.block_size
@@ -177,7 +180,7 @@ def generate_batch(
     outs: list[list[int]] = [[] for _ in range(B)]
     reasons = ["length"] * B
     active = [True] * B
-    dec = _Decoder(model, B, mode if use_cache else "none", max(map(len, seqs)) + max_new_tokens)
+    dec = _Decoder(model, B, mode if use_cache else "none", max(map(len, seqs)) + max_new_tokens, fused)
     seen = None
     if sampling.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=dec.device)  # (B, V)

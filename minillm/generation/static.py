@@ -46,18 +46,51 @@ def decode_dtype(device: torch.device, dtype: str) -> torch.dtype:
 
 class StaticDecodeStep(nn.Module):
     """``GPT.decode_step`` bound to a KV cache, as a module to compile and to capture in a CUDA graph: the
-    cache's keys and values are its buffers (the same tensors, not copies)."""
+    cache's keys and values are its buffers (the same tensors, not copies).
 
-    def __init__(self, model: GPT, cache: KVCache):
+    ``fused``: decode with each layer's q/k/v projections, and its SwiGLU gate/up projections, concatenated
+    into one matrix each (three matrix products fewer a layer). The concatenations are copies, made here and
+    refreshed in place by ``refresh`` (each ``generate_batch`` calls it), so a captured graph keeps reading
+    them; layers whose projections are not plain ``nn.Linear`` (an unmerged LoRA) decode unfused."""
+
+    def __init__(self, model: GPT, cache: KVCache, fused: bool = False):
         super().__init__()
         self.model = model
         self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, D), shared with the cache
         self.register_buffer("v", cache.v, persistent=False)
+        self.fused: list[tuple] | None = None
+        if fused:
+            self.fused = [(fuse(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj),
+                           fuse(b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else None) for b in model.blocks]
+
+    def refresh(self) -> None:
+        """Copy the model's current weights into the concatenated ones."""
+        for b, (qkv, gate_up) in zip(self.model.blocks, self.fused or (), strict=False):
+            refill(qkv, b.attn.q_proj, b.attn.k_proj, b.attn.v_proj)
+            refill(gate_up, *((b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else ()))
 
     def forward(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor) -> Tensor:
         """idx (B, 1), slot (1,) the cache slot of this token, offsets (B,) left padding,
         key_valid (B, S) False at padding -> logits (B, V)."""
-        return self.model.decode_step(idx, slot, offsets, key_valid, self.k, self.v)
+        return self.model.decode_step(idx, slot, offsets, key_valid, self.k, self.v, self.fused)
+
+
+def fuse(*layers: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The weight (and bias) of plain linear ``layers`` concatenated along their outputs, or None."""
+    if any(type(m) is not nn.Linear for m in layers):
+        return None
+    with torch.no_grad():
+        w = torch.cat([m.weight for m in layers])
+        b = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
+    return w, b
+
+
+def refill(fused: tuple[Tensor, Tensor | None] | None, *layers: nn.Module) -> None:
+    if fused is not None:
+        with torch.no_grad():
+            torch.cat([m.weight for m in layers], out=fused[0])
+            if fused[1] is not None:
+                torch.cat([m.bias for m in layers], out=fused[1])
 
 
 def cache_len(block: int, batch: int, need: int) -> int:
@@ -112,17 +145,18 @@ class GraphedStep:
 MAX_DECODERS = 8  # static decoders kept per model (shapes); one more clears them
 
 
-def static_decoder(model: GPT, batch: int, max_len: int, mode: str) -> tuple[KVCache, Callable]:
+def static_decoder(model: GPT, batch: int, max_len: int, mode: str, fused: bool = False) -> tuple[KVCache, Callable]:
     """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once and kept
     on the model (``model.decoders``), so every batch of a ``generate`` reuses them. ``mode``: static (eager),
-    graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too)."""
+    graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too). ``fused``: see
+    ``StaticDecodeStep``."""
     p = next(model.parameters())
-    key = (batch, max_len, mode, p.dtype, p.device)
+    key = (batch, max_len, mode, p.dtype, p.device) + (("fused",) if fused else ())
     if key not in model.decoders:
         if len(model.decoders) >= MAX_DECODERS:
             model.decoders.clear()
         cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
-        step: Callable = StaticDecodeStep(model, cache)
+        step: Callable = StaticDecodeStep(model, cache, fused)
         if mode == "compiled":
             step = torch.compile(step, fullgraph=True, dynamic=False)
         if mode in ("graph", "compiled") and p.device.type == "cuda":
@@ -131,21 +165,30 @@ def static_decoder(model: GPT, batch: int, max_len: int, mode: str) -> tuple[KVC
     return model.decoders[key]
 
 
+def step_module(step: Callable) -> StaticDecodeStep:
+    """The ``StaticDecodeStep`` inside a decode step (captured in a ``GraphedStep``, compiled, or itself)."""
+    step = step.fn if isinstance(step, GraphedStep) else step
+    return getattr(step, "_orig_mod", step)
+
+
 class _Decoder:
     """Runs the model for ``generate_batch``. ``prefill`` (re)encodes every row's context, left-padded;
     ``slide`` re-encodes some rows' contexts in place, just before the next slot; ``step`` feeds one new
     token per row. ``mode``: eager (GPT.forward with the KV cache), static (StaticDecodeStep, eager), graph
     (StaticDecodeStep replayed as a CUDA graph on CUDA), compiled (StaticDecodeStep under torch.compile, replayed
-    as a CUDA graph on CUDA), none (no cache: ``prefill`` every step)."""
+    as a CUDA graph on CUDA), none (no cache: ``prefill`` every step). ``fused``: the static step's concatenated
+    projections (``StaticDecodeStep``), refreshed from the model's weights here."""
 
-    def __init__(self, model: nn.Module, batch: int, mode: str, need: int):
-        self.model, self.mode = model, mode
+    def __init__(self, model: nn.Module, batch: int, mode: str, need: int, fused: bool = False):
+        self.model, self.mode, self.fused = model, mode, fused
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.cache, self.static = None, None
         max_len = cache_len(model.cfg.block_size, batch, need)
         if mode in ("static", "graph", "compiled"):
-            self.cache, self.static = static_decoder(model, batch, max_len, mode)
+            self.cache, self.static = static_decoder(model, batch, max_len, mode, fused)
+            if fused:
+                step_module(self.static).refresh()
         elif mode == "eager":
             self.cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
         elif mode != "none":
