@@ -1,20 +1,32 @@
-"""Generation speed: tokens/s at batch 1 with and without the KV cache, and 32 prompts batched versus
-one by one.
+"""Decoding speed and quality (issue 22): tokens/s of the K-steps-per-graph decoder against the one-token graph
+decoder and Hugging Face transformers on the same shape, the time to the first streamed token against its floor,
+and the teacher-forced loss of the bf16 decode step against fp32 on a model trained here.
 
-Issue 7's targets (H100, ``large`` preset, vocab 32,000, random weights): with the cache >= 5x the
-tokens/s without it and >= 1,000 tokens/s at batch 1; 32 prompts batched >= 10x the throughput of
-running them one by one.
+    python scripts/bench_generate.py                       # all of it on a CUDA GPU (about 5 minutes on an H100)
+    python scripts/bench_generate.py --config tiny --device cpu --vocab 512 --no-hf --no-train   # smoke test
 
-    python scripts/bench_generate.py                               # large, CUDA, compiled decode step
-    python scripts/bench_generate.py --config tiny --device cpu    # smoke test, seconds
+Decode rows: for each --configs preset (random weights, vocab --vocab) and --dtypes, each --sampling setting
+(default = generate's defaults: temperature 0.8, top-k 50, top-p 0.95, repetition penalty 1.1; greedy = argmax,
+no penalty), each --decoders entry (graph1: one token per CUDA-graph replay and read-back, the decoder before
+issue 22; graphK: --chunk tokens per replay, sampling on the GPU; graphKf: graphK decoding with each layer's q/k/v
+and gate/up projections concatenated, three matrix products fewer a layer; on CPU the static step run eagerly), at
+batch 1 (one --prompt-len prompt) and --batch prompts batched (random lengths in [prompt-len/4, prompt-len]):
+--new-tokens each, no stop token, so every run makes exactly that many. Each row runs once untimed (CUDA-graph capture,
+warm-up), then --repeats times; the median is reported. A preset whose block is shorter than prompt + new tokens
+slides (re-encodes its context) as generate does: `small` (block 256) does every 64 tokens at these settings.
 
-Greedy decoding with no stop token, so every run makes exactly the tokens asked for. The batch-1
-prompt is --prompt-len random tokens; the 32 prompts have random lengths in [--prompt-len/4,
---prompt-len]. Each configuration runs once untimed first (compilation, CUDA-graph capture, warm
-caches; on CUDA only), then --repeats times timed (the median is reported); the warmup time is printed too. Decode steps (--modes): "eager" is GPT.forward with the
-preallocated KV cache; "graph" is the static decode step replayed as one CUDA graph per token (generate's
-default on CUDA); "compiled" is that step under torch.compile, replayed as a CUDA graph (generate --compile on).
-The summary uses the first of --modes. Results to stdout; --json for machines.
+Hugging Face rows (last; --hf-configs, batch 1): ``LlamaForCausalLM`` of the same shape, random weights, static cache
+(which transformers compiles), ``generate`` with the same sampling settings and no end token.
+
+Training and quality (first; not with --no-train): a `small` model trained --train-steps steps on --corpus (default the
+bundled Spanish sample) without its last --heldout documents; the mean next-token loss of the held-out documents'
+first block fed one token at a time through the CUDA-graph decode step (``GPT.decode_step``) in fp32 and in bf16
+(the target: within 0.5%); then the seconds from starting ``minillm generate --stream`` on that checkpoint to its
+first printed byte, for --decode-chunk 16 and 1, against the floor (a process that imports torch, initialises CUDA
+and loads the checkpoint).
+
+Output: one JSON object a line on stdout, also appended to $OUT/bench_generate.jsonl when OUT is set; a readable
+line per row on stderr.
 """
 
 from __future__ import annotations
@@ -22,119 +34,261 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from minillm.config import resolve
-from minillm.generation import Sampling, decode_mode, generate_batch
-from minillm.model.gpt import GPT
+import torch  # noqa: E402
 
-GREEDY = Sampling(temperature=0)
+from minillm.config import resolve  # noqa: E402
+from minillm.generation import DECODE_CHUNK, Sampling, _Decoder, decode_mode, generate_batch  # noqa: E402
+from minillm.model.gpt import GPT  # noqa: E402
+
+SAMPLINGS = {"default": Sampling(0.8, 50, 0.95, 1.1), "greedy": Sampling(temperature=0)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def timed(fn, device: torch.device) -> tuple[float, object]:
+def emit(row: dict) -> dict:
+    line = json.dumps(row)
+    print(line, flush=True)
+    if os.environ.get("OUT"):
+        with open(Path(os.environ["OUT"]) / "bench_generate.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    return row
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measure(row: dict, fn, device: torch.device, repeats: int) -> dict:
+    """Run ``fn`` (-> the number of new tokens) once untimed, then ``repeats`` times; the median tokens/s."""
+    sync(device)
     t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0, out
+    fn()
+    sync(device)
+    warm = time.perf_counter() - t0
+    secs, tokens = [], 0
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        tokens = fn()
+        sync(device)
+        secs.append(time.perf_counter() - t0)
+    med = statistics.median(secs)
+    row |= {"tokens": tokens, "seconds": round(med, 4), "tokens_per_s": round(tokens / med, 1),
+            "runs_tokens_per_s": [round(tokens / s, 1) for s in secs], "first_run_s": round(warm, 2)}
+    print(f"{row['name']:<52} {row['tokens_per_s']:>10.1f} tok/s  (first run {warm:.2f} s)", file=sys.stderr, flush=True)
+    return emit(row)
 
 
-def measure(name: str, fn, device: torch.device, results: list[dict], repeats: int = 1) -> dict:
-    """Run ``fn`` (returning a list of Completions) once untimed on CUDA (compilation, graph capture), then
-    ``repeats`` times timed; record the median tokens/s."""
-    warm = timed(fn, device)[0] if device.type == "cuda" else 0.0
-    runs = [timed(fn, device) for _ in range(max(1, repeats))]
-    tokens = sum(len(c.tokens) for c in runs[0][1])
-    secs = statistics.median(s for s, _ in runs)
-    rec = {"name": name, "tokens": tokens, "seconds": round(secs, 4), "tokens_per_s": round(tokens / secs, 1),
-           "runs_tokens_per_s": [round(tokens / s, 1) for s, _ in runs], "warmup_s": round(warm, 2)}
-    results.append(rec)
-    print(f"{name:<34} {tokens:>7} tok {secs:>9.3f} s {tokens / secs:>11.1f} tok/s   (median of {len(runs)}; "
-          f"warmup {warm:.1f} s)", file=sys.stderr, flush=True)
-    return rec
+def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tuple[str, int, bool]]:
+    """Decoder name -> (generate_batch's mode, chunk, fused)."""
+    k_mode = "graph" if device.type == "cuda" else "static"
+    table = {"graph1": (decode_mode(device, "auto"), 1, False), "graphK": (k_mode, chunk, False),
+             "graphKf": (k_mode, chunk, True)}
+    return {n: table[n] for n in names}
+
+
+def decode_rows(args, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=g).tolist()
+    lens = torch.randint(max(1, args.prompt_len // 4), args.prompt_len + 1, (args.batch,), generator=g).tolist()
+    prompts = [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in lens]
+    for config in args.configs.split(","):
+        mcfg = dataclasses.replace(resolve(config)[0], vocab_size=-(-args.vocab // 64) * 64)
+        for dtype in args.dtypes.split(","):
+            torch.manual_seed(0)
+            model = GPT(mcfg).to(device, DTYPES[dtype]).eval()
+            for sname in args.sampling.split(","):
+                for dname, (mode, chunk, fused) in decoders(args.decoders.split(","), device, args.chunk).items():
+                    for rows in (1, args.batch):
+                        batch = [prompt] if rows == 1 else prompts
+
+                        def run(model=model, batch=batch, sname=sname, mode=mode, chunk=chunk, fused=fused) -> int:
+                            gen = torch.Generator(device).manual_seed(0)
+                            out = generate_batch(model, batch, args.new_tokens, sampling=SAMPLINGS[sname],
+                                                 generator=gen, mode=mode, chunk=chunk, fused=fused)
+                            return sum(len(c.tokens) for c in out)
+
+                        measure({"kind": "decode", "name": f"{config} {dtype} {sname} {dname} batch {rows}",
+                                 "config": config, "dtype": dtype, "sampling": sname, "decoder": dname, "mode": mode,
+                                 "chunk": chunk, "fused": fused, "batch": rows, "params": model.num_params()},
+                                run, device, args.repeats)
+
+
+def hf_rows(args, device: torch.device) -> None:
+    try:
+        import transformers
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        emit({"kind": "hf", "skipped": f"transformers not importable: {e}"})
+        return
+    prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    for config in [c for c in args.hf_configs.split(",") if c]:
+        m = resolve(config)[0]
+        hcfg = LlamaConfig(vocab_size=-(-args.vocab // 64) * 64, hidden_size=m.n_embd, intermediate_size=m.mlp_hidden,
+                           num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads,
+                           head_dim=m.head_dim, max_position_embeddings=m.block_size, rope_theta=m.rope_theta,
+                           rms_norm_eps=1e-6, tie_word_embeddings=m.tie_embeddings, attention_bias=False)
+        for dtype in args.dtypes.split(","):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(hcfg).to(device, DTYPES[dtype]).eval()
+            model.generation_config.eos_token_id = None
+            for sname in args.sampling.split(","):
+                s = SAMPLINGS[sname]
+                kw = ({"do_sample": True, "temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
+                      if s.temperature > 0 else {"do_sample": False})
+
+                def run(model=model, kw=kw, s=s) -> int:
+                    out = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                         repetition_penalty=s.repetition_penalty, cache_implementation="static",
+                                         pad_token_id=0, **kw)
+                    return out.shape[1] - prompt.shape[1]
+
+                try:
+                    measure({"kind": "hf", "name": f"HF {config} {dtype} {sname} static cache batch 1", "config": config,
+                             "dtype": dtype, "sampling": sname, "batch": 1, "transformers": transformers.__version__},
+                            run, device, args.repeats)
+                except Exception as e:  # a transformers version without these options: say so, keep the rest
+                    emit({"kind": "hf", "name": f"HF {config} {dtype} {sname}", "error": f"{type(e).__name__}: {e}"})
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "minillm", *args]
+
+
+def train_small(args, work: Path) -> tuple[Path, list[str]]:
+    """A `small` run on --corpus without its last --heldout documents -> (run directory, held-out texts)."""
+    from minillm.corpus.read import iter_documents
+
+    docs = list(iter_documents(Path(args.corpus)))
+    train, held = docs[: -args.heldout], docs[-args.heldout:]
+    (work / "train.txt").write_text("\n<|doc|>\n".join(train) + "\n", encoding="utf-8")
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    for cmd in (cli("init-tokenizer", "-f", str(work / "train.txt"), "--vocab-size", "4096", "-o", str(work / "tok.json")),
+                cli("train", "-t", str(work / "tok.json"), "-c", str(work / "train.txt"), "-o", str(work / "run"),
+                    "--config", "small", "--max-steps", str(args.train_steps), "--epochs", "0", "--compile", "off")):
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    emit({"kind": "train", "config": "small", "steps": args.train_steps, "train_docs": len(train),
+          "heldout_docs": len(held), "seconds": round(time.perf_counter() - t0, 1)})
+    return work / "run", held
+
+
+def decode_loss(model: GPT, windows: list[list[int]]) -> float:
+    """Mean next-token cross-entropy of ``windows`` (same lengths), each token fed alone through the decoder's
+    static step (a CUDA graph on CUDA), the KV cache in the weights' dtype."""
+    dev = next(model.parameters()).device
+    x = torch.tensor(windows, device=dev)  # (B, T)
+    dec = _Decoder(model, len(windows), decode_mode(dev, "auto") if dev.type == "cuda" else "static", x.size(1))
+    with torch.no_grad():
+        logits = [dec.prefill([w[:1] for w in windows])]
+        for t in range(1, x.size(1) - 1):
+            logits.append(dec.step(x[:, t]))
+    out = torch.stack(logits, 1).float()  # (B, T-1, V)
+    return float(torch.nn.functional.cross_entropy(out.flatten(0, 1), x[:, 1:].flatten()))
+
+
+def loss_check(run: Path, held: list[str], device: torch.device) -> None:
+    from minillm.model.load import load_model
+    from minillm.tokenizer import encode_documents, load_tokenizer
+
+    model, _ = load_model(run, str(device))
+    tok = load_tokenizer(run / "tokenizer.json")
+    T = model.cfg.block_size
+    windows = [d[:T] for d in encode_documents(tok, held) if len(d) >= T]
+    with torch.no_grad():
+        full = float(model(torch.tensor(windows, device=device)[:, :-1], torch.tensor(windows, device=device)[:, 1:]))
+    fp32 = decode_loss(model.eval(), windows)
+    model.decoders.clear()
+    bf16 = decode_loss(model.to(torch.bfloat16), windows)
+    rel = abs(bf16 - fp32) / fp32
+    emit({"kind": "loss", "windows": len(windows), "tokens": len(windows) * (T - 1), "full_forward_fp32": round(full, 5),
+          "decode_fp32": round(fp32, 5), "decode_bf16": round(bf16, 5), "relative_difference": round(rel, 5),
+          "target": 0.005, "met": rel <= 0.005})
+    print(f"held-out loss: forward fp32 {full:.4f}, decode fp32 {fp32:.4f}, decode bf16 {bf16:.4f} "
+          f"({rel:.3%} apart; target <= 0.5%)", file=sys.stderr, flush=True)
+
+
+def first_byte(cmd: list[str]) -> tuple[float, float, int]:
+    """Seconds from starting ``cmd`` to its first byte on stdout and to its exit, and its exit status."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    os.read(p.stdout.fileno(), 1)
+    first = time.perf_counter() - t0
+    p.communicate()
+    return first, time.perf_counter() - t0, p.returncode
+
+
+def first_token_rows(run: Path, device: torch.device) -> None:
+    ckpt = str(run / "ckpt_last.pt" if (run / "ckpt_last.pt").exists() else run)
+    floor = ("import torch; from minillm.model.load import load_model; "
+             f"torch.zeros(1, device={str(device)!r}); load_model({ckpt!r}, {str(device)!r}); print('x')")
+    s, total, rc = first_byte([sys.executable, "-c", floor])
+    emit({"kind": "first_token", "name": "floor: import torch + CUDA init + load the checkpoint", "seconds": round(s, 3),
+          "rc": rc})
+    for chunk in (DECODE_CHUNK, 1):
+        s, total, rc = first_byte(cli("generate", "--ckpt", ckpt, "--stream", "--max-tokens", "128", "--seed", "0",
+                                      "--device", str(device), "--decode-chunk", str(chunk)))
+        emit({"kind": "first_token", "name": f"minillm generate --stream --decode-chunk {chunk}", "seconds": round(s, 3),
+              "total_s": round(total, 3), "rc": rc, "target_s": 3.0})
+        print(f"first streamed byte --decode-chunk {chunk}: {s:.2f} s (whole run {total:.2f} s)", file=sys.stderr)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="large", help="preset name or TOML file (default large)")
+    ap.add_argument("--configs", "--config", default="small,large", help="presets, comma-separated (default small,large)")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary size (padded to a multiple of 64)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weight and KV-cache dtype")
-    ap.add_argument("--new-tokens", type=int, default=512, help="new tokens at batch 1")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="weight and KV-cache dtypes: fp32, bf16, comma-separated")
+    ap.add_argument("--sampling", default="default,greedy", help="default (generate's), greedy; comma-separated")
+    ap.add_argument("--decoders", default="graph1,graphK,graphKf",
+                    help="graph1 (one token per replay), graphK (--chunk per replay), graphKf (graphK with the fused "
+                         "q/k/v and gate/up projections)")
+    ap.add_argument("--chunk", type=int, default=DECODE_CHUNK, help="tokens per replay for graphK")
+    ap.add_argument("--new-tokens", type=int, default=512, help="new tokens per prompt")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (the longest of the batch)")
-    ap.add_argument("--batch", type=int, default=32, help="prompts in the batched comparison")
-    ap.add_argument("--batch-new-tokens", type=int, default=128, help="new tokens per prompt in the batched comparison")
-    ap.add_argument("--modes", default="",
-                    help="comma-separated decode steps to measure, the first used for the summary (default: "
-                         "graph,compiled,eager on CUDA; eager,static on CPU)")
-    ap.add_argument("--no-uncached", action="store_true", help="skip the slow run without the KV cache")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each configuration; the median is reported")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads for torch (default 1: decode steps are small ops, and extra threads mostly "
-                         "add synchronization; 0 = torch's default)")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ap.add_argument("--batch", type=int, default=32, help="prompts in the batched rows")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each row; the median is reported")
+    ap.add_argument("--hf-configs", default="large", help="presets for the transformers rows ('' for none)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    ap.add_argument("--no-train", action="store_true", help="skip training, the loss check and the first-token times")
+    ap.add_argument("--corpus", default=str(ROOT / "minillm" / "data" / "sample_es.txt"), help="corpus to train on")
+    ap.add_argument("--heldout", type=int, default=25, help="last documents of --corpus held out for the loss check")
+    ap.add_argument("--train-steps", type=int, default=300, help="optimizer steps of the small model")
+    ap.add_argument("--workdir", default="", help="where the trained run goes (default a temporary directory)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0 = torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    mcfg, _ = resolve(args.config)
-    mcfg = dataclasses.replace(mcfg, vocab_size=-(-args.vocab // 64) * 64)
-    torch.manual_seed(0)
-    model = GPT(mcfg).to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32).eval()
-    modes = [m for m in args.modes.split(",") if m] or (
-        [decode_mode(device, "auto"), "compiled", "eager"] if device.type == "cuda" else ["eager", "static"])
-    mode = modes[0]
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, mcfg.vocab_size, (args.prompt_len,), generator=g).tolist()
-    lens = torch.randint(max(1, args.prompt_len // 4), args.prompt_len + 1, (args.batch,), generator=g).tolist()
-    prompts = [torch.randint(0, mcfg.vocab_size, (n,), generator=g).tolist() for n in lens]
-    print(f"{args.config}: {model.num_params() / 1e6:.1f}M params, block {mcfg.block_size}, vocab {mcfg.vocab_size}, "
-          f"{args.dtype}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, decode step: {mode}", file=sys.stderr)
-
-    res: list[dict] = []
-    one = [prompt]
-    n = args.new_tokens
-    cached = None
-    for md in modes:
-        rec = measure(f"batch 1, cache ({md})", lambda md=md: generate_batch(model, one, n, sampling=GREEDY, mode=md),
-                      device, res, args.repeats)
-        cached = cached or rec
-    if not args.no_uncached:
-        nocache = measure("batch 1, no cache", lambda: generate_batch(model, one, n, sampling=GREEDY, use_cache=False),
-                          device, res, args.repeats)
-    m = args.batch_new_tokens
-    speedups = {}
-    for md in modes:
-        if md == "eager" and md != mode:  # the slow one: at batch 1 only, unless it is the summary's
-            continue
-        b = measure(f"{args.batch} prompts batched ({md})",
-                    lambda md=md: generate_batch(model, prompts, m, sampling=GREEDY, mode=md), device, res, args.repeats)
-        s1 = measure(f"{args.batch} prompts one by one ({md})",
-                     lambda md=md: [generate_batch(model, [p], m, sampling=GREEDY, mode=md)[0] for p in prompts],
-                     device, res, args.repeats)
-        speedups[md] = round(b["tokens_per_s"] / s1["tokens_per_s"], 2)
-    summary = {"cache_speedup": None if args.no_uncached else round(cached["tokens_per_s"] / nocache["tokens_per_s"], 2),
-               "batch1_tokens_per_s": cached["tokens_per_s"],
-               "batched_speedup": speedups.get(mode), "batched_speedup_by_mode": speedups}
-    print(f"KV cache speedup {summary['cache_speedup']}x (target >= 5), batch 1 {summary['batch1_tokens_per_s']} tok/s "
-          f"(target >= 1000), batched speedup {summary['batched_speedup']}x (target >= 10)", file=sys.stderr)
-    info = {"config": args.config, "params": model.num_params(), "vocab_size": mcfg.vocab_size, "dtype": args.dtype,
-            "device": str(device), "torch": torch.__version__, "decode": mode, "modes": modes, "results": res, **summary}
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for r in res:
-            print(f"{r['name']}\t{r['tokens_per_s']} tok/s")
-        print(f"cache_speedup\t{summary['cache_speedup']}\nbatched_speedup\t{summary['batched_speedup']}")
+    emit({"kind": "setup", "device": str(device),
+          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
+          "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "batch": args.batch, "chunk": args.chunk,
+          "vocab": args.vocab, "command": " ".join(sys.argv)})
+    t0 = time.perf_counter()
+    if not args.no_train:  # first: quick, and what the issue's acceptance needs besides speed
+        work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-generate-"))
+        work.mkdir(parents=True, exist_ok=True)
+        run, held = train_small(args, work)
+        loss_check(run, held, device)
+        first_token_rows(run, device)
+    decode_rows(args, device)
+    if not args.no_hf:  # last: transformers compiles its static-cache step (tens of seconds per dtype)
+        hf_rows(args, device)
+    emit({"kind": "done", "seconds": round(time.perf_counter() - t0, 1)})
 
 
 if __name__ == "__main__":

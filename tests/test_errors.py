@@ -706,7 +706,7 @@ def test_generation_bad_values_exit_2_naming_the_flag(runner, base):
 
 
 def test_an_empty_prompt_starts_from_doc_and_a_long_one_is_cut_from_the_left(runner, base, monkeypatch):
-    from minillm import generation
+    from minillm.generation import text as generation
     from minillm.tokenizer import doc_id, load_tokenizer
 
     real, seen = generation.generate_batch, []

@@ -326,9 +326,45 @@ def test_cli_empty_prompt_and_usage_errors(runner, run):
     r = gen(runner, run, "--max-tokens", "10", "--temperature", "0")
     assert r.exit_code == 0 and r.stdout.strip()
     for bad in (["--stream", "--batch-generate"], ["--batch-size", "4"], ["--stream", "--json"],
-                ["--temperature", "-1"], ["--prompt", "a", "--prompt-file", "x"], ["--compile", "maybe"]):
+                ["--temperature", "-1"], ["--prompt", "a", "--prompt-file", "x"], ["--compile", "maybe"],
+                ["--dtype", "fp16"], ["--decode-chunk", "0"]):
         r = gen(runner, run, *bad)
         assert r.exit_code == 2, (bad, r.output)
+
+
+def test_cli_dtype_and_decode_chunk_reach_the_decoder(runner, run, monkeypatch):
+    import minillm.generation as generation
+
+    seen, real = [], generation.complete
+
+    def spy(model, *a, chunk, **kw):
+        seen.append((next(model.parameters()).dtype, chunk))
+        return real(model, *a, chunk=chunk, **kw)
+
+    monkeypatch.setattr(generation, "complete", spy)
+    for extra in ([], ["--dtype", "bf16", "--decode-chunk", "4"], ["--dtype", "fp32"]):
+        r = gen(runner, run, "--max-tokens", "6", "--temperature", "0", *extra)
+        assert r.exit_code == 0, r.output
+    assert seen == [(torch.float32, 16), (torch.bfloat16, 4), (torch.float32, 16)]  # auto on the CPU: fp32
+
+
+def test_complete_in_chunks_streams_the_same_text_with_stops_and_samples(tokenizer_path):
+    """K tokens per call (the static step run eagerly, as the CUDA graph runs it): the streamed text, the records
+    and the generator's use (the second sample) equal the one-token decoder's."""
+    from minillm.generation import complete
+    from minillm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    m = varied_model(vocab_size=pad_vocab(tok.get_vocab_size()), dtype=torch.float32)
+    out = {}
+    for mode, chunk in (("eager", 1), ("static", 6)):
+        pieces: list[str] = []
+        recs = complete(m, tok, ["el rey", "la"], 30, sampling=Sampling(0.9, 40, 0.95, 1.1), num_samples=2,
+                        stops=["a"], generator=torch.Generator().manual_seed(5), stream=pieces.append, mode=mode,
+                        chunk=chunk)
+        out[mode] = (pieces, [(r["completion"], r["finish_reason"]) for r in recs])
+    assert out["eager"] == out["static"]
+    assert {r for _, r in out["eager"][1]} == {"stop", "length"}  # stopped inside chunks, and ran to the end
 
 
 def test_greedy_logits_path_matches_full_forward_loss_sanity():

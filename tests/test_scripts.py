@@ -24,10 +24,12 @@ def test_bench_train_runs_on_cpu_with_the_tiny_config():
 
 
 def test_bench_generate_runs_on_cpu_with_the_tiny_config():
-    out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512",
-               "--new-tokens", "8", "--batch", "2", "--batch-new-tokens", "4", "--prompt-len", "8", "--json")
-    res = json.loads(out)
-    assert res["batch1_tokens_per_s"] > 0
+    out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512", "--new-tokens",
+               "20", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train")
+    rows = [json.loads(line) for line in out.splitlines()]
+    decode = [r for r in rows if r["kind"] == "decode"]
+    assert len(decode) == 2 * 2 * 3 * 2  # dtypes x samplings x decoders x batch sizes
+    assert all(r["tokens"] == 20 * r["batch"] and r["tokens_per_s"] > 0 for r in decode)
 
 
 def _load_bench_ddp():

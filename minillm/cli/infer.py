@@ -31,6 +31,8 @@ def generate(
     seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     compile: str = typer.Option("auto", "--compile", help="Decode step: auto (a CUDA graph on CUDA, plain on CPU), on (torch.compile as well: faster per token, slower to start), off (plain PyTorch)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights and KV cache: auto (bf16 on a CUDA GPU that supports it, fp32 elsewhere), bf16 or fp32 (the tokens of the fp32 decoder, exactly)."),
+    decode_chunk: int = typer.Option(16, "--decode-chunk", help="Tokens decoded per CUDA-graph replay, sampled on the GPU and read back together (--stream prints that many at a time); 1 = one at a time. The text does not depend on it."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt (from finetune --lora-rank) to apply on top of --ckpt, which must be the base it was trained on."),
 ) -> None:
@@ -43,6 +45,7 @@ def generate(
         check_request,
         check_sampling,
         complete,
+        decode_dtype,
         decode_mode,
         default_penalty,
         read_prompts,
@@ -60,13 +63,17 @@ def generate(
                   stops=stop or ())
     prompts = read_prompts(prompt, prompt_file)
     check_output(output, ckpt, prompt_file, tokenizer)
+    if decode_chunk < 1:
+        raise UsageError(f"--decode-chunk must be >= 1 (1 decodes one token at a time); got {decode_chunk}")
     dev = resolve_device(device)
     mode = decode_mode(dev, compile)
+    weights = decode_dtype(dev, dtype)
     model, state = load_model(ckpt, str(dev))
     if adapter is not None:  # merged into the weights: same logits, no extra cost per token
         from minillm.lora import attach_adapter
 
         attach_adapter(model, state, adapter)
+    model = model.to(weights)  # the KV cache takes the weights' dtype
     tok = load_tokenizer(resolve_tokenizer(state, tokenizer, force_tokenizer))
     g = torch.Generator(device=dev).manual_seed(seed)
 
@@ -77,7 +84,7 @@ def generate(
     records = complete(model, tok, prompts, max_tokens, sampling=Sampling(temperature, top_k, top_p, repetition_penalty),
                        num_samples=num_samples, batch_size=(batch_size or 8) if batch_generate else 1, stops=stop or (),
                        generator=g, stream=write if stream else None, warn=lambda m: typer.secho(f"warning: {m}", fg="yellow", err=True),
-                       mode=mode)
+                       mode=mode, chunk=decode_chunk)
     if stream:
         write("\n")
     elif output is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -165,6 +165,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
         return q, k, v
 
+    def project_fused(self, x: Tensor, rope: tuple[Tensor, Tensor], qkv: tuple[Tensor, Tensor | None]
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """``project`` in one matrix product: ``qkv`` is the weight (and bias, or None) of q_proj, k_proj and
+        v_proj concatenated (decoding's fewer kernels; the caller keeps it equal to the three)."""
+        B, T, _ = x.shape
+        nq, nkv = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = F.linear(x, *qkv).split([nq, nkv, nkv], dim=-1)
+        q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), *rope)  # (B, T, H, D)
+        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv, self.head_dim)), *rope)  # (B, T, Hkv, D)
+        return q, k, v.view(B, T, self.n_kv, self.head_dim)
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C); ``cache``: append this layer's new keys/values at ``cache.pos`` and
@@ -188,17 +199,17 @@ class Attention(nn.Module):
         return self.dropout(self.o_proj(y))
 
     def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], visible: Tensor, slot: Tensor,
-               keys: Tensor, values: Tensor) -> Tensor:
+               keys: Tensor, values: Tensor, qkv: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """One new token per row over a static cache (fixed shapes): x (B, 1, C) -> (B, 1, C). Its key and
         value go to slot ``slot`` (1,) of this layer's ``keys``/``values`` (B, Hkv, S, D), and it attends to
-        every slot ``visible`` (B, 1, 1, S) allows.
+        every slot ``visible`` (B, 1, 1, S) allows. ``qkv``: the fused projection (``project_fused``).
 
         Same projections as ``forward``; the attention of the single query is written out, two matrix-vector
         products and a softmax, the query heads sharing a key/value head taken as its queries. (The fused SDPA
         kernels are built for many queries: at batch 1 in fp32 the memory-efficient one took 78 us a layer on
         an H100, half of the decode step; docs/BENCHMARKS.md.)"""
         B = x.size(0)
-        q, k, v = self.project(x, rope)  # (B, 1, H|Hkv, D)
+        q, k, v = self.project(x, rope) if qkv is None else self.project_fused(x, rope, qkv)  # (B, 1, H|Hkv, D)
         keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
         values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
         q = q.view(B, self.n_kv, self.n_head // self.n_kv, self.head_dim)  # (B, Hkv, G, D): G heads per kv head
@@ -223,8 +234,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.swiglu:
+    def forward(self, x: Tensor, gate_up: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """``gate_up`` (SwiGLU, decoding): gate_proj's and up_proj's weight (and bias, or None) concatenated,
+        one matrix product instead of two."""
+        if gate_up is not None:
+            gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.swiglu:
             h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, hidden)
         else:
             h = F.gelu(self.up_proj(x), approximate="tanh")
@@ -246,10 +262,12 @@ class Block(nn.Module):
         return x
 
     def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], visible: Tensor, slot: Tensor,
-               keys: Tensor, values: Tensor) -> Tensor:
-        """``forward`` for one new token per row over a static cache (``Attention.decode``)."""
-        x = x + self.attn.decode(self.norm1(x), rope, visible, slot, keys, values)
-        return x + self.mlp(self.norm2(x))
+               keys: Tensor, values: Tensor, fused: tuple | None = None) -> Tensor:
+        """``forward`` for one new token per row over a static cache (``Attention.decode``); ``fused``: this
+        layer's (qkv, gate_up) concatenated weights, or None."""
+        qkv, gate_up = fused or (None, None)
+        x = x + self.attn.decode(self.norm1(x), rope, visible, slot, keys, values, qkv)
+        return x + self.mlp(self.norm2(x), gate_up)
 
 
 # ------------------------------------------------------------------------------ regional compilation
@@ -349,12 +367,13 @@ class GPT(nn.Module):
         return run.head(self.norm_f, self.lm_head, x, targets, self.cfg, reduction)
 
     def decode_step(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor,
-                    keys: Tensor, values: Tensor) -> Tensor:
+                    keys: Tensor, values: Tensor, fused: Sequence[tuple] | None = None) -> Tensor:
         """One new token per row over a static KV cache, with fixed shapes for ``torch.compile`` and CUDA
         graphs: idx (B, 1) goes to the cache slot ``slot`` (a (1,) tensor, not ``cache.pos``), whose rows
         start after ``offsets`` (B,) slots of left padding; every slot is attended to through a mask
         (``key_valid`` (B, S), False at padding, and the slots up to ``slot``). ``keys``/``values``: a
-        ``KVCache``'s ``k``/``v`` (L, B, Hkv, S, D). -> logits (B, V), as ``forward`` with the cache gives."""
+        ``KVCache``'s ``k``/``v`` (L, B, Hkv, S, D). ``fused``: per layer, ``Block.decode``'s concatenated
+        weights (fewer kernels), or None. -> logits (B, V), as ``forward`` with the cache gives."""
         # a row's context never exceeds the block (generation slides it), so its position is in the RoPE
         # table; the clamp only keeps finished rows, whose tokens are dropped, inside it
         positions = (slot - offsets).clamp(0, self.cfg.block_size - 1)[:, None]  # (B, 1)
@@ -363,7 +382,7 @@ class GPT(nn.Module):
         mask = visible[:, None, None, :]  # (B, 1, 1, S)
         x = self.tok_emb(idx)  # (B, 1, C)
         for i, block in enumerate(self.blocks):
-            x = block.decode(x, rope, mask, slot, keys[i], values[i])
+            x = block.decode(x, rope, mask, slot, keys[i], values[i], fused[i] if fused else None)
         return self.lm_head(self.norm_f(x)).float()[:, -1]  # (B, V)
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -1,0 +1,255 @@
+"""Batched decoding: ``generate_batch`` (left-padded batches over a preallocated KV cache, sliding when the
+context fills) and ``StepChunk``, which runs K decode steps per call with sampling, the repetition-penalty mask
+and the stop check on the device, replayed as ONE CUDA graph on CUDA, so the host launches once and reads back
+once per K tokens (``--decode-chunk``).
+
+Sliding: a row's context is its most recent tokens, at most ``block_size``. When a new token would
+overflow it, the context restarts at the most recent ``slide_keep(block)`` tokens, which are
+re-encoded. The rule depends only on the row's own length, so cached, uncached, batched and
+one-by-one decoding all see the same contexts. A chunk runs only when no row can slide and the cache has a
+free slot for each of its K steps; otherwise ``generate_batch`` goes one token at a time, as without chunks.
+
+Same tokens with and without chunks: a chunk does the one-step loop's arithmetic in its order (sample every
+row, record, mark seen, step), draws the same random numbers (``sampling.draw``), and when the generation
+ends inside a chunk the generator is rewound to where the one-step loop would have left it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from minillm.errors import MiniLLMError
+from minillm.generation.sampling import Sampling, sample_next_token, skip_draws
+from minillm.generation.static import MAX_DECODERS, GraphedStep, _Decoder, slide_keep
+
+DECODE_CHUNK = 16  # generate's --decode-chunk: decode steps per CUDA-graph replay and host read-back
+PAD = -1  # what a chunk emits for a row after its stop token
+
+
+class StepChunk:
+    """``k`` decode steps of ``step`` (a ``StaticDecodeStep``, compiled or not) with sampling on the device. Each
+    call copies its inputs into static buffers (the logits to sample from, the seen-token mask, which rows have
+    ended, the first slot, the padding), runs the steps and returns the (B, k) tokens as lists (the one read-back),
+    leaving the next logits and the updated mask in place. Rows that ended (stop token) emit ``PAD``; their model
+    input stays the sampled token, as in the one-step loop.
+
+    ``graphed`` (CUDA): the first call runs eagerly on a side stream (warm-up), the second captures the k steps as
+    one CUDA graph and every call replays it. The graph draws from a generator of its own, registered with it; the
+    caller's generator hands its state over before a replay and takes it back after, so the graph serves any
+    generator and the random numbers are the ones the eager loop would draw."""
+
+    def __init__(self, step: Callable, cache, k: int, sampling: Sampling, stop_id: int | None, vocab: int,
+                 graphed: bool):
+        B, dev = cache.batch_size, cache.k.device
+        self.step, self.k, self.sampling, self.stop_id, self.graphed = step, k, sampling, stop_id, graphed
+        self.logits = torch.zeros(B, vocab, device=dev)
+        self.seen = torch.zeros(B, vocab, dtype=torch.bool, device=dev) if sampling.repetition_penalty != 1.0 else None
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.offsets = torch.zeros(B, dtype=torch.long, device=dev)
+        self.key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(B, k, dtype=torch.long, device=dev)
+        self.own = torch.Generator(dev) if graphed and sampling.temperature > 0 else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+
+    def body(self, generator: torch.Generator | None) -> None:
+        s, logits = self.sampling, self.logits
+        for i in range(self.k):
+            nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty,
+                                    generator=generator, seen=self.seen)  # (B,)
+            self.out[:, i] = nxt.masked_fill(self.done, PAD)
+            if self.stop_id is not None:
+                self.done |= nxt == self.stop_id
+            if self.seen is not None:
+                self.seen.scatter_(1, nxt[:, None], True)
+            logits = self.step(nxt[:, None], self.slot + i, self.offsets, self.key_valid)  # (B, V)
+        self.logits.copy_(logits)
+
+    def run(self, generator: torch.Generator | None) -> None:
+        if not self.graphed:
+            return self.body(generator)
+        if self.graph is None and self.calls < 1:  # warm-up: a real chunk, run eagerly
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.body(generator)
+            torch.cuda.current_stream().wait_stream(side)
+            return None
+        if self.graph is None:
+            graph = torch.cuda.CUDAGraph()
+            if self.own is not None:
+                graph.register_generator_state(self.own)
+            with torch.cuda.graph(graph):
+                self.body(self.own)
+            self.graph = graph
+        if self.own is not None:
+            self.own.set_state(generator.get_state())
+        self.graph.replay()
+        if self.own is not None:
+            generator.set_state(self.own.get_state())
+        return None
+
+    def __call__(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
+                 key_valid: Tensor, generator: torch.Generator | None) -> list[list[int]]:
+        """Decode k tokens per row from ``logits`` (B, V); ``logits`` and ``seen`` are updated in place."""
+        self.logits.copy_(logits)
+        if seen is not None:
+            self.seen.copy_(seen)
+        self.done.copy_(torch.tensor([not a for a in active]))
+        self.slot.fill_(slot)
+        self.offsets.copy_(offsets)
+        self.key_valid.copy_(key_valid)
+        self.run(generator)
+        logits.copy_(self.logits)
+        if seen is not None:
+            seen.copy_(self.seen)
+        return self.out.tolist()
+
+
+def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop_id: int | None) -> StepChunk:
+    """The ``StepChunk`` of this decoder's static step, built (and captured) once and kept on the model with the
+    static decoders (``model.decoders``), for every later ``generate_batch`` of the same shape and settings."""
+    c = dec.cache
+    key = ("chunk", c.batch_size, c.max_len, dec.mode, dec.dtype, dec.device, k, sampling, stop_id, dec.fused)
+    hit = model.decoders.get(key)
+    if hit is None or hit.step is not raw_step(dec.static):
+        if len(model.decoders) >= MAX_DECODERS:
+            model.decoders.clear()
+        graphed = dec.mode in ("graph", "compiled") and dec.device.type == "cuda"
+        hit = model.decoders[key] = StepChunk(raw_step(dec.static), c, k, sampling, stop_id, model.cfg.vocab_size,
+                                              graphed)
+    return hit
+
+
+def raw_step(static: Callable) -> Callable:
+    """The decode step itself, without the one-token CUDA graph around it."""
+    return static.fn if isinstance(static, GraphedStep) else static
+
+
+def default_generator(device: torch.device) -> torch.Generator:
+    """The generator sampling uses when none is given."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+# ------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # the new tokens (without the stop token)
+    reason: str  # "doc" (the model ended the document), "length" (max tokens) or "stop" (on_token said so)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: Sampling = Sampling(),
+    stop_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], bool] | None = None,
+    use_cache: bool = True,
+    mode: str = "eager",
+    chunk: int = 1,
+    fused: bool = False,
+) -> list[Completion]:
+    """Continue each prompt (token ids, usually starting with ``<|doc|>``; cut to its last ``block_size``
+    tokens) by up to ``max_new_tokens``, all rows decoded together. A row ends at ``stop_id`` (not
+    included) or when ``on_token(row, token)`` returns True. ``mode``: eager, static, graph or compiled (see
+    ``_Decoder``); ignored without ``use_cache``. ``chunk``: decode steps per ``StepChunk`` call with a static
+    step (static, graph, compiled; one CUDA-graph replay on CUDA); 1 decodes one token at a time. The tokens do
+    not depend on it, and ``on_token`` sees them in the same order (step by step, row by row), once per chunk.
+    ``fused``: the static step with concatenated projections (``StaticDecodeStep``; the same math, rounded
+    differently)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise MiniLLMError("generate: every prompt needs at least one token (start it with <|doc|>)")
+    block = model.cfg.block_size
+    B = len(prompts)
+    seqs = [list(p[-block:]) for p in prompts]
+    start = [0] * B  # each row's context is seqs[b][start[b]:]
+    outs: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
+    active = [True] * B
+    dec = _Decoder(model, B, mode if use_cache else "none", max(map(len, seqs)) + max_new_tokens, fused)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=dec.device)  # (B, V)
+        for b, s in enumerate(seqs):
+            seen[b, s] = True
+
+    def take(tokens: Sequence[int]) -> None:
+        for b, t in enumerate(tokens):
+            if not active[b]:
+                continue
+            if t == stop_id:
+                active[b], reasons[b] = False, "doc"
+                continue
+            seqs[b].append(t)
+            outs[b].append(t)
+            if on_token is not None and on_token(b, t):
+                active[b], reasons[b] = False, "stop"
+
+    def chunk_fits() -> bool:
+        return (chunk > 1 and dec.static is not None and dec.cache.pos + chunk <= dec.cache.max_len
+                and all(not a or len(s) + chunk - s0 <= block for a, s, s0 in zip(active, seqs, start, strict=True)))
+
+    logits = dec.prefill(seqs) if max_new_tokens > 0 else None
+    n = 0  # tokens sampled so far
+    while n < max_new_tokens:
+        if chunk_fits():
+            rng = generator or default_generator(dec.device)
+            state = rng.get_state() if sampling.temperature > 0 else None
+            c = dec.cache
+            rows = step_chunk(model, dec, chunk, sampling, stop_id)(logits, seen, active, c.pos, c.offsets,
+                                                                     c.key_mask, rng)
+            c.pos += chunk
+            for i in range(chunk):
+                take([r[i] for r in rows])
+                if not any(active) or n + i == max_new_tokens - 1:
+                    if state is not None and i < chunk - 1:  # rewind: as if the loop had stopped here
+                        rng.set_state(state)
+                        skip_draws(rng, i + 1, tuple(logits.shape), dec.device)
+                    return [Completion(o, r) for o, r in zip(outs, reasons, strict=True)]
+            n += chunk
+            continue
+        nxt = sample_next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                                sampling.repetition_penalty, generator=generator, seen=seen)  # (B,)
+        take(nxt.tolist())
+        if not any(active) or n == max_new_tokens - 1:
+            break
+        n += 1
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        slid = []
+        for b in range(B):
+            if active[b] and len(seqs[b]) - start[b] > block:
+                start[b] = len(seqs[b]) - slide_keep(block)
+                slid.append(b)
+        if dec.full():  # no cache, or no free slot: re-encode every row's context
+            logits = dec.prefill([s[start[b]:] if active[b] else s[-1:] for b, s in enumerate(seqs)])
+            continue
+        if slid:
+            dec.slide(slid, [seqs[b][start[b]:-1] for b in slid])
+        logits = dec.step(nxt)
+    return [Completion(o, r) for o, r in zip(outs, reasons, strict=True)]
+
+
+def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, stop_id: int | None = None,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             generator: torch.Generator | None = None, on_token: Callable[[int], bool] | None = None,
+             use_cache: bool = True, mode: str = "eager", chunk: int = 1) -> list[int]:
+    """One prompt: the new token ids. ``on_token(token)`` returning True stops."""
+    cb = None if on_token is None else (lambda _row, t: on_token(t))
+    return generate_batch(model, [prompt], max_new_tokens, sampling=Sampling(temperature, top_k, top_p, repetition_penalty),
+                          stop_id=stop_id, generator=generator, on_token=cb, use_cache=use_cache, mode=mode,
+                          chunk=chunk)[0].tokens

@@ -1,0 +1,237 @@
+"""The static decode step and the one-token decoder: ``GPT.decode_step`` over a fixed-shape KV cache
+(``StaticDecodeStep``), replayed as a CUDA graph (``GraphedStep``), optionally compiled, kept on the model by
+``static_decoder``; ``_Decoder`` runs prefill, sliding and one step at a time for ``generate_batch``. Also the
+``--compile`` and ``--dtype`` rules and the sliding rule (``slide_keep``, see ``minillm.generation.decoder``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from minillm.errors import UsageError
+from minillm.model.gpt import GPT, KVCache
+
+
+def slide_keep(block: int) -> int:
+    """Tokens kept (and re-encoded) when a row's context is full: three quarters of the block."""
+    return max(1, block - max(1, block // 4))
+
+
+def decode_mode(device: torch.device, compile: str) -> str:
+    """The decode step for ``--compile``: auto = the static step replayed as a CUDA graph on CUDA (no compile
+    wait) and plain PyTorch elsewhere; on = torch.compile'd too (a longer start, see docs/BENCHMARKS.md); off =
+    plain PyTorch (``GPT.forward`` with the KV cache)."""
+    if compile not in ("auto", "on", "off"):
+        raise UsageError(f"--compile: {compile!r} is not one of auto, on, off")
+    if compile == "on":
+        return "compiled"
+    return "graph" if compile == "auto" and device.type == "cuda" else "eager"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def decode_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """Weights and KV cache for ``--dtype``: auto = bf16 on a CUDA GPU that supports it (the model trains under
+    bf16 autocast), fp32 elsewhere; fp32 gives the tokens of the fp32 decoder exactly, for greedy decoding and
+    for a ``--seed``."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype: {dtype!r} is not one of auto, bf16, fp32")
+    return DTYPES[dtype]
+
+
+class StaticDecodeStep(nn.Module):
+    """``GPT.decode_step`` bound to a KV cache, as a module to compile and to capture in a CUDA graph: the
+    cache's keys and values are its buffers (the same tensors, not copies).
+
+    ``fused``: decode with each layer's q/k/v projections, and its SwiGLU gate/up projections, concatenated
+    into one matrix each (three matrix products fewer a layer). The concatenations are copies, made here and
+    refreshed in place by ``refresh`` (each ``generate_batch`` calls it), so a captured graph keeps reading
+    them; layers whose projections are not plain ``nn.Linear`` (an unmerged LoRA) decode unfused."""
+
+    def __init__(self, model: GPT, cache: KVCache, fused: bool = False):
+        super().__init__()
+        self.model = model
+        self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, D), shared with the cache
+        self.register_buffer("v", cache.v, persistent=False)
+        self.fused: list[tuple] | None = None
+        if fused:
+            self.fused = [(fuse(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj),
+                           fuse(b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else None) for b in model.blocks]
+
+    def refresh(self) -> None:
+        """Copy the model's current weights into the concatenated ones."""
+        for b, (qkv, gate_up) in zip(self.model.blocks, self.fused or (), strict=False):
+            refill(qkv, b.attn.q_proj, b.attn.k_proj, b.attn.v_proj)
+            refill(gate_up, *((b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else ()))
+
+    def forward(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor) -> Tensor:
+        """idx (B, 1), slot (1,) the cache slot of this token, offsets (B,) left padding,
+        key_valid (B, S) False at padding -> logits (B, V)."""
+        return self.model.decode_step(idx, slot, offsets, key_valid, self.k, self.v, self.fused)
+
+
+def fuse(*layers: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The weight (and bias) of plain linear ``layers`` concatenated along their outputs, or None."""
+    if any(type(m) is not nn.Linear for m in layers):
+        return None
+    with torch.no_grad():
+        w = torch.cat([m.weight for m in layers])
+        b = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
+    return w, b
+
+
+def refill(fused: tuple[Tensor, Tensor | None] | None, *layers: nn.Module) -> None:
+    if fused is not None:
+        with torch.no_grad():
+            torch.cat([m.weight for m in layers], out=fused[0])
+            if fused[1] is not None:
+                torch.cat([m.bias for m in layers], out=fused[1])
+
+
+def cache_len(block: int, batch: int, need: int) -> int:
+    """KV-cache slots for ``need`` = longest prompt + new tokens: that many, rounded up to a multiple of
+    128 (few distinct shapes to compile), when the generation fits in the block; otherwise the block at
+    batch 1, and twice it for batches, so rows of different lengths can slide in place for at least a
+    block of steps before the whole batch is re-encoded. The static decode step attends to every slot,
+    so a cache no larger than needed is faster."""
+    full = block if batch == 1 else 2 * block
+    return full if need > block else min(full, -(-need // 128) * 128)
+
+
+class GraphedStep:
+    """A CUDA graph of ``fn(idx, slot, offsets, key_valid)`` (a ``StaticDecodeStep``, compiled or not): one launch
+    per token instead of one per kernel, which is what bounds a small model's decoding at batch 1. The inputs are
+    copied into static buffers and the graph replays over them. Capture records without running, and needs the
+    code warmed up first: the first ``warmup`` calls are real decode steps run on a side stream, and the call that
+    captures then replays, so every call computes its own step."""
+
+    def __init__(self, fn: Callable, batch: int, slots: int, device: torch.device, warmup: int = 2):
+        self.fn, self.warmup, self.calls = fn, warmup, 0
+        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.offsets = torch.zeros(batch, dtype=torch.long, device=device)
+        self.key_valid = torch.ones(batch, slots, dtype=torch.bool, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Tensor | None = None
+
+    def __call__(self, idx: Tensor, slot: int, offsets: Tensor, key_valid: Tensor) -> Tensor:
+        self.idx.copy_(idx)
+        self.slot.fill_(slot)
+        self.offsets.copy_(offsets)
+        self.key_valid.copy_(key_valid)
+        args = (self.idx, self.slot, self.offsets, self.key_valid)
+        if self.graph is None:
+            if self.calls < self.warmup:
+                self.calls += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.fn(*args)
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.fn(*args)
+            self.graph = graph
+        self.graph.replay()
+        return self.out
+
+
+MAX_DECODERS = 8  # static decoders kept per model (shapes); one more clears them
+
+
+def static_decoder(model: GPT, batch: int, max_len: int, mode: str, fused: bool = False) -> tuple[KVCache, Callable]:
+    """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once and kept
+    on the model (``model.decoders``), so every batch of a ``generate`` reuses them. ``mode``: static (eager),
+    graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too). ``fused``: see
+    ``StaticDecodeStep``."""
+    p = next(model.parameters())
+    key = (batch, max_len, mode, p.dtype, p.device) + (("fused",) if fused else ())
+    if key not in model.decoders:
+        if len(model.decoders) >= MAX_DECODERS:
+            model.decoders.clear()
+        cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
+        step: Callable = StaticDecodeStep(model, cache, fused)
+        if mode == "compiled":
+            step = torch.compile(step, fullgraph=True, dynamic=False)
+        if mode in ("graph", "compiled") and p.device.type == "cuda":
+            step = GraphedStep(step, batch, max_len, p.device)
+        model.decoders[key] = (cache, step)
+    return model.decoders[key]
+
+
+def step_module(step: Callable) -> StaticDecodeStep:
+    """The ``StaticDecodeStep`` inside a decode step (captured in a ``GraphedStep``, compiled, or itself)."""
+    step = step.fn if isinstance(step, GraphedStep) else step
+    return getattr(step, "_orig_mod", step)
+
+
+class _Decoder:
+    """Runs the model for ``generate_batch``. ``prefill`` (re)encodes every row's context, left-padded;
+    ``slide`` re-encodes some rows' contexts in place, just before the next slot; ``step`` feeds one new
+    token per row. ``mode``: eager (GPT.forward with the KV cache), static (StaticDecodeStep, eager), graph
+    (StaticDecodeStep replayed as a CUDA graph on CUDA), compiled (StaticDecodeStep under torch.compile, replayed
+    as a CUDA graph on CUDA), none (no cache: ``prefill`` every step). ``fused``: the static step's concatenated
+    projections (``StaticDecodeStep``), refreshed from the model's weights here."""
+
+    def __init__(self, model: nn.Module, batch: int, mode: str, need: int, fused: bool = False):
+        self.model, self.mode, self.fused = model, mode, fused
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache, self.static = None, None
+        max_len = cache_len(model.cfg.block_size, batch, need)
+        if mode in ("static", "graph", "compiled"):
+            self.cache, self.static = static_decoder(model, batch, max_len, mode, fused)
+            if fused:
+                step_module(self.static).refresh()
+        elif mode == "eager":
+            self.cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
+        elif mode != "none":
+            raise ValueError(f"unknown decode mode {mode!r}")
+
+    def full(self) -> bool:
+        return self.cache is None or self.cache.pos >= self.cache.max_len
+
+    def prefill(self, windows: list[list[int]]) -> Tensor:  # -> (B, V)
+        if self.cache is None:
+            return torch.cat([self.model(torch.tensor([w], device=self.device))[:, -1] for w in windows])
+        T = max(len(w) for w in windows)
+        pads = [T - len(w) for w in windows]
+        x = torch.tensor([[w[0]] * p + w for w, p in zip(windows, pads, strict=True)], device=self.device)  # (B, T)
+        self.cache.reset()
+        if any(pads) or self.static is not None:
+            self.cache.set_left_padding(pads)
+        return self.model(x, cache=self.cache)[:, -1]
+
+    def slide(self, rows: list[int], contexts: list[list[int]]) -> None:
+        """Give ``rows`` new contexts (all the same length, at most ``pos``) ending just before slot ``pos``:
+        encoded alone, written into the slots before ``pos``; every older slot of those rows is masked out."""
+        c, n = self.cache, len(contexts[0])
+        s0 = c.pos - n
+        if c.key_mask is None:
+            c.set_left_padding([0] * c.batch_size)
+        if n:
+            tmp = KVCache(self.model.cfg, len(rows), n, self.device, self.dtype)
+            self.model(torch.tensor(contexts, device=self.device), cache=tmp)
+            idx = torch.tensor(rows, device=self.device)
+            c.k[:, idx, :, s0:c.pos] = tmp.k
+            c.v[:, idx, :, s0:c.pos] = tmp.v
+        for b in rows:
+            c.key_mask[b] = torch.arange(c.max_len, device=self.device) >= s0
+            c.offsets[b] = s0
+
+    def step(self, tokens: Tensor) -> Tensor:  # tokens (B,) -> (B, V)
+        if self.static is None:
+            return self.model(tokens[:, None], cache=self.cache)[:, -1]
+        c = self.cache
+        if isinstance(self.static, GraphedStep):
+            logits = self.static(tokens[:, None], c.pos, c.offsets, c.key_mask)
+        else:
+            logits = self.static(tokens[:, None], torch.tensor([c.pos], device=self.device), c.offsets, c.key_mask)
+        self.cache.pos += 1
+        return logits.clone()
