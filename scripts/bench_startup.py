@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
     ap.add_argument("--max-time", default="", help="also a cold --max-time run of this budget per mode")
+    ap.add_argument("--budget-only", action="store_true", help="with --max-time: only the --max-time runs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-startup-"))
@@ -118,14 +119,15 @@ def main() -> None:
             with open(Path(os.environ["OUT"]) / "startup.jsonl", "a") as f:
                 f.write(line + "\n")
 
-    emit({"what": "floor", "config": args.config, "seconds": round(floor_s(args.device), 2),
-          "means": "python -c 'import torch' + a tensor on the device"})
+    if not args.budget_only:
+        emit({"what": "floor", "config": args.config, "seconds": round(floor_s(args.device), 2),
+              "means": "python -c 'import torch' + a tensor on the device"})
     tok = prepare(args.corpus, work, args.vocab, args.config, args.device)
     base = ["--config", args.config, "-c", str(args.corpus), "-t", str(tok), "--cache-dir", str(work / "cache"),
             "--device", args.device, "--overwrite"]
     for mode in args.compile.split(","):
         caches = {"TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{mode}"), "TRITON_CACHE_DIR": str(work / f"triton-{mode}")}
-        for temp in ("cold", "warm"):
+        for temp in () if args.budget_only else ("cold", "warm"):
             r = timed_run([*base, "-o", str(work / f"run-{mode}-{temp}"), "--compile", mode, "--max-steps", "100000"],
                           _env(**caches))
             emit({"what": "start-up", "config": args.config, "compile": mode, "cache": temp, **r})

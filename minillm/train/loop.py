@@ -233,6 +233,8 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     loader_state = loader.state_dict()  # what has been consumed; read before the prefetcher runs ahead
     prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=tcfg.num_workers)
     durs: list[float] = []  # seconds of each step this process ran (the first includes compilation)
+    # a background compilation (--compile auto) pending: the eager steps' times plan nothing
+    compiling, steps_s = getattr(ctx.train_model, "compiling", False), 0.0
     eval_s, bad, end, saved_step, lr = 0.0, 0, "schedule", state.step, lr_at(state.step, sched)
     evals_here, provisional, plan_eval_s = 0, False, 0.0  # evaluations here; a first plan made from a compiling one
     last_eval = state.history[-1]["step"] if state.history else -1
@@ -279,11 +281,14 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 continue
             bad = 0
             durs.append(time.time() - t0)
-            if len(durs) == 1:
+            if not steps_s:  # this process's first step
                 state.first_step_s += durs[0]
                 log.event("startup", **startup_breakdown(ctx.startup, t0 + durs[0]))
             else:
                 state.train_s += durs[-1]
+            steps_s += durs[-1]
+            if compiling and not getattr(ctx.train_model, "compiling", False):  # now compiled: time only such steps
+                compiling, durs[1:] = False, []
             state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
             state.running.append(r.loss)
             total = sched.total if sched.total < UNBOUNDED else 0
@@ -297,7 +302,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 log.step(state.step, total, epoch_of(loader, loader_state), r.loss, lr, tps,
                          flops * tps / peak if peak else None, eta_s)
                 t_log, step_log = time.time(), state.step
-            plan_now = ready_to_plan(state, durs, tcfg.max_time)
+            plan_now = ready_to_plan(state, durs, tcfg.max_time) and not compiling
             if not state.planned and world > 1:  # ranks time their steps apart: plan when any is ready
                 plan_now = bool(distributed.agree_max([plan_now], ctx.dist)[0])
             if plan_now or state.step % eval_every == 0 or state.step >= sched.total:
@@ -311,7 +316,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                     log.event(f"early stopping: {tcfg.patience} evaluations without improvement")
                     break
             # after each evaluation, and each log step of a planned run (its evaluations may be few or none)
-            if tcfg.max_time and len(durs) >= 2 and (
+            if tcfg.max_time and len(durs) >= 2 and not compiling and (
                     last_eval == state.step or (state.planned and state.step % tcfg.log_every == 0)):
                 now, step_s, ev_s = ctx.agreed([clock(), step_time(durs), eval_s])  # the same plan on all ranks
                 first_plan = not state.planned
@@ -332,7 +337,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     state.elapsed_s = clock()
     best = state.best_val if math.isfinite(state.best_val) else None  # None: never evaluated
     summary = {"steps": state.step, "best_val_loss": best, "end": end, "outdir": str(outdir),
-               "elapsed_s": round(state.elapsed_s, 2), "steps_s": round(sum(durs), 2),  # this process's steps
+               "elapsed_s": round(state.elapsed_s, 2), "steps_s": round(steps_s, 2),  # this process's steps
                "first_step_s": round(durs[0], 2) if durs else None}
     log.event("done", **summary)
     return summary

@@ -86,6 +86,11 @@ class RegionallyCompiled(torch.nn.Module):
         self._compiled = regions
         self._note = f"compiled in the background in {time.time() - t0:.1f} s; the steps from here run compiled"
 
+    @property
+    def compiling(self) -> bool:
+        """A background compilation has not been switched to yet (the steps so far ran eagerly)."""
+        return self._thread is not None
+
     def wait(self) -> None:
         """Block until a background compilation has ended (and switch to its regions)."""
         if self._thread is not None:
