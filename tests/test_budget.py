@@ -301,3 +301,29 @@ def test_a_first_evaluation_that_compiles_does_not_starve_the_run_of_evaluations
     assert min(gaps) >= 100 and len(set(gaps[:-1])) == 1, evals  # spread evenly, not crammed at the end
     assert 2.2 + 0.2 * (len(evals) - 1) <= budget.EVAL_SHARE * 60 + 0.5, evals
     assert r["summary"]["elapsed_s"] <= 60.0
+
+
+def test_a_background_compilation_plans_from_the_compiled_steps(tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
+    """--compile auto on a GPU: the first steps run eagerly (here 0.25 s) while the model compiles in the background,
+    then compiled (0.05 s). Measured on an H100 (medium, 30 s): the plan was made from the eager steps (73 steps) and
+    the run ended after 8.6 s of training; it must plan from the compiled steps and use its budget."""
+    from minillm.train import run as train_run
+
+    seen: list[int] = []
+
+    class Compiling(torch.nn.Module):  # what maybe_compile returns while the compilation runs in the background
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @property
+        def compiling(self) -> bool:
+            return len(seen) < 40
+
+    monkeypatch.setattr(train_run, "maybe_compile", lambda model, *a, **k: Compiling(model))
+    r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus,
+                  lambda i: (seen.append(i), 3.0 if i == 0 else 0.25 if i < 40 else 0.05)[1], 0.3, max_time=30.0,
+                  log_every=25)
+    lines = replans(capsys.readouterr().err)
+    assert lines and lines[0].startswith("--max-time 30s: 50.0 ms/step"), lines  # planned from compiled steps
+    assert r["summary"]["elapsed_s"] >= 0.85 * 30 and r["summary"]["steps"] > 200, r["summary"]

@@ -389,3 +389,47 @@ def test_rope_table_matches_positions_computed_on_the_fly():
         assert t.shape == f.shape == (2, 6, 1, 8)
         torch.testing.assert_close(t, f, rtol=0, atol=1e-6)
     torch.testing.assert_close(m.rope(None, 6)[0], m.rope(torch.arange(6)[None], 6)[0], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ regional compilation and norms
+
+
+def test_regional_compilation_matches_eager_and_compiles_each_region_once():
+    """``compile_regions``: the same loss and gradients as the eager model, and one graph for the block reused by
+    every layer (a per-layer recompilation would cost the compile time regional compilation exists to save)."""
+    from torch._dynamo.utils import counters
+
+    from minillm.model.gpt import compile_regions
+
+    torch._dynamo.reset()
+    counters.clear()
+    m = model(n_layer=3).train()
+    x = tokens(2, 17)
+    eager = m(x[:, :-1], x[:, 1:])
+    eager.backward()
+    want = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    got = m(x[:, :-1], x[:, 1:], regions=compile_regions())
+    got.backward()
+    assert torch.allclose(got, eager, atol=1e-5)
+    for p, g in zip(m.parameters(), want, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # the block (all three layers) and the head
+
+
+def test_rms_norm_meets_a_low_precision_input_in_its_dtype():
+    """bf16 activations with an fp32 weight: torch's fused kernel refuses mixed dtypes; the norm casts the
+    weight, so its output stays bf16 and equals F.rms_norm with the weight in bf16; fp32 is nn.RMSNorm's."""
+    from minillm.model.gpt import RMSNorm
+
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 16)
+    ref = torch.nn.RMSNorm(16, eps=1e-6)
+    ref.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x), ref(x))
+    xb = x.bfloat16()
+    out = norm(xb)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.nn.functional.rms_norm(xb, (16,), norm.weight.bfloat16(), 1e-6))

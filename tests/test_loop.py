@@ -119,3 +119,13 @@ def test_the_context_is_frozen_and_reduces_only_over_several_ranks(tmp_path):
     assert ctx.reducer("mean") is None and ctx.agreed([1.0, 2.0]) == [1.0, 2.0]
     two = _context(tmp_path, dist=distributed.Dist(rank=0, world_size=2))
     assert callable(two.reducer("sum"))
+
+
+def test_startup_breakdown_splits_the_time_to_the_first_step_into_its_phases():
+    from minillm.train.loop import startup_breakdown
+
+    marks = {"start": 100.0, "imports": 103.5, "device": 104.0, "data": 104.25, "model": 105.0}
+    assert startup_breakdown(marks, 109.0) == {"imports_s": 3.5, "device_s": 0.5, "data_s": 0.25, "model_s": 0.75,
+                                               "first_step_s": 4.0, "total_s": 9.0}
+    assert startup_breakdown({"start": 1.0, "imports": 2.0}, 4.0) == {"imports_s": 1.0, "first_step_s": 2.0, "total_s": 3.0}
+    assert startup_breakdown({}, 4.0) == {}  # no marks (a context built by hand): nothing to report

@@ -178,3 +178,30 @@ def test_liger_loss_kernel_matches_plain_on_cuda():
         b.backward()
         for (n, p), q in zip(plain.named_parameters(), liger.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=10 * tol, atol=tol, msg=n)
+
+
+def test_low_precision_cross_entropy_is_exact_and_keeps_no_fp32_logits():
+    """The bf16 path (``cross_entropy`` of bf16 logits): its gradient is exact (gradcheck in fp64), it equals
+    F.cross_entropy of the fp32-cast logits (ignored targets give 0), and what it keeps for the backward pass is
+    the bf16 logits and one fp32 value a row, not an fp32 (N, V) log-softmax (the memory traffic it removes)."""
+    import torch.nn.functional as F
+
+    from minillm.model.loss import _LowPrecisionCrossEntropy, cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 50, (12,), generator=g)
+    targets[3] = -1
+    x64 = torch.randn(12, 50, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: _LowPrecisionCrossEntropy.apply(a, targets), (x64,))
+    xb = torch.randn(12, 50, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(12, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        got = cross_entropy(xb, targets)
+    (got * w).sum().backward()
+    got_grad, xb.grad = xb.grad.clone(), None
+    want = F.cross_entropy(xb.float(), targets, ignore_index=-1, reduction="none")
+    (want * w).sum().backward()
+    assert got.dtype == torch.float32 and got[3] == 0
+    assert torch.allclose(got, want, atol=1e-5) and torch.equal(got_grad, xb.grad)
+    assert all(t.dtype != torch.float32 or t.numel() <= 12 for t in saved), [(t.dtype, t.shape) for t in saved]

@@ -134,3 +134,19 @@ def test_bench_ddp_skips_parity_when_the_corpus_cannot_be_prepared(tmp_path):
     res = json.loads(out.read_text())
     assert res["prep_error"] and res["parity"] == {}
     assert [r.get("skipped") for r in res["runs"]] == ["preparation failed", "preparation failed"]
+
+
+def test_bench_startup_times_a_cold_and_a_warm_start_on_cpu(tmp_path):
+    """The start-up benchmark on the CPU (no compilation): the floor, then a cold and a warm start whose phases
+    add up to the time to the first step, measured from outside within a second."""
+    out = _run("scripts/bench_startup.py", "--corpus", "minillm/data/sample_es.txt", "--config", "tiny",
+               "--device", "cpu", "--compile", "off", "--vocab", "300", "--workdir", str(tmp_path), "--json")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert rows[0]["what"] == "floor" and rows[0]["seconds"] > 0
+    starts = [r for r in rows if r["what"] == "start-up"]
+    assert [r["cache"] for r in starts] == ["cold", "warm"]
+    for r in starts:
+        phases = r["breakdown"]
+        assert set(phases) == {"imports_s", "device_s", "data_s", "model_s", "first_step_s", "total_s"}
+        assert abs(sum(v for k, v in phases.items() if k != "total_s") - phases["total_s"]) < 0.05
+        assert abs(phases["total_s"] - r["wall_to_first_step_s"]) < 1.0 and r["rc"] == 143  # stopped by SIGTERM

@@ -81,3 +81,75 @@ def test_a_nonfinite_gradient_skips_the_update():
     r = step(Feed(), 1.0)
     assert math.isfinite(r.loss) and "gradient norm" in r.skipped
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _tiny_run(compile: str = "auto"):
+    import dataclasses
+
+    mcfg, tcfg = resolve("tiny", {"device": "cpu", "batch_size": 2, "compile": compile})
+    mcfg = dataclasses.replace(mcfg, vocab_size=128, n_layer=2, block_size=16)
+    torch.manual_seed(0)
+    return GPT(mcfg), tcfg
+
+
+def _train_steps(train_model, model, n: int) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for i in range(n):
+        x = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(i))
+        loss = train_model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_background_compilation_trains_eagerly_then_switches_without_recompiling():
+    """--compile auto on a GPU: the regions compile on a thread, on a copy of the model, while the steps run eagerly;
+    the first forward after it ends switches to them (``on_ready`` hears it). The switch compiles nothing more (the
+    copy compiled exactly the training's graphs), and the run's numbers are the eager model's up to rounding."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, tcfg = _tiny_run()
+    notes = []
+    wrapped = ts.RegionallyCompiled(model, ts.background_warmup(model, tcfg, torch.device("cpu"), torch.float32, 0),
+                                    notes.append)
+    assert wrapped.compiling
+    wrapped._thread.join()  # the compilation ends; the next forward switches
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2 and not notes
+    reference, _ = _tiny_run()
+    got, want = _train_steps(wrapped, model, 3), _train_steps(reference, reference, 3)
+    assert notes and notes[0].startswith("compiled in the background") and not wrapped.compiling
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompilation at the switch
+    assert got == pytest.approx(want, rel=1e-5)
+    assert model.tok_emb.weight.grad is None  # the copy's backward never touched the model
+
+
+def test_a_failed_background_compilation_leaves_the_run_eager():
+    model, tcfg = _tiny_run()
+    notes = []
+
+    def broken(regions):
+        raise RuntimeError("no C compiler")
+    wrapped = ts.RegionallyCompiled(model, broken, notes.append)
+    wrapped.wait()
+    assert "compilation failed (RuntimeError: no C compiler); training continues uncompiled" in notes[0]
+    assert _train_steps(wrapped, model, 2) == pytest.approx(_train_steps(*[_tiny_run()[0]] * 2, 2), rel=1e-6)
+
+
+def test_compile_modes():
+    """auto: regional on CUDA (in the background when the trainer gives a warm-up), off on the CPU; on: regional,
+    before the first step; model: the whole model in one graph (FSDP always); off: the model itself."""
+    model, _ = _tiny_run()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    pick = lambda mode, dev, **k: ts.maybe_compile(model, resolve("tiny", {"compile": mode})[1], dev, **k)  # noqa: E731
+    assert pick("auto", cpu) is model and pick("off", cuda) is model
+    on = pick("on", cpu, warmup=lambda regions: None)
+    assert isinstance(on, ts.RegionallyCompiled) and not on.compiling  # "on" never compiles in the background
+    assert isinstance(pick("auto", cuda), ts.RegionallyCompiled)
+    assert type(pick("model", cpu)).__name__ == "OptimizedModule"
+    assert type(pick("on", cpu, whole=True)).__name__ == "OptimizedModule"
