@@ -14,7 +14,7 @@ line reports (imports, device, data, model, first_step; see ``minillm.train.loop
 ``--compile auto`` to the line saying the background compilation has ended (full speed from there); then the run
 is stopped (SIGTERM).
 With ``--max-time``, one more cold run of that budget per mode reports the share of the budget spent in
-training steps (``steps_s`` of its ``done`` line, with and without the first step, which compiles).
+training steps (``training_s`` of its ``done`` line, with and without the first step, which compiles).
 Prints one JSON object per measurement (``--json``) or a table; every line is also written to $OUT if set.
 """
 
@@ -136,7 +136,7 @@ def main() -> None:
             r = timed_run([*base, "-o", str(work / f"run-{mode}-budget"), "--compile", mode, "--max-time", args.max_time],
                           _env(**cold), stop=False)
             done = r.get("done", {})
-            elapsed, steps_s, first = done.get("elapsed_s") or 0, done.get("steps_s") or 0, done.get("first_step_s") or 0
+            elapsed, steps_s, first = done.get("elapsed_s") or 0, done.get("training_s") or 0, done.get("first_update_s") or 0
             emit({"what": "max-time", "config": args.config, "compile": mode, "cache": "cold", "budget": args.max_time,
                   "steps": done.get("steps"), "best_val_loss": done.get("best_val_loss"), "elapsed_s": elapsed,
                   "share_in_steps": round(steps_s / elapsed, 3) if elapsed else None,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillm.config import ModelConfig
 from minillm.generation import PAD, Sampling, StepChunk, generate_batch
 from minillm.model.gpt import GPT
+from tests.test_generation import varied_model as _varied_model
 
 RECORDED = json.loads((Path(__file__).parent / "fixtures" / "generation_tokens.json").read_text(encoding="utf-8"))
 PROMPTS = [[1, 5, 6, 7], [1], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 2, 2, 2, 2, 2]]
@@ -27,12 +27,7 @@ SHAPES = {"plain": {}, "gqa": {"n_kv_head": 2, "qk_norm": True}}
 
 def varied_model(seed: int = 0, vocab_size: int = 64, block_size: int = 64, dtype=torch.float64, **kw) -> GPT:
     """The model the tokens were recorded with (test_generation's ``varied_model``, block 64)."""
-    torch.manual_seed(seed)
-    m = GPT(ModelConfig(vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=4, block_size=block_size, **kw))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    return m.to(dtype).eval()
+    return _varied_model(seed, vocab_size, block_size, dtype, **kw)
 
 
 def runs(m: GPT, sampling: Sampling, mode: str, chunk: int, device: str = "cpu", **kw) -> list[list[list[int]]]:

@@ -31,7 +31,7 @@ def generate(
     seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     compile: str = typer.Option("auto", "--compile", help="Decode step: auto (a CUDA graph on CUDA, plain on CPU), on (torch.compile as well: faster per token, slower to start), off (plain PyTorch)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Weights and KV cache: auto (bf16 on a CUDA GPU that supports it, fp32 elsewhere), bf16 or fp32 (the tokens of the fp32 decoder, exactly)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights and KV cache: auto (bf16 on a CUDA GPU that supports it, fp32 elsewhere), bf16 (decoded with each layer's q/k/v and gate/up projections concatenated: fewer kernels) or fp32 (the tokens of the fp32 decoder, exactly)."),
     decode_chunk: int = typer.Option(16, "--decode-chunk", help="Tokens decoded per CUDA-graph replay, sampled on the GPU and read back together (--stream prints that many at a time); 1 = one at a time. The text does not depend on it."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="A LoRA adapter.pt (from finetune --lora-rank) to apply on top of --ckpt, which must be the base it was trained on."),
@@ -84,7 +84,7 @@ def generate(
     records = complete(model, tok, prompts, max_tokens, sampling=Sampling(temperature, top_k, top_p, repetition_penalty),
                        num_samples=num_samples, batch_size=(batch_size or 8) if batch_generate else 1, stops=stop or (),
                        generator=g, stream=write if stream else None, warn=lambda m: typer.secho(f"warning: {m}", fg="yellow", err=True),
-                       mode=mode, chunk=decode_chunk)
+                       mode=mode, chunk=decode_chunk, fused=weights != torch.float32)
     if stream:
         write("\n")
     elif output is None:

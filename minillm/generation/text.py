@@ -55,9 +55,10 @@ class TextStream:
 def complete(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int, *, sampling: Sampling = Sampling(),
              num_samples: int = 1, batch_size: int = 1, stops: Sequence[str] = (),
              generator: torch.Generator | None = None, stream: Callable[[str], None] | None = None,
-             warn: Callable[[str], None] | None = None, mode: str = "eager", chunk: int = 1) -> list[dict]:
+             warn: Callable[[str], None] | None = None, mode: str = "eager", chunk: int = 1,
+             fused: bool = False) -> list[dict]:
     """Continue text prompts: ``num_samples`` per prompt, ``batch_size`` rows decoded together, ``chunk`` decode
-    steps per read-back (``generate_batch``). With ``stream`` (batch size 1 only) each sample's prompt and text go
+    steps per read-back and ``fused`` projections (``generate_batch``). With ``stream`` (batch size 1 only) each sample's prompt and text go
     to ``stream`` as produced (a chunk at a time), samples joined by ``DOC_JOIN``. Returns one record per sample:
     prompt, completion, tokens, seconds (wall time of its batch), finish_reason (doc, length or stop)."""
 
@@ -91,7 +92,7 @@ def complete(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int,
         t0 = time.perf_counter()
         comps = generate_batch(model, [ids for _, ids in batch], max_new_tokens, sampling=sampling, stop_id=d,
                                generator=generator, on_token=on_token if stops or stream else None, mode=mode,
-                               chunk=chunk)
+                               chunk=chunk, fused=fused)
         seconds = time.perf_counter() - t0
         for (p, _), ts, c in zip(batch, texts, comps, strict=True):
             if stream:

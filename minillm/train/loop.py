@@ -337,7 +337,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     state.elapsed_s = clock()
     best = state.best_val if math.isfinite(state.best_val) else None  # None: never evaluated
     summary = {"steps": state.step, "best_val_loss": best, "end": end, "outdir": str(outdir),
-               "elapsed_s": round(state.elapsed_s, 2), "steps_s": round(steps_s, 2),  # this process's steps
-               "first_step_s": round(durs[0], 2) if durs else None}
+               "elapsed_s": round(state.elapsed_s, 2), "training_s": round(steps_s, 2),  # this process's optimizer steps
+               "first_update_s": round(durs[0], 2) if durs else None}
     log.event("done", **summary)
     return summary
