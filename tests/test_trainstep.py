@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -141,9 +142,10 @@ def test_a_failed_background_compilation_leaves_the_run_eager():
     assert _train_steps(wrapped, model, 2) == pytest.approx(_train_steps(*[_tiny_run()[0]] * 2, 2), rel=1e-6)
 
 
-def test_compile_modes():
+def test_compile_modes(monkeypatch):
     """auto: regional on CUDA (in the background when the trainer gives a warm-up), off on the CPU; on: regional,
     before the first step; model: the whole model in one graph (FSDP always); off: the model itself."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # maybe_compile sets it: restored after
     model, _ = _tiny_run()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     pick = lambda mode, dev, **k: ts.maybe_compile(model, resolve("tiny", {"compile": mode})[1], dev, **k)  # noqa: E731
@@ -153,3 +155,18 @@ def test_compile_modes():
     assert isinstance(pick("auto", cuda), ts.RegionallyCompiled)
     assert type(pick("model", cpu)).__name__ == "OptimizedModule"
     assert type(pick("on", cpu, whole=True)).__name__ == "OptimizedModule"
+
+
+def test_compiled_kernels_are_cached_in_the_users_cache_directory(tmp_path, monkeypatch):
+    """PyTorch's cache is under /tmp by default (gone at a reboot): a compiling run points it at the user's cache
+    directory, unless TORCHINDUCTOR_CACHE_DIR is set; an uncompiled run leaves the environment alone."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model, _ = _tiny_run()
+    ts.maybe_compile(model, resolve("tiny", {"compile": "off"})[1], torch.device("cpu"))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    ts.maybe_compile(model, resolve("tiny", {"compile": "on"})[1], torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "minillm" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    ts.maybe_compile(model, resolve("tiny", {"compile": "on"})[1], torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -129,6 +131,13 @@ def background_warmup(model: torch.nn.Module, tcfg: TrainConfig, device: torch.d
     return warmup
 
 
+def compile_cache_dir() -> Path:
+    """Where PyTorch keeps its compiled kernels between runs unless ``TORCHINDUCTOR_CACHE_DIR`` says: the user's
+    cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``)/minillm/torchinductor, which outlives a reboot (PyTorch's
+    own default is under /tmp). A warm cache turns seconds of compilation into a lookup."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minillm" / "torchinductor"
+
+
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
                   warmup: Callable[[Regions], None] | None = None,
                   on_ready: Callable[[str], None] | None = None) -> torch.nn.Module:
@@ -136,9 +145,10 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     and head compiled (regional compilation: one block's compile time, reused for every layer), or with
     ``--compile model`` (or ``whole``, for FSDP's sharded model) the whole model under one ``torch.compile``;
     the model itself otherwise. ``warmup`` (``--compile auto`` only): compile in the background while the first
-    steps run eagerly (``RegionallyCompiled``)."""
+    steps run eagerly (``RegionallyCompiled``). Compiled kernels are cached in ``compile_cache_dir()``."""
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     if tcfg.compile == "model" or whole:
         return torch.compile(model)
     return RegionallyCompiled(model, warmup if tcfg.compile == "auto" else None, on_ready)
