@@ -18,6 +18,7 @@ Rounds (points in priority order; a GPU takes the next point while the deadline 
   2  held out, es_bible_rv1909: the plan's own config (`minillm plan --write-config`, at run time, on the
      GPU), `train --config auto` (seed 2), and {small, medium, large} x {8k, 32k} presets
   3  more tuning points, run only if the deadline allows
+--points cpu: the CPU sweep (CPU_POINTS), one thread, one run at a time.
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ POINTS = [
           args=("--block-size", "64")),
     point("r3-en32m-small-16k", "en32m", 16384, "small"),
     point("r3-en32m-medium-32k", "en32m", 32768, "medium"),
+]
+# the CPU sweep (--points cpu --device cpu --max-time 5m, one thread, one run at a time): c1 tunes the custom
+# shapes on en4m (tiny's recipe), c2 is the held-out check: the plan against {tiny, 4 x 128, 4 x 256} x {2k, 8k}
+CPU_SHAPES = {"tiny": None, "c2x128": custom(2, 128, 4), "c4x128": custom(4, 128, 4), "c4x192": custom(4, 192, 6),
+              "c4x256": custom(4, 256, 4)}
+CPU_POINTS = [
+    *(point(f"c1-en4m-{k}-2k", "en4m", 2048, "tiny", shape=v, args=() if v is None else ("--block-size", "128"))
+      for k, v in CPU_SHAPES.items()),
+    point("c1-en4m-c4x128-8k", "en4m", 8192, "tiny", shape=CPU_SHAPES["c4x128"], args=("--block-size", "128")),
+    point("c2-plan", "bible", "plan", "plan"),
+    *(point(f"c2-{k}-{v // 1000}k", "bible", v, "tiny", shape=CPU_SHAPES[k],
+            args=() if k == "tiny" else ("--block-size", "128"))
+      for k in ("tiny", "c4x128", "c4x256") for v in (2048, 8192)),
 ]
 PLAN_VOCABS = (2048, 4096, 8192, 16384, 32768)  # tokenizers made ready for the plan's recommendation
 
@@ -237,12 +251,13 @@ def run_point(p: dict, slices: dict, work: Path, device: str, gpu: int | None, m
 def summarize(lines: list[dict]) -> dict:
     """Round 2's check: the plan's bits per byte against the best preset of the grid."""
     r2 = {x["id"]: x for x in lines if x.get("round") == 2 and "bits_per_byte" in x}
-    grid = {k: v["bits_per_byte"] for k, v in r2.items() if k not in ("r2-plan", "r2-auto-seed2")}
+    planned = ("r2-plan", "r2-auto-seed2", "c2-plan")
+    grid = {k: v["bits_per_byte"] for k, v in r2.items() if k not in planned}
     out: dict = {"summary": True, "grid": grid}
     if grid:
         best = min(grid, key=grid.get)
         out["best_grid"] = [best, grid[best]]
-        for k in ("r2-plan", "r2-auto-seed2"):
+        for k in planned:
             if k in r2:
                 out[k] = [r2[k]["bits_per_byte"], round(r2[k]["bits_per_byte"] / grid[best] - 1, 4)]
     return out
@@ -259,10 +274,11 @@ def main() -> None:
     ap.add_argument("--max-time", default="2m", help="each run's --max-time")
     ap.add_argument("--deadline", type=float, default=555,
                     help="seconds from the start: start no run that cannot end by then (a run takes --max-time + 45 s)")
+    ap.add_argument("--points", default="gpu", choices=("gpu", "cpu"), help="the GPU sweep's points or the CPU's")
     ap.add_argument("--only", default="", help="comma-separated point ids (default: all)")
     ap.add_argument("--list", action="store_true", help="print the points and exit")
     args = ap.parse_args()
-    points = [p for p in POINTS if not args.only or p["id"] in args.only.split(",")]
+    points = [p for p in (POINTS if args.points == "gpu" else CPU_POINTS) if not args.only or p["id"] in args.only.split(",")]
     if args.list:
         for p in points:
             print(json.dumps(p))

@@ -82,19 +82,17 @@ def analyze_corpus(
     separator: str = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line."),
     lang: str = typer.Option("en", "--lang", help="Language of the summary lines: en or es."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a histogram of document lengths to this PNG file."),
+    budget: str = typer.Option("5m", "--budget", help="Training time the recommendations plan for, e.g. 90s, 5m, 1h (as `minillm plan`)."),
+    device: str = typer.Option("auto", "--device", help="Device the recommendations plan for: auto, cuda, cuda:N, cpu, h100, h200."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Report corpus statistics and recommend block size, stride, model size, epochs and vocabulary."""
-    from minillm.corpus.stats import (
-        LABELS,
-        analyze,
-        plot_lengths,
-        recommend,
-        render_table,
-        report,
-        summary_lines,
-    )
+    """Report corpus statistics and recommend block size, stride, model size, epochs and vocabulary (the plan
+    `minillm plan` makes for --budget on --device)."""
+    from minillm.corpus.stats import LABELS, analyze, plot_lengths, render_table, report, summary_lines
+    from minillm.plan.devices import detect
+    from minillm.plan.recommend import recommend
 
+    seconds = budget_seconds(budget)
     if lang not in LABELS:
         raise UsageError(f"--lang {lang!r}: use en or es")
     if plot is not None and any(plot.resolve() == p.resolve() for p in (corpus, *([tokenizer] if tokenizer else []))):
@@ -104,8 +102,9 @@ def analyze_corpus(
         from minillm.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
+    dev = detect(device)
     stats = analyze(corpus, separator, tok)
-    rec = recommend(stats.lengths, stats.bytes)
+    rec = recommend(stats, dev, seconds, tok.get_vocab_size() if tok is not None else None)
     if plot is not None:
         plot_lengths(stats.lengths, plot, stats.tokens_estimated, rec.block_size)
         typer.echo(f"wrote {plot}", err=True)

@@ -30,9 +30,11 @@ def corpus_figures(path: Path, tokenizer=None, separator: str = DOC) -> CorpusFi
 
 
 def figures_from_stats(stats, vocab_size: int | None = None) -> CorpusFigures:
-    """The figures of an ``analyze-corpus`` pass (``corpus.stats.CorpusStats``), planned for a tokenizer of
-    ``vocab_size`` when it counted the tokens: document lengths in tokens become bytes at its bytes per token
-    (the estimate's 4 without one)."""
-    bpt = 4.0 if stats.tokens_estimated else stats.bytes / max(stats.total_tokens, 1)
-    return CorpusFigures(stats.bytes, stats.documents, [n * bpt for n in stats.lengths],
-                         None if stats.tokens_estimated else vocab_size, None if stats.tokens_estimated else bpt)
+    """The figures of an ``analyze-corpus`` pass (``corpus.stats.CorpusStats``): with its tokens counted by a
+    tokenizer of ``vocab_size``, those counts; estimated (bytes / 4), only the documents' bytes (the planner
+    estimates tokens for the vocabulary it picks)."""
+    if stats.tokens_estimated:
+        return CorpusFigures(stats.bytes, stats.documents, [n * 4.0 for n in stats.lengths])
+    bpt = stats.bytes / max(stats.total_tokens, 1)
+    return CorpusFigures(stats.bytes, stats.documents, [n * bpt for n in stats.lengths], vocab_size, bpt,
+                         list(stats.lengths))

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from minillm.config import PRESETS, ModelConfig, pad_vocab
+from minillm.corpus.stats import expected_windows, training_tokens
 from minillm.errors import MiniLLMError
 from minillm.model.memory import param_count
 from minillm.plan.devices import Device, interpolate
@@ -78,9 +79,10 @@ class CorpusFigures:
 
     bytes: int
     documents: int
-    doc_bytes: Sequence[int]  # bytes per document (a sample is fine: only its distribution is used)
+    doc_bytes: Sequence[float]  # bytes per document
     vocab_size: int | None = None  # the given tokenizer's vocabulary; None: the plan recommends one
     bytes_per_token: float | None = None  # measured with that tokenizer
+    doc_tokens: Sequence[int] | None = None  # tokens per document when counted (analyze-corpus --tokenizer)
 
     def tokens_per_byte(self, vocab: int) -> float:
         if self.bytes_per_token:
@@ -89,7 +91,16 @@ class CorpusFigures:
 
     def training_tokens(self, vocab: int) -> int:
         """Tokens ``train`` reads: the text's and one ``<|doc|>`` per document."""
+        if self.doc_tokens is not None:
+            return training_tokens(self.doc_tokens)
         return int(self.bytes * self.tokens_per_byte(vocab)) + self.documents
+
+    def lengths(self, vocab: int) -> list[int]:
+        """Tokens per document: counted, or estimated from its bytes."""
+        if self.doc_tokens is not None:
+            return list(self.doc_tokens)
+        tpb = self.tokens_per_byte(vocab)
+        return [max(1, round(b * tpb)) for b in self.doc_bytes]
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ class Plan:
     train_s: float  # seconds of steps the budget leaves
     steps: int
     epochs: float
-    windows: int  # training windows per epoch (about: the corpus's token count is an estimate)
+    windows: int  # training windows of the whole corpus (data.windows' rule; about, when tokens are estimated)
     bpb: tuple[float, float, float]  # expected held-out bits per byte: low, expected, high
     reasons: dict[str, str]
     candidates: tuple[Candidate, ...] = field(default=(), repr=False)
@@ -264,14 +275,16 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
     i, reasons["model"] = choose_shape(cands)
     shape, cand = SHAPES[i], cands[i]
     vocab, reasons["vocab_size"] = choose_vocab(corpus, shape)
-    tpb = corpus.tokens_per_byte(vocab)
-    block, reasons["block_size"] = block_for([b * tpb for b in corpus.doc_bytes], cand.corpus_tokens, shape.block_size)
-    epochs_guess = cand.tokens / max(cand.corpus_tokens, 1)
-    stride = block // 2 if epochs_guess > 1 else block
+    lengths = corpus.lengths(vocab)
+    block, reasons["block_size"] = block_for(lengths, cand.corpus_tokens, shape.block_size)
+    stride = block // 2 if cand.tokens > cand.corpus_tokens else block
     reasons["stride"] = ("the budget repeats the data (more than one epoch): 50% overlap gives more distinct contexts"
                          if stride < block else "the budget sees the data at most once: no overlap")
-    windows = max(1, (cand.corpus_tokens - block - 1) // stride + 1)
-    epochs = cand.tokens / (windows * block)
+    windows = expected_windows(lengths, block, stride)
+    reasons["windows"] = f"{corpus.documents:,} documents cut into {block + 1}-token windows, stride {stride}"
+    epochs = cand.tokens / max(windows * block, 1)
+    reasons["epochs"] = (f"the budget's {cand.tokens / 1e6:,.1f}M training tokens at {cand.tokens_per_s:,.0f} tokens/s "
+                         f"are {epochs:.2g} passes over the windows; --max-time ends the run")
     dropout, reasons["dropout"] = dropout_for(epochs)
     base = shape.base(device.kind)
     cfg = model_config(shape, device.kind, vocab, block, dropout)
@@ -290,7 +303,7 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
     reasons["max_time"] = (f"the budget; {train_s:.0f} s of it are steps ({device.startup_s:.0f} s start-up and "
                            "compilation, evaluations and checkpoints take the rest); the best checkpoint is kept")
     train = {**{k: v for k, v in recipe.items() if k not in ("max_steps", "eval_batches", "log_every")},
-             "batch_size": batch, "accumulation_steps": accumulation, "stride": stride,
+             "optimizer": optimizer, "batch_size": batch, "accumulation_steps": accumulation, "stride": stride,
              "epochs": 0.0, "max_steps": 0, "max_time": float(budget_s)}
     model = {"n_layer": shape.n_layer, "n_embd": shape.n_embd, "n_head": shape.n_head, "block_size": block,
              "dropout": dropout}
