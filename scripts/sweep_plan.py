@@ -10,7 +10,8 @@ document (every 20th document held out in val.txt) and its tokenizers are traine
 runs (cached in --work). A run: `minillm train --val-file val.txt --max-time T` (its peak CUDA memory read by a
 wrapper at exit: torch.cuda.max_memory_allocated), then `minillm evaluate --test-file val.txt` (bits per byte).
 Each JSON line also holds the planner's memory figure for the run's config, its steps, training seconds,
-tokens/s and epochs from history.json.
+tokens/s and epochs from history.json. Every run has its own compile caches, so each compiles cold (a warm
+cache would favour the shapes compiled in an earlier round).
 
 Rounds (points in priority order; a GPU takes the next point while the deadline leaves time for it):
   1  tuning corpora: model size x vocabulary x dropout on a 4 MB slice of en_techdocs (en4m), the whole of it
@@ -210,7 +211,8 @@ def run_point(p: dict, slices: dict, work: Path, device: str, gpu: int | None, m
     out.parent.mkdir(parents=True, exist_ok=True)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    env = {"SWEEP_PEAK_FILE": str(work / "logs" / f"{p['id']}.peak")}
+    env = {"SWEEP_PEAK_FILE": str(work / "logs" / f"{p['id']}.peak"),  # every run compiles cold, as a user's first
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor" / p["id"]), "TRITON_CACHE_DIR": str(work / "triton" / p["id"])}
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     res: dict = {"id": p["id"], "round": p["round"], "corpus": p["corpus"], "config": p["config"], "args": p["args"]}

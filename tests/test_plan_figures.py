@@ -114,3 +114,19 @@ def test_plan_help_describes_every_option(runner):
     for flag in ("--corpus", "--tokenizer", "--budget", "--device", "--gpu-memory", "--write-config", "--measure",
                  "--json"):
         assert flag in r.stdout
+
+
+def test_measure_scales_the_tables_speed_to_the_timed_steps(monkeypatch, tmp_path, runner):
+    from minillm.cli import app
+    from minillm.cli.data import measured_device
+    from minillm.config import ModelConfig
+    from minillm.plan.devices import DEVICES
+
+    monkeypatch.setattr("minillm.train.dryrun.measure_step", lambda *a, **k: 0.5)
+    dev = measured_device(DEVICES["cpu"], "cpu")
+    ref = ModelConfig(n_layer=4, n_embd=128, n_head=4, block_size=128, vocab_size=2048)
+    assert dev.tokens_per_s(ref, "adamw", 16 * 128) == pytest.approx(16 * 128 / 0.5)
+    c = make_corpus(tmp_path / "c.txt", n_docs=200)
+    slow = json.loads(runner.invoke(app, ["plan", "-c", str(c), "--device", "cpu", "--measure", "--json"]).stdout)
+    table = json.loads(runner.invoke(app, ["plan", "-c", str(c), "--device", "cpu", "--json"]).stdout)
+    assert slow["tokens_per_s"] < table["tokens_per_s"]
