@@ -282,12 +282,8 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
                          if stride < block else "the budget sees the data at most once: no overlap")
     windows = expected_windows(lengths, block, stride)
     reasons["windows"] = f"{corpus.documents:,} documents cut into {block + 1}-token windows, stride {stride}"
-    epochs = cand.tokens / max(windows * block, 1)
-    reasons["epochs"] = (f"the budget's {cand.tokens / 1e6:,.1f}M training tokens at {cand.tokens_per_s:,.0f} tokens/s "
-                         f"are {epochs:.2g} passes over the windows; --max-time ends the run")
-    dropout, reasons["dropout"] = dropout_for(epochs)
     base = shape.base(device.kind)
-    cfg = model_config(shape, device.kind, vocab, block, dropout)
+    cfg = model_config(shape, device.kind, vocab, block, 0.0)  # dropout changes neither speed nor memory
     recipe = dict(PRESETS[base]["train"])
     optimizer = recipe.get("optimizer", "adamw")
     batch, accumulation = fit_batch(cfg, recipe["batch_size"], optimizer, device)
@@ -295,6 +291,10 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
     speed = device.tokens_per_s(cfg, optimizer, recipe["batch_size"] * block)
     train_s = device.train_seconds(budget_s)
     steps = int(speed * train_s / (batch * accumulation * block))
+    epochs = steps * batch * accumulation / max(windows, 1)
+    reasons["epochs"] = (f"{train_s:.0f} s of steps at {speed:,.0f} tokens/s are {epochs:.2g} passes over the "
+                         f"windows; --max-time ends the run")
+    dropout, reasons["dropout"] = dropout_for(epochs)
     reasons["batch_size"] = (f"{base}'s {recipe['batch_size']} windows a step" +
                              (f", as {batch} x {accumulation} accumulated to fit {MEMORY_MARGIN:.0%} of the memory"
                               if accumulation > 1 else "") + f": {memory / 2**30:.2f} GiB of {device.memory / 2**30:.0f}")
