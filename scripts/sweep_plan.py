@@ -265,6 +265,21 @@ def summarize(lines: list[dict]) -> dict:
     return out
 
 
+def table(lines: list[dict]) -> str:
+    """The finished runs as a markdown table (docs/BENCHMARKS.md), in the order of the points."""
+    order = {p["id"]: i for i, p in enumerate(POINTS + CPU_POINTS)}
+    rows = ["| run | corpus | model (layers x width, block) | vocab | dropout | steps | epochs | training s | tokens/s "
+            "| peak GiB (planner's) | bits per byte |", "| --- " * 11 + "|"]
+    for x in sorted((x for x in lines if "bits_per_byte" in x), key=lambda x: order.get(x["id"], 99)):
+        m = x["model"]
+        peak = (f"{x['peak_memory'] / 2**30:.2f} ({x['memory_compiled_estimate'] / 2**30:.2f})" if x.get("peak_memory")
+                else f"- ({x['memory_eager_estimate'] / 2**30:.2f} eager)")
+        rows.append(f"| {x['id']} | {x['corpus']} | {m['n_layer']} x {m['n_embd']}, {m['block_size']} | {x['vocab']} | "
+                    f"{m['dropout']:g} | {x['steps']:,} | {x['epochs']:.1f} | {x['train_s']:.1f} | "
+                    f"{x['tokens_per_s_train']:,} | {peak} | {x['bits_per_byte']:.4f} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpora", type=Path, required=True, help="folder with the corpora (.txt or .txt.gz)")
@@ -279,7 +294,11 @@ def main() -> None:
     ap.add_argument("--points", default="gpu", choices=("gpu", "cpu"), help="the GPU sweep's points or the CPU's")
     ap.add_argument("--only", default="", help="comma-separated point ids (default: all)")
     ap.add_argument("--list", action="store_true", help="print the points and exit")
+    ap.add_argument("--table", type=Path, help="print a results.jsonl as a markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(x) for x in args.table.read_text().splitlines() if x.strip()]))
+        return
     points = [p for p in (POINTS if args.points == "gpu" else CPU_POINTS) if not args.only or p["id"] in args.only.split(",")]
     if args.list:
         for p in points:

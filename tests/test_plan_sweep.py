@@ -53,6 +53,10 @@ def test_sweep_runs_each_kind_of_point_on_cpu_and_writes_a_line_per_run(tmp_path
     assert {json.loads(x)["id"] for x in results} >= set(POINTS.split(","))
     again = _sweep(tmp_path, "--max-time", "8s", "--only", POINTS)  # resumable: finished runs are not redone
     assert [x["id"] for x in again] == ["env", "summary"]
+    r = subprocess.run([sys.executable, "scripts/sweep_plan.py", "--corpora", ".", "--table",
+                        str(tmp_path / "out" / "results.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    rows = r.stdout.splitlines()
+    assert len(rows) == 2 + 4 and rows[2].startswith("| r1-fortunes-c4x128-2k-d2 | fortunes | 4 x 128, 64 | 2048 | 0.2 |")
 
 
 def test_sweep_skips_points_the_deadline_leaves_no_time_for(tmp_path):
