@@ -74,13 +74,13 @@ def point(pid: str, corpus: str, vocab: int | str, config: str, *, dropout: floa
 
 POINTS = [
     # round 1: the data ratio (small vs medium vs a 4 x 256 shape on 4 MB), vocabulary (2k vs 8k), dropout at
-    # ~50 epochs (0.1 vs 0.2), the compute ratio on 32 MB (medium vs large), a 1 MB corpus (a 4 x 128 shape)
+    # ~50 epochs (0.1 vs 0.2), the compute ratio on 32 MB (the plan's medium vs large), a 1 MB corpus (4 x 128)
     point("r1-en4m-small-2k-d2", "en4m", 2048, "small", dropout=0.2),
     point("r1-en4m-small-2k-d1", "en4m", 2048, "small", dropout=0.1),
     point("r1-en4m-small-8k-d2", "en4m", 8192, "small", dropout=0.2),
     point("r1-en4m-medium-2k-d2", "en4m", 2048, "medium", dropout=0.2),
     point("r1-en4m-c4x256-2k-d2", "en4m", 2048, "small", dropout=0.2, shape=custom(4, 256, 4)),
-    point("r1-en32m-medium-16k", "en32m", 16384, "medium"),
+    point("r1-en32m-plan", "en32m", "plan", "plan"),
     point("r1-en32m-large-16k", "en32m", 16384, "large"),
     point("r1-fortunes-c4x128-2k-d2", "fortunes", 2048, "small", dropout=0.2, shape=custom(4, 128, 4),
           args=("--block-size", "64")),
@@ -96,7 +96,7 @@ POINTS = [
     point("r3-fortunes-small-2k-d2", "fortunes", 2048, "small", dropout=0.2),
     point("r3-fortunes-c4x128-8k-d2", "fortunes", 8192, "small", dropout=0.2, shape=custom(4, 128, 4),
           args=("--block-size", "64")),
-    point("r3-en32m-small-16k", "en32m", 16384, "small"),
+    point("r3-en32m-medium-16k", "en32m", 16384, "medium"),
     point("r3-en32m-medium-32k", "en32m", 32768, "medium"),
 ]
 # the CPU sweep (--points cpu --device cpu --max-time 5m, one thread, one run at a time): c1 tunes the custom
@@ -253,7 +253,7 @@ def run_point(p: dict, slices: dict, work: Path, device: str, gpu: int | None, m
 def summarize(lines: list[dict]) -> dict:
     """Round 2's check: the plan's bits per byte against the best preset of the grid."""
     r2 = {x["id"]: x for x in lines if x.get("round") == 2 and "bits_per_byte" in x}
-    planned = ("r2-plan", "r2-auto-seed2", "c2-plan")
+    planned = ("r2-plan", "r2-auto-seed2", "c2-plan")  # round 2's planned runs; the rest is the grid
     grid = {k: v["bits_per_byte"] for k, v in r2.items() if k not in planned}
     out: dict = {"summary": True, "grid": grid}
     if grid:
