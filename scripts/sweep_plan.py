@@ -100,7 +100,8 @@ POINTS = [
     point("r3-en32m-medium-32k", "en32m", 32768, "medium"),
 ]
 # the CPU sweep (--points cpu --device cpu --max-time 5m, one thread, one run at a time): c1 tunes the custom
-# shapes on en4m (tiny's recipe), c2 is the held-out check: the plan against {tiny, 4 x 128, 4 x 256} x {2k, 8k}
+# shapes on en4m (tiny's recipe), c2 is the held-out check: the plan (two seeds) against {tiny, 4 x 128,
+# 4 x 256} x {2k, 8k}; the c1 plan points, last, give the planned runs' figures on the tuning corpora
 CPU_SHAPES = {"tiny": None, "c2x128": custom(2, 128, 4), "c4x128": custom(4, 128, 4), "c4x192": custom(4, 192, 6),
               "c4x256": custom(4, 256, 4)}
 CPU_POINTS = [
@@ -111,6 +112,9 @@ CPU_POINTS = [
     *(point(f"c2-{k}-{v // 1000}k", "bible", v, "tiny", shape=CPU_SHAPES[k],
             args=() if k == "tiny" else ("--block-size", "128"))
       for k in ("tiny", "c4x128", "c4x256") for v in (2048, 8192)),
+    point("c2-plan-seed2", "bible", "plan", "plan", seed=2),  # the spread of two seeds
+    point("c1-fortunes-plan", "fortunes", "plan", "plan"),  # planned runs on the tuning corpora: expected figures
+    point("c1-en32m-plan", "en32m", "plan", "plan"),
 ]
 PLAN_VOCABS = (2048, 4096, 8192, 16384, 32768)  # tokenizers made ready for the plan's recommendation
 
@@ -171,12 +175,12 @@ def tokenizer(files: dict, vocab: int) -> Path:
     return tok
 
 
-def prepare(points: list[dict], corpora: Path, work: Path) -> dict[str, dict]:
-    """Splits and tokenizers of every point (the plan's possible vocabularies too), in parallel."""
+def prepare(points: list[dict], corpora: Path, work: Path, plan_vocabs: tuple[int, ...]) -> dict[str, dict]:
+    """Splits and tokenizers of every point (and ``plan_vocabs`` for the plan's), in parallel."""
     from concurrent.futures import ThreadPoolExecutor
 
     slices = {p["corpus"]: split(corpora, p["corpus"], work) for p in points}
-    jobs = {(p["corpus"], v) for p in points for v in (PLAN_VOCABS if p["vocab"] == "plan" else (p["vocab"],))}
+    jobs = {(p["corpus"], v) for p in points for v in (plan_vocabs if p["vocab"] == "plan" else (p["vocab"],))}
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda cv: tokenizer(slices[cv[0]], cv[1]), sorted(jobs)))
     return slices
@@ -317,7 +321,8 @@ def main() -> None:
         n = torch.cuda.device_count()
         workers = args.workers or n
         gpus = [i % max(n, 1) for i in range(workers)]
-    slices = prepare(points, args.corpora, args.work)
+    # a GPU sweep makes every vocabulary the plan may pick ready in parallel; a CPU one trains the one it picks
+    slices = prepare(points, args.corpora, args.work, PLAN_VOCABS if args.device != "cpu" else ())
     from minillm.config import parse_duration
 
     per_run = parse_duration(args.max_time) + OVERHEAD_S

@@ -90,9 +90,10 @@ _H100 = Device("h100", "cuda", 79 * GIB, 989e12, ((256, 0.203), (384, 0.27), (64
 DEVICES: dict[str, Device] = {
     "h100": _H100,
     "h200": replace(_H100, name="h200", memory=139 * GIB, mfu=((256, 0.226), (384, 0.279), (640, 0.428), (768, 0.445))),
-    # one thread of the 2-core development machine, fp32 eager: forward + backward of a 16-window batch
-    # (train/dryrun.measure_step) gave 49, 77, 96 and 108 GFLOP/s at widths 64, 128, 192, 256 (issue 21)
-    "cpu": Device("cpu", "cpu", 8 * GIB, 108e9, ((64, 0.45), (128, 0.71), (192, 0.89), (256, 1.0)), 1.0, 6.0, 0.8,
+    # one thread of the 2-core development machine, fp32 eager: the training tokens/s of the CPU sweep's c1 runs
+    # (docs/BENCHMARKS.md, "Planning the run (issue 21)", 2k vocabulary) are 43.7, 61.5-73.3, 86.9 and 93.1
+    # GFLOP/s at widths 64, 128, 192, 256 (8k vocabulary at 128: 56.4); 270-282 s of steps in 300 s runs
+    "cpu": Device("cpu", "cpu", 8 * GIB, 100e9, ((64, 0.44), (128, 0.67), (192, 0.87), (256, 0.93)), 1.0, 5.0, 0.93,
                   False, 0.0),
 }
 GPU_NAMES = (("H200", "h200"), ("H100", "h100"))  # a device name fragment -> its entry
