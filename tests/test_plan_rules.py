@@ -159,3 +159,10 @@ def test_the_planner_reads_no_files_and_builds_no_model(monkeypatch):
     monkeypatch.setattr(builtins, "open", lambda *a, **k: pytest.fail("the planner opened a file"))
     monkeypatch.setattr(torch.nn.Module, "__init__", lambda *a, **k: pytest.fail("the planner built a model"))
     assert plan(corpus(4), H100, 120).shape == "small"
+
+
+def test_the_expected_range_is_the_tables_leave_one_out_error():
+    assert rules.held_out_error([(1e6, 1.0), (4e6, 2.0)]) == pytest.approx(1.0)  # 1.0 predicted as 2.0
+    assert rules.held_out_error([(1e6, 1.0), (2e6, 1.5), (4e6, 2.0)]) == pytest.approx(0.5)
+    lo, mid, hi = rules.expected_bpb("cuda", 8_500_000)
+    assert mid == pytest.approx(0.93, abs=0.01) and lo < mid < hi
