@@ -99,10 +99,9 @@ DEVICES: dict[str, Device] = {
 GPU_NAMES = (("H200", "h200"), ("H100", "h100"))  # a device name fragment -> its entry
 
 
-def device_named(name: str, memory: int | None = None, threads: int = 1) -> Device:
+def device_named(name: str, memory: int | None = None) -> Device:
     """The table's entry for ``name`` (a key, or a CUDA device name such as "NVIDIA H100 80GB HBM3"), with
-    ``memory`` bytes when given; the CPU entry's speed times ``threads``. An unknown GPU gets the H100's
-    figures (said in the plan's reasons by the caller)."""
+    ``memory`` bytes when given. An unknown GPU gets the H100's figures."""
     key = name.lower() if name.lower() in DEVICES else next((k for frag, k in GPU_NAMES if frag in name), None)
     if key is None:
         if name.lower().startswith("cpu"):
@@ -112,8 +111,6 @@ def device_named(name: str, memory: int | None = None, threads: int = 1) -> Devi
         else:
             raise UsageError(f"--device {name!r}: use auto, cuda, cpu, or one of {', '.join(DEVICES)}")
     dev = DEVICES[key]
-    if key == "cpu" and threads > 1:
-        dev = replace(dev, peak_flops=dev.peak_flops * threads)
     return replace(dev, memory=memory) if memory else dev
 
 
@@ -130,7 +127,8 @@ def parse_memory(text: str) -> int:
 def detect(device: str, memory: int | None = None) -> Device:
     """The figures of ``--device`` auto, cuda, cuda:N, cpu (or a table key): auto is CUDA when present; a CUDA
     device's entry is looked up by its name and its memory is the card's total unless ``memory`` is given;
-    the CPU entry runs on torch's thread count."""
+    the CPU entry is one thread's speed whatever the cores (a second thread measured no faster on the shared
+    2-core machine; ``plan --measure`` times this machine's)."""
     import torch
 
     name = device.lower()
@@ -145,4 +143,4 @@ def detect(device: str, memory: int | None = None) -> Device:
         index = int(name.split(":")[1]) if ":" in name else 0
         props = torch.cuda.get_device_properties(index)
         return device_named(props.name, memory or props.total_memory)
-    return device_named(name, memory, threads=torch.get_num_threads() if name == "cpu" else 1)
+    return device_named(name, memory)
