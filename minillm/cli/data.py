@@ -124,7 +124,7 @@ def plan(
     device: str = typer.Option("auto", "--device", help="Device to plan for: auto (CUDA when present), cuda, cuda:N, cpu, or a table entry (h100, h200)."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory the run may use, e.g. 80GB (default: the device's)."),
     write_config: Optional[Path] = typer.Option(None, "--write-config", help="Write the plan as a TOML file that `train --config FILE` runs unchanged."),
-    measure: bool = typer.Option(False, "--measure", help="Time a few training steps on the device (seconds) instead of using the table of measured speeds."),
+    measure: bool = typer.Option(False, "--measure", help="Time a few eager training steps here (seconds) instead of using the table of measured speeds (on a GPU the compiled run is faster: a lower bound)."),
     separator: str = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
 ) -> None:
