@@ -257,7 +257,7 @@ def run_point(p: dict, slices: dict, work: Path, device: str, gpu: int | None, m
 def summarize(lines: list[dict]) -> dict:
     """Round 2's check: the plan's bits per byte against the best preset of the grid."""
     r2 = {x["id"]: x for x in lines if x.get("round") == 2 and "bits_per_byte" in x}
-    planned = ("r2-plan", "r2-auto-seed2", "c2-plan")  # round 2's planned runs; the rest is the grid
+    planned = [k for k in r2 if "plan" in k or "auto" in k]  # round 2's planned runs; the rest is the grid
     grid = {k: v["bits_per_byte"] for k, v in r2.items() if k not in planned}
     out: dict = {"summary": True, "grid": grid}
     if grid:
