@@ -16,7 +16,7 @@ LEVELS = [
     ("minillm.errors", 0), ("minillm.config", 1), ("minillm.io", 1),
     ("minillm.corpus", 2), ("minillm.tokenizer", 3), ("minillm.data", 4),
     ("minillm.model.load", 8), ("minillm.model", 5), ("minillm.optim", 5), ("minillm.distributed", 5),
-    ("minillm.checkpoint", 6), ("minillm.export.layout", 7),
+    ("minillm.checkpoint", 6), ("minillm.plan", 6), ("minillm.export.layout", 7),
     ("minillm.lora", 9), ("minillm.generation", 9), ("minillm.evaluation", 9),
     ("minillm.export", 10), ("minillm.train", 11), ("minillm.cli", 12), ("minillm", 12),
 ]
@@ -75,6 +75,17 @@ def test_imports_follow_the_layers(name):
         if not (level(target) < level(name) or (same_pkg and level(target) <= level(name))):
             bad.append(target)
     assert not bad, f"{name} (level {level(name)}) imports higher layers: {bad}"
+
+
+# the planner: a pure function of corpus figures, device figures and a budget (no model, no training)
+PLAN_MAY_IMPORT = ("minillm.errors", "minillm.config", "minillm.io", "minillm.corpus", "minillm.tokenizer",
+                   "minillm.data.windows", "minillm.model.memory", "minillm.plan")
+
+
+def test_the_planner_imports_only_statistics_and_costs():
+    bad = {n: sorted(t for t in GRAPH[n] if not any(t == a or t.startswith(a + ".") for a in PLAN_MAY_IMPORT))
+           for n in GRAPH if n.startswith("minillm.plan")}
+    assert set(bad) >= {"minillm.plan.rules", "minillm.plan.devices"} and not any(bad.values()), bad
 
 
 def test_no_import_cycle():

@@ -1,5 +1,6 @@
 """prepare-corpus and analyze-corpus: reading, cleaning, dedup, encodings, atomic output, statistics,
-recommendations and the two CLI commands. Everything is built in tmp_path."""
+the windows and the two CLI commands (the recommendations: test_plan_rules.py, test_plan_recommend.py).
+Everything is built in tmp_path."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from minillm.corpus import read as corpus_mod
 from minillm.corpus.clean import CleanOptions, _ftfy_config, clean_document, fix_text, rewrite_special
 from minillm.corpus.prepare import DedupOptions, prepare_corpus
 from minillm.corpus.read import ReadOptions, _split_chunks, _split_lines, iter_documents, read_documents
-from minillm.corpus.stats import analyze, expected_windows, recommend, summary_lines
+from minillm.corpus.stats import analyze, expected_windows
 from minillm.errors import MiniLLMError, UsageError
 
 SEP = "\n<|doc|>\n"
@@ -299,44 +300,6 @@ def test_analyze_with_tokenizer_counts_real_tokens(tmp_path):
     assert list(s.lengths) == [len(tok.encode(d, add_special_tokens=False).ids) for d in docs]
 
 
-def test_recommend_short_documents():
-    r = recommend([100] * 1_000_000, total_bytes=400_000_000)  # 101M tokens of 100-token documents
-    assert r.block_size == 128  # the smallest power of two covering the documents
-    assert r.preset == "medium"  # 101M * 4 epochs / 20 = 20M params; medium (14.2M) is nearest
-    assert r.epochs == pytest.approx(20 * r.params / 101_000_000, abs=0.05) and r.epochs > 1
-    assert r.stride == 64  # repeated epochs: 50% overlap
-    assert r.vocab_size == 32768  # 400 MB supports it, and 32768 x 384 stays under medium's 14M
-    # train's windows (data.windows.window_starts): every 64 tokens, some moved back to a <|doc|>: 8 per 5 documents
-    assert r.windows == 1_000_000 // 5 * 8 - 1
-
-
-def test_recommend_plentiful_data():
-    r = recommend([100_000] * 30_000, total_bytes=12_000_000_000)  # 3B tokens
-    assert r.preset == "gpt2-124m" and r.epochs < 1
-    assert r.block_size == 1024 and r.stride == 1024  # long documents, no overlap: data is plentiful
-    assert r.vocab_size == 32768
-
-
-def test_recommend_scarce_data_of_long_documents():
-    r = recommend([8230] * 150, total_bytes=5_000_000)  # the original tool's example: 1.2M tokens
-    assert r.block_size == 512  # 1024 would give fewer than 2,000 windows
-    assert r.stride == 256 and r.epochs == 4.0
-    assert r.preset in ("custom", "tiny") and r.params < 1e6
-    assert set(r.reasons) == {"model", "epochs", "block_size", "stride", "vocab_size", "windows"}
-    assert all(len(v) > 10 and "\n" not in v for v in r.reasons.values())
-
-
-def test_recommend_custom_size_between_presets():
-    r = recommend([1000] * 15_000, total_bytes=60_000_000)  # 15M tokens -> ~3M params over 4 epochs
-    assert r.preset in ("small", "custom")
-    assert r.block_size == 1024 and r.epochs > 1 and r.stride == 512
-    r = recommend([1000] * 100_000, total_bytes=400_000_000)  # 100M tokens -> 20M params: medium
-    assert r.preset == "medium"
-    r = recommend([1000] * 1_500, total_bytes=6_000_000)  # 1.5M tokens -> 300k params: custom 2x128
-    assert (r.preset, r.n_layer, r.n_embd) == ("custom", 2, 128)
-    assert "custom" not in r.reasons["model"] or "between presets" in r.reasons["model"]
-
-
 def test_expected_windows_cuts_long_documents_and_packs_short_ones():
     assert expected_windows([65], 64, 32) == 2  # 66 tokens with <|doc|>: one 65-token window + 1 more
     assert expected_windows([64], 64, 32) == 1
@@ -344,17 +307,6 @@ def test_expected_windows_cuts_long_documents_and_packs_short_ones():
     assert expected_windows([31, 31], 64, 64) == 0  # 64 tokens: less than one 65-token window (train refuses)
     assert expected_windows([31, 31, 31], 64, 64) == 2  # packed: 96 tokens, one window at 0, one flush with the end
     assert expected_windows([9] * 10, 64, 32) == 3  # starts at documents (0, 30), then flush with the end (35)
-
-
-def test_summary_lines_es_en(tmp_path):
-    f = write(tmp_path / "c.txt", SEP.join(["a b c " * 50] * 3))
-    s = analyze(f)
-    r = recommend(s.lengths, s.bytes)
-    es = summary_lines(s, r, "es")
-    assert es[0].startswith("Tokens totales: ") and "Documentos encontrados: 3" in es[0]
-    assert es[1].startswith("Longitud promedio: ") and "mínima" in es[1] and "máxima" in es[1]
-    assert es[2].startswith(f"Block size sugerido: {r.block_size}   Stride sugerido: {r.stride}")
-    assert summary_lines(s, r, "en")[0].startswith("Total tokens: ")
 
 
 # ---------------------------------------------------------------- CLI

@@ -126,7 +126,7 @@ def _root(
 # The commands in the order --help lists them, each with its errors handled by handle_errors and readable
 # metavars in its --help.
 for _command, _settings in (
-    (data.prepare_corpus, {}), (data.analyze_corpus, {}), (data.init_tokenizer, {}),
+    (data.prepare_corpus, {}), (data.analyze_corpus, {}), (data.plan, {}), (data.init_tokenizer, {}),
     (train.train, {"epilog": toml_only_help()}), (infer.generate, {}), (infer.evaluate, {}),
     (train.finetune, {}), (infer.merge, {}), (infer.export, {}),
 ):

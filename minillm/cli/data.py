@@ -82,19 +82,17 @@ def analyze_corpus(
     separator: str = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line."),
     lang: str = typer.Option("en", "--lang", help="Language of the summary lines: en or es."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a histogram of document lengths to this PNG file."),
+    budget: str = typer.Option("5m", "--budget", help="Training time the recommendations plan for, e.g. 90s, 5m, 1h (as `minillm plan`)."),
+    device: str = typer.Option("auto", "--device", help="Device the recommendations plan for: auto, cuda, cuda:N, cpu, h100, h200."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
-    """Report corpus statistics and recommend block size, stride, model size, epochs and vocabulary."""
-    from minillm.corpus.stats import (
-        LABELS,
-        analyze,
-        plot_lengths,
-        recommend,
-        render_table,
-        report,
-        summary_lines,
-    )
+    """Report corpus statistics and recommend block size, stride, model size, epochs and vocabulary (the plan
+    `minillm plan` makes for --budget on --device)."""
+    from minillm.corpus.stats import LABELS, analyze, plot_lengths, render_table, report, summary_lines
+    from minillm.plan.devices import detect
+    from minillm.plan.recommend import recommend
 
+    seconds = budget_seconds(budget)
     if lang not in LABELS:
         raise UsageError(f"--lang {lang!r}: use en or es")
     if plot is not None and any(plot.resolve() == p.resolve() for p in (corpus, *([tokenizer] if tokenizer else []))):
@@ -104,8 +102,9 @@ def analyze_corpus(
         from minillm.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer)
+    dev = detect(device)
     stats = analyze(corpus, separator, tok)
-    rec = recommend(stats.lengths, stats.bytes)
+    rec = recommend(stats, dev, seconds, tok.get_vocab_size() if tok is not None else None)
     if plot is not None:
         plot_lengths(stats.lengths, plot, stats.tokens_estimated, rec.block_size)
         typer.echo(f"wrote {plot}", err=True)
@@ -116,6 +115,91 @@ def analyze_corpus(
 
     Console().print(render_table(stats, rec))
     typer.echo("\n".join(summary_lines(stats, rec, lang)))
+
+
+def plan(
+    corpus: Path = typer.Option(..., "--corpus", "-c", help="Corpus file to plan for (documents separated by --separator lines)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="Plan for this tokenizer.json (its vocabulary); without it the plan recommends a vocabulary and prints the init-tokenizer command."),
+    budget: str = typer.Option("10m", "--budget", help="Wall-clock budget of the whole training run, e.g. 90s, 2m, 1h (becomes train --max-time)."),
+    device: str = typer.Option("auto", "--device", help="Device to plan for: auto (CUDA when present), cuda, cuda:N, cpu, or a table entry (h100, h200)."),
+    gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory the run may use, e.g. 80GB (default: the device's)."),
+    write_config: Optional[Path] = typer.Option(None, "--write-config", help="Write the plan as a TOML file that `train --config FILE` runs unchanged."),
+    measure: bool = typer.Option(False, "--measure", help="Time a few eager training steps here (seconds) instead of using the table of measured speeds (on a GPU the compiled run is faster: a lower bound)."),
+    separator: str = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
+) -> None:
+    """Plan a run: the model, vocabulary and settings to train on a corpus, a device and a time budget."""
+    from minillm.plan import report
+
+    p = build_plan(corpus, tokenizer, budget_seconds(budget), device, gpu_memory, measure, separator)
+    if write_config is not None:
+        if any(write_config.resolve() == q.resolve() for q in (corpus, *([tokenizer] if tokenizer else []))):
+            raise MiniLLMError(f"--write-config {write_config} is also an input; write the plan to another file")
+        from minillm.io import atomic_write_text
+
+        atomic_write_text(write_config, report.plan_toml(p, str(corpus)))
+        typer.echo(f"wrote {write_config}", err=True)
+    commands = ([] if tokenizer else [report.tokenizer_command(p, corpus)]) + [
+        report.train_command(p, corpus, tokenizer, write_config)]
+    if as_json:
+        typer.echo(json.dumps({"format": 1, **p.to_dict(), "commands": commands}, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(report.render_table(p))
+    typer.echo("\n".join(commands))
+
+
+def budget_seconds(text: str) -> float:
+    """``--budget`` in seconds (the durations of --max-time)."""
+    from minillm.config import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except UsageError as e:
+        raise UsageError(str(e).replace("--max-time", "--budget")) from None
+    if seconds <= 0:
+        raise UsageError(f"--budget {text!r}: give a time above zero, e.g. 10m")
+    return seconds
+
+
+def build_plan(corpus: Path, tokenizer: Optional[Path], budget_s: float, device: str, gpu_memory: Optional[str],
+               measure: bool = False, separator: str = "<|doc|>"):
+    """The plan for ``corpus`` (and ``tokenizer``, when given) on ``device`` within ``budget_s`` seconds: the
+    figures read fast, the device from the table (or timed with ``measure``), then the pure planner."""
+    from minillm.plan.devices import detect, parse_memory
+    from minillm.plan.figures import corpus_figures
+    from minillm.plan.rules import plan as make_plan
+
+    dev = detect(device, parse_memory(gpu_memory) if gpu_memory else None)
+    tok = None
+    if tokenizer is not None:
+        from minillm.corpus.read import check_input_file
+        from minillm.tokenizer import load_tokenizer
+
+        check_input_file(tokenizer, "--tokenizer", "give the tokenizer file")
+        tok = load_tokenizer(tokenizer)
+    if measure:
+        dev = measured_device(dev, device)
+    return make_plan(corpus_figures(corpus, tok, separator), dev, budget_s)
+
+
+def measured_device(dev, device: str):
+    """``dev`` with its speed scaled to a few timed eager steps of a reference model on ``device`` (on CUDA
+    the trainer compiles, so the figure is a lower bound there)."""
+    import dataclasses
+
+    from minillm.config import ModelConfig, TrainConfig
+    from minillm.train.dryrun import measure_step
+    from minillm.train.step import resolve_device, resolve_precision
+
+    cfg = (ModelConfig(n_layer=6, n_embd=256, n_head=4, block_size=256, vocab_size=8192) if dev.kind == "cuda"
+           else ModelConfig(n_layer=4, n_embd=128, n_head=4, block_size=128, vocab_size=2048))
+    tcfg = TrainConfig(batch_size=64 if dev.kind == "cuda" else 16, device=device)
+    where = resolve_device(device)
+    seconds = min(measure_step(cfg, tcfg, where, resolve_precision("auto", where)) for _ in range(2))
+    speed = tcfg.batch_size * cfg.block_size / seconds
+    return dataclasses.replace(dev, peak_flops=dev.peak_flops * speed / dev.tokens_per_s(cfg, "adamw", tcfg.batch_size * cfg.block_size))
 
 
 def init_tokenizer(

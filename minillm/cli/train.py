@@ -31,7 +31,7 @@ def train(
     corpus: list[Path] = typer.Option(..., "--corpus", "-c", help="Clean corpus file from prepare-corpus; repeat to mix several (see --mix)."),
     mix: Optional[str] = typer.Option(None, "--mix", help="Weights of the --corpus files, comma-separated in the same order (e.g. 0.7,0.3): each window's corpus is drawn by weight. Default: proportional to their sizes."),
     outdir: Path = typer.Option(..., "--outdir", "-o", help="Run directory for checkpoints, history and plots."),
-    config: str = typer.Option("tiny", "--config", help="Preset (tiny, small, medium, large, gpt2-124m) or a TOML file."),
+    config: str = typer.Option("tiny", "--config", help="Preset (tiny, small, medium, large, gpt2-124m), a TOML file, or auto: plan the run for the tokenizer, the first --corpus, --max-time and --device (see `minillm plan`; flags given override the plan; --resume reuses the run's saved plan)."),
     val_file: Optional[Path] = typer.Option(None, "--val-file", help="Separate validation corpus instead of a split."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Token cache directory (default RUN/cache)."),
     resume: bool = RESUME,
@@ -51,6 +51,9 @@ def train(
     from minillm.config import resolve
 
     _check_log_format(log_format)
+    record = {}
+    if config == "auto":
+        config, overrides, record = _auto_config(tokenizer, corpus[0], outdir, resume, overrides)
     if "max_time" in overrides and not {"epochs", "max_steps"} & overrides.keys():
         overrides.update(epochs=0.0, max_steps=0)  # a time budget alone: the preset's length does not cap it
     mcfg, tcfg = resolve(config, overrides)
@@ -80,8 +83,8 @@ def train(
     from minillm.train.run import train as run_train
 
     spec = RunSpec(tokenizer=tokenizer, corpus=corpus_arg, outdir=outdir, val_file=val_file, cache_dir=cache_dir,
-                   resume=resume, overwrite=overwrite, log_format=log_format, config_name=config,
-                   tensorboard=tensorboard, started=started, fsdp=fsdp)
+                   resume=resume, overwrite=overwrite, log_format=log_format, config_name="auto" if record else config,
+                   tensorboard=tensorboard, started=started, fsdp=fsdp, record=record)
     _run_and_report(outdir, lambda: run_train(spec, mcfg, tcfg))
 
 
@@ -221,3 +224,31 @@ def _dry_run(tokenizer: Path, corpora: tuple[Path, ...], mcfg, tcfg) -> None:
     from minillm.train.dryrun import dry_run_report
 
     typer.echo(json.dumps(dry_run_report(tokenizer, corpora, mcfg, tcfg), indent=2))
+
+
+def _auto_config(tokenizer: Path, corpus: Path, outdir: Path, resume: bool,
+                 overrides: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``--config auto``: (the plan's base preset, its keys under the flags given, ``{"plan": plan}`` for
+    config.json). The plan is made for the tokenizer, ``corpus``, ``--max-time`` and ``--device``, and printed;
+    on ``--resume`` it is the one saved in the run's config.json, never a new one."""
+    from minillm.plan.report import plan_lines
+
+    if resume:
+        from minillm.train.rundir import run_config
+
+        if not (outdir / "config.json").is_file():
+            raise UsageError(f"--config auto --resume: {outdir / 'config.json'} is missing; start the run without --resume")
+        plan = run_config(outdir).get("plan")
+        if not isinstance(plan, dict):
+            raise UsageError(f"--config auto --resume: the run in {outdir} was not planned (its config.json holds no "
+                             "plan); resume it with the --config it was started with")
+    else:
+        if not overrides.get("max_time"):
+            raise UsageError("--config auto plans the run for a time budget: add --max-time, e.g. --max-time 10m")
+        from minillm.cli.data import build_plan
+
+        p = build_plan(corpus, tokenizer, overrides["max_time"], overrides.get("device", "auto"), None)
+        plan = json.loads(json.dumps({k: v for k, v in p.to_dict().items() if k != "candidates"}))
+    for line in plan_lines(plan):
+        typer.echo(line, err=True)
+    return plan["preset"], {**plan["model"], **plan["train"], **overrides}, {"plan": plan}

@@ -1,5 +1,6 @@
-"""analyze-corpus: statistics of a corpus file (streamed) and the training recommendations drawn from
-them. ``recommend`` is a pure function of the document lengths, so it is tested on known distributions.
+"""analyze-corpus: statistics of a corpus file (streamed), the windows ``train`` builds from its documents,
+and the report of both with the recommendations (``minillm.plan``'s, a ``Recommendation`` or alike: this
+layer knows no planner).
 """
 
 from __future__ import annotations
@@ -10,17 +11,13 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from minillm.corpus.read import DOC, batch_documents, check_input_file, iter_documents
 from minillm.errors import MiniLLMError
 
 BYTES_PER_TOKEN = 4.0  # estimate without --tokenizer: a BPE of 8k-32k tokens on European-language text
 NEAR_EMPTY_CHARS = 16  # a document shorter than this (stripped) counts as near-empty
-TOKENS_PER_PARAM = 20  # Chinchilla: compute-optimal training tokens per parameter
-MAX_EPOCHS = 4  # repeating data up to ~4 epochs is about as good as fresh data (Muennighoff et al. 2023)
-MIN_WINDOWS = 2000  # a block size is halved until the corpus gives at least this many windows
-MAX_BLOCK = 1024
-MIN_BLOCK = 64
 DISTINCT_CAP = 2_000_000  # beyond this many distinct words, count a hash-sampled subset (estimate)
 BATCH_CHARS = 1 << 20
 
@@ -129,31 +126,12 @@ def analyze(path: Path, separator: str = DOC, tokenizer=None) -> CorpusStats:
     return s
 
 
-# ---------------------------------------------------------------- recommendations
-
-
-def body_params(n_layer: int, n_embd: int) -> int:
-    """Parameters outside the embeddings: about 12 * n_embd**2 per block (attention 4, MLP 8)."""
-    return 12 * n_layer * n_embd * n_embd
-
-
-def _presets() -> list[tuple[str, int, int, int]]:
-    from minillm.config import PRESETS
-
-    out = []
-    for name, p in PRESETS.items():
-        m = p["model"]
-        out.append((name, m["n_layer"], m["n_embd"], m["n_head"]))
-    return sorted(out, key=lambda x: body_params(x[1], x[2]))
+# ---------------------------------------------------------------- windows
 
 
 def training_tokens(lengths: Sequence[int]) -> int:
     """The tokens ``train`` reads from documents of these lengths: each one's tokens and its ``<|doc|>``."""
     return int(sum(lengths)) + len(lengths)
-
-
-def _pow2_ceil(n: float) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
 def expected_windows(lengths: Sequence[int], block_size: int, stride: int) -> int:
@@ -168,107 +146,6 @@ def expected_windows(lengths: Sequence[int], block_size: int, stride: int) -> in
     starts = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=starts[1:])
     return len(window_starts(int(sizes.sum()), block_size, stride, starts))
-
-
-@dataclass(frozen=True)
-class Recommendation:
-    """Training settings suggested for a corpus, each with a one-line reason."""
-
-    block_size: int
-    stride: int
-    preset: str  # a preset name, or "custom"
-    n_layer: int
-    n_embd: int
-    n_head: int
-    params: int  # non-embedding parameters of the suggested model
-    epochs: float
-    vocab_size: int
-    windows: int  # expected training windows at this block size and stride
-    reasons: dict[str, str]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def recommend(lengths: Sequence[int], total_bytes: int) -> Recommendation:
-    """Pure: block size, stride, model size, epochs and vocabulary size from tokens per document."""
-    import numpy as np
-
-    lens = np.asarray(lengths, dtype=np.int64)
-    if lens.size == 0:
-        raise MiniLLMError("the corpus holds no documents; nothing to recommend")
-    total = training_tokens(lens)
-    reasons: dict[str, str] = {}
-
-    # model size: ~20 tokens per parameter over at most 4 epochs
-    target = total * MAX_EPOCHS / TOKENS_PER_PARAM
-    presets = _presets()
-    sizes = [body_params(l_, d) for _, l_, d, _ in presets]
-    if target >= sizes[-1]:
-        preset, n_layer, n_embd, n_head = presets[-1]
-        reasons["model"] = f"{total:,} training tokens could feed a {target / 1e6:.0f}M model; {preset} is the largest preset"
-    elif target <= sizes[0]:
-        preset, n_layer, n_embd, n_head = presets[0]
-        reasons["model"] = f"{total:,} training tokens x {MAX_EPOCHS} epochs / {TOKENS_PER_PARAM} tokens per parameter is below the smallest preset"
-    else:
-        i = min(range(len(sizes)), key=lambda k: abs(math.log2(sizes[k] / target)))
-        if abs(math.log2(sizes[i] / target)) <= 1:
-            preset, n_layer, n_embd, n_head = presets[i]
-            reasons["model"] = (
-                f"~{TOKENS_PER_PARAM} tokens per parameter over up to {MAX_EPOCHS} epochs suggests "
-                f"~{target / 1e6:.1f}M parameters; {preset} has {sizes[i] / 1e6:.1f}M"
-            )
-        else:
-            n_layer = max(2, round((target / (12 * 64 * 64)) ** (1 / 3)))  # width = 64 * depth
-            n_embd, n_head, preset = 64 * n_layer, n_layer, "custom"
-            reasons["model"] = (
-                f"~{TOKENS_PER_PARAM} tokens per parameter over up to {MAX_EPOCHS} epochs suggests ~{target / 1e6:.1f}M "
-                f"parameters, between presets: n_layer {n_layer}, n_embd {n_embd} (nearest preset {presets[i][0]})"
-            )
-    params = body_params(n_layer, n_embd)
-
-    # epochs: enough passes to reach ~20 tokens per parameter, at most 4
-    want = TOKENS_PER_PARAM * params / total
-    if want > MAX_EPOCHS:
-        epochs = float(MAX_EPOCHS)
-        reasons["epochs"] = f"the model wants {want:.0f} passes for {TOKENS_PER_PARAM} tokens/parameter; more than {MAX_EPOCHS} mostly overfits (add dropout 0.1)"
-    else:
-        epochs = round(max(want, 1.0), 1) if want >= 1 else round(want, 2)
-        reasons["epochs"] = f"{epochs:g} {'pass gives' if epochs == 1 else 'passes give'} ~{TOKENS_PER_PARAM} training tokens per parameter"
-
-    # block size: a power of two covering 90% of documents, halved while windows are scarce
-    p90 = int(np.percentile(lens, 90)) + 1
-    block = min(max(_pow2_ceil(p90), MIN_BLOCK), MAX_BLOCK)
-    why = f"smallest power of two >= the 90th-percentile document ({p90:,} tokens)"
-    if _pow2_ceil(p90) > MAX_BLOCK:
-        why = f"90th-percentile document is {p90:,} tokens; {MAX_BLOCK} is the largest block these model sizes use"
-    elif _pow2_ceil(p90) < MIN_BLOCK:
-        why = f"documents are short (90th percentile {p90} tokens); {MIN_BLOCK} packs several per window"
-    while block > MIN_BLOCK and total / block < MIN_WINDOWS:
-        block //= 2
-        why = f"halved to {block} so {total:,} training tokens give at least {MIN_WINDOWS:,} windows"
-    reasons["block_size"] = why
-
-    # stride: overlap where data is scarce (repeated epochs), none where plentiful
-    if epochs > 1:
-        stride = block // 2
-        reasons["stride"] = "data is scarce (more than one epoch): 50% overlap gives more distinct contexts"
-    else:
-        stride = block
-        reasons["stride"] = "data is plentiful (one epoch or less): no overlap, every token seen once per epoch"
-
-    # vocabulary: grows with the data, but the embeddings should not outweigh the blocks
-    by_data = 4096 if total_bytes < 2e6 else 8192 if total_bytes < 2e7 else 16384 if total_bytes < 2e8 else 32768
-    by_model = max(1024, 1 << int(math.log2(max(params // n_embd, 1))))
-    vocab = min(by_data, by_model)
-    reasons["vocab_size"] = (
-        f"{total_bytes / 1e6:.1f} MB of text supports ~{by_data:,} tokens"
-        + (f"; capped at {vocab:,} so embeddings ({vocab:,} x {n_embd}) stay under the blocks' size" if vocab < by_data else "")
-    )
-
-    windows = expected_windows(lens.tolist(), block, stride)
-    reasons["windows"] = f"{lens.size:,} documents cut into {block + 1}-token examples, stride {stride}"
-    return Recommendation(block, stride, preset, n_layer, n_embd, n_head, params, epochs, vocab, windows, reasons)
 
 
 # ---------------------------------------------------------------- reporting
@@ -287,7 +164,7 @@ def length_summary(lengths: Sequence[int]) -> dict[str, float]:
     }
 
 
-def report(stats: CorpusStats, rec: Recommendation) -> dict:
+def report(stats: CorpusStats, rec: Any) -> dict:
     """The --json document (documented in docs/FORMATS.md)."""
     d = {k: v for k, v in asdict(stats).items() if k != "lengths"}
     d["seconds"] = round(stats.seconds, 3)
@@ -305,7 +182,7 @@ LABELS = {
 }
 
 
-def summary_lines(stats: CorpusStats, rec: Recommendation, lang: str = "es") -> list[str]:
+def summary_lines(stats: CorpusStats, rec: Any, lang: str = "es") -> list[str]:
     """The three summary lines of the original tool, in Spanish or English."""
     if lang not in LABELS:
         raise MiniLLMError(f"--lang {lang!r}: use es or en")
@@ -320,7 +197,7 @@ def summary_lines(stats: CorpusStats, rec: Recommendation, lang: str = "es") -> 
     ]
 
 
-def render_table(stats: CorpusStats, rec: Recommendation):
+def render_table(stats: CorpusStats, rec: Any):
     """A rich Table of the statistics and the recommendations with their reasons."""
     from rich.table import Table
 

@@ -77,6 +77,7 @@ class RunSpec:
     tensorboard: bool = False  # write TensorBoard event files to OUTDIR/tb
     started: float = 0.0  # time.time() when the command started (--max-time counts from it); 0 = train()'s call
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
+    record: dict[str, Any] = field(default_factory=dict)  # more config.json sections (``--config auto``: the plan)
 
 
 # this rank's data for a TrainConfig asking for the validation windows of all ranks; rank 0 calls it first
@@ -107,7 +108,7 @@ class Job:
 
 def train(spec: RunSpec, mcfg: ModelConfig, tcfg: TrainConfig) -> dict[str, Any]:
     """Set up and run one training run (one process, or each rank of a ``torchrun`` run); returns the summary."""
-    job = Job(data=corpus_data(spec, mcfg.block_size), model_config=_vocab_of, model=_new_model)
+    job = Job(data=corpus_data(spec, mcfg.block_size), model_config=_vocab_of, model=_new_model, record=spec.record)
     mcfg = dataclasses.replace(mcfg, vocab_size=pad_vocab(load_tokenizer(spec.tokenizer).get_vocab_size()))
     with distributed.session(tcfg.device) as dist, setup_run(spec, mcfg, tcfg, job, dist) as (ctx, state):
         return fit(ctx, state)

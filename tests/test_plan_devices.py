@@ -1,0 +1,84 @@
+"""The device table: speeds from measured shares of the peak, the step-time floor, the budget's training
+seconds, the compiled-memory fit against the measured peaks it came from, and finding a device's entry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from minillm.config import PRESETS, ModelConfig
+from minillm.errors import UsageError
+from minillm.plan.devices import (
+    DEVICES,
+    GIB,
+    compiled_memory,
+    detect,
+    device_named,
+    interpolate,
+    parse_memory,
+)
+
+H100 = DEVICES["h100"]
+
+
+def preset(name: str, vocab: int) -> ModelConfig:
+    return ModelConfig(**{**PRESETS[name]["model"], "vocab_size": vocab})
+
+
+def test_interpolate_is_linear_in_log_x_and_flat_beyond_the_ends():
+    pts = ((100, 1.0), (400, 3.0))
+    assert interpolate(pts, 200) == pytest.approx(2.0)
+    assert interpolate(pts, 10) == 1.0 and interpolate(pts, 10_000) == 3.0 and interpolate(pts, 400) == 3.0
+
+
+@pytest.mark.parametrize("name, batch, vocab, measured_gib", [
+    ("small", 256, 32000, 8.22), ("medium", 128, 32000, 12.35), ("large", 64, 32000, 19.25),
+    ("gpt2-124m", 32, 50304, 15.07)])
+def test_compiled_memory_is_within_5_percent_of_the_peaks_it_was_fitted_to(name, batch, vocab, measured_gib):
+    """docs/BENCHMARKS.md, Training throughput session 3 (one H200, compiled, AdamW, torch.cuda peak)."""
+    assert compiled_memory(preset(name, vocab), batch) / GIB == pytest.approx(measured_gib, rel=0.05)
+
+
+def test_tokens_per_s_matches_the_measured_small_and_medium_speeds():
+    """docs/BENCHMARKS.md, Training throughput (H100, AdamW): small 2.43M, medium 1.48-1.57M tokens/s."""
+    assert H100.tokens_per_s(preset("small", 32000), "adamw", 256 * 256) == pytest.approx(2.43e6, rel=0.1)
+    assert H100.tokens_per_s(preset("medium", 32000), "adamw", 128 * 512) == pytest.approx(1.52e6, rel=0.1)
+    assert H100.tokens_per_s(preset("small", 32000), "muon", 256 * 256) < H100.tokens_per_s(preset("small", 32000),
+                                                                                            "adamw", 256 * 256)
+
+
+def test_a_small_model_is_limited_by_the_shortest_step():
+    tiny = ModelConfig(n_layer=2, n_embd=64, n_head=4, block_size=64, vocab_size=2048)
+    assert H100.tokens_per_s(tiny, "adamw", 1024) == pytest.approx(1024 / H100.min_step_s)
+    assert DEVICES["cpu"].tokens_per_s(tiny, "adamw", 1024) > 1024 / 1.0  # no floor on a CPU
+
+
+def test_train_seconds_leave_out_start_up_and_evaluations():
+    assert H100.train_seconds(H100.startup_s) == 0 and H100.train_seconds(10) == 0
+    assert H100.train_seconds(120) == pytest.approx((120 - H100.startup_s) * H100.train_share)
+
+
+def test_a_device_is_found_by_its_cuda_name_and_memory_can_be_given():
+    assert device_named("NVIDIA H100 80GB HBM3").name == "h100"
+    assert device_named("NVIDIA H200").name == "h200" and device_named("h200").memory > H100.memory
+    assert device_named("NVIDIA A100-SXM4-40GB", 40 * GIB) == dataclasses.replace(H100, memory=40 * GIB)
+    assert device_named("cpu") == DEVICES["cpu"]
+    with pytest.raises(UsageError, match="--device 'tpu'"):
+        device_named("tpu")
+
+
+def test_detect_cpu_and_a_cuda_plan_without_cuda_needs_its_memory():
+    import torch
+
+    assert detect("cpu").kind == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="--gpu-memory"):
+            detect("cuda")
+        assert detect("cuda", 24 * GIB).memory == 24 * GIB
+
+
+def test_parse_memory():
+    assert parse_memory("80GB") == 80 * GIB and parse_memory("24 GiB") == 24 * GIB and parse_memory("512MB") == 512 * 2**20
+    with pytest.raises(UsageError, match="--gpu-memory"):
+        parse_memory("lots")
