@@ -120,7 +120,7 @@ def analyze_corpus(
 def plan(
     corpus: Path = typer.Option(..., "--corpus", "-c", help="Corpus file to plan for (documents separated by --separator lines)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="Plan for this tokenizer.json (its vocabulary); without it the plan recommends a vocabulary and prints the init-tokenizer command."),
-    budget: str = typer.Option("10m", "--budget", help="Wall-clock budget of the whole training run, e.g. 90s, 2m, 1h (becomes train --max-time)."),
+    budget: str = typer.Option("5m", "--budget", help="Wall-clock budget of the whole training run, e.g. 90s, 2m, 1h (becomes train --max-time); the same default as analyze-corpus."),
     device: str = typer.Option("auto", "--device", help="Device to plan for: auto (CUDA when present), cuda, cuda:N, cpu, or a table entry (h100, h200)."),
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory the run may use, e.g. 80GB (default: the device's)."),
     write_config: Optional[Path] = typer.Option(None, "--write-config", help="Write the plan as a TOML file that `train --config FILE` runs unchanged."),
