@@ -530,30 +530,3 @@ def test_generate_names_a_fifo_prompt_file_or_adapter(tmp_path, runner, flag):
     r = runner.invoke(app, ["generate", "--ckpt", str(ckpt), "--device", "cpu", flag, str(fifo)])
     assert r.exit_code == 1, r.output
     assert f"{flag}: {fifo} is a FIFO" in r.stderr
-
-
-def test_signals_during_the_worker_pool_are_held_and_acted_on_between_its_calls():
-    """prepare-corpus's pool: a Ctrl-C (or SIGTERM) that lands inside multiprocessing's own locking left
-    Pool.terminate() waiting forever (seen once in CI). While the pool runs the signals are noted; they raise
-    where the pool is in a known state: at the next check, or on leaving the block."""
-    from minillm.corpus.prepare import _HeldSignals
-
-    terms = []
-    old_term = signal.signal(signal.SIGTERM, lambda s, f: terms.append(s))
-    try:
-        with _HeldSignals() as held:
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)  # delivered: noted, nothing raised here
-            assert held.noted == [signal.SIGINT, signal.SIGTERM]
-            with pytest.raises(KeyboardInterrupt):
-                held.act()
-            held.act()  # the SIGTERM: the handler from before runs
-            assert terms == [signal.SIGTERM]
-        with pytest.raises(KeyboardInterrupt):  # one noted at the end is acted on when the block is left
-            with _HeldSignals():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.05)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGTERM, old_term)

@@ -81,63 +81,15 @@ def _clean_stream(
 
     ctx = mp.get_context("spawn")  # no fork of a possibly threaded parent
     # workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the parent alone stops
-    # (leaving this block terminates them), so no worker prints a traceback. The parent's SIGINT and SIGTERM are
-    # held while the pool runs and acted on between its calls (_HeldSignals): one landing inside the pool's own
-    # locking left Pool.terminate() waiting forever (seen once in CI, with 2 workers under load)
-    with _HeldSignals() as held, ctx.Pool(workers, initializer=signal.signal,
-                                          initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+    # (leaving this block terminates them), so no worker prints a traceback
+    with ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         pending: deque = deque()
-
-        def result(r):
-            while True:
-                held.act()
-                try:
-                    return r.get(timeout=0.1)
-                except mp.TimeoutError:
-                    continue
-
         for b in batches:
-            held.act()
             pending.append(pool.apply_async(clean_batch, (b, opts, dedup, num_perm)))
             if len(pending) >= 2 * workers:
-                yield result(pending.popleft())
+                yield pending.popleft().get()
         while pending:
-            yield result(pending.popleft())
-
-
-class _HeldSignals:
-    """While active (main thread only), SIGINT and SIGTERM are noted instead of acted on; ``act()`` then calls the
-    handler each would have run (KeyboardInterrupt, or the CLI's SIGTERM handler), and leaving the block does too
-    if one is still noted, unless an exception is already on its way."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.noted: list[int] = []
-        self.old: dict[int, object] = {}
-
-    def __enter__(self) -> _HeldSignals:
-        try:
-            self.old = {s: signal.signal(s, lambda signum, frame: self.noted.append(signum)) for s in self.SIGNALS}
-        except ValueError:  # not the main thread: signals are not ours to handle
-            self.old = {}
-        return self
-
-    def act(self) -> None:
-        if not self.noted:
-            return
-        signum = self.noted.pop(0)
-        handler = self.old.get(signum)
-        if callable(handler):
-            handler(signum, None)
-        if signum == signal.SIGINT or handler == signal.SIG_DFL:
-            raise KeyboardInterrupt
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        for s, h in self.old.items():
-            signal.signal(s, h)
-        if exc_type is None:
-            self.act()
+            yield pending.popleft().get()
 
 
 class _NearDedup:
