@@ -4,11 +4,18 @@ init-tokenizer (train a tokenizer on a corpus)."""
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from minillm.errors import MiniLLMError, UsageError
+
+# the options analyze-corpus and plan share (its recommendations are the plan: the same question, one declaration)
+CORPUS_SEPARATOR: Any = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line.")
+PLAN_BUDGET: Any = typer.Option("5m", "--budget", help="Wall-clock budget of the whole training run the plan is for, "
+                                                         "e.g. 90s, 5m, 1h (becomes train --max-time).")
+PLAN_DEVICE: Any = typer.Option("auto", "--device", help="Device to plan for: auto (CUDA when present), cuda, cuda:N, "
+                                                           "cpu, or a table entry (h100, h200).")
 
 
 def plural(n: int, noun: str) -> str:
@@ -79,11 +86,11 @@ def prepare_corpus(
 def analyze_corpus(
     corpus: Path = typer.Option(..., "--corpus", "-c", help="Corpus file to analyze (documents separated by --separator lines)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="tokenizer.json for exact token counts; without it tokens are estimated as bytes / 4."),
-    separator: str = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line."),
+    separator: str = CORPUS_SEPARATOR,
     lang: str = typer.Option("en", "--lang", help="Language of the summary lines: en or es."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a histogram of document lengths to this PNG file."),
-    budget: str = typer.Option("5m", "--budget", help="Training time the recommendations plan for, e.g. 90s, 5m, 1h (as `minillm plan`)."),
-    device: str = typer.Option("auto", "--device", help="Device the recommendations plan for: auto, cuda, cuda:N, cpu, h100, h200."),
+    budget: str = PLAN_BUDGET,
+    device: str = PLAN_DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Report corpus statistics and recommend block size, stride, model size, epochs and vocabulary (the plan
@@ -120,12 +127,12 @@ def analyze_corpus(
 def plan(
     corpus: Path = typer.Option(..., "--corpus", "-c", help="Corpus file to plan for (documents separated by --separator lines)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", "-t", help="Plan for this tokenizer.json (its vocabulary); without it the plan recommends a vocabulary and prints the init-tokenizer command."),
-    budget: str = typer.Option("5m", "--budget", help="Wall-clock budget of the whole training run, e.g. 90s, 2m, 1h (becomes train --max-time); the same default as analyze-corpus."),
-    device: str = typer.Option("auto", "--device", help="Device to plan for: auto (CUDA when present), cuda, cuda:N, cpu, or a table entry (h100, h200)."),
+    budget: str = PLAN_BUDGET,
+    device: str = PLAN_DEVICE,
     gpu_memory: Optional[str] = typer.Option(None, "--gpu-memory", help="Memory the run may use, e.g. 80GB (default: the device's)."),
     write_config: Optional[Path] = typer.Option(None, "--write-config", help="Write the plan as a TOML file that `train --config FILE` runs unchanged."),
     measure: bool = typer.Option(False, "--measure", help="Time a few eager training steps here (seconds) instead of using the table of measured speeds (on a GPU the compiled run is faster: a lower bound)."),
-    separator: str = typer.Option("<|doc|>", "--separator", help="The corpus's document separator line."),
+    separator: str = CORPUS_SEPARATOR,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
 ) -> None:
     """Plan a run: the model, vocabulary and settings to train on a corpus, a device and a time budget."""

@@ -131,7 +131,6 @@ class TrainContext:
     on_save: CheckpointHook | None = None
     startup: dict[str, float] = field(default_factory=dict)  # time.time() when each start-up phase ended
 
-
     def reducer(self, op: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """``reduce(t)``: ``t`` reduced in place over the ranks with ``op``; None for one process."""
         if not self.dist.enabled:
@@ -209,11 +208,10 @@ def startup_breakdown(marks: dict[str, float], first_step_end: float) -> dict[st
     batches), model (build, optimizers, restore), first_step (its compilation included), and total."""
     if "start" not in marks:
         return {}
-    ends = [marks.get(p) for p in START_PHASES]
     out, prev = {}, marks["start"]
-    for name, end in zip(START_PHASES, ends, strict=True):
-        if end is not None:
-            out[f"{name}_s"], prev = round(end - prev, 2), end
+    for name in START_PHASES:
+        if name in marks:
+            out[f"{name}_s"], prev = round(marks[name] - prev, 2), marks[name]
     out["first_step_s"] = round(first_step_end - prev, 2)
     out["total_s"] = round(first_step_end - marks["start"], 2)
     return out
