@@ -67,6 +67,12 @@ def estimate_memory(cfg: ModelConfig, batch_size: int, precision: str = "bf16", 
     return out
 
 
+def background_compile_room(est: dict[str, int]) -> int:
+    """Bytes a single-GPU ``--compile auto`` run needs to compile in the background (``estimate_memory``'s
+    figures): room for a second copy of the model's step beside the run's own, the optimizer state once."""
+    return 2 * (est["params"] + est["grads"] + est["activations"]) + est["optimizer"]
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes a run on ``device`` can use: the GPU's free memory, or the host's available memory (capped by a
     cgroup v2 limit); None when unknown (no check is made)."""

@@ -343,7 +343,7 @@ def _background_compile(model: nn.Module, tcfg: TrainConfig, run: _Run, data: Ru
     est = memory.estimate_memory(model.cfg, tcfg.batch_size, "fp32" if run.dtype == torch.float32 else "bf16",
                                  tcfg.optimizer)
     avail = memory.available_memory(run.device) or 0
-    if avail < 2 * (est["params"] + est["grads"] + est["activations"]) + est["optimizer"]:
+    if avail < memory.background_compile_room(est):
         run.log.event("compiling before the first step (too little GPU memory to compile beside the first steps)")
         return None
     return background_warmup(model, tcfg, run.device, run.dtype, data.doc_id)
