@@ -138,3 +138,23 @@ def test_fused_projections_capture_and_replay_on_cuda():
     m = varied_model(dtype=torch.float32).cuda()
     ref = runs(m, CASES["default"], "static", 1, "cuda", fused=True)
     assert runs(m, CASES["default"], "graph", 16, "cuda", fused=True) == ref
+
+
+def test_a_chunk_whose_top_k_ties_past_the_margin_is_redone_with_the_one_step_tokens(monkeypatch):
+    """Every token's output row equal: all logits tie, top-k's candidates cannot decide, the chunk is redone
+    eagerly with the host check, and the tokens (and the generator after) are the one-step loop's."""
+    m = varied_model(vocab_size=128)
+    with torch.no_grad():
+        m.lm_head.weight.copy_(m.lm_head.weight[5].clone())
+    redone = []
+    body = StepChunk.body
+    monkeypatch.setattr(StepChunk, "body", lambda self, g, unsure=None: (redone.append(unsure is None),
+                                                                         body(self, g, unsure)))
+    s = Sampling(temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.1)
+    got = []
+    for chunk in (1, 8):
+        g = torch.Generator().manual_seed(5)
+        got.append(([c.tokens for c in generate_batch(m, PROMPTS[:2], 30, sampling=s, generator=g, mode="static",
+                                                      chunk=chunk)], g.get_state()))
+    assert got[0][0] == got[1][0] and torch.equal(got[0][1], got[1][1])
+    assert len(set(got[0][0][0])) > 5 and redone.count(True) >= 3

@@ -40,7 +40,10 @@ class StepChunk:
     ``graphed`` (CUDA): the first call runs eagerly on a side stream (warm-up), the second captures the k steps as
     one CUDA graph and every call replays it. The graph draws from a generator of its own, registered with it; the
     caller's generator hands its state over before a replay and takes it back after, so the graph serves any
-    generator and the random numbers are the ones the eager loop would draw."""
+    generator and the random numbers are the ones the eager loop would draw. Inside a chunk, sampling does not
+    check on the host whether top-k's candidates decided top-p exactly (``sample_next_token``'s ``unsure``): a
+    chunk where one could not (ties at the k-th logit past the margin, rare) is run again eagerly from its inputs
+    and the same generator state, with the host check, so the tokens are the eager loop's."""
 
     def __init__(self, step: Callable, cache, k: int, sampling: Sampling, stop_id: int | None, vocab: int,
                  graphed: bool):
@@ -53,15 +56,16 @@ class StepChunk:
         self.offsets = torch.zeros(B, dtype=torch.long, device=dev)
         self.key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
         self.out = torch.zeros(B, k, dtype=torch.long, device=dev)
+        self.unsure = torch.zeros(B, dtype=torch.bool, device=dev)
         self.own = torch.Generator(dev) if graphed and sampling.temperature > 0 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
 
-    def body(self, generator: torch.Generator | None) -> None:
+    def body(self, generator: torch.Generator | None, unsure: Tensor | None = None) -> None:
         s, logits = self.sampling, self.logits
         for i in range(self.k):
             nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty,
-                                    generator=generator, seen=self.seen)  # (B,)
+                                    generator=generator, seen=self.seen, unsure=unsure)  # (B,)
             self.out[:, i] = nxt.masked_fill(self.done, PAD)
             if self.stop_id is not None:
                 self.done |= nxt == self.stop_id
@@ -72,13 +76,13 @@ class StepChunk:
 
     def run(self, generator: torch.Generator | None) -> None:
         if not self.graphed:
-            return self.body(generator)
+            return self.body(generator, self.unsure)
         if self.graph is None and self.calls < 1:  # warm-up: a real chunk, run eagerly
             self.calls += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.body(generator)
+                self.body(generator, self.unsure)
             torch.cuda.current_stream().wait_stream(side)
             return None
         if self.graph is None:
@@ -86,7 +90,7 @@ class StepChunk:
             if self.own is not None:
                 graph.register_generator_state(self.own)
             with torch.cuda.graph(graph):
-                self.body(self.own)
+                self.body(self.own, self.unsure)
             self.graph = graph
         if self.own is not None:
             self.own.set_state(generator.get_state())
@@ -98,18 +102,33 @@ class StepChunk:
     def __call__(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
                  key_valid: Tensor, generator: torch.Generator | None) -> list[list[int]]:
         """Decode k tokens per row from ``logits`` (B, V); ``logits`` and ``seen`` are updated in place."""
+        state = generator.get_state() if self.sampling.temperature > 0 else None
+        self.load(logits, seen, active, slot, offsets, key_valid)
+        self.run(generator)
+        rows = torch.cat([self.out, self.unsure[:, None]], 1).tolist()  # the one read-back: (B, k) tokens, unsure
+        unsure = [r.pop() for r in rows]
+        if any(unsure):  # redo the chunk eagerly, with the host check
+            if state is not None:
+                generator.set_state(state)
+            self.load(logits, seen, active, slot, offsets, key_valid)
+            self.body(generator)
+            rows = self.out.tolist()
+        logits.copy_(self.logits)
+        if seen is not None:
+            seen.copy_(self.seen)
+        return rows
+
+    def load(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
+             key_valid: Tensor) -> None:
+        """Copy a chunk's inputs into the static buffers."""
         self.logits.copy_(logits)
         if seen is not None:
             self.seen.copy_(seen)
         self.done.copy_(torch.tensor([not a for a in active]))
+        self.unsure.zero_()
         self.slot.fill_(slot)
         self.offsets.copy_(offsets)
         self.key_valid.copy_(key_valid)
-        self.run(generator)
-        logits.copy_(self.logits)
-        if seen is not None:
-            seen.copy_(self.seen)
-        return self.out.tolist()
 
 
 def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop_id: int | None) -> StepChunk:
