@@ -16,6 +16,7 @@ ends inside a chunk the generator is rewound to where the one-step loop would ha
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from minillm.errors import MiniLLMError
-from minillm.generation.sampling import Sampling, sample_next_token, skip_draws
-from minillm.generation.static import MAX_DECODERS, GraphedStep, _Decoder, slide_keep
+from minillm.generation.sampling import Sampling, noise_like, sample_next_token, skip_draws
+from minillm.generation.static import MAX_DECODERS, GraphedStep, _Decoder, slide_keep, step_module
 
 DECODE_CHUNK = 16  # generate's --decode-chunk: decode steps per CUDA-graph replay and host read-back
 PAD = -1  # what a chunk emits for a row after its stop token
@@ -43,10 +44,15 @@ class StepChunk:
     generator and the random numbers are the ones the eager loop would draw. Inside a chunk, sampling does not
     check on the host whether top-k's candidates decided top-p exactly (``sample_next_token``'s ``unsure``): a
     chunk where one could not (ties at the k-th logit past the margin, rare) is run again eagerly from its inputs
-    and the same generator state, with the host check, so the tokens are the eager loop's."""
+    and the same generator state, with the host check, so the tokens are the eager loop's.
+
+    ``compiled`` (``--compile on``): each step's work (sampling, bookkeeping, the decode step: ``token``) runs as one
+    torch.compile'd function (inductor: fused kernels; no cudagraphs of its own, the k steps are captured here),
+    compiled in the first call; only the random numbers are drawn outside it (inductor's would not be
+    ``torch.multinomial``'s). Its fused arithmetic rounds differently from the eager step's."""
 
     def __init__(self, step: Callable, cache, k: int, sampling: Sampling, stop_id: int | None, vocab: int,
-                 graphed: bool):
+                 graphed: bool, compiled: bool = False):
         B, dev = cache.batch_size, cache.k.device
         self.step, self.k, self.sampling, self.stop_id, self.graphed = step, k, sampling, stop_id, graphed
         self.logits = torch.zeros(B, vocab, device=dev)
@@ -57,32 +63,46 @@ class StepChunk:
         self.key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
         self.out = torch.zeros(B, k, dtype=torch.long, device=dev)
         self.unsure = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.i = torch.zeros(1, dtype=torch.long, device=dev)  # the step within the chunk
+        self.token = torch.compile(own_code(self.token_step), fullgraph=True, dynamic=False) if compiled else self.token_step
         self.own = torch.Generator(dev) if graphed and sampling.temperature > 0 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
 
-    def body(self, generator: torch.Generator | None, unsure: Tensor | None = None) -> None:
-        s, logits = self.sampling, self.logits
-        for i in range(self.k):
-            nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty,
-                                    generator=generator, seen=self.seen, unsure=unsure)  # (B,)
-            self.out[:, i] = nxt.masked_fill(self.done, PAD)
-            if self.stop_id is not None:
-                self.done |= nxt == self.stop_id
-            if self.seen is not None:
-                self.seen.scatter_(1, nxt[:, None], True)
-            logits = self.step(nxt[:, None], self.slot + i, self.offsets, self.key_valid)  # (B, V)
+    def token_step(self, logits: Tensor, noise: Tensor | None, unsure: Tensor | None) -> Tensor:
+        """Step ``i`` of the chunk: sample from ``logits`` (B, V) with ``noise`` (Exp(1), or None when greedy),
+        record the token, mark it seen, end rows at the stop token, decode it -> the next logits (B, V)."""
+        s = self.sampling
+        nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, seen=self.seen,
+                                unsure=unsure, noise=noise)  # (B,)
+        self.out.index_copy_(1, self.i, nxt.masked_fill(self.done, PAD)[:, None])
+        if self.stop_id is not None:
+            self.done |= nxt == self.stop_id
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], True)
+        logits = self.step(nxt[:, None], self.slot + self.i, self.offsets, self.key_valid)  # (B, V)
+        self.i += 1
+        return logits
+
+    def body(self, generator: torch.Generator | None, redo: bool = False) -> None:
+        """The k steps; ``redo``: eagerly, with sampling's host check (see the class)."""
+        token, unsure = (self.token_step, None) if redo else (self.token, self.unsure)
+        logits = self.logits
+        self.i.zero_()
+        for _ in range(self.k):
+            noise = noise_like(logits, generator) if self.sampling.temperature > 0 else None
+            logits = token(logits, noise, unsure)
         self.logits.copy_(logits)
 
     def run(self, generator: torch.Generator | None) -> None:
         if not self.graphed:
-            return self.body(generator, self.unsure)
+            return self.body(generator)
         if self.graph is None and self.calls < 1:  # warm-up: a real chunk, run eagerly
             self.calls += 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self.body(generator, self.unsure)
+                self.body(generator)
             torch.cuda.current_stream().wait_stream(side)
             return None
         if self.graph is None:
@@ -90,7 +110,7 @@ class StepChunk:
             if self.own is not None:
                 graph.register_generator_state(self.own)
             with torch.cuda.graph(graph):
-                self.body(self.own, self.unsure)
+                self.body(self.own)
             self.graph = graph
         if self.own is not None:
             self.own.set_state(generator.get_state())
@@ -111,7 +131,7 @@ class StepChunk:
             if state is not None:
                 generator.set_state(state)
             self.load(logits, seen, active, slot, offsets, key_valid)
-            self.body(generator)
+            self.body(generator, redo=True)
             rows = self.out.tolist()
         logits.copy_(self.logits)
         if seen is not None:
@@ -131,18 +151,27 @@ class StepChunk:
         self.key_valid.copy_(key_valid)
 
 
+def own_code(method: Callable) -> Callable:
+    """A bound ``method`` with a code object of its own: torch.compile keeps its compilations per code object (at most
+    8, then it fails under ``fullgraph``), so each ``StepChunk`` compiles its own shapes apart from the others'."""
+    f = method.__func__
+    fn = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(fn, method.__self__)
+
+
 def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop_id: int | None) -> StepChunk:
     """The ``StepChunk`` of this decoder's static step, built (and captured) once and kept on the model with the
     static decoders (``model.decoders``), for every later ``generate_batch`` of the same shape and settings."""
     c = dec.cache
     key = ("chunk", c.batch_size, c.max_len, dec.mode, dec.dtype, dec.device, k, sampling, stop_id, dec.fused)
     hit = model.decoders.get(key)
-    if hit is None or hit.step is not raw_step(dec.static):
+    compiled = dec.mode == "compiled"  # the chunk compiles its steps itself, around the plain static step
+    step = step_module(dec.static) if compiled else raw_step(dec.static)
+    if hit is None or hit.step is not step:
         if len(model.decoders) >= MAX_DECODERS:
             model.decoders.clear()
         graphed = dec.mode in ("graph", "compiled") and dec.device.type == "cuda"
-        hit = model.decoders[key] = StepChunk(raw_step(dec.static), c, k, sampling, stop_id, model.cfg.vocab_size,
-                                              graphed)
+        hit = model.decoders[key] = StepChunk(step, c, k, sampling, stop_id, model.cfg.vocab_size, graphed, compiled)
     return hit
 
 

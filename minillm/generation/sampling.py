@@ -117,6 +117,7 @@ def sample_next_token(
     generator: torch.Generator | None = None,
     seen: Tensor | None = None,  # (B, V) bool, True for tokens in the context (instead of ``context``)
     unsure: Tensor | None = None,  # (B,) bool: see below
+    noise: Tensor | None = None,  # (B, V) the Exp(1) noise to draw with (``noise_like``), instead of ``generator``
 ) -> Tensor:  # (B,)
     """Pick the next token of each row. Temperature 0 is greedy and never touches the generator.
     Repetition penalty (CTRL): logits of tokens in the context are divided by it when positive and
@@ -134,7 +135,7 @@ def sample_next_token(
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    noise = noise_like(logits, generator)
+    noise = noise_like(logits, generator) if noise is None else noise
     if 0 < top_k < logits.size(-1) and top_p < 1.0:
         kept, rows = nucleus_top_k(logits, top_k, top_p)
         if unsure is not None:
