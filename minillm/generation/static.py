@@ -21,7 +21,8 @@ def slide_keep(block: int) -> int:
 
 def decode_mode(device: torch.device, compile: str) -> str:
     """The decode step for ``--compile``: auto = the static step replayed as a CUDA graph on CUDA (no compile
-    wait) and plain PyTorch elsewhere; on = torch.compile'd too (a longer start, see docs/BENCHMARKS.md); off =
+    wait) and plain PyTorch elsewhere; on = torch.compile'd too (each step of a ``StepChunk``, sampling included; a longer first start, then
+    cached kernels: docs/GENERATION.md); off =
     plain PyTorch (``GPT.forward`` with the KV cache)."""
     if compile not in ("auto", "on", "off"):
         raise UsageError(f"--compile: {compile!r} is not one of auto, on, off")
