@@ -16,7 +16,6 @@ ends inside a chunk the generator is rewound to where the one-step loop would ha
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from minillm.errors import MiniLLMError
 from minillm.generation.sampling import Sampling, noise_like, sample_next_token, skip_draws
-from minillm.generation.static import MAX_DECODERS, GraphedStep, _Decoder, slide_keep, step_module
+from minillm.generation.static import MAX_DECODERS, Compiled, GraphedStep, _Decoder, slide_keep, step_module
 
 DECODE_CHUNK = 16  # generate's --decode-chunk: decode steps per CUDA-graph replay and host read-back
 PAD = -1  # what a chunk emits for a row after its stop token
@@ -64,7 +63,7 @@ class StepChunk:
         self.out = torch.zeros(B, k, dtype=torch.long, device=dev)
         self.unsure = torch.zeros(B, dtype=torch.bool, device=dev)
         self.i = torch.zeros(1, dtype=torch.long, device=dev)  # the step within the chunk
-        self.token = torch.compile(own_code(self.token_step), fullgraph=True, dynamic=False) if compiled else self.token_step
+        self.token = Compiled(self.token_step) if compiled else self.token_step
         self.own = torch.Generator(dev) if graphed and sampling.temperature > 0 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
@@ -149,14 +148,6 @@ class StepChunk:
         self.slot.fill_(slot)
         self.offsets.copy_(offsets)
         self.key_valid.copy_(key_valid)
-
-
-def own_code(method: Callable) -> Callable:
-    """A bound ``method`` with a code object of its own: torch.compile keeps its compilations per code object (at most
-    8, then it fails under ``fullgraph``), so each ``StepChunk`` compiles its own shapes apart from the others'."""
-    f = method.__func__
-    fn = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    return types.MethodType(fn, method.__self__)
 
 
 def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop_id: int | None) -> StepChunk:
