@@ -3,6 +3,7 @@ candidates decides as the sort of the whole vocabulary does."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minillm.generation.sampling import draw, sample_next_token, skip_draws
@@ -78,3 +79,14 @@ def test_sampled_tokens_equal_the_full_sort_s():
     got = torch.stack([sample_next_token(logits, 0.8, 50, 0.95, generator=a) for _ in range(50)])
     want = torch.stack([reference_token(logits, 0.8, 50, 0.95, b) for _ in range(50)])
     assert torch.equal(got, want) and len(set(got[:, 0].tolist())) > 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_top_k_candidates_decide_as_the_full_sort_on_cuda():
+    """CUDA's topk and sorts, a 32,000-token vocabulary, bf16-rounded logits (ties): the same kept logits."""
+    from minillm.generation.sampling import nucleus_sorted, nucleus_top_k
+
+    logits = (torch.randn(64, 32000, generator=torch.Generator().manual_seed(3)) * 2).bfloat16().float().cuda()
+    for k, p in [(50, 0.95), (5, 0.5), (1, 0.9)]:
+        kept, unsure = nucleus_top_k(logits, k, p)
+        assert not unsure.any() and torch.equal(kept, nucleus_sorted(logits, k, p))

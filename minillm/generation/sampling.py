@@ -103,8 +103,8 @@ def nucleus_top_k(logits: Tensor, top_k: int, top_p: float) -> tuple[Tensor, Ten
     in_k = vals >= kth
     probs = torch.softmax(vals.masked_fill(~in_k, float("-inf")), dim=-1)
     keep = in_k & ((torch.cumsum(probs, dim=-1) - probs) < top_p)
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, idx, keep)
-    return logits.masked_fill(~keep, float("-inf")), unsure
+    kept = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals.masked_fill(~keep, float("-inf")))
+    return kept, unsure
 
 
 def sample_next_token(
