@@ -4,15 +4,22 @@ and the teacher-forced loss of the bf16 decode step against fp32 on a model trai
 
     python scripts/bench_generate.py                       # all of it on a CUDA GPU (about 5 minutes on an H100)
     python scripts/bench_generate.py --config tiny --device cpu --vocab 512 --no-hf --no-train   # smoke test
+    # issue 22's rows: the compiled decoder against today's default, and the transformers row
+    python scripts/bench_generate.py --no-train --dtypes bf16 --decoders graphKf,graphKc --repeats 2 \\
+        --only "large default batch 1,large greedy batch 1,large default batch 32,small default batch 1,HF large default"
 
 Decode rows: for each --configs preset (random weights, vocab --vocab) and --dtypes, each --sampling setting
 (default = generate's defaults: temperature 0.8, top-k 50, top-p 0.95, repetition penalty 1.1; greedy = argmax,
 no penalty), each --decoders entry (graph1: one token per CUDA-graph replay and read-back, the decoder before
 issue 22; graphK: --chunk tokens per replay, sampling on the GPU; graphKf: graphK decoding with each layer's q/k/v
-and gate/up projections concatenated, three matrix products fewer a layer; on CPU the static step run eagerly), at
+and gate/up projections concatenated, three matrix products fewer a layer; on CPU the static step run eagerly;
+graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on), at
 batch 1 (one --prompt-len prompt) and --batch prompts batched (random lengths in [prompt-len/4, prompt-len]):
 --new-tokens each, no stop token, so every run makes exactly that many. Each row runs once untimed (CUDA-graph capture,
-warm-up), then --repeats times; the median is reported. A preset whose block is shorter than prompt + new tokens
+warm-up), then --repeats times; the median is reported. graphKc rows are followed by a "warm_start" line: the
+first run's seconds again with the compiled kernels cached (dynamo's caches reset, the inductor cache kept, as a
+second ``generate --compile on`` would start); their ``first_run_s`` is cold when --compile-cache is new (the default: a
+temporary directory). --only picks rows by the words of their names. A preset whose block is shorter than prompt + new tokens
 slides (re-encodes its context) as generate does: `small` (block 256) does every 64 tokens at these settings.
 
 Hugging Face rows (last; --hf-configs, batch 1): ``LlamaForCausalLM`` of the same shape, random weights, static cache
@@ -93,8 +100,32 @@ def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tu
     """Decoder name -> (generate_batch's mode, chunk, fused)."""
     k_mode = "graph" if device.type == "cuda" else "static"
     table = {"graph1": (decode_mode(device, "auto"), 1, False), "graphK": (k_mode, chunk, False),
-             "graphKf": (k_mode, chunk, True)}
+             "graphKf": (k_mode, chunk, True), "graphKc": ("compiled", chunk, True)}
     return {n: table[n] for n in names}
+
+
+def selected(name: str, only: str) -> bool:
+    """Whether the row ``name`` is asked for: --only is comma-separated patterns, each a few words that must all be
+    words of the name ('large default batch 1' picks every large batch-1 row with default sampling); empty: all."""
+    words = set(name.split())
+    return not only or any(set(p.split()) <= words for p in only.split(",") if p.strip())
+
+
+def warm_start(name: str, model: GPT, fn) -> dict:
+    """The seconds of ``fn``'s first run again with dynamo's caches reset and the compiled kernels cached, as a
+    later process would start (a compiled row ``name``)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model.decoders.clear()
+    device = next(model.parameters()).device
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    secs = time.perf_counter() - t0
+    print(f"{name:<52} warm start {secs:.2f} s", file=sys.stderr, flush=True)
+    return emit({"kind": "warm_start", "name": name, "seconds": round(secs, 2)})
 
 
 def decode_rows(args, device: torch.device) -> None:
@@ -111,6 +142,9 @@ def decode_rows(args, device: torch.device) -> None:
                 for dname, (mode, chunk, fused) in decoders(args.decoders.split(","), device, args.chunk).items():
                     for rows in (1, args.batch):
                         batch = [prompt] if rows == 1 else prompts
+                        name = f"{config} {dtype} {sname} {dname} batch {rows}"
+                        if not selected(name, args.only):
+                            continue
 
                         def run(model=model, batch=batch, sname=sname, mode=mode, chunk=chunk, fused=fused) -> int:
                             gen = torch.Generator(device).manual_seed(0)
@@ -118,10 +152,11 @@ def decode_rows(args, device: torch.device) -> None:
                                                  generator=gen, mode=mode, chunk=chunk, fused=fused)
                             return sum(len(c.tokens) for c in out)
 
-                        measure({"kind": "decode", "name": f"{config} {dtype} {sname} {dname} batch {rows}",
-                                 "config": config, "dtype": dtype, "sampling": sname, "decoder": dname, "mode": mode,
-                                 "chunk": chunk, "fused": fused, "batch": rows, "params": model.num_params()},
-                                run, device, args.repeats)
+                        measure({"kind": "decode", "name": name, "config": config, "dtype": dtype, "sampling": sname,
+                                 "decoder": dname, "mode": mode, "chunk": chunk, "fused": fused, "batch": rows,
+                                 "params": model.num_params()}, run, device, args.repeats)
+                        if mode == "compiled":
+                            warm_start(name, model, run)
 
 
 def hf_rows(args, device: torch.device) -> None:
@@ -153,8 +188,11 @@ def hf_rows(args, device: torch.device) -> None:
                                          pad_token_id=0, **kw)
                     return out.shape[1] - prompt.shape[1]
 
+                name = f"HF {config} {dtype} {sname} static cache batch 1"
+                if not selected(name, args.only):
+                    continue
                 try:
-                    measure({"kind": "hf", "name": f"HF {config} {dtype} {sname} static cache batch 1", "config": config,
+                    measure({"kind": "hf", "name": name, "config": config,
                              "dtype": dtype, "sampling": sname, "batch": 1, "transformers": transformers.__version__},
                             run, device, args.repeats)
                 except Exception as e:  # a transformers version without these options: say so, keep the rest
@@ -255,7 +293,12 @@ def main() -> None:
     ap.add_argument("--sampling", default="default,greedy", help="default (generate's), greedy; comma-separated")
     ap.add_argument("--decoders", default="graph1,graphK,graphKf",
                     help="graph1 (one token per replay), graphK (--chunk per replay), graphKf (graphK with the fused "
-                         "q/k/v and gate/up projections)")
+                         "q/k/v and gate/up projections), graphKc (graphKf torch.compile'd, --compile on: a compile per row, "
+                         "so not in the default)")
+    ap.add_argument("--only", default="", help="rows whose names hold all the words of one of these comma-separated "
+                                               "patterns, e.g. 'large default batch 1,HF large' (default: every row)")
+    ap.add_argument("--compile-cache", default="", help="inductor's cache for graphKc (TORCHINDUCTOR_CACHE_DIR; "
+                                                        "default a new temporary directory: cold compiles)")
     ap.add_argument("--chunk", type=int, default=DECODE_CHUNK, help="tokens per replay for graphK")
     ap.add_argument("--new-tokens", type=int, default=512, help="new tokens per prompt")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (the longest of the batch)")
@@ -278,6 +321,7 @@ def main() -> None:
           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
           "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "batch": args.batch, "chunk": args.chunk,
           "vocab": args.vocab, "command": " ".join(sys.argv)})
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.compile_cache or tempfile.mkdtemp(prefix="bench-inductor-")
     t0 = time.perf_counter()
     if not args.no_train:  # first: quick, and what the issue's acceptance needs besides speed
         work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-generate-"))

@@ -2,7 +2,8 @@
 """Where the time of one decode token goes (CUDA only): for each weight dtype (fp32, bf16) and CUDA-graph decode
 step (graph, compiled), the graph replay alone, the step call (inputs copied in), the step with greedy sampling
 and the host sync, and a whole ``generate_batch``; the same for --chunk tokens per replay (``StepChunk``, with
-generate's default sampling on the GPU): its replay alone and a whole ``generate_batch``, per token; then the
+generate's default sampling on the GPU): its replay alone (and its kernels) and a whole ``generate_batch``, per
+token (compiled: ``--compile on``'s compiled chunk steps); then the
 kernels of one eager static step (count, GPU time, the top kernels).
 
     python scripts/profile_decode.py                 # large preset, vocab 32,000, 512 new tokens
@@ -43,6 +44,16 @@ def per_call_ms(fn, n: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / n * 1e3
+
+
+def graph_kernels(graph: torch.cuda.CUDAGraph, n: int = 5) -> float:
+    """Kernels one replay of ``graph`` runs, as the profiler sees them (0 where it does not trace graph kernels)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            graph.replay()
+        torch.cuda.synchronize()
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()) / n
 
 
 def main() -> None:
@@ -88,13 +99,14 @@ def main() -> None:
                 runner = next(v for k, v in model.decoders.items() if isinstance(v, StepChunk) and k[3] == mode
                               and k[7] == sampling)
                 replay = per_call_ms(runner.graph.replay) / args.chunk
+                kernels = graph_kernels(runner.graph) / args.chunk
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 n = chunked()
                 torch.cuda.synchronize()
                 gen = (time.perf_counter() - t) / n * 1e3
-                print(f"{str(dtype):15} {mode:9} K={args.chunk} {sname:7} replay {replay:.3f} ms/token | generate "
-                      f"{gen:.3f} ms/token ({1e3 / gen:.0f} tokens/s)", flush=True)
+                print(f"{str(dtype):15} {mode:9} K={args.chunk} {sname:7} replay {replay:.3f} ms/token "
+                      f"({kernels:.0f} kernels) | generate {gen:.3f} ms/token ({1e3 / gen:.0f} tokens/s)", flush=True)
         cache = KVCache(mcfg, 1, 640, "cuda", dtype)
         cache.set_left_padding([0])
         eager = StaticDecodeStep(model, cache)

@@ -380,3 +380,20 @@ def test_greedy_logits_path_matches_full_forward_loss_sanity():
             logits.append(dec.step(torch.tensor([t])))
         full = m(torch.tensor([ids]))[0, 1:]  # (T-1, V)
         assert torch.allclose(F.log_softmax(torch.cat(logits), -1), F.log_softmax(full, -1), atol=1e-10)
+
+
+def test_cli_compile_on_gives_the_same_text_and_caches_its_kernels_in_minillm_s_cache(runner, run, monkeypatch,
+                                                                                      tmp_path):
+    import functools
+    import os
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # the tracing, no codegen
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = ("--prompt", "el", "--max-tokens", "40", "--temperature", "0")
+    plain = gen(runner, run, *args)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    compiled = gen(runner, run, *args, "--compile", "on")
+    assert compiled.exit_code == 0, compiled.output
+    assert compiled.stdout == plain.stdout and len(plain.stdout) > 20
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "minillm" / "torchinductor")

@@ -138,3 +138,54 @@ def test_fused_projections_capture_and_replay_on_cuda():
     m = varied_model(dtype=torch.float32).cuda()
     ref = runs(m, CASES["default"], "static", 1, "cuda", fused=True)
     assert runs(m, CASES["default"], "graph", 16, "cuda", fused=True) == ref
+
+
+def test_a_chunk_whose_top_k_ties_past_the_margin_is_redone_with_the_one_step_tokens(monkeypatch):
+    """Every token's output row equal: all logits tie, top-k's candidates cannot decide, the chunk is redone
+    eagerly with the host check, and the tokens (and the generator after) are the one-step loop's."""
+    m = varied_model(vocab_size=128)
+    with torch.no_grad():
+        m.lm_head.weight.copy_(m.lm_head.weight[5].clone())
+    redone = []
+    body = StepChunk.body
+    monkeypatch.setattr(StepChunk, "body", lambda self, g, redo=False: (redone.append(redo), body(self, g, redo)))
+    s = Sampling(temperature=0.8, top_k=10, top_p=0.9, repetition_penalty=1.1)
+    got = []
+    for chunk in (1, 8):
+        g = torch.Generator().manual_seed(5)
+        got.append(([c.tokens for c in generate_batch(m, PROMPTS[:2], 30, sampling=s, generator=g, mode="static",
+                                                      chunk=chunk)], g.get_state()))
+    assert got[0][0] == got[1][0] and torch.equal(got[0][1], got[1][1])
+    assert len(set(got[0][0][0])) > 5 and redone.count(True) >= 3
+
+
+def test_compiled_chunks_trace_whole_compile_once_and_give_the_recorded_tokens(models, monkeypatch):
+    """``--compile on``: each chunk step (sampling, bookkeeping, decode step) is one graph (``fullgraph``: no break),
+    compiled once per chunk shape (a recompile fails here), the tokens the recorded ones. Dynamo's eager backend
+    (the tracing without inductor's code generation, which the CUDA test below runs)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    counters.clear()
+    for case in ("greedy", "default"):
+        assert runs(models["gqa"], CASES[case], "compiled", 16) == RECORDED[f"gqa/{case}"]
+    assert counters["stats"]["unique_graphs"] >= 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_chunk_gives_the_eager_fp32_greedy_tokens_on_cuda(monkeypatch):
+    """inductor on CUDA, fp32: the compiled chunk steps captured in one CUDA graph give the greedy tokens of plain
+    PyTorch (``GPT.forward`` with the KV cache), capture and replay, and compile once per chunk shape."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    m = varied_model(dtype=torch.float32).cuda()
+    want = runs(m, CASES["greedy"], "eager", 1, "cuda")
+    counters.clear()
+    assert runs(m, CASES["greedy"], "compiled", 16, "cuda") == want
+    assert runs(m, CASES["greedy"], "compiled", 16, "cuda") == want  # the captured graphs replay
+    assert counters["stats"]["unique_graphs"] >= 2
+    assert any(isinstance(c, StepChunk) and c.graph is not None for c in m.decoders.values())

@@ -32,6 +32,16 @@ def test_bench_generate_runs_on_cpu_with_the_tiny_config():
     assert all(r["tokens"] == 20 * r["batch"] and r["tokens_per_s"] > 0 for r in decode)
 
 
+def test_bench_generate_only_runs_the_rows_named():
+    out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512", "--new-tokens",
+               "8", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train",
+               "--only", "greedy batch 1,bf16 default graphK batch 2")
+    names = [json.loads(line).get("name") for line in out.splitlines()]
+    assert sorted(n for n in names if n) == sorted(
+        [f"tiny {d} greedy {k} batch 1" for d in ("fp32", "bf16") for k in ("graph1", "graphK", "graphKf")]
+        + ["tiny bf16 default graphK batch 2"])
+
+
 def _load_bench_ddp():
     import importlib.util
 

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from minillm.errors import MiniLLMError
-from minillm.generation.sampling import Sampling, sample_next_token, skip_draws
-from minillm.generation.static import MAX_DECODERS, GraphedStep, _Decoder, slide_keep
+from minillm.generation.sampling import Sampling, noise_like, sample_next_token, skip_draws
+from minillm.generation.static import MAX_DECODERS, Compiled, GraphedStep, _Decoder, slide_keep, step_module
 
 DECODE_CHUNK = 16  # generate's --decode-chunk: decode steps per CUDA-graph replay and host read-back
 PAD = -1  # what a chunk emits for a row after its stop token
@@ -40,10 +40,18 @@ class StepChunk:
     ``graphed`` (CUDA): the first call runs eagerly on a side stream (warm-up), the second captures the k steps as
     one CUDA graph and every call replays it. The graph draws from a generator of its own, registered with it; the
     caller's generator hands its state over before a replay and takes it back after, so the graph serves any
-    generator and the random numbers are the ones the eager loop would draw."""
+    generator and the random numbers are the ones the eager loop would draw. Inside a chunk, sampling does not
+    check on the host whether top-k's candidates decided top-p exactly (``sample_next_token``'s ``unsure``): a
+    chunk where one could not (ties at the k-th logit past the margin, rare) is run again eagerly from its inputs
+    and the same generator state, with the host check, so the tokens are the eager loop's.
+
+    ``compiled`` (``--compile on``): each step's work (sampling, bookkeeping, the decode step: ``token``) runs as one
+    torch.compile'd function (inductor: fused kernels; no cudagraphs of its own, the k steps are captured here),
+    compiled in the first call; only the random numbers are drawn outside it (inductor's would not be
+    ``torch.multinomial``'s). Its fused arithmetic rounds differently from the eager step's."""
 
     def __init__(self, step: Callable, cache, k: int, sampling: Sampling, stop_id: int | None, vocab: int,
-                 graphed: bool):
+                 graphed: bool, compiled: bool = False):
         B, dev = cache.batch_size, cache.k.device
         self.step, self.k, self.sampling, self.stop_id, self.graphed = step, k, sampling, stop_id, graphed
         self.logits = torch.zeros(B, vocab, device=dev)
@@ -53,21 +61,36 @@ class StepChunk:
         self.offsets = torch.zeros(B, dtype=torch.long, device=dev)
         self.key_valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
         self.out = torch.zeros(B, k, dtype=torch.long, device=dev)
+        self.unsure = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.i = torch.zeros(1, dtype=torch.long, device=dev)  # the step within the chunk
+        self.token = Compiled(self.token_step) if compiled else self.token_step
         self.own = torch.Generator(dev) if graphed and sampling.temperature > 0 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
 
-    def body(self, generator: torch.Generator | None) -> None:
-        s, logits = self.sampling, self.logits
-        for i in range(self.k):
-            nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty,
-                                    generator=generator, seen=self.seen)  # (B,)
-            self.out[:, i] = nxt.masked_fill(self.done, PAD)
-            if self.stop_id is not None:
-                self.done |= nxt == self.stop_id
-            if self.seen is not None:
-                self.seen.scatter_(1, nxt[:, None], True)
-            logits = self.step(nxt[:, None], self.slot + i, self.offsets, self.key_valid)  # (B, V)
+    def token_step(self, logits: Tensor, noise: Tensor | None, unsure: Tensor | None) -> Tensor:
+        """Step ``i`` of the chunk: sample from ``logits`` (B, V) with ``noise`` (Exp(1), or None when greedy),
+        record the token, mark it seen, end rows at the stop token, decode it -> the next logits (B, V)."""
+        s = self.sampling
+        nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, seen=self.seen,
+                                unsure=unsure, noise=noise)  # (B,)
+        self.out.index_copy_(1, self.i, nxt.masked_fill(self.done, PAD)[:, None])
+        if self.stop_id is not None:
+            self.done |= nxt == self.stop_id
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], True)
+        logits = self.step(nxt[:, None], self.slot + self.i, self.offsets, self.key_valid)  # (B, V)
+        self.i += 1
+        return logits
+
+    def body(self, generator: torch.Generator | None, redo: bool = False) -> None:
+        """The k steps; ``redo``: eagerly, with sampling's host check (see the class)."""
+        token, unsure = (self.token_step, None) if redo else (self.token, self.unsure)
+        logits = self.logits
+        self.i.zero_()
+        for _ in range(self.k):
+            noise = noise_like(logits, generator) if self.sampling.temperature > 0 else None
+            logits = token(logits, noise, unsure)
         self.logits.copy_(logits)
 
     def run(self, generator: torch.Generator | None) -> None:
@@ -98,18 +121,33 @@ class StepChunk:
     def __call__(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
                  key_valid: Tensor, generator: torch.Generator | None) -> list[list[int]]:
         """Decode k tokens per row from ``logits`` (B, V); ``logits`` and ``seen`` are updated in place."""
+        state = generator.get_state() if self.sampling.temperature > 0 else None
+        self.load(logits, seen, active, slot, offsets, key_valid)
+        self.run(generator)
+        rows = torch.cat([self.out, self.unsure[:, None]], 1).tolist()  # the one read-back: (B, k) tokens, unsure
+        unsure = [r.pop() for r in rows]
+        if any(unsure):  # redo the chunk eagerly, with the host check
+            if state is not None:
+                generator.set_state(state)
+            self.load(logits, seen, active, slot, offsets, key_valid)
+            self.body(generator, redo=True)
+            rows = self.out.tolist()
+        logits.copy_(self.logits)
+        if seen is not None:
+            seen.copy_(self.seen)
+        return rows
+
+    def load(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
+             key_valid: Tensor) -> None:
+        """Copy a chunk's inputs into the static buffers."""
         self.logits.copy_(logits)
         if seen is not None:
             self.seen.copy_(seen)
         self.done.copy_(torch.tensor([not a for a in active]))
+        self.unsure.zero_()
         self.slot.fill_(slot)
         self.offsets.copy_(offsets)
         self.key_valid.copy_(key_valid)
-        self.run(generator)
-        logits.copy_(self.logits)
-        if seen is not None:
-            seen.copy_(self.seen)
-        return self.out.tolist()
 
 
 def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop_id: int | None) -> StepChunk:
@@ -118,12 +156,13 @@ def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop
     c = dec.cache
     key = ("chunk", c.batch_size, c.max_len, dec.mode, dec.dtype, dec.device, k, sampling, stop_id, dec.fused)
     hit = model.decoders.get(key)
-    if hit is None or hit.step is not raw_step(dec.static):
+    compiled = dec.mode == "compiled"  # the chunk compiles its steps itself, around the plain static step
+    step = step_module(dec.static) if compiled else raw_step(dec.static)
+    if hit is None or hit.step is not step:
         if len(model.decoders) >= MAX_DECODERS:
             model.decoders.clear()
         graphed = dec.mode in ("graph", "compiled") and dec.device.type == "cuda"
-        hit = model.decoders[key] = StepChunk(raw_step(dec.static), c, k, sampling, stop_id, model.cfg.vocab_size,
-                                              graphed)
+        hit = model.decoders[key] = StepChunk(step, c, k, sampling, stop_id, model.cfg.vocab_size, graphed, compiled)
     return hit
 
 

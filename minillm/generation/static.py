@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -21,7 +22,8 @@ def slide_keep(block: int) -> int:
 
 def decode_mode(device: torch.device, compile: str) -> str:
     """The decode step for ``--compile``: auto = the static step replayed as a CUDA graph on CUDA (no compile
-    wait) and plain PyTorch elsewhere; on = torch.compile'd too (a longer start, see docs/BENCHMARKS.md); off =
+    wait) and plain PyTorch elsewhere; on = torch.compile'd too (each step of a ``StepChunk``, sampling included; a longer first start, then
+    cached kernels: docs/GENERATION.md); off =
     plain PyTorch (``GPT.forward`` with the KV cache)."""
     if compile not in ("auto", "on", "off"):
         raise UsageError(f"--compile: {compile!r} is not one of auto, on, off")
@@ -103,6 +105,21 @@ def cache_len(block: int, batch: int, need: int) -> int:
     return full if need > block else min(full, -(-need // 128) * 128)
 
 
+class Compiled:
+    """A bound ``method`` under ``torch.compile`` (``fullgraph``, static shapes), with a code object of its own:
+    dynamo keeps its compilations per code object, at most 8 and then it fails under ``fullgraph``, so each decode
+    step or ``StepChunk`` compiles its own shapes apart from every other instance's."""
+
+    def __init__(self, method: Callable):
+        self.method = method
+        f = method.__func__
+        own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        self.fn = torch.compile(types.MethodType(own, method.__self__), fullgraph=True, dynamic=False)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
 class GraphedStep:
     """A CUDA graph of ``fn(idx, slot, offsets, key_valid)`` (a ``StaticDecodeStep``, compiled or not): one launch
     per token instead of one per kernel, which is what bounds a small model's decoding at batch 1. The inputs are
@@ -156,9 +173,8 @@ def static_decoder(model: GPT, batch: int, max_len: int, mode: str, fused: bool 
         if len(model.decoders) >= MAX_DECODERS:
             model.decoders.clear()
         cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
-        step: Callable = StaticDecodeStep(model, cache, fused)
-        if mode == "compiled":
-            step = torch.compile(step, fullgraph=True, dynamic=False)
+        module = StaticDecodeStep(model, cache, fused)
+        step: Callable = Compiled(module.forward) if mode == "compiled" else module
         if mode in ("graph", "compiled") and p.device.type == "cuda":
             step = GraphedStep(step, batch, max_len, p.device)
         model.decoders[key] = (cache, step)
@@ -168,7 +184,7 @@ def static_decoder(model: GPT, batch: int, max_len: int, mode: str, fused: bool 
 def step_module(step: Callable) -> StaticDecodeStep:
     """The ``StaticDecodeStep`` inside a decode step (captured in a ``GraphedStep``, compiled, or itself)."""
     step = step.fn if isinstance(step, GraphedStep) else step
-    return getattr(step, "_orig_mod", step)
+    return step.method.__self__ if isinstance(step, Compiled) else step
 
 
 class _Decoder:
