@@ -67,10 +67,15 @@ def thread_states(pid: int) -> str:
     return "\n".join(lines)
 
 
+def signal_name(i: int, which: str) -> str:
+    """Run ``i``'s signal: --signal's, or INT and TERM in turn."""
+    return which if which != "both" else ("INT" if i % 2 == 0 else "TERM")
+
+
 def one_run(i: int, args, src: Path, sitedir: Path) -> tuple[str, str]:
     """One prepare-corpus run signalled once: ('ok' | 'early' | 'late' | 'hang' | 'wrong', detail)."""
     rng = random.Random(args.seed * 100003 + i)
-    name = args.signal if args.signal != "both" else ("INT" if i % 2 == 0 else "TERM")
+    name = signal_name(i, args.signal)
     sig = getattr(signal, f"SIG{name}")
     with tempfile.TemporaryDirectory(dir=args.tmp) as td:
         out, err = Path(td) / "corpus.txt", Path(td) / "err"
@@ -153,12 +158,13 @@ def main() -> None:
         counts: dict[str, int] = {}
         t0 = time.time()
         with ThreadPoolExecutor(args.jobs) as ex:
-            for kind, detail in ex.map(lambda i: one_run(i, args, src, sitedir), range(args.runs)):
-                counts[kind] = counts.get(kind, 0) + 1
+            for i, (kind, detail) in enumerate(ex.map(lambda i: one_run(i, args, src, sitedir), range(args.runs))):
+                key = f"SIG{signal_name(i, args.signal)} {kind}"
+                counts[key] = counts.get(key, 0) + 1
                 if detail and kind not in ("early", "late"):
                     print(detail, flush=True)
-    print(f"{args.runs} runs (SIG{args.signal}, --workers {args.workers}, {args.jobs} at a time) in "
-          f"{time.time() - t0:.0f} s: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())), flush=True)
+    print(f"{args.runs} runs (--workers {args.workers}, {args.jobs} at a time) in {time.time() - t0:.0f} s: "
+          + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def _receive(tasks, inbox: queue.SimpleQueue) -> None:
 
 def _widen(conn) -> None:
     """Give a pipe a buffer of ``PIPE_BYTES`` (Linux; elsewhere, or where the system's limit is lower, it stays as is:
-    only speed changes: 108 MB cleaned on 2 workers in 5.7 s rather than 6.2 s, medians of 5)."""
+    only speed changes: 108 MB cleaned on 2 workers in 5.7 s rather than 6.2 s with 64 KiB pipes, medians of 5)."""
     with contextlib.suppress(AttributeError, OSError):
         fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
