@@ -7,10 +7,9 @@ document for exact dedup; MinHash LSH buckets, about 1-2 KB per document, with `
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from minillm.corpus.read import (
     read_documents,
     validate_encoding,
 )
+from minillm.corpus.workers import ordered_map
 from minillm.errors import MiniLLMError, UsageError
 
 BATCH_CHARS = 1 << 20  # characters per unit of work sent to a worker
@@ -72,24 +72,11 @@ class PrepareSummary:
 def _clean_stream(
     batches: Iterator[list[str]], opts: CleanOptions, dedup: bool, num_perm: int, workers: int
 ) -> Iterator[list[CleanResult]]:
-    """Clean batches in order, on ``workers`` processes, with at most 2 batches in flight per worker."""
+    """Clean batches in order, on ``workers`` processes, with at most 2 batches in flight per worker; closing the
+    stream (or a signal while it runs) stops the workers at once."""
     if workers <= 1:
-        for b in batches:
-            yield clean_batch(b, opts, dedup, num_perm)
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")  # no fork of a possibly threaded parent
-    # workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and the parent alone stops
-    # (leaving this block terminates them), so no worker prints a traceback
-    with ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-        pending: deque = deque()
-        for b in batches:
-            pending.append(pool.apply_async(clean_batch, (b, opts, dedup, num_perm)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        return (clean_batch(b, opts, dedup, num_perm) for b in batches)
+    return ordered_map(clean_batch, ((b, opts, dedup, num_perm) for b in batches), workers)
 
 
 class _NearDedup:
@@ -212,7 +199,7 @@ def prepare_corpus(
     docs = counted(read_documents(files, read, infos, log, on_long))
     stream = _clean_stream(batch_documents(docs, BATCH_CHARS, BATCH_DOCS), clean, dedup.exact, NUM_PERM if near else 0, workers)
     sep = DOC_JOIN.encode()
-    with atomic_open(output, "wb") as f:
+    with atomic_open(output, "wb") as f, contextlib.closing(stream):  # workers stopped, then the temp file removed
         first = True
         for results in stream:
             for r in results:
