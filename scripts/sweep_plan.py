@@ -194,15 +194,17 @@ def history(outdir: Path) -> dict:
             "tokens_per_s_wall": round(last["tokens_per_s"]), "best_val_loss": min(e["val_loss"] for e in evals)}
 
 
-def planner_memory(outdir: Path) -> dict:
-    """The planner's memory figures for the run's resolved config (config.json)."""
+def planner_memory(outdir: Path, device: str) -> dict:
+    """The planner's memory figures for the run's resolved config (config.json): the plan's (the peak of a
+    ``--compile auto`` run on ``device``), the compiled step's and the eager estimate."""
     from minillm.config import model_from_dict, train_from_dict
     from minillm.model.memory import estimate_memory
-    from minillm.plan.devices import compiled_memory
+    from minillm.plan.devices import compiled_memory, detect
 
     cfg = json.loads((outdir / "config.json").read_text())
     m, t = model_from_dict(cfg["model"]), train_from_dict(cfg["train"])
-    return {"memory_compiled_estimate": compiled_memory(m, t.batch_size),
+    return {"memory_plan_estimate": detect(device).memory_needed(m, t.batch_size, t.optimizer),
+            "memory_compiled_estimate": compiled_memory(m, t.batch_size),
             "memory_eager_estimate": estimate_memory(m, t.batch_size, optimizer=t.optimizer)["total"],
             "model": {k: cfg["model"][k] for k in ("n_layer", "n_embd", "n_head", "block_size", "dropout", "vocab_size")},
             "train": {k: cfg["train"][k] for k in ("batch_size", "accumulation_steps", "optimizer", "stride", "lr")}}
@@ -243,9 +245,9 @@ def run_point(p: dict, slices: dict, work: Path, device: str, gpu: int | None, m
     res.update(history(out))
     peak = Path(env["SWEEP_PEAK_FILE"])
     res["peak_memory"] = int(peak.read_text()) if peak.is_file() else None
-    res.update(planner_memory(out))
+    res.update(planner_memory(out, device))
     if res["peak_memory"]:
-        res["memory_estimate_ratio"] = round(res["memory_compiled_estimate"] / res["peak_memory"], 3)
+        res["memory_estimate_ratio"] = round(res["memory_plan_estimate"] / res["peak_memory"], 3)
     r = minillm(["evaluate", "--ckpt", str(out / "ckpt_best.pt"), "--test-file", str(files["val"]), "--json",
                  "--batch-size", "64", "--device", device], env=env, log=logs / f"{p['id']}.eval.log")
     ev = json.loads(r.stdout)
@@ -276,7 +278,8 @@ def table(lines: list[dict]) -> str:
             "| peak GiB (planner's) | bits per byte |", "| --- " * 11 + "|"]
     for x in sorted((x for x in lines if "bits_per_byte" in x), key=lambda x: order.get(x["id"], 99)):
         m = x["model"]
-        peak = (f"{x['peak_memory'] / 2**30:.2f} ({x['memory_compiled_estimate'] / 2**30:.2f})" if x.get("peak_memory")
+        plan = x.get("memory_plan_estimate", x["memory_compiled_estimate"])  # earlier lines: the compiled figure
+        peak = (f"{x['peak_memory'] / 2**30:.2f} ({plan / 2**30:.2f})" if x.get("peak_memory")
                 else f"- ({x['memory_eager_estimate'] / 2**30:.2f} eager)")
         rows.append(f"| {x['id']} | {x['corpus']} | {m['n_layer']} x {m['n_embd']}, {m['block_size']} | {x['vocab']} | "
                     f"{m['dropout']:g} | {x['steps']:,} | {x['epochs']:.1f} | {x['train_s']:.1f} | "

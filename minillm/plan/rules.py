@@ -39,11 +39,13 @@ MEMORY_MARGIN = 0.85  # plan at most this share of the device's memory
 BYTES_PER_TOKEN = ((2048, 2.6), (4096, 2.95), (8192, 3.25), (16384, 3.6), (32768, 3.95))
 # Expected held-out bits per byte of a planned run, by corpus size: (bytes, bits per byte) per device kind.
 # cuda: issue 21's text (8.5 MB of Spanish, small, 2k vocabulary, 2 min on an H200: 0.928) and "Quality per
-# GPU-second" (en_techdocs, 32 MB, medium: 1.088 in 60 s, 1.122 in 130 s on an H200; 1.138 in 60 s on an H100).
+# GPU-second" (en_techdocs, 32 MB, medium: 1.088 in 60 s, 1.122 in 130 s on an H200; 1.138 in 60 s on an H100);
+# es_bible_rv1909's training split, 3.8 MB, the plan's own run on an H100 (the held-out check of "Planning the run
+# (issue 21)", added after it: the table had expected 0.93 there).
 # cpu: the CPU sweep's planned runs on the tuning corpora' training splits ("Planning the run (issue 21)",
 # 5 min, one thread): tiny_es_fortunes 0.94 MB, en4m 3.8 MB (4 x 128 at 2k, the plan's shape and vocabulary),
 # en_techdocs 30.7 MB.
-EXPECTED_BPB = {"cuda": ((8.5e6, 0.928), (32.3e6, 1.11)),
+EXPECTED_BPB = {"cuda": ((3.77e6, 1.227), (8.5e6, 0.928), (32.3e6, 1.11)),
                 "cpu": ((0.94e6, 1.673), (3.83e6, 2.257), (30.7e6, 2.178))}
 
 MIN_WINDOWS = 2000  # a block size is halved until the corpus gives at least this many windows
