@@ -8,6 +8,7 @@ writer (pid, start time, host), so a later command removes those of killed write
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -34,6 +35,24 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_WRITTEN: dict[str, Any] = {"count": 0, "last": collections.deque(maxlen=3)}  # files this process wrote in full
+
+
+def _written(path: Path) -> None:
+    _WRITTEN["count"] += 1
+    _WRITTEN["last"].append(path)
+
+
+def written_since(count: int) -> list[Path]:
+    """The files (up to the last three) that this process finished writing since ``written_count()`` was
+    ``count``: what an interrupted command has already replaced."""
+    return list(_WRITTEN["last"])[-min(3, _WRITTEN["count"] - count):] if _WRITTEN["count"] > count else []
+
+
+def written_count() -> int:
+    return _WRITTEN["count"]
+
+
 @contextlib.contextmanager
 def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed.
@@ -52,6 +71,7 @@ def atomic_open(path: Path | str, mode: str = "wb", encoding: str | None = None)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _written(path)
         fsync_dir(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -233,6 +253,7 @@ def atomic_link(src: Path | str, dst: Path | str) -> None:
     try:
         os.link(src, tmp)
         os.replace(tmp, dst)
+        _written(dst)
         fsync_dir(dst.parent)
         return
     except OSError:

@@ -105,3 +105,32 @@ def test_each_subcommand_has_help(runner, cmd):
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", r.stdout))
     own, foreign = HELP[cmd]
     assert set(own) <= flags and foreign not in flags, (cmd, sorted(flags))
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_an_interrupt_after_the_output_was_written_says_so(tmp_path, capsys, written):
+    """A signal that lands after a command replaced its output (but before it returned) must not claim that the
+    files from before are unchanged: it names what was written in full."""
+    import typer
+
+    from minillm.cli import handle_errors
+    from minillm.io import atomic_write_text
+
+    out = tmp_path / "out.txt"
+    out.write_text("before")
+
+    @handle_errors
+    def command():
+        if written:
+            atomic_write_text(out, "after")
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as e:
+        command()
+    err = " ".join(capsys.readouterr().err.split())
+    assert e.value.exit_code == 130 and "interrupted (SIGINT)" in err
+    if written:
+        assert out.read_text() == "after" and str(out) in err and "written in full" in err
+        assert "files from before are unchanged" not in err
+    else:
+        assert out.read_text() == "before" and "files from before are unchanged" in err

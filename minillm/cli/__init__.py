@@ -17,6 +17,7 @@ from minillm import __version__
 from minillm.cli import data, infer, train
 from minillm.cli.options import readable_metavars, toml_only_help
 from minillm.errors import MiniLLMError
+from minillm.io import written_count, written_since
 
 app = typer.Typer(
     name="minillm",
@@ -67,6 +68,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        before = written_count()
         try:
             with _sigterm_unwinds():
                 return fn(*args, **kwargs)
@@ -79,7 +81,9 @@ def handle_errors(fn):
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt as e:
             name, code = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
-            _err(f"interrupted ({name}); no partial output was left, and files from before are unchanged")
+            done = ", ".join(map(str, written_since(before))).replace("[", r"\[")
+            _err(f"interrupted ({name}) after {done} had been written in full; no partial output was left" if done
+                 else f"interrupted ({name}); no partial output was left, and files from before are unchanged")
             raise typer.Exit(code) from None
         except OSError as e:  # a file the library did not expect to fail: name it and the likely fix
             if _DEBUG["on"] or not e.filename:
