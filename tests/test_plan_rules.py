@@ -19,6 +19,7 @@ from minillm.plan.rules import (
     choose_shape,
     choose_vocab,
     dropout_for,
+    patience_for,
     plan,
 )
 
@@ -141,6 +142,13 @@ def test_block_size_covers_most_documents_within_the_shape_and_is_halved_when_wi
 
 def test_dropout_follows_the_epochs():
     assert [dropout_for(e)[0] for e in (0.5, 1.9, 2.0, 7.9, 8.0, 90)] == [0.0, 0.0, 0.1, 0.1, 0.2, 0.2]
+
+
+def test_early_stopping_only_where_the_budget_reads_the_corpus_many_times():
+    assert [patience_for(e)[0] for e in (0.5, 8.0, 15.9, 16.0, 90)] == [0, 0, 0, 3, 3]
+    many, few = plan(corpus(4), H100, 120), plan(corpus(32), H100, 120)
+    assert many.epochs > 16 and many.train["patience"] == 3 and "best" in many.reasons["patience"]
+    assert few.epochs < 16 and few.train["patience"] == 0
 
 
 def test_the_windows_are_the_loaders_windows():

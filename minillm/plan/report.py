@@ -60,6 +60,7 @@ def render_table(p: Plan):
         ("optimizer", f"{tr.get('optimizer', 'adamw')}, lr {tr['lr']:g}", "optimizer"),
         ("dropout", f"{m['dropout']:g}", "dropout"),
         ("--max-time", f"{p.budget_s:g} s", "max_time"),
+        ("--patience", f"{tr.get('patience', 0)}", "patience"),
     ]
     for name, value, key in rows:
         t.add_row(f"[bold]{name}[/bold]", value, p.reasons[key])

@@ -33,6 +33,11 @@ MIN_VOCAB, MAX_VOCAB = 2048, 32768
 DROPOUT_BY_EPOCHS = ((2.0, 0.0, "at most two passes leave little to overfit"),
                      (8.0, 0.1, "0.1 beat 0 at 3.7 epochs (docs/BENCHMARKS.md)"),
                      (math.inf, 0.2, "0.2 beat 0.1 at 11.6 epochs (docs/BENCHMARKS.md)"))
+# early stopping when the budget reads the corpus many times: in every run of the held-out GPU check (docs/
+# BENCHMARKS.md, "Planning the run (issue 21)", es_bible, 2 minutes, 37-152 epochs) the held-out loss was best
+# after 3-8 epochs and rose at each later evaluation to the end (the plan's run: best at step 542 of 2,642);
+# stopping 3 evaluations after the best keeps that same best checkpoint and ends the run well before the budget
+PATIENCE_EPOCHS, PATIENCE = 16.0, 3
 MEMORY_MARGIN = 0.85  # plan at most this share of the device's memory
 # bytes per token of a byte-level BPE by vocabulary: trained on 1.6 MB of en_techdocs and of tiny_es_fortunes,
 # their mean up to 8,192 (2.46-2.76, 2.77-3.14, 3.03-3.46); 32,768: the whole en_techdocs (3.954, issue 13)
@@ -276,6 +281,14 @@ def dropout_for(epochs: float) -> tuple[float, str]:
     raise AssertionError("DROPOUT_BY_EPOCHS ends at infinity")
 
 
+def patience_for(epochs: float) -> tuple[int, str]:
+    """``--patience`` for a run of ``epochs`` passes: early stopping where the budget reads the corpus many times."""
+    if epochs < PATIENCE_EPOCHS:
+        return 0, f"{epochs:.1f} epochs: the run uses its whole budget"
+    return PATIENCE, (f"{epochs:.0f} epochs: in the held-out runs the loss was best after 3-8 and rose after; stop "
+                      f"{PATIENCE} evaluations after the best (its checkpoint is kept), well before the budget ends")
+
+
 def held_out_error(points: Sequence[tuple[float, float]]) -> float:
     """The largest relative error of predicting each point of the table (two or more) from the others (leave
     one out): how far a new corpus may land from the table's figure."""
@@ -322,6 +335,7 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
     reasons["epochs"] = (f"{train_s:.0f} s of steps at {speed:,.0f} tokens/s are {epochs:.2g} passes over the "
                          f"windows; --max-time ends the run")
     dropout, reasons["dropout"] = dropout_for(epochs)
+    patience, reasons["patience"] = patience_for(epochs)
     reasons["batch_size"] = (f"{base}'s {recipe['batch_size']} windows a step" +
                              (f", as {batch} x {accumulation} accumulated to fit {MEMORY_MARGIN:.0%} of the memory"
                               if accumulation > 1 else "") + f": {memory / 2**30:.2f} GiB of {device.memory / 2**30:.0f}")
@@ -332,7 +346,7 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
                            "rest); the best checkpoint is kept")
     train = {**{k: v for k, v in recipe.items() if k not in ("max_steps", "eval_batches", "log_every")},
              "optimizer": optimizer, "batch_size": batch, "accumulation_steps": accumulation, "stride": stride,
-             "epochs": 0.0, "max_steps": 0, "max_time": float(budget_s)}
+             "epochs": 0.0, "max_steps": 0, "max_time": float(budget_s), "patience": patience}
     model = {"n_layer": shape.n_layer, "n_embd": shape.n_embd, "n_head": shape.n_head, "block_size": block,
              "dropout": dropout}
     bpb = expected_bpb(device.kind, corpus.bytes)
