@@ -38,6 +38,7 @@ class Device:
     train_share: float
     compiled: bool  # the trainer compiles the model on this device (memory: the compiled figure)
     min_step_s: float  # no optimizer step is faster (launch-bound small models)
+    eager_s: float = 0.0  # seconds of full-speed steps lost to the eager steps run while the compile ends
 
     def tokens_per_s(self, cfg: ModelConfig, optimizer: str, batch_tokens: int) -> float:
         """Training tokens per second of ``cfg`` on this device at ``batch_tokens`` a step (6N + attention
@@ -46,6 +47,11 @@ class Device:
         speed = self.peak_flops * share / flops_per_token(cfg, matrix_params(cfg))
         speed *= self.muon_speed if optimizer == "muon" else 1.0
         return min(speed, batch_tokens / self.min_step_s) if self.min_step_s else speed
+
+    def steady_seconds(self, budget_s: float) -> float:
+        """Seconds at full speed that a ``--max-time budget_s`` run's steps are worth (``train_seconds`` less what
+        the eager steps before the background compilation ends lose)."""
+        return max(0.0, self.train_seconds(budget_s) - self.eager_s)
 
     def train_seconds(self, budget_s: float) -> float:
         """Seconds of training steps a ``--max-time budget_s`` run gets."""
@@ -104,11 +110,14 @@ def compiled_memory(cfg: ModelConfig, batch_size: int) -> int:
 # tokens/s (session 3). Start-up and the share of steps: "Faster per token and faster to start (issue 20)",
 # the 60 s cold medium --max-time run with the compilation in the background: 11.0 s to the end of the first
 # step, 39.7 s of steps after it in the other 46.9 s (0.85). The steps before the background compilation ends
-# (~6 s warm, ~20 s cold) run eagerly and slower, so short budgets get somewhat fewer tokens than planned.
-# (Before issue 20, "Quality per GPU-second, session 3": 25.0 s of steps in a 60 s run.) The shortest step: ~12 ms, the small
-# preset's Muon step at 128 x 256 (issue 13's 741 steps in 14.9 s gave 20 ms; launch-bound below that size).
+# (~6 s warm, ~12-23 s cold) run eagerly, 3-5x slower: worth ``eager_s`` = 10 s less at full speed. (Before issue
+# 20, "Quality per GPU-second, session 3": 25.0 s of steps in a 60 s run.) The shortest step: 25 ms. The held-out
+# GPU check of "Planning the run (issue 21)" (2-minute cold runs, the presets' own batches) measured steady steps of
+# 21-31 ms for small (128 x 256), medium (64 x 512) and large (16 x 1024) alike, launch- and host-bound, where the
+# MFU table alone expects 12-18 ms; with 25 ms and eager_s the tokens each of its seven runs trained on are within
+# 26% of the plan's (they were 1.4-2.9x below it with the 12 ms of issue 13's first estimate).
 _H100 = Device("h100", "cuda", 79 * GIB, 989e12, ((256, 0.203), (384, 0.27), (640, 0.371), (768, 0.392)),
-               0.9, 11.0, 0.85, True, 0.012)
+               0.9, 11.0, 0.85, True, 0.025, 10.0)
 DEVICES: dict[str, Device] = {
     "h100": _H100,
     "h200": replace(_H100, name="h200", memory=139 * GIB, mfu=((256, 0.226), (384, 0.279), (640, 0.428), (768, 0.445))),

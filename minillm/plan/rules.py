@@ -218,7 +218,7 @@ def weigh(shape: Shape, corpus: CorpusFigures, device: Device, budget_s: float) 
     memory = device.memory_needed(cfg, batch, optimizer)
     body = param_count(cfg) - cfg.vocab_size * cfg.n_embd
     return Candidate(shape.name if shape.name != "custom" else f"custom {shape.n_layer}x{shape.n_embd}", body, vocab,
-                     speed, int(speed * device.train_seconds(budget_s)), corpus.training_tokens(vocab), memory,
+                     speed, int(speed * device.steady_seconds(budget_s)), corpus.training_tokens(vocab), memory,
                      memory <= MEMORY_MARGIN * device.memory)
 
 
@@ -330,9 +330,10 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
     memory = device.memory_needed(cfg, batch, optimizer)
     speed = device.tokens_per_s(cfg, optimizer, recipe["batch_size"] * block)
     train_s = device.train_seconds(budget_s)
-    steps = int(speed * train_s / (batch * accumulation * block))
+    steps = int(speed * device.steady_seconds(budget_s) / (batch * accumulation * block))
     epochs = steps * batch * accumulation / max(windows, 1)
-    reasons["epochs"] = (f"{train_s:.0f} s of steps at {speed:,.0f} tokens/s are {epochs:.2g} passes over the "
+    eager = f" (worth {device.steady_seconds(budget_s):.0f} s: the first run eagerly while compiling)" if device.eager_s else ""
+    reasons["epochs"] = (f"{train_s:.0f} s of steps{eager} at {speed:,.0f} tokens/s are {epochs:.2g} passes over the "
                          f"windows; --max-time ends the run")
     dropout, reasons["dropout"] = dropout_for(epochs)
     patience, reasons["patience"] = patience_for(epochs)
