@@ -396,4 +396,5 @@ def test_cli_compile_on_gives_the_same_text_and_caches_its_kernels_in_minillm_s_
     compiled = gen(runner, run, *args, "--compile", "on")
     assert compiled.exit_code == 0, compiled.output
     assert compiled.stdout == plain.stdout and len(plain.stdout) > 20
+    assert "compiling the decode step" in compiled.stderr and "compiling" not in plain.stderr  # the wait is said
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "minillm" / "torchinductor")
