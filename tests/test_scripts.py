@@ -23,6 +23,24 @@ def test_bench_train_runs_on_cpu_with_the_tiny_config():
     assert row["tokens_per_s"] > 0 and row["block"] == 64 and row["step_ms"] > 0
 
 
+def test_bench_train_ab_runs_each_lever_and_tabulates_the_ratio_to_base():
+    """--ab: each variant in turn (its levers' environment variables set for its rows only), --timing total, then
+    the table; the levers change the speed, never the numbers (the same loss with and without them)."""
+    out = _run("scripts/bench_train.py", "--config", "configs/tiny.toml", "--device", "cpu", "--steps", "2",
+               "--warmup", "1", "--vocab", "512", "--json", "--timing", "total", "--set", "optimizer=muon",
+               "--ab", "base", "--ab", "sync,ns")
+    *rows, last = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["levers"] for r in rows] == ["base", "sync,ns"] and all(r["timing"] == "total" for r in rows)
+    assert rows[0]["loss"] == rows[1]["loss"]
+    table = last["ab"]
+    assert [(t["levers"], t["runs"]) for t in table] == [(r["levers"], [r["tokens_per_s"]]) for r in rows]
+    assert table[0]["ratio"] == 1.0
+    assert table[1]["ratio"] == round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 3)
+    r = subprocess.run([sys.executable, "scripts/bench_train.py", "--device", "cpu", "--ab", "warp"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--ab warp: unknown lever warp; use base or any of sync," in r.stderr
+
+
 def test_bench_generate_runs_on_cpu_with_the_tiny_config():
     out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512", "--new-tokens",
                "20", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train")
