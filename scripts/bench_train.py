@@ -28,7 +28,8 @@ Levers (issue 20; each off by default, switched by its environment variable of `
 ``--timing each`` (the default) times each step between two synchronisations and reports the median; ``total``
 times the timed steps back to back with one synchronisation at the end (what a training run sees: the host
 queues the next step while the GPU works, which a step without a host sync allows). Each row starts with
-TorchDynamo's caches reset, so that no variant runs on another's compiled code.
+TorchDynamo's caches reset, so that no variant runs on another's compiled code. On CUDA every row also counts the
+step's host synchronisations (``syncs_per_step``: torch's sync debug mode over two more steps).
 
 Under torchrun (WORLD_SIZE > 1) every rank joins the process group (NCCL on CUDA, one GPU per local rank;
 gloo with --device cpu), the compiled model is wrapped in DistributedDataParallel as the trainer wraps it
@@ -141,6 +142,7 @@ def bench_one(name: str, args, dist=None) -> dict:
             times.append(time.perf_counter() - t0)
     if not each:  # one figure: the timed steps back to back
         times.append((time.perf_counter() - t_timed) / args.steps)
+    syncs = _syncs_per_step(step, prefetch) if device.type == "cuda" else None
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -172,7 +174,7 @@ def bench_one(name: str, args, dist=None) -> dict:
                     "device_s": round(t_device - t_begin, 2), "model_s": round(t_first - t_device, 2),
                     "first_step_s": round(first_step_s, 2), "compile_s": round(first_step_s - dt, 2)},
         "loss": round(float(loss), 3), "set": args.set,
-        "no_sync": args.no_sync, "timing": args.timing,
+        "no_sync": args.no_sync, "timing": args.timing, "syncs_per_step": syncs,
         "reference_tokens_per_s": ref_tps,
     }
     if dist.enabled or args.fsdp:  # batch is per rank; tokens_per_s counts all ranks; mfu_pct is per GPU
@@ -189,6 +191,25 @@ def bench_one(name: str, args, dist=None) -> dict:
 def _loss(r):
     """A StepResult's loss: a float, or with MINILLM_STEP_SYNC=log the 0-d tensor on the device (read at the end)."""
     return r.loss if r.stats is None else r.stats[0]
+
+
+def _syncs_per_step(step, prefetch, n: int = 2) -> float:
+    """Synchronising CUDA calls per step (the host waiting for the GPU), counted by torch's sync debug mode over
+    ``n`` steps after the timed ones."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                step(prefetch, lr_scale=1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught) / n
 
 
 @contextlib.contextmanager
@@ -210,17 +231,29 @@ def levers(variant: str):
                 os.environ[var] = value
 
 
+def _ab_row(name: str, variant: str, args, dist) -> dict:
+    """A ``--ab`` row; a variant that fails becomes a row with its ``error`` (the other variants still run)."""
+    try:
+        return bench_one(name, args, dist) | {"levers": variant}
+    except Exception as e:  # noqa: BLE001  a lever that breaks is a result too
+        return {"config": name, "levers": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
 def ab_table(rows: list[dict]) -> list[dict]:
-    """Per config and variant (rows of ``--ab``): the median tokens/s over the rounds and its ratio to the config's
-    ``base`` variant (to its first variant when there is no ``base``)."""
+    """Per config and variant (rows of ``--ab``): the median tokens/s over the rounds that ran and its ratio to the
+    config's ``base`` variant (to its first variant when there is no ``base``); None where none ran.
+    ``syncs_per_step``: the first run's (CUDA only)."""
     out = []
     for config in dict.fromkeys(r["config"] for r in rows):
-        mine = [r for r in rows if r["config"] == config]
-        med = {v: statistics.median(r["tokens_per_s"] for r in mine if r["levers"] == v)
-               for v in dict.fromkeys(r["levers"] for r in mine)}
+        runs = {v: [r["tokens_per_s"] for r in rows if r["config"] == config and r["levers"] == v and "error" not in r]
+                for v in dict.fromkeys(r["levers"] for r in rows if r["config"] == config)}
+        med = {v: statistics.median(t) if t else None for v, t in runs.items()}
         base = med.get("base", next(iter(med.values())))
-        out += [{"config": config, "levers": v, "tokens_per_s": round(t), "ratio": round(t / base, 3),
-                 "runs": [r["tokens_per_s"] for r in mine if r["levers"] == v]} for v, t in med.items()]
+        syncs = {v: next((r.get("syncs_per_step") for r in rows if r["config"] == config and r["levers"] == v
+                          and "error" not in r), None) for v in med}
+        out += [{"config": config, "levers": v, "tokens_per_s": round(t) if t else None,
+                 "ratio": round(t / base, 3) if t and base else None, "syncs_per_step": syncs[v], "runs": runs[v]}
+                for v, t in med.items()]
     return out
 
 
@@ -274,17 +307,19 @@ def main() -> None:
         rows = []
         for n, variant in runs:
             with levers(variant) if variant else contextlib.nullcontext():
-                rows.append(bench_one(n, args, dist) | ({"levers": variant} if variant else {}))
+                rows.append(_ab_row(n, variant, args, dist) if variant else bench_one(n, args, dist))
             if args.json and dist.is_main:  # as it goes: a later config's failure keeps the earlier rows
                 print(json.dumps(rows[-1]), flush=True)
     if args.ab and dist.is_main:
         table = ab_table(rows)
         if args.json:
             print(json.dumps({"ab": table}), flush=True)
-        print(f"{'config':<12} {'levers':<28} {'tokens/s':>12} {'ratio':>7}  runs",
+        print(f"{'config':<12} {'levers':<28} {'tokens/s':>12} {'ratio':>7} {'syncs':>6}  runs",
               file=sys.stderr if args.json else sys.stdout)
         for t in table:
-            print(f"{t['config']:<12} {t['levers']:<28} {t['tokens_per_s']:>12,} {t['ratio']:>7.3f}  {t['runs']}",
+            tps = f"{t['tokens_per_s']:,}" if t["tokens_per_s"] else "failed"
+            ratio = f"{t['ratio']:.3f}" if t["ratio"] else "-"
+            print(f"{t['config']:<12} {t['levers']:<28} {tps:>12} {ratio:>7} {t['syncs_per_step']!s:>6}  {t['runs']}",
                   file=sys.stderr if args.json else sys.stdout)
     if args.json or not dist.is_main:
         return

@@ -41,6 +41,26 @@ def test_bench_train_ab_runs_each_lever_and_tabulates_the_ratio_to_base():
     assert r.returncode == 1 and "--ab warp: unknown lever warp; use base or any of sync," in r.stderr
 
 
+def test_bench_train_ab_table_takes_medians_of_the_rounds_that_ran():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"config": "small", "levers": "base", "tokens_per_s": 100}, {"config": "small", "levers": "sync", "tokens_per_s": 130},
+            {"config": "small", "levers": "cudagraphs", "error": "RuntimeError: no"},
+            {"config": "small", "levers": "base", "tokens_per_s": 120}, {"config": "small", "levers": "sync", "tokens_per_s": 110},
+            {"config": "medium", "levers": "base", "error": "x"}, {"config": "medium", "levers": "sync", "tokens_per_s": 50}]
+    rows[0]["syncs_per_step"], rows[1]["syncs_per_step"] = 1.0, 0.0
+    none = {"tokens_per_s": None, "ratio": None, "syncs_per_step": None, "runs": []}
+    assert mod.ab_table(rows) == [
+        {"config": "small", "levers": "base", "tokens_per_s": 110, "ratio": 1.0, "syncs_per_step": 1.0, "runs": [100, 120]},
+        {"config": "small", "levers": "sync", "tokens_per_s": 120, "ratio": 1.091, "syncs_per_step": 0.0,
+         "runs": [130, 110]},
+        {"config": "small", "levers": "cudagraphs", **none}, {"config": "medium", "levers": "base", **none},
+        {"config": "medium", "levers": "sync", "tokens_per_s": 50, "ratio": None, "syncs_per_step": None, "runs": [50]}]
+
+
 def test_bench_generate_runs_on_cpu_with_the_tiny_config():
     out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512", "--new-tokens",
                "20", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train")
