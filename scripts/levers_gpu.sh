@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Issue 20's levers (minillm/optim/levers.py), measured in ONE device call (about 6 minutes on one H100):
+#   0. their CUDA tests (no host sync in a deferred step; a non-finite one skipped on the GPU; Muon's bf16 iteration);
 #   1. tokens/s of each lever against the baseline, small and medium, same process, 2 interleaved rounds
 #      (scripts/bench_train.py --ab, --timing total: the steps back to back, one synchronisation at the end);
 #   2. correctness: `minillm train --config small` 200 steps on real text, seed 1337, --compile on, without and with
@@ -22,8 +23,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__)"
 unset MINILLM_STEP_SYNC MINILLM_COMPILE_MODE MINILLM_MUON_NS
 
+echo "== 0. the levers' CUDA tests: a deferred step never synchronises and skips on the GPU; Muon's fused bf16 iteration"
+timeout 90 python -m pytest -q -p no:cacheprovider tests/test_trainstep.py tests/test_muon.py -k cuda 2>&1 | tail -8
+
 echo "== 1. tokens/s per lever (ratio to base, same process)"
-timeout 330 python scripts/bench_train.py --config small --config medium --timing total --rounds 2 \
+timeout 300 python scripts/bench_train.py --config small --config medium --timing total --rounds 2 \
   --ab base --ab sync --ab cudagraphs --ab ns --ab sync,cudagraphs,ns --json > "$OUT/ab.jsonl" 2> "$OUT/ab.err"
 echo "rc=$?"; grep -v '^\s*$' "$OUT/ab.err" | tail -12
 grep -h '"error"' "$OUT/ab.jsonl" | cut -c1-400
@@ -32,7 +36,7 @@ echo "== 2. correctness: 200 steps of small on $CORPUS, final validation loss ag
 python -m minillm init-tokenizer -f "$CORPUS" --vocab-size 8000 -o /tmp/levers_tok.json > /dev/null
 train() {  # train NAME [VAR=VALUE...]: one run with those levers
   local name=$1; shift
-  env "$@" timeout 110 python -m minillm train -t /tmp/levers_tok.json -c "$CORPUS" -o "/tmp/levers_$name" --overwrite \
+  env "$@" timeout 90 python -m minillm train -t /tmp/levers_tok.json -c "$CORPUS" -o "/tmp/levers_$name" --overwrite \
     --config small --max-steps 200 --eval-every 50 --compile on --epochs 0 --log-format json \
     > "$OUT/train_$name.out" 2> "$OUT/train_$name.err"
   echo "$name rc=$?"; cp "/tmp/levers_$name/history.json" "$OUT/history_$name.json" 2> /dev/null

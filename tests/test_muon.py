@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minillm.optim.muon import Muon, orthogonalize
@@ -202,3 +203,19 @@ def test_a_found_inf_step_is_a_no_op_and_a_clear_one_is_the_plain_step():
         opt.step()
     for a, b in zip(sets[1], fused, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_the_fused_bf16_iteration_is_as_close_to_fp32_as_the_plain_one():
+    """On a GPU, at the small and medium presets' shapes (MLP matrices, tall ones batched with the wide)."""
+    from minillm.optim.muon import orthogonalize_all
+
+    torch.manual_seed(0)
+    for d, h in ((256, 704), (384, 1024)):
+        upd = [torch.randn(h, d, device="cuda") for _ in range(4)] + [torch.randn(d, h, device="cuda") for _ in range(2)]
+        ref = [orthogonalize(u[None].double(), 5, False, torch.float64)[0].float() for u in upd]
+        err = {}
+        for fused in (False, True):
+            got = orthogonalize_all(upd, 5, fused)
+            err[fused] = max(float((g - r).norm() / r.norm()) for g, r in zip(got, ref, strict=True))
+        assert err[True] <= 1.1 * err[False] and err[True] < 0.05, err

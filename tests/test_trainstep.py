@@ -177,15 +177,15 @@ def test_compiled_kernels_are_cached_in_the_users_cache_directory(tmp_path, monk
 # ---------------------------------------------------------------- MINILLM_STEP_SYNC=log: the guard on the device
 
 
-def _guard_setup(monkeypatch, deferred: bool):
+def _guard_setup(monkeypatch, deferred: bool, device: str = "cpu"):
     """A tiny Muon + fused AdamW model (the optimizers both modes run with), a step of the mode asked for, a wrapper
     whose next backward can be made infinite, and a deterministic feed."""
     monkeypatch.setenv("MINILLM_STEP_SYNC", "log")
     torch.manual_seed(0)
     tcfg = resolve("tiny", {"optimizer": "muon", "grad_clip": 1.0})[1]
-    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
-    cpu = torch.device("cpu")
-    opts = configure_optimizer(model, tcfg, cpu)
+    dev = torch.device(device)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).to(dev)
+    opts = configure_optimizer(model, tcfg, dev)
     assert [type(o).__name__ for o in opts] == ["AdamW", "Muon"] and opts[0].defaults["fused"]
     bad = {"grad": False, "loss": False}
 
@@ -195,15 +195,18 @@ def _guard_setup(monkeypatch, deferred: bool):
             loss = _InfGrad.apply(loss) if bad["grad"] else loss
             return loss * float("nan") if bad["loss"] else loss
 
+    batches = [torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(n)) for n in range(8)]
+    batches = [b.pin_memory() for b in batches] if dev.type == "cuda" else batches  # as the Prefetcher's on CUDA
+
     class Feed:
         n = 0
 
         def next(self):
             self.n += 1
-            return torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(self.n)), {"pos": self.n}
+            return batches[self.n], {"pos": self.n}
 
     monkeypatch.setenv("MINILLM_STEP_SYNC", "log" if deferred else "step")
-    step = ts.make_train_step(model, Poison(), opts, tcfg, cpu, torch.float32, 1)
+    step = ts.make_train_step(model, Poison(), opts, tcfg, dev, torch.float32, 1)
     return model, opts, step, Feed(), bad
 
 
@@ -258,6 +261,32 @@ def test_a_nonfinite_deferred_step_changes_nothing_and_is_reported_at_the_read_b
     assert [n for n, _, _ in got] == [1, 2, 3, 4] and got[0][2] is None and got[3][2] is None
     assert got[1][2].startswith("non-finite gradient norm") and got[2][2] == "non-finite loss nan"
     assert math.isfinite(got[1][1]) and math.isnan(got[2][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_the_deferred_guard_never_synchronises_and_skips_on_the_gpu(monkeypatch):
+    """On a GPU (fused AdamW, Muon's bf16 iteration): no deferred step synchronises (torch's sync debug mode set to
+    raise), a non-finite one leaves parameters and optimizer state exactly as they were, finite ones step as the
+    synced step does."""
+    ref_model, ref_opts, ref_step, ref_feed, _ = _guard_setup(monkeypatch, False, "cuda")
+    model, opts, step, feed, bad = _guard_setup(monkeypatch, True, "cuda")
+    pending = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n in range(1, 4):
+            pending.append((n, step(feed, 1.0).stats))
+        before = _snapshot(model, opts)
+        bad["grad"] = True
+        pending.append((4, step(feed, 1.0).stats))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(model, opts), before, strict=True))
+    got = read_back(pending)
+    assert [why is None for _, _, why in got] == [True, True, True, False]
+    for n in range(1, 4):
+        assert got[n - 1][1] == pytest.approx(ref_step(ref_feed, 1.0).loss, rel=1e-6)
+    for a, b in zip(before, _snapshot(ref_model, ref_opts), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_the_deferred_guard_needs_optimizers_that_skip_on_the_device(monkeypatch):
