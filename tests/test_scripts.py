@@ -61,6 +61,22 @@ def test_bench_train_ab_table_takes_medians_of_the_rounds_that_ran():
         {"config": "medium", "levers": "sync", "tokens_per_s": 50, "ratio": None, "syncs_per_step": None, "runs": [50]}]
 
 
+def test_levers_gpu_script_names_only_levers_and_values_that_exist():
+    """scripts/levers_gpu.sh (the one device call of issue 20): valid bash, every --ab lever one bench_train knows,
+    every MINILLM_ variable it sets a lever's with one of its values."""
+    import re
+
+    from minillm.optim.levers import LEVERS
+
+    script = ROOT / "scripts" / "levers_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    names = {n for v in re.findall(r"--ab (\S+)", text) for n in v.split(",")}
+    assert names == {"base", "sync", "cudagraphs", "ns"}
+    sets = re.findall(r"MINILLM_(\w+)=([\w-]+)", text)
+    assert {k for k, _ in sets} == set(LEVERS) and all(v in LEVERS[k] for k, v in sets)
+
+
 def test_bench_generate_runs_on_cpu_with_the_tiny_config():
     out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512", "--new-tokens",
                "20", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train")

@@ -108,9 +108,12 @@ class Muon(torch.optim.Optimizer):
             new_bufs = torch._foreach_lerp(bufs, grads, 1 - g["momentum"])
         upd = torch._foreach_lerp(grads, new_bufs, g["momentum"]) if g["nesterov"] else new_bufs
         ortho = orthogonalize_all(upd, g["ns_steps"], self.fused_ns)
-        new_ps = ps if ok is None else [p.clone() for p in ps]
-        if wd:
-            torch._foreach_mul_(new_ps, 1 - lr * wd)
+        if ok is None:
+            new_ps = ps
+            if wd:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+        else:  # a decayed copy (one launch; times 1 is exact)
+            new_ps = torch._foreach_mul(ps, 1 - lr * wd if wd else 1.0)
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, p in enumerate(ps):
             by_shape[tuple(p.shape)].append(i)
