@@ -329,7 +329,8 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 tps = tokens_per_step * (state.step - step_log) / max(time.time() - t_log, 1e-9)
                 eta_s = eta(durs, total - state.step if total else None, eval_every, eval_s,
                             tcfg.max_time - clock() if tcfg.max_time else None)
-                log.step(state.step, total, epoch_of(loader, loader_state), last_loss if r.stats is not None else r.loss, lr, tps,
+                loss = r.loss if r.stats is None else last_loss  # deferred: the last step read back
+                log.step(state.step, total, epoch_of(loader, loader_state), loss, lr, tps,
                          flops * tps / peak if peak else None, eta_s)
                 t_log, step_log = time.time(), state.step
             plan_now = ready_to_plan(state, durs, tcfg.max_time) and not compiling
