@@ -231,6 +231,7 @@ def _step_unless(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
 
 
 def _takes_found_inf(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``_step_unless`` can skip ``opt``'s step on the device (torch's non-fused AdamW refuses a found_inf)."""
     return isinstance(opt, Muon) or bool(opt.defaults.get("fused"))
 
 
