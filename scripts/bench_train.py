@@ -13,6 +13,24 @@ down: imports (process start to the benchmark's first line: Python, torch, minil
 model (build, optimizers, compile wrapper), first_step (compilation included) and compile_s (the first step
 less a steady one). Later configs of one process find torch imported and the CUDA context made.
 
+Levers (issue 20; each off by default, switched by its environment variable of ``minillm/optim/levers.py``):
+``--ab`` runs every config once per variant, each variant a comma-separated list of levers or ``base`` (none),
+``--rounds`` times, interleaved, and ends with a table of each variant's median tokens/s and its ratio to ``base``:
+
+    python scripts/bench_train.py --config small --config medium --timing total --rounds 2 \
+        --ab base --ab sync --ab cudagraphs --ab ns --ab sync,cudagraphs,ns --json
+
+  sync        MINILLM_STEP_SYNC=log                     the non-finite check on the device, no host sync per step
+  cudagraphs  MINILLM_COMPILE_MODE=reduce-overhead      the compiled regions replayed as CUDA graphs
+  autotune    MINILLM_COMPILE_MODE=max-autotune-no-cudagraphs
+  ns          MINILLM_MUON_NS=fused                     Muon's Newton-Schulz as baddbmm, tall and wide batched together
+
+``--timing each`` (the default) times each step between two synchronisations and reports the median; ``total``
+times the timed steps back to back with one synchronisation at the end (what a training run sees: the host
+queues the next step while the GPU works, which a step without a host sync allows). Each row starts with
+TorchDynamo's caches reset, so that no variant runs on another's compiled code. On CUDA every row also counts the
+step's host synchronisations (``syncs_per_step``: torch's sync debug mode over two more steps).
+
 Under torchrun (WORLD_SIZE > 1) every rank joins the process group (NCCL on CUDA, one GPU per local rank;
 gloo with --device cpu), the compiled model is wrapped in DistributedDataParallel as the trainer wraps it
 (or sharded with FSDP2 with --fsdp), and --batch-size is the micro-batch per rank. Each rank reads its own
@@ -24,7 +42,9 @@ rank (peak_mem_GiB = the largest). Rank 0 alone prints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -39,6 +59,9 @@ PROCESS_START = process_started_at()
 # micro-batch x block of the issue's reference table (H100, nanoGPT train.py)
 REFERENCE = {"small": (256, 32000, 1.59e6), "medium": (128, 32000, 1.59e6), "large": (64, 32000, 0.79e6),
              "gpt2-124m": (32, 50304, 0.48e6)}
+# --ab lever names: the environment variable each sets (minillm/optim/levers.py) and its value
+LEVERS = {"sync": ("MINILLM_STEP_SYNC", "log"), "cudagraphs": ("MINILLM_COMPILE_MODE", "reduce-overhead"),
+          "autotune": ("MINILLM_COMPILE_MODE", "max-autotune-no-cudagraphs"), "ns": ("MINILLM_MUON_NS", "fused")}
 
 
 def bench_one(name: str, args, dist=None) -> dict:
@@ -57,6 +80,7 @@ def bench_one(name: str, args, dist=None) -> dict:
     from minillm.train import step as ts
     from minillm.train.log import peak_flops
 
+    torch._dynamo.reset()  # each row compiles its own graphs (another row's mode or model never serves it)
     t_begin = time.time()
     ref_batch, ref_vocab, ref_tps = REFERENCE.get(name, (None, 32000, None))
     overrides = {"device": args.device, "precision": args.precision, "compile": args.compile}
@@ -96,22 +120,29 @@ def bench_one(name: str, args, dist=None) -> dict:
     loader = Loader(stream, starts, mcfg.block_size, tcfg.batch_size, seed=0)
     prefetch = Prefetcher(loader, pin=device.type == "cuda", threads=1)
     train_step = ts.make_train_step(model, train_model, opts, tcfg, device, dtype, doc_id=0, reduce=reduce)
-    step = lambda prefetch, lr_scale: train_step(prefetch, lr_scale).loss  # noqa: E731  the step's loss (a float)
+    step = lambda prefetch, lr_scale: _loss(train_step(prefetch, lr_scale))  # noqa: E731
     if args.no_sync:  # measurement only: the same step without the host sync (no non-finite check)
         step = _step_without_sync(model, train_model, opts, tcfg, device, dtype)
     times = []
     t_first = time.time()  # the model, optimizers and (lazy) compile wrapper are built
+    each, last, t_timed = args.timing == "each", args.warmup + args.steps - 1, 0.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # on the CPU a step ends as it returns
     for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        if each or i <= args.warmup:
+            sync()
         t0 = time.perf_counter()
+        if i == args.warmup:
+            t_timed = t0
         loss = step(prefetch, lr_scale=1.0)
-        if device.type == "cuda":  # on the CPU each step has finished when it returns
-            torch.cuda.synchronize()
+        if each or i in (0, last):
+            sync()
         if i == 0:
             first_step_s = time.time() - t_first
-        if i >= args.warmup:
+        if i >= args.warmup and each:
             times.append(time.perf_counter() - t0)
+    if not each:  # one figure: the timed steps back to back
+        times.append((time.perf_counter() - t_timed) / args.steps)
+    syncs = _syncs_per_step(step, prefetch) if device.type == "cuda" else None
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -142,8 +173,8 @@ def bench_one(name: str, args, dist=None) -> dict:
         "startup": {"imports_s": round(t_begin - PROCESS_START, 2) if PROCESS_START else None,
                     "device_s": round(t_device - t_begin, 2), "model_s": round(t_first - t_device, 2),
                     "first_step_s": round(first_step_s, 2), "compile_s": round(first_step_s - dt, 2)},
-        "loss": round(float(getattr(loss, "loss", loss)), 3), "set": args.set,
-        "no_sync": args.no_sync,
+        "loss": round(float(loss), 3), "set": args.set,
+        "no_sync": args.no_sync, "timing": args.timing, "syncs_per_step": syncs,
         "reference_tokens_per_s": ref_tps,
     }
     if dist.enabled or args.fsdp:  # batch is per rank; tokens_per_s counts all ranks; mfu_pct is per GPU
@@ -154,6 +185,75 @@ def bench_one(name: str, args, dist=None) -> dict:
     del model, opts, compiled, train_model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return out
+
+
+def _loss(r):
+    """A StepResult's loss: a float, or with MINILLM_STEP_SYNC=log the 0-d tensor on the device (read at the end)."""
+    return r.loss if r.stats is None else r.stats[0]
+
+
+def _syncs_per_step(step, prefetch, n: int = 2) -> float:
+    """Synchronising CUDA calls per step (the host waiting for the GPU), counted by torch's sync debug mode over
+    ``n`` steps after the timed ones."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(n):
+                step(prefetch, lr_scale=1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught) / n
+
+
+@contextlib.contextmanager
+def levers(variant: str):
+    """The environment of a ``--ab`` variant: its levers' variables set (``base``: none), restored after."""
+    names = [] if variant == "base" else variant.split(",")
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"--ab {variant}: unknown lever {unknown[0]}; use base or any of {', '.join(LEVERS)}")
+    saved = {var: os.environ.get(var) for var, _ in LEVERS.values()}
+    os.environ.update(dict(LEVERS[n] for n in names))
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _ab_row(name: str, variant: str, args, dist) -> dict:
+    """A ``--ab`` row; a variant that fails becomes a row with its ``error`` (the other variants still run)."""
+    try:
+        return bench_one(name, args, dist) | {"levers": variant}
+    except Exception as e:  # noqa: BLE001  a lever that breaks is a result too
+        return {"config": name, "levers": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def ab_table(rows: list[dict]) -> list[dict]:
+    """Per config and variant (rows of ``--ab``): the median tokens/s over the rounds that ran and its ratio to the
+    config's ``base`` variant (to its first variant when there is no ``base``); None where none ran.
+    ``syncs_per_step``: the first run's (CUDA only)."""
+    out = []
+    for config in dict.fromkeys(r["config"] for r in rows):
+        runs = {v: [r["tokens_per_s"] for r in rows if r["config"] == config and r["levers"] == v and "error" not in r]
+                for v in dict.fromkeys(r["levers"] for r in rows if r["config"] == config)}
+        med = {v: statistics.median(t) if t else None for v, t in runs.items()}
+        base = med.get("base", next(iter(med.values())))
+        syncs = {v: next((r.get("syncs_per_step") for r in rows if r["config"] == config and r["levers"] == v
+                          and "error" not in r), None) for v in med}
+        out += [{"config": config, "levers": v, "tokens_per_s": round(t) if t else None,
+                 "ratio": round(t / base, 3) if t and base else None, "syncs_per_step": syncs[v], "runs": runs[v]}
+                for v, t in med.items()]
     return out
 
 
@@ -189,6 +289,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="override a config field, e.g. --set loss_chunk=0")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     ap.add_argument("--no-sync", action="store_true", help="measure the step without its host sync (upper bound)")
+    ap.add_argument("--ab", action="append", default=[],
+                    help=f"a variant to run each config with: base, or levers joined by commas ({', '.join(LEVERS)}); "
+                         "repeat; ends with a table of tokens/s and the ratio to base")
+    ap.add_argument("--rounds", type=int, default=1, help="with --ab: runs of every variant, interleaved")
+    ap.add_argument("--timing", choices=("each", "total"), default="each",
+                    help="each: median of steps synchronised one by one; total: the timed steps back to back")
     ap.add_argument("--profile", type=int, default=0, help="print the N CUDA kernels taking the most time")
     ap.add_argument("--fsdp", action="store_true",
                     help="under torchrun, shard the model with FSDP2 (minillm.distributed.wrap_fsdp) instead of DDP")
@@ -196,12 +302,25 @@ def main() -> None:
     names = args.config or list(REFERENCE)
     from minillm import distributed
 
+    runs = [(n, v) for _ in range(args.rounds if args.ab else 1) for n in names for v in args.ab or [None]]
     with distributed.session(args.device) as dist:  # a no-op outside torchrun
         rows = []
-        for n in names:
-            rows.append(bench_one(n, args, dist))
+        for n, variant in runs:
+            with levers(variant) if variant else contextlib.nullcontext():
+                rows.append(_ab_row(n, variant, args, dist) if variant else bench_one(n, args, dist))
             if args.json and dist.is_main:  # as it goes: a later config's failure keeps the earlier rows
                 print(json.dumps(rows[-1]), flush=True)
+    if args.ab and dist.is_main:
+        table = ab_table(rows)
+        if args.json:
+            print(json.dumps({"ab": table}), flush=True)
+        print(f"{'config':<12} {'levers':<28} {'tokens/s':>12} {'ratio':>7} {'syncs':>6}  runs",
+              file=sys.stderr if args.json else sys.stdout)
+        for t in table:
+            tps = f"{t['tokens_per_s']:,}" if t["tokens_per_s"] else "failed"
+            ratio = f"{t['ratio']:.3f}" if t["ratio"] else "-"
+            print(f"{t['config']:<12} {t['levers']:<28} {tps:>12} {ratio:>7} {t['syncs_per_step']!s:>6}  {t['runs']}",
+                  file=sys.stderr if args.json else sys.stdout)
     if args.json or not dist.is_main:
         return
     cols = ["config", "batch", "block", "params_M", "step_ms", "tokens_per_s", "mfu_pct", "peak_mem_GiB",

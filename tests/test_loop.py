@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -129,3 +131,53 @@ def test_startup_breakdown_splits_the_time_to_the_first_step_into_its_phases():
                                                "first_step_s": 4.0, "total_s": 9.0}
     assert startup_breakdown({"start": 1.0, "imports": 2.0}, 4.0) == {"imports_s": 1.0, "first_step_s": 2.0, "total_s": 3.0}
     assert startup_breakdown({}, 4.0) == {}  # no marks (a context built by hand): nothing to report
+
+
+def test_the_deferred_guard_logs_the_same_loss_curve(tmp_path, tokenizer_path, corpus, monkeypatch):
+    """MINILLM_STEP_SYNC=log: the (loss, norm) read back at log steps and evaluations; the recorded training
+    losses, validation losses and weights are those of the synced run (both with the fused AdamW it needs)."""
+    from minillm.optim import groups
+
+    monkeypatch.setattr(groups, "lever", lambda name: "log" if name == "STEP_SYNC" else "matmul")  # fused AdamW
+    plain = run(tokenizer_path, corpus, tmp_path / "plain", max_steps=9, eval_every=4, log_every=3,
+                optimizer="muon")
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "log")
+    deferred = run(tokenizer_path, corpus, tmp_path / "deferred", max_steps=9, eval_every=4, log_every=3,
+                   optimizer="muon")
+    assert plain["steps"] == deferred["steps"] == 9 and plain["best_val_loss"] == deferred["best_val_loss"]
+    hist = [json.loads((tmp_path / n / "history.json").read_text()) for n in ("plain", "deferred")]
+    assert [t["step"] for t in hist[0]["train"]] == [1, 3, 4, 6, 8, 9]
+    clocks = {"tokens_per_s", "elapsed_s", "train_s", "first_step_s"}
+    evals = [[{k: v for k, v in e.items() if k not in clocks} for e in h["evals"]] for h in hist]
+    assert hist[0]["train"] == hist[1]["train"] and evals[0] == evals[1] and len(evals[0]) == 3
+    weights = [load_checkpoint(tmp_path / n / "ckpt_last.pt")["model"] for n in ("plain", "deferred")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_deferred_nonfinite_steps_are_reported_at_the_read_back_then_stop_the_run(
+        tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
+    """MINILLM_STEP_SYNC=log: a non-finite step is skipped on the device (it counts as a step) and reported with its
+    number when the loop reads the steps back; five in a row stop the run, its checkpoints finite."""
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "log")
+    real, calls = ts._forward, {"n": 0, "bad": lambda n: n == 3}
+
+    def forward(model, x, y, *a, **k):
+        loss = real(model, x, y, *a, **k)
+        if model.training:
+            calls["n"] += 1
+            return loss * float("nan") if calls["bad"](calls["n"]) else loss
+        return loss
+
+    monkeypatch.setattr(ts, "_forward", forward)
+    s = run(tokenizer_path, corpus, tmp_path / "one", max_steps=6, eval_every=3, log_every=5)
+    err = capsys.readouterr().err
+    assert s["steps"] == 6 and "step 3: non-finite loss nan; update skipped (1 in a row)" in err
+    train = json.loads((tmp_path / "one" / "history.json").read_text())["train"]
+    assert all(math.isfinite(t["loss"]) for t in train)
+
+    calls["n"], calls["bad"] = 0, lambda n: n > 4
+    out = tmp_path / "many"
+    with pytest.raises(MiniLLMError, match=r"5 non-finite steps in a row at step 9: .*last good checkpoint"):
+        run(tokenizer_path, corpus, out, max_steps=20, eval_every=4, log_every=10)
+    ck = load_checkpoint(out / "ckpt_last.pt")
+    assert all(torch.isfinite(t).all() for t in ck["model"].values())

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from minillm.optim.muon import Muon, orthogonalize
@@ -147,3 +148,74 @@ def test_resume_through_a_checkpoint_is_exact(tmp_path):
             p.copy_(ck["model"][f"w{i}"])
     run(ps3, opt3, range(3, 6))
     assert not torch.equal(straight[0], ps3[0])
+
+
+def test_the_fused_iteration_in_bf16_matches_the_plain_one_per_matrix():
+    """MINILLM_MUON_NS=fused: baddbmm iterations, a tall matrix batched with the wide ones of its transposed shape,
+    in bf16 (as on a GPU): each result within bf16 rounding of the plain iteration on that matrix alone in fp32."""
+    from minillm.optim.muon import orthogonalize_all
+
+    torch.manual_seed(0)
+    upd = [torch.randn(16, 40), torch.randn(40, 16), torch.randn(16, 16), torch.randn(16, 40), torch.randn(40, 16)]
+    want = [orthogonalize(u[None])[0] for u in upd]
+    for fused in (False, True):
+        got = orthogonalize_all(upd, 5, fused)
+        assert [g.shape for g in got] == [u.shape for u in upd] and all(g.is_contiguous() for g in got)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    stack = torch.stack([upd[0], upd[1].mT, upd[3], upd[4].mT])
+    ref = torch.stack([want[0], want[1].mT, want[3], want[4].mT])
+    err = {f: float((orthogonalize(stack, 5, f, torch.bfloat16).float() - ref).norm() / ref.norm()) for f in (0, 1)}
+    assert 0 < err[1] <= err[0] < 0.05, err  # bf16 rounding, no more than today's bf16 iteration's (~3%)
+
+
+def test_a_found_inf_step_is_a_no_op_and_a_clear_one_is_the_plain_step():
+    """The fused AdamW protocol: ``found_inf`` = 1 leaves parameters and momentum exactly as they were (even with
+    non-finite gradients), 0 steps bit-identically to a step without it; the fused iteration moves alike."""
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8, 16), (8, 8), (8, 8)]
+    sets = [[torch.nn.Parameter(w.clone()) for w in [torch.randn(*s) for s in shapes]]]
+    sets.append([torch.nn.Parameter(w.detach().clone()) for w in sets[0]])
+    opts = [Muon(ps, lr=0.05, weight_decay=0.1) for ps in sets]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for ps in sets:
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+        opts[0].found_inf = torch.tensor(0.0)
+        for o in opts:
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(*sets, strict=True))
+    assert all(torch.equal(opts[0].state[a]["momentum_buffer"], opts[1].state[b]["momentum_buffer"])
+               for a, b in zip(*sets, strict=True))
+    before = [p.detach().clone() for p in sets[0]] + [opts[0].state[p]["momentum_buffer"].clone() for p in sets[0]]
+    for p in sets[0]:
+        p.grad = torch.full_like(p, float("nan"))
+    opts[0].found_inf = torch.tensor(1.0)
+    opts[0].step()
+    after = [p.detach() for p in sets[0]] + [opts[0].state[p]["momentum_buffer"] for p in sets[0]]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    fused = [torch.nn.Parameter(p.detach().clone()) for p in sets[1]]
+    plain, fast = Muon(sets[1], lr=0.05), Muon(fused, lr=0.05, fused_ns=True)
+    for ps, opt in ((sets[1], plain), (fused, fast)):
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    for a, b in zip(sets[1], fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_the_fused_bf16_iteration_is_as_close_to_fp32_as_the_plain_one():
+    """On a GPU, at the small and medium presets' shapes (MLP matrices, tall ones batched with the wide)."""
+    from minillm.optim.muon import orthogonalize_all
+
+    torch.manual_seed(0)
+    for d, h in ((256, 704), (384, 1024)):
+        upd = [torch.randn(h, d, device="cuda") for _ in range(4)] + [torch.randn(d, h, device="cuda") for _ in range(2)]
+        ref = [orthogonalize(u[None].double(), 5, False, torch.float64)[0].float() for u in upd]
+        err = {}
+        for fused in (False, True):
+            got = orthogonalize_all(upd, 5, fused)
+            err[fused] = max(float((g - r).norm() / r.norm()) for g, r in zip(got, ref, strict=True))
+        assert err[True] <= 1.1 * err[False] and err[True] < 0.05, err

@@ -23,6 +23,60 @@ def test_bench_train_runs_on_cpu_with_the_tiny_config():
     assert row["tokens_per_s"] > 0 and row["block"] == 64 and row["step_ms"] > 0
 
 
+def test_bench_train_ab_runs_each_lever_and_tabulates_the_ratio_to_base():
+    """--ab: each variant in turn (its levers' environment variables set for its rows only), --timing total, then
+    the table; the levers change the speed, never the numbers (the same loss with and without them)."""
+    out = _run("scripts/bench_train.py", "--config", "configs/tiny.toml", "--device", "cpu", "--steps", "2",
+               "--warmup", "1", "--vocab", "512", "--json", "--timing", "total", "--set", "optimizer=muon",
+               "--ab", "base", "--ab", "sync,ns")
+    *rows, last = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["levers"] for r in rows] == ["base", "sync,ns"] and all(r["timing"] == "total" for r in rows)
+    assert rows[0]["loss"] == rows[1]["loss"]
+    table = last["ab"]
+    assert [(t["levers"], t["runs"]) for t in table] == [(r["levers"], [r["tokens_per_s"]]) for r in rows]
+    assert table[0]["ratio"] == 1.0
+    assert table[1]["ratio"] == round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 3)
+    r = subprocess.run([sys.executable, "scripts/bench_train.py", "--device", "cpu", "--ab", "warp"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--ab warp: unknown lever warp; use base or any of sync," in r.stderr
+
+
+def test_bench_train_ab_table_takes_medians_of_the_rounds_that_ran():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"config": "small", "levers": "base", "tokens_per_s": 100}, {"config": "small", "levers": "sync", "tokens_per_s": 130},
+            {"config": "small", "levers": "cudagraphs", "error": "RuntimeError: no"},
+            {"config": "small", "levers": "base", "tokens_per_s": 120}, {"config": "small", "levers": "sync", "tokens_per_s": 110},
+            {"config": "medium", "levers": "base", "error": "x"}, {"config": "medium", "levers": "sync", "tokens_per_s": 50}]
+    rows[0]["syncs_per_step"], rows[1]["syncs_per_step"] = 1.0, 0.0
+    none = {"tokens_per_s": None, "ratio": None, "syncs_per_step": None, "runs": []}
+    assert mod.ab_table(rows) == [
+        {"config": "small", "levers": "base", "tokens_per_s": 110, "ratio": 1.0, "syncs_per_step": 1.0, "runs": [100, 120]},
+        {"config": "small", "levers": "sync", "tokens_per_s": 120, "ratio": 1.091, "syncs_per_step": 0.0,
+         "runs": [130, 110]},
+        {"config": "small", "levers": "cudagraphs", **none}, {"config": "medium", "levers": "base", **none},
+        {"config": "medium", "levers": "sync", "tokens_per_s": 50, "ratio": None, "syncs_per_step": None, "runs": [50]}]
+
+
+def test_levers_gpu_script_names_only_levers_and_values_that_exist():
+    """scripts/levers_gpu.sh (the one device call of issue 20): valid bash, every --ab lever one bench_train knows,
+    every MINILLM_ variable it sets a lever's with one of its values."""
+    import re
+
+    from minillm.optim.levers import LEVERS
+
+    script = ROOT / "scripts" / "levers_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    names = {n for v in re.findall(r"--ab (\S+)", text) for n in v.split(",")}
+    assert names == {"base", "sync", "cudagraphs", "ns"}
+    sets = re.findall(r"MINILLM_(\w+)=([\w-]+)", text)
+    assert {k for k, _ in sets} == set(LEVERS) and all(v in LEVERS[k] for k, v in sets)
+
+
 def test_bench_generate_runs_on_cpu_with_the_tiny_config():
     out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512", "--new-tokens",
                "20", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train")

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from minillm.config import ModelConfig, resolve
+from minillm.errors import MiniLLMError, UsageError
 from minillm.model.gpt import GPT
 from minillm.optim.groups import configure_optimizer
 from minillm.train import step as ts
+from minillm.train.step import read_back
 
 
 def test_accumulation_equals_one_large_batch():
@@ -170,3 +172,161 @@ def test_compiled_kernels_are_cached_in_the_users_cache_directory(tmp_path, monk
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     ts.maybe_compile(model, resolve("tiny", {"compile": "on"})[1], torch.device("cpu"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+# ---------------------------------------------------------------- MINILLM_STEP_SYNC=log: the guard on the device
+
+
+def _guard_setup(monkeypatch, deferred: bool, device: str = "cpu"):
+    """A tiny Muon + fused AdamW model (the optimizers both modes run with), a step of the mode asked for, a wrapper
+    whose next backward can be made infinite, and a deterministic feed."""
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "log")
+    torch.manual_seed(0)
+    tcfg = resolve("tiny", {"optimizer": "muon", "grad_clip": 1.0})[1]
+    dev = torch.device(device)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)).to(dev)
+    opts = configure_optimizer(model, tcfg, dev)
+    assert [type(o).__name__ for o in opts] == ["AdamW", "Muon"] and opts[0].defaults["fused"]
+    bad = {"grad": False, "loss": False}
+
+    class Poison(torch.nn.Module):
+        def forward(self, x, y, **kw):
+            loss = model(x, y, **kw)
+            loss = _InfGrad.apply(loss) if bad["grad"] else loss
+            return loss * float("nan") if bad["loss"] else loss
+
+    batches = [torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(n)) for n in range(8)]
+    batches = [b.pin_memory() for b in batches] if dev.type == "cuda" else batches  # as the Prefetcher's on CUDA
+
+    class Feed:
+        n = 0
+
+        def next(self):
+            self.n += 1
+            return batches[self.n], {"pos": self.n}
+
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "log" if deferred else "step")
+    step = ts.make_train_step(model, Poison(), opts, tcfg, dev, torch.float32, 1)
+    return model, opts, step, Feed(), bad
+
+
+def _snapshot(model, opts) -> list[torch.Tensor]:
+    out = [p.detach().clone() for p in model.parameters()]
+    for o in opts:
+        for st in o.state.values():
+            out += [v.clone() for v in st.values()]
+    return out
+
+
+def _no_host_sync(monkeypatch):
+    """Every way Python reads a tensor's value back raises (what a step without a host sync never does)."""
+    def sync(*a, **k):
+        raise AssertionError("host sync")
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+
+
+def test_the_deferred_guard_steps_exactly_as_the_synced_one_without_reading_the_device(monkeypatch):
+    """MINILLM_STEP_SYNC=log: a finite step gives bit-identical parameters and optimizer state (Muon's and AdamW's)
+    to the synced step's, reads nothing back, and hands its (loss, norm) on for read_back."""
+    ref_model, ref_opts, ref_step, ref_feed, _ = _guard_setup(monkeypatch, deferred=False)
+    model, opts, step, feed, _ = _guard_setup(monkeypatch, deferred=True)
+    for _ in range(3):
+        want = ref_step(ref_feed, 0.5)
+        with monkeypatch.context() as m:
+            _no_host_sync(m)
+            got = step(feed, 0.5)
+        assert got.stats is not None and math.isnan(got.loss) and got.loader_state == want.loader_state
+        assert read_back([(7, got.stats)]) == [(7, want.loss, None)]
+        assert float(got.stats[1]) == want.grad_norm
+    snap, ref = _snapshot(model, opts), _snapshot(ref_model, ref_opts)
+    assert len(snap) == len(ref) > 2 * len(list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(snap, ref, strict=True))
+
+
+def test_a_nonfinite_deferred_step_changes_nothing_and_is_reported_at_the_read_back(monkeypatch):
+    model, opts, step, feed, bad = _guard_setup(monkeypatch, deferred=True)
+    first = step(feed, 1.0)
+    before = _snapshot(model, opts)
+    pending = [(1, first.stats)]
+    for n, kind in ((2, "grad"), (3, "loss")):
+        bad[kind] = True
+        pending.append((n, step(feed, 1.0).stats))
+        bad[kind] = False
+        assert all(torch.equal(a, b) for a, b in zip(_snapshot(model, opts), before, strict=True)), kind
+        assert all(p.grad is None for p in model.parameters())
+    pending.append((4, step(feed, 1.0).stats))  # a finite step after them updates again
+    assert not torch.equal(next(model.parameters()), before[0])
+    got = read_back(pending)
+    assert [n for n, _, _ in got] == [1, 2, 3, 4] and got[0][2] is None and got[3][2] is None
+    assert got[1][2].startswith("non-finite gradient norm") and got[2][2] == "non-finite loss nan"
+    assert math.isfinite(got[1][1]) and math.isnan(got[2][1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_the_deferred_guard_never_synchronises_and_skips_on_the_gpu(monkeypatch):
+    """On a GPU (fused AdamW, Muon's bf16 iteration): no deferred step synchronises (torch's sync debug mode set to
+    raise), a non-finite one leaves parameters and optimizer state exactly as they were, finite ones step as the
+    synced step does."""
+    ref_model, ref_opts, ref_step, ref_feed, _ = _guard_setup(monkeypatch, False, "cuda")
+    model, opts, step, feed, bad = _guard_setup(monkeypatch, True, "cuda")
+    pending = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n in range(1, 4):
+            pending.append((n, step(feed, 1.0).stats))
+        before = _snapshot(model, opts)
+        bad["grad"] = True
+        pending.append((4, step(feed, 1.0).stats))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(model, opts), before, strict=True))
+    got = read_back(pending)
+    assert [why is None for _, _, why in got] == [True, True, True, False]
+    for n in range(1, 4):
+        assert got[n - 1][1] == pytest.approx(ref_step(ref_feed, 1.0).loss, rel=1e-6)
+    for a, b in zip(before, _snapshot(ref_model, ref_opts), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_deferred_guard_needs_optimizers_that_skip_on_the_device(monkeypatch):
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "log")
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    cpu, tcfg = torch.device("cpu"), resolve("tiny", {})[1]
+    with pytest.raises(MiniLLMError, match="MINILLM_STEP_SYNC=log needs optimizers that skip on the device"):
+        ts.make_train_step(model, model, [torch.optim.AdamW(model.parameters())], tcfg, cpu, torch.float32, 1)
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "sometimes")
+    with pytest.raises(UsageError, match=r"MINILLM_STEP_SYNC=sometimes: not one of step, log; unset it"):
+        ts.make_train_step(model, model, [], tcfg, cpu, torch.float32, 1)
+
+
+def test_the_compile_mode_lever_reaches_the_compiled_regions(monkeypatch):
+    """MINILLM_COMPILE_MODE: the regions (or the whole model) compiled in that mode; reduce-overhead (CUDA graphs,
+    replayed on the thread that records them) never compiles in the background. On the CPU, which has no CUDA
+    graphs, the compiled step still trains as the eager one."""
+    from minillm.model import gpt
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    modes = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: modes.append(k.get("mode")) or real(fn, **k))
+    model, _ = _tiny_run()
+    for value, want in (("", None), ("reduce-overhead", "reduce-overhead"),
+                        ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")):
+        monkeypatch.setenv("MINILLM_COMPILE_MODE", value)
+        modes.clear()
+        auto = ts.maybe_compile(model, resolve("tiny", {"compile": "auto"})[1], torch.device("cuda"),
+                                warmup=lambda regions: None)
+        background = auto.compiling
+        auto.wait()
+        assert modes == [want, want] and background == (want != "reduce-overhead")
+        modes.clear()
+        ts.maybe_compile(model, resolve("tiny", {"compile": "model"})[1], torch.device("cpu"))
+        assert modes == [want]
+    monkeypatch.setenv("MINILLM_COMPILE_MODE", "reduce-overhead")
+    torch._dynamo.reset()
+    model, tcfg = _tiny_run("on")
+    compiled = ts.maybe_compile(model, tcfg, torch.device("cpu"))
+    assert compiled.regions != gpt.EAGER
+    reference, _ = _tiny_run()
+    assert _train_steps(compiled, model, 2) == pytest.approx(_train_steps(reference, reference, 2), rel=1e-5)

@@ -294,12 +294,12 @@ class Regions(NamedTuple):
 EAGER = Regions(run_block, run_head)
 
 
-def compile_regions() -> Regions:
+def compile_regions(mode: str | None = None) -> Regions:
     """Regional compilation: ``torch.compile`` the block once and the head once. Every block has the same
     code and shapes, so the graph compiled for the first is reused for the others (their weights are inputs
     of the graph, not constants): the compile time of one block instead of the whole model, and nothing to
-    recompile when the depth changes."""
-    return Regions(torch.compile(run_block, dynamic=False), torch.compile(run_head, dynamic=False))
+    recompile when the depth changes. ``mode``: ``torch.compile``'s (None: its default)."""
+    return Regions(torch.compile(run_block, dynamic=False, mode=mode), torch.compile(run_head, dynamic=False, mode=mode))
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from minillm.config import TrainConfig
+from minillm.optim.levers import lever
 
 UNBOUNDED = 10**12  # the provisional total of a time-budgeted run before its steps are planned
 
@@ -64,7 +65,9 @@ def rescheduled(s: Schedule, step: int, total: int) -> Schedule:
 def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW (fused on CUDA) with weight decay on 2-D weight matrices only: never on norms, biases or
     the embedding / output matrices. With ``optimizer == "muon"``, Muon takes the 2-D hidden matrices
-    and AdamW the rest. Each param group records its ``base_lr``; ``set_lr`` scales it."""
+    and AdamW the rest. Each param group records its ``base_lr``; ``set_lr`` scales it. The levers of
+    ``minillm.optim.levers``: ``MINILLM_STEP_SYNC=log`` takes the fused AdamW on the CPU too (it skips a step on
+    the device), ``MINILLM_MUON_NS=fused`` Muon's fused Newton-Schulz iteration."""
     decay, no_decay, hidden = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -80,12 +83,13 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = cfg.lr
-    fused = True if device.type == "cuda" else None
+    fused = True if device.type == "cuda" or lever("STEP_SYNC") == "log" else None
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
     if hidden:
         from minillm.optim.muon import Muon
 
-        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True)
+        muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
+                    fused_ns=lever("MUON_NS") == "fused")
         for g in muon.param_groups:
             g["base_lr"] = cfg.muon_lr
         opts.append(muon)

@@ -6,7 +6,9 @@ Faults: SIGINT/SIGTERM set a flag the loop checks between steps (a step is never
 ``ckpt_last.pt`` is saved and the run exits 130/143; a second signal aborts at once. Every file is written
 atomically, so SIGKILL at any moment leaves the previous checkpoints loadable. A non-finite loss or
 gradient skips the step; several in a row stop the run without touching the last good checkpoint. Under
-torchrun every rank takes each of these decisions at the same step.
+torchrun every rank takes each of these decisions at the same step. With ``MINILLM_STEP_SYNC=log`` a step is
+skipped on the device (it still counts as a step) and the loop learns of it when it reads the steps' (loss, norm)
+back: at its log steps, before an evaluation or a save, and at the end.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from minillm.train.log import (
     write_history,
 )
 from minillm.train.state import RunState, total_steps_for
-from minillm.train.step import estimate_val_loss, make_train_step
+from minillm.train.step import estimate_val_loss, make_train_step, read_back
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row that stop the run
 
@@ -217,6 +219,21 @@ def startup_breakdown(marks: dict[str, float], first_step_end: float) -> dict[st
     return out
 
 
+def _count_skip(bad: int, n: int, skipped: str | None, ctx: TrainContext) -> int:
+    """The non-finite steps in a row once step ``n`` is known (``skipped``: why its update was skipped, or None);
+    a skip is logged, and ``MAX_BAD_STEPS`` of them in a row stop the run."""
+    if skipped is None:
+        return 0
+    bad += 1
+    ctx.log.event(f"step {n}: {skipped}; update skipped ({bad} in a row)")
+    if bad >= MAX_BAD_STEPS:
+        raise MiniLLMError(
+            f"{bad} non-finite steps in a row at step {n}: the learning rate is likely too "
+            f"high (try --lr {ctx.tcfg.lr / 3:.2g}), fp16 overflowed (try --precision bf16 or fp32), or "
+            f"--grad-clip is off; the last good checkpoint in {ctx.outdir} is kept")
+    return bad
+
+
 def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     """The loop: step, log, evaluate, save. Ends with the schedule, the time budget, patience or a signal."""
     tcfg, log, sig, outdir, loader, device = ctx.tcfg, ctx.log, ctx.signals, ctx.outdir, ctx.loader, ctx.device
@@ -237,6 +254,19 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     evals_here, provisional, plan_eval_s = 0, False, 0.0  # evaluations here; a first plan made from a compiling one
     last_eval = state.history[-1]["step"] if state.history else -1
     t_log, step_log = time.time(), state.step
+    pending: list[tuple[int, torch.Tensor]] = []  # deferred steps (MINILLM_STEP_SYNC=log) not read back yet
+    last_loss = math.nan  # the last read-back step's loss
+
+    def settle() -> None:
+        """Read the deferred steps back: skips counted and logged, losses into the running average."""
+        nonlocal bad, last_loss
+        for n, loss, skipped in read_back(pending):
+            bad = _count_skip(bad, n, skipped, ctx)
+            if skipped is None:
+                state.running.append(loss)
+                last_loss = loss
+        pending.clear()
+
     warning = too_big_warning(expected_step_s(flops * tokens_per_step, device), device, tcfg.max_time)
     if warning:
         log.event(warning)
@@ -250,6 +280,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             if world > 1:  # every rank stops at the same step: a signal or the time limit on one is on all
                 code, over = (int(v) for v in distributed.agree_max([code, over], ctx.dist))
             if code:
+                settle()
                 if saved_step != state.step:
                     state.elapsed_s = clock()
                     save_run(outdir / "ckpt_last.pt", ctx, state, loader_state)
@@ -269,15 +300,14 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             r = step_fn(prefetch, lr / tcfg.lr)
             loader_state = r.loader_state
             if r.skipped:
-                bad += 1
-                log.event(f"step {state.step + 1}: {r.skipped}; update skipped ({bad} in a row)")
-                if bad >= MAX_BAD_STEPS:
-                    raise MiniLLMError(
-                        f"{bad} non-finite steps in a row at step {state.step + 1}: the learning rate is likely too "
-                        f"high (try --lr {tcfg.lr / 3:.2g}), fp16 overflowed (try --precision bf16 or fp32), or "
-                        f"--grad-clip is off; the last good checkpoint in {outdir} is kept")
+                bad = _count_skip(bad, state.step + 1, r.skipped, ctx)
                 continue
-            bad = 0
+            if r.stats is None:
+                bad = 0
+            else:
+                pending.append((state.step + 1, r.stats))
+                if not steps_s:  # the first step's time is the GPU's too
+                    settle()
             durs.append(time.time() - t0)
             if not steps_s:  # this process's first step
                 state.first_step_s += durs[0]
@@ -288,16 +318,19 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
             if compiling and not getattr(ctx.train_model, "compiling", False):  # now compiled: time only such steps
                 compiling, durs[1:] = False, []
             state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
-            state.running.append(r.loss)
+            if r.stats is None:
+                state.running.append(r.loss)
             total = sched.total if sched.total < UNBOUNDED else 0
             eval_every = tcfg.eval_every or state.eval_every or max(1, sched.total // 10)
             log.progress(state.step, total)
             if state.step % tcfg.log_every == 0 or state.step == 1:
+                settle()
                 record_train_loss(state, tcfg.log_every)
                 tps = tokens_per_step * (state.step - step_log) / max(time.time() - t_log, 1e-9)
                 eta_s = eta(durs, total - state.step if total else None, eval_every, eval_s,
                             tcfg.max_time - clock() if tcfg.max_time else None)
-                log.step(state.step, total, epoch_of(loader, loader_state), r.loss, lr, tps,
+                loss = r.loss if r.stats is None else last_loss  # deferred: the last step read back
+                log.step(state.step, total, epoch_of(loader, loader_state), loss, lr, tps,
                          flops * tps / peak if peak else None, eta_s)
                 t_log, step_log = time.time(), state.step
             plan_now = ready_to_plan(state, durs, tcfg.max_time) and not compiling
@@ -305,6 +338,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 plan_now = bool(distributed.agree_max([plan_now], ctx.dist)[0])
             if plan_now or state.step % eval_every == 0 or state.step >= sched.total:
                 t0 = time.time()
+                settle()
                 evaluate_and_save(ctx, state, loader_state, lr)
                 eval_s, last_eval, saved_step = time.time() - t0, state.step, state.step
                 evals_here += 1
@@ -330,6 +364,7 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
     finally:
         sig.deferred = False
         prefetch.close()
+    settle()
     if last_eval != state.step and state.step > 0:  # ended by the time budget between evaluations
         evaluate_and_save(ctx, state, loader_state, lr)
     state.elapsed_s = clock()

@@ -19,6 +19,8 @@ import torch
 from minillm.config import TrainConfig
 from minillm.errors import MiniLLMError
 from minillm.optim.groups import clip_gradients, set_lr
+from minillm.optim.levers import lever
+from minillm.optim.muon import Muon
 
 if TYPE_CHECKING:
     from minillm.model.gpt import Regions
@@ -57,19 +59,19 @@ class RegionallyCompiled(torch.nn.Module):
     With ``warmup`` (a function that runs given regions once, forward and backward, on a copy of the model:
     ``background_warmup``), the compilation happens on a background thread while the first steps run eagerly;
     the first forward after it has ended switches to the compiled regions and calls ``on_ready(note)``. Without
-    it, the first forward compiles (the step waits)."""
+    it, the first forward compiles (the step waits). ``mode``: ``torch.compile``'s mode (None: its default)."""
 
     def __init__(self, model: torch.nn.Module, warmup: Callable[[Regions], None] | None = None,
-                 on_ready: Callable[[str], None] | None = None):
+                 on_ready: Callable[[str], None] | None = None, mode: str | None = None):
         super().__init__()
         from minillm.model.gpt import EAGER, compile_regions
 
-        self.model, self._on_ready = model, on_ready
+        self.model, self._on_ready, self._mode = model, on_ready, mode
         self._thread: threading.Thread | None = None
         self._compiled: Regions | None = None
         self._note = ""
         if warmup is None:
-            self.regions = compile_regions()
+            self.regions = compile_regions(mode)
             return
         self.regions = EAGER
         self._thread = threading.Thread(target=self._compile, args=(warmup,), name="minillm-compile", daemon=True)
@@ -80,7 +82,7 @@ class RegionallyCompiled(torch.nn.Module):
 
         t0 = time.time()
         try:
-            regions = compile_regions()
+            regions = compile_regions(self._mode)
             warmup(regions)
         except Exception as e:  # noqa: BLE001  a failed compilation leaves the run eager, never stops it
             self._note = f"compilation failed ({type(e).__name__}: {str(e)[:200]}); training continues uncompiled"
@@ -145,13 +147,18 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     and head compiled (regional compilation: one block's compile time, reused for every layer), or with
     ``--compile model`` (or ``whole``, for FSDP's sharded model) the whole model under one ``torch.compile``;
     the model itself otherwise. ``warmup`` (``--compile auto`` only): compile in the background while the first
-    steps run eagerly (``RegionallyCompiled``). Compiled kernels are cached in ``compile_cache_dir()``."""
+    steps run eagerly (``RegionallyCompiled``). Compiled kernels are cached in ``compile_cache_dir()``.
+    ``MINILLM_COMPILE_MODE`` (``minillm.optim.levers``) picks ``torch.compile``'s mode; with ``reduce-overhead``
+    (CUDA graphs, recorded on the thread that replays them) the regions compile in the first step, never in the
+    background."""
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    mode = None if lever("COMPILE_MODE") == "default" else lever("COMPILE_MODE")
     if tcfg.compile == "model" or whole:
-        return torch.compile(model)
-    return RegionallyCompiled(model, warmup if tcfg.compile == "auto" else None, on_ready)
+        return torch.compile(model, mode=mode)
+    background = tcfg.compile == "auto" and mode != "reduce-overhead"
+    return RegionallyCompiled(model, warmup if background else None, on_ready, mode)
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,10 +194,45 @@ def accumulate(model, batches: list[torch.Tensor], tcfg: TrainConfig, doc_id: in
 
 @dataclass
 class StepResult:
-    loss: float  # mean training loss of the step
-    grad_norm: float  # gradient norm before clipping
+    loss: float  # mean training loss of the step (nan when deferred)
+    grad_norm: float  # gradient norm before clipping (nan when deferred)
     loader_state: dict  # the loader's position after the step's micro-batches
     skipped: str | None = None  # why the update was skipped (a non-finite loss or gradient), else None
+    stats: torch.Tensor | None = None  # deferred (MINILLM_STEP_SYNC=log): (loss, norm) on the device, for read_back
+
+
+def skip_reason(loss: float, norm: float, scaled: bool) -> str | None:
+    """Why a step with this loss and gradient norm is not applied: a non-finite loss, or (unless the fp16 scaler,
+    which skips overflowing steps itself, is on) a non-finite gradient norm; None when it is."""
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss}"
+    if not math.isfinite(norm) and not scaled:
+        return f"non-finite gradient norm {norm}"
+    return None
+
+
+def read_back(pending: list[tuple[int, torch.Tensor]]) -> list[tuple[int, float, str | None]]:
+    """Deferred steps, each ``(step number, its StepResult.stats)``, read back in one host sync: for each, the
+    step number, its loss and why its update was skipped on the device (``skip_reason``) or None."""
+    if not pending:
+        return []
+    values = torch.stack([s for _, s in pending]).tolist()
+    return [(n, loss, skip_reason(loss, norm, False)) for (n, _), (loss, norm) in zip(pending, values, strict=True)]
+
+
+def _step_unless(opt: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """``opt.step()`` made a no-op on the device where ``found_inf`` (0-d float) is 1: the protocol of torch's fused
+    AdamW under a gradient scaler, which ``Muon`` follows too."""
+    opt.grad_scale, opt.found_inf = None, found_inf
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+
+
+def _takes_found_inf(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``_step_unless`` can skip ``opt``'s step on the device (torch's non-fused AdamW refuses a found_inf)."""
+    return isinstance(opt, Muon) or bool(opt.defaults.get("fused"))
 
 
 def make_train_step(model, train_model, opts, tcfg: TrainConfig, device, dtype, doc_id: int,
@@ -201,11 +243,24 @@ def make_train_step(model, train_model, opts, tcfg: TrainConfig, device, dtype, 
     and stepped); ``train_model`` is what the forward and backward go through: ``model`` itself, its
     ``torch.compile`` wrapper, or under torchrun the DistributedDataParallel wrapper around that. ``reduce(t)``
     (data-parallel runs) averages the (loss, norm) pair over the ranks in place, so every rank logs the global
-    loss and takes the same skip decision."""
+    loss and takes the same skip decision.
+
+    ``MINILLM_STEP_SYNC=log`` (``minillm.optim.levers``; not with the fp16 scaler, whose own check syncs): no host
+    sync in the step. The optimizers step unconditionally with a ``found_inf`` flag made on the device, which leaves
+    parameters and optimizer state exactly as they were when the loss or the norm is non-finite; the result carries
+    the (loss, norm) pair as ``stats`` for ``read_back`` (the loop reads them at its log steps). With
+    ``MINILLM_COMPILE_MODE=reduce-overhead`` each step begins a new CUDA-graph generation."""
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
+    deferred = lever("STEP_SYNC") == "log" and not scaler.is_enabled()
+    if deferred and not all(_takes_found_inf(opt) for opt in opts):
+        raise MiniLLMError("MINILLM_STEP_SYNC=log needs optimizers that skip on the device (fused AdamW, Muon); "
+                           "unset MINILLM_STEP_SYNC")
+    graphs = lever("COMPILE_MODE") == "reduce-overhead"
 
     def step(prefetch, lr_scale: float) -> StepResult:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         set_lr(opts, lr_scale)
         items = [prefetch.next() for _ in range(tcfg.accumulation_steps)]
         loss = accumulate(train_model, [b for b, _ in items], tcfg, doc_id, device, dtype, scaler)
@@ -215,12 +270,14 @@ def make_train_step(model, train_model, opts, tcfg: TrainConfig, device, dtype, 
         stats = torch.stack([loss, norm.float()])
         if reduce is not None:
             reduce(stats)
+        if deferred:
+            found_inf = (~torch.isfinite(stats).all()).float()
+            for opt in opts:
+                _step_unless(opt, found_inf)
+                opt.zero_grad(set_to_none=True)
+            return StepResult(math.nan, math.nan, items[-1][1], stats=stats)
         loss_val, norm_val = stats.tolist()  # the step's one host sync
-        skipped = None
-        if not math.isfinite(loss_val):
-            skipped = f"non-finite loss {loss_val}"
-        elif not math.isfinite(norm_val) and not scaler.is_enabled():
-            skipped = f"non-finite gradient norm {norm_val}"
+        skipped = skip_reason(loss_val, norm_val, scaler.is_enabled())
         if skipped is None:
             for opt in opts:
                 scaler.step(opt)
