@@ -33,10 +33,17 @@ def switched(c: StepChunk) -> bool:
 
 def test_background_runs_the_build_says_how_it_went_and_is_busy_meanwhile():
     go = threading.Event()
-    bg = Background(lambda: (go.wait(10), 42)[1], "the test build")
+
+    def build_it():
+        go.wait(10)
+        return 42
+
+    bg = Background(build_it, "the test build")
     assert busy() and not bg.done() and not bg.wait(0.01)
+    assert [f for _, f in bg.stack()][-3:] == ["build_it", "wait", "wait"]  # Event.wait, then Condition.wait
     go.set()
     assert bg.wait(10) and not busy()
+    assert bg.stack() == []
     assert bg.result == 42 and bg.note.startswith("the test build: ready in") and bg.seconds >= 0
     bad = Background(lambda: 1 / 0, "the bad build")
     assert bad.wait(10) and bad.result is None and not busy()

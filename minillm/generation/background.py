@@ -5,6 +5,7 @@ allocations and synchronisations would break the capture), so captures wait unti
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,3 +53,13 @@ class Background:
         """Block until the build has ended (at most ``timeout`` seconds); whether it has."""
         self._thread.join(timeout)
         return self.done()
+
+    def stack(self) -> list[tuple[str, str]]:
+        """Where the build is now: (file, function) of each frame of its thread, innermost last (empty once it
+        ended): what a slow compile is spending its time on."""
+        frame = sys._current_frames().get(self._thread.ident)
+        out = []
+        while frame is not None:
+            out.append((frame.f_code.co_filename, frame.f_code.co_name))
+            frame = frame.f_back
+        return out[::-1]
