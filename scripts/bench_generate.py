@@ -13,10 +13,15 @@ Decode rows: for each --configs preset (random weights, vocab --vocab) and --dty
 no penalty), each --decoders entry (graph1: one token per CUDA-graph replay and read-back, the decoder before
 issue 22; graphK: --chunk tokens per replay, sampling on the GPU; graphKf: graphK decoding with each layer's q/k/v
 and gate/up projections concatenated, three matrix products fewer a layer; on CPU the static step run eagerly;
-graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on), at
-batch 1 (one --prompt-len prompt) and --batch prompts batched (random lengths in [prompt-len/4, prompt-len]):
+graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on; graphKb: generate's
+--compile background, graphKf while graphKc's step compiles on a thread, then graphKc: the row reports the first run's
+tokens/s, the background compile's seconds and a profile of the compile thread's stack sampled every 0.5 s (also when
+--compile-wait runs out first), then the compiled chunk's tokens/s; graphKct, graphKca: graphKb compiling under
+inductor's coordinate_descent_tuning, or mode max-autotune-no-cudagraphs's options), at
+batch 1 (one --prompt-len prompt) and each --batch size of prompts batched (random lengths in [prompt-len/4, prompt-len]):
 --new-tokens each, no stop token, so every run makes exactly that many. Each row runs once untimed (CUDA-graph capture,
-warm-up), then --repeats times; the median is reported. graphKc rows are followed by a "warm_start" line: the
+warm-up), then --repeats times; the median is reported. --row-timeout runs each row in a process of its own (and
+a cold inductor cache of its own), killed after that many seconds (a "timeout" line). graphKc rows are followed by a "warm_start" line: the
 first run's seconds again with the compiled kernels cached (dynamo's caches reset, the inductor cache kept, as a
 second ``generate --compile on`` would start); their ``first_run_s`` is cold when --compile-cache is new (the default: a
 temporary directory). --only picks rows by the words of their names. A preset whose block is shorter than prompt + new tokens
@@ -110,8 +115,8 @@ def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tu
     table = {"graph1": (decode_mode(device, "auto"), 1, False, {}), "graphK": (k_mode, chunk, False, {}),
              "graphKf": (k_mode, chunk, True, {}), "graphKc": ("compiled", chunk, True, {}),
              "graphKb": ("background", chunk, True, {}),
-             "graphKct": ("compiled", chunk, True, {"coordinate_descent_tuning": True}),
-             "graphKca": ("compiled", chunk, True, torch._inductor.list_mode_options()["max-autotune-no-cudagraphs"])}
+             "graphKct": ("background", chunk, True, {"coordinate_descent_tuning": True}),
+             "graphKca": ("background", chunk, True, torch._inductor.list_mode_options()["max-autotune-no-cudagraphs"])}
     return {n: table[n] for n in names}
 
 
@@ -232,6 +237,7 @@ def background_row(row: dict, fn, model: GPT, device: torch.device, repeats: int
         print(f"    {n:>4} x 0.5 s  {place}", file=sys.stderr, flush=True)
     if not ended:
         return emit(row)
+    emit(row | {"kind": "background_compile"})  # said before the timed runs, which a --row-timeout may cut short
     return measure(row, fn, device, repeats)
 
 
@@ -410,8 +416,8 @@ def main() -> None:
                     help="graph1 (one token per replay), graphK (--chunk per replay), graphKf (graphK with the fused "
                          "q/k/v and gate/up projections), graphKc (graphKf torch.compile'd, --compile on: a compile per row, "
                          "so not in the default), graphKb (--compile background: graphKf, then graphKc once compiled on "
-                         "a thread), graphKct (graphKc with inductor's coordinate_descent_tuning), graphKca (graphKc "
-                         "with mode max-autotune-no-cudagraphs)")
+                         "a thread), graphKct (graphKb compiling with inductor's coordinate_descent_tuning), graphKca "
+                         "(graphKb compiling with mode max-autotune-no-cudagraphs's options)")
     ap.add_argument("--only", default="", help="rows whose names hold all the words of one of these comma-separated "
                                                "patterns, e.g. 'large default batch 1,HF large' (default: every row)")
     ap.add_argument("--compile-cache", default="", help="inductor's cache for graphKc (TORCHINDUCTOR_CACHE_DIR; "
