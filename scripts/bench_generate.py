@@ -13,10 +13,15 @@ Decode rows: for each --configs preset (random weights, vocab --vocab) and --dty
 no penalty), each --decoders entry (graph1: one token per CUDA-graph replay and read-back, the decoder before
 issue 22; graphK: --chunk tokens per replay, sampling on the GPU; graphKf: graphK decoding with each layer's q/k/v
 and gate/up projections concatenated, three matrix products fewer a layer; on CPU the static step run eagerly;
-graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on), at
-batch 1 (one --prompt-len prompt) and --batch prompts batched (random lengths in [prompt-len/4, prompt-len]):
+graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on; graphKb: generate's
+--compile background, graphKf while graphKc's step compiles on a thread, then graphKc: the row reports the first run's
+tokens/s, the background compile's seconds and a profile of the compile thread's stack sampled every 0.5 s (also when
+--compile-wait runs out first), then the compiled chunk's tokens/s; graphKct, graphKca: graphKb compiling under
+inductor's coordinate_descent_tuning, or mode max-autotune-no-cudagraphs's options), at
+batch 1 (one --prompt-len prompt) and each --batch size of prompts batched (random lengths in [prompt-len/4, prompt-len]):
 --new-tokens each, no stop token, so every run makes exactly that many. Each row runs once untimed (CUDA-graph capture,
-warm-up), then --repeats times; the median is reported. graphKc rows are followed by a "warm_start" line: the
+warm-up), then --repeats times; the median is reported. --row-timeout runs each row in a process of its own (and
+a cold inductor cache of its own), killed after that many seconds (a "timeout" line). graphKc rows are followed by a "warm_start" line: the
 first run's seconds again with the compiled kernels cached (dynamo's caches reset, the inductor cache kept, as a
 second ``generate --compile on`` would start); their ``first_run_s`` is cold when --compile-cache is new (the default: a
 temporary directory). --only picks rows by the words of their names. A preset whose block is shorter than prompt + new tokens
@@ -53,9 +58,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 
 from minillm.config import resolve  # noqa: E402
-from minillm.generation import DECODE_CHUNK, Sampling, _Decoder, decode_mode, generate_batch  # noqa: E402
+from minillm.generation import (  # noqa: E402
+    DECODE_CHUNK,
+    Sampling,
+    _Decoder,
+    decode_mode,
+    finish_background,
+    generate_batch,
+)
 from minillm.model.gpt import GPT  # noqa: E402
 
 SAMPLINGS = {"default": Sampling(0.8, 50, 0.95, 1.1), "greedy": Sampling(temperature=0)}
@@ -96,11 +109,14 @@ def measure(row: dict, fn, device: torch.device, repeats: int) -> dict:
     return emit(row)
 
 
-def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tuple[str, int, bool]]:
-    """Decoder name -> (generate_batch's mode, chunk, fused)."""
+def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tuple[str, int, bool, dict]]:
+    """Decoder name -> (generate_batch's mode, chunk, fused, inductor options while the row runs)."""
     k_mode = "graph" if device.type == "cuda" else "static"
-    table = {"graph1": (decode_mode(device, "auto"), 1, False), "graphK": (k_mode, chunk, False),
-             "graphKf": (k_mode, chunk, True), "graphKc": ("compiled", chunk, True)}
+    table = {"graph1": (decode_mode(device, "auto"), 1, False, {}), "graphK": (k_mode, chunk, False, {}),
+             "graphKf": (k_mode, chunk, True, {}), "graphKc": ("compiled", chunk, True, {}),
+             "graphKb": ("background", chunk, True, {}),
+             "graphKct": ("background", chunk, True, {"coordinate_descent_tuning": True}),
+             "graphKca": ("background", chunk, True, torch._inductor.list_mode_options()["max-autotune-no-cudagraphs"])}
     return {n: table[n] for n in names}
 
 
@@ -128,35 +144,140 @@ def warm_start(name: str, model: GPT, fn) -> dict:
     return emit({"kind": "warm_start", "name": name, "seconds": round(secs, 2)})
 
 
+def row_specs(args) -> list[tuple[str, str, str, str, str, int]]:
+    """The decode rows asked for: (name, config, dtype, sampling, decoder, rows) in the order they run."""
+    return [(f"{config} {dtype} {sname} {dname} batch {rows}", config, dtype, sname, dname, rows)
+            for config in args.configs.split(",") for dtype in args.dtypes.split(",")
+            for sname in args.sampling.split(",") for dname in args.decoders.split(",")
+            for rows in (1, *batches(args)) if selected(f"{config} {dtype} {sname} {dname} batch {rows}", args.only)]
+
+
+def batches(args) -> list[int]:
+    return [int(b) for b in str(args.batch).split(",") if b]
+
+
+def child_rows(args, specs) -> None:
+    """--row-timeout: each row in a process of its own (and, without --compile-cache, a cold inductor cache of its
+    own), killed after --row-timeout seconds: a compile that takes minutes says so and the next rows still run."""
+    for name, *_ in specs:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--only", name, "--row-timeout", "0",
+               "--no-train", "--no-hf", "--child"]
+        env = os.environ | ({} if args.compile_cache else
+                            {"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="bench-inductor-")})
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, env=env, timeout=args.row_timeout).returncode
+        except subprocess.TimeoutExpired:
+            print(f"{name:<52} stopped after {args.row_timeout} s", file=sys.stderr, flush=True)
+            emit({"kind": "timeout", "name": name, "seconds": args.row_timeout})
+            continue
+        if rc:
+            emit({"kind": "error", "name": name, "rc": rc, "seconds": round(time.perf_counter() - t0, 1)})
+
+
+def compile_report(name: str) -> dict:
+    """Where the compiles of the row went: dynamo's and inductor's timed phases (seconds, summed; the top 12) and
+    inductor's counters (cache hits, autotuning); both reset for the next row."""
+    from torch._dynamo.utils import compilation_time_metrics, compile_times, counters
+
+    phases, values = compile_times(repr="csv", aggregate=True)
+    top = sorted(((p, round(float(v), 2)) for p, v in zip(phases, values, strict=True)), key=lambda x: -x[1])[:12]
+    row = {"kind": "compile_times", "name": name, "phases_s": dict(top), "inductor": dict(counters["inductor"]),
+           "stats": dict(counters["stats"])}
+    print(f"{name:<52} compile: " + ", ".join(f"{p} {v}" for p, v in top[:5]), file=sys.stderr, flush=True)
+    compilation_time_metrics.clear()
+    counters.clear()
+    return emit(row)
+
+
+def where(stack: list[tuple[str, str]]) -> str:
+    """A compile thread's stack in a few words: its five innermost frames in torch's compiler or triton, outermost
+    first (e.g. 'triton_heuristics.autotune_to_one_config > ... > triton_heuristics.benchmark_all_configs')."""
+    marks = ("_dynamo", "_inductor", "triton", "_functorch")
+    return " > ".join([f"{Path(path).stem}.{fn}" for path, fn in stack if any(m in path for m in marks)][-5:])
+
+
+def wait_sampled(built: list, timeout: float | None, every: float = 0.5) -> tuple[bool, dict[str, int]]:
+    """Wait for the background compiles (at most ``timeout`` seconds), sampling their threads' stacks every
+    ``every`` seconds: whether they ended, and how many samples each place (``where``) had: the compile's profile."""
+    import collections
+
+    seen: collections.Counter = collections.Counter()
+    t0 = time.perf_counter()
+    while any(not b.done() for b in built) and (timeout is None or time.perf_counter() - t0 < timeout):
+        for b in built:
+            if not b.done():
+                seen[where(b.stack()) or "(outside torch's compiler)"] += 1
+        time.sleep(every)
+    return all(b.done() for b in built), dict(seen.most_common(15))
+
+
+def background_row(row: dict, fn, model: GPT, device: torch.device, repeats: int, wait: float | None) -> dict:
+    """graphKb (``--compile background``): the first run's tokens/s (the graph chunks, the chunk step compiling on
+    a thread meanwhile), the background compile's seconds, waited for (at most ``wait``) while its stack is sampled;
+    then ``measure``: its untimed run switches to the compiled chunk (warm-up, capture), the timed ones are the
+    compiled chunk's. A compile still running after ``wait`` is reported with its profile so far, not measured."""
+    sync(device)
+    t0 = time.perf_counter()
+    tokens = fn()
+    sync(device)
+    first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    built = finish_background(model, timeout=0)
+    ended, profile = wait_sampled(built, wait)
+    row |= {"first_run_tokens_per_s": round(tokens / first, 1), "compile_ended": ended,
+            "background_s": round(max((b.seconds for b in built), default=0.0), 2) if ended else None,
+            "waited_after_first_run_s": round(time.perf_counter() - t1, 2), "notes": [b.note for b in built],
+            "compile_profile_samples": profile}
+    print(f"{row['name']:<52} first run {tokens / first:.1f} tok/s while compiling; "
+          + (("no chunk ran: nothing compiled" if not built else f"compiled in {row['background_s']} s") if ended
+             else f"still compiling after {wait} s"),
+          file=sys.stderr, flush=True)
+    for place, n in list(profile.items())[:5]:
+        print(f"    {n:>4} x 0.5 s  {place}", file=sys.stderr, flush=True)
+    if not ended:
+        return emit(row)
+    emit(row | {"kind": "background_compile"})  # said before the timed runs, which a --row-timeout may cut short
+    return measure(row, fn, device, repeats)
+
+
 def decode_rows(args, device: torch.device) -> None:
+    specs = row_specs(args)
+    if args.row_timeout:
+        return child_rows(args, specs)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, args.vocab, (args.prompt_len,), generator=g).tolist()
-    lens = torch.randint(max(1, args.prompt_len // 4), args.prompt_len + 1, (args.batch,), generator=g).tolist()
+    lens = torch.randint(max(1, args.prompt_len // 4), args.prompt_len + 1, (max(batches(args)),), generator=g).tolist()
     prompts = [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in lens]
-    for config in args.configs.split(","):
-        mcfg = dataclasses.replace(resolve(config)[0], vocab_size=-(-args.vocab // 64) * 64)
-        for dtype in args.dtypes.split(","):
+    models: dict[tuple[str, str], GPT] = {}
+    for name, config, dtype, sname, dname, rows in specs:
+        if (config, dtype) not in models:
+            models.clear()
+            mcfg = dataclasses.replace(resolve(config)[0], vocab_size=-(-args.vocab // 64) * 64)
             torch.manual_seed(0)
-            model = GPT(mcfg).to(device, DTYPES[dtype]).eval()
-            for sname in args.sampling.split(","):
-                for dname, (mode, chunk, fused) in decoders(args.decoders.split(","), device, args.chunk).items():
-                    for rows in (1, args.batch):
-                        batch = [prompt] if rows == 1 else prompts
-                        name = f"{config} {dtype} {sname} {dname} batch {rows}"
-                        if not selected(name, args.only):
-                            continue
+            models[(config, dtype)] = GPT(mcfg).to(device, DTYPES[dtype]).eval()
+        model = models[(config, dtype)]
+        mode, chunk, fused, options = decoders([dname], device, args.chunk)[dname]
+        batch = [prompt] if rows == 1 else prompts[:rows]
 
-                        def run(model=model, batch=batch, sname=sname, mode=mode, chunk=chunk, fused=fused) -> int:
-                            gen = torch.Generator(device).manual_seed(0)
-                            out = generate_batch(model, batch, args.new_tokens, sampling=SAMPLINGS[sname],
-                                                 generator=gen, mode=mode, chunk=chunk, fused=fused)
-                            return sum(len(c.tokens) for c in out)
+        def run(model=model, batch=batch, sname=sname, mode=mode, chunk=chunk, fused=fused) -> int:
+            gen = torch.Generator(device).manual_seed(0)
+            out = generate_batch(model, batch, args.new_tokens, sampling=SAMPLINGS[sname], generator=gen, mode=mode,
+                                 chunk=chunk, fused=fused, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+            return sum(len(c.tokens) for c in out)
 
-                        measure({"kind": "decode", "name": name, "config": config, "dtype": dtype, "sampling": sname,
-                                 "decoder": dname, "mode": mode, "chunk": chunk, "fused": fused, "batch": rows,
-                                 "params": model.num_params()}, run, device, args.repeats)
-                        if mode == "compiled":
-                            warm_start(name, model, run)
+        row = {"kind": "decode", "name": name, "config": config, "dtype": dtype, "sampling": sname, "decoder": dname,
+               "mode": mode, "chunk": chunk, "fused": fused, "batch": rows, "params": model.num_params(),
+               "inductor_options": options}
+        with torch._inductor.config.patch(options):
+            if mode == "background":
+                background_row(row, run, model, device, args.repeats, args.compile_wait or None)
+            else:
+                measure(row, run, device, args.repeats)
+            if mode in ("compiled", "background"):
+                compile_report(name)
+            if mode == "compiled":
+                warm_start(name, model, run)
 
 
 def hf_rows(args, device: torch.device) -> None:
@@ -294,7 +415,9 @@ def main() -> None:
     ap.add_argument("--decoders", default="graph1,graphK,graphKf",
                     help="graph1 (one token per replay), graphK (--chunk per replay), graphKf (graphK with the fused "
                          "q/k/v and gate/up projections), graphKc (graphKf torch.compile'd, --compile on: a compile per row, "
-                         "so not in the default)")
+                         "so not in the default), graphKb (--compile background: graphKf, then graphKc once compiled on "
+                         "a thread), graphKct (graphKb compiling with inductor's coordinate_descent_tuning), graphKca "
+                         "(graphKb compiling with mode max-autotune-no-cudagraphs's options)")
     ap.add_argument("--only", default="", help="rows whose names hold all the words of one of these comma-separated "
                                                "patterns, e.g. 'large default batch 1,HF large' (default: every row)")
     ap.add_argument("--compile-cache", default="", help="inductor's cache for graphKc (TORCHINDUCTOR_CACHE_DIR; "
@@ -302,7 +425,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=DECODE_CHUNK, help="tokens per replay for graphK")
     ap.add_argument("--new-tokens", type=int, default=512, help="new tokens per prompt")
     ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (the longest of the batch)")
-    ap.add_argument("--batch", type=int, default=32, help="prompts in the batched rows")
+    ap.add_argument("--batch", default="32", help="prompts in the batched rows, comma-separated sizes (each besides "
+                                                   "batch 1), e.g. 8,32")
+    ap.add_argument("--row-timeout", type=int, default=0, help="seconds: each decode row in a process of its own, "
+                                                              "killed after this long (a timeout line); 0 = in this one")
+    ap.add_argument("--compile-wait", type=float, default=0, help="seconds a graphKb row waits for its background "
+                                                                   "compile (then reports where it is); 0 = until done")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each row; the median is reported")
     ap.add_argument("--hf-configs", default="large", help="presets for the transformers rows ('' for none)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
@@ -317,11 +446,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    emit({"kind": "setup", "device": str(device),
-          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
-          "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "batch": args.batch, "chunk": args.chunk,
-          "vocab": args.vocab, "command": " ".join(sys.argv)})
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.compile_cache or tempfile.mkdtemp(prefix="bench-inductor-")
+    if not args.child:
+        emit({"kind": "setup", "device": str(device),
+              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "torch": torch.__version__,
+              "new_tokens": args.new_tokens, "prompt_len": args.prompt_len, "batch": args.batch, "chunk": args.chunk,
+              "vocab": args.vocab, "command": " ".join(sys.argv)})
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = args.compile_cache or (os.environ.get("TORCHINDUCTOR_CACHE_DIR") if args.child
+                                                                   else "") or tempfile.mkdtemp(prefix="bench-inductor-")
     t0 = time.perf_counter()
     if not args.no_train:  # first: quick, and what the issue's acceptance needs besides speed
         work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-generate-"))
@@ -332,7 +463,8 @@ def main() -> None:
     decode_rows(args, device)
     if not args.no_hf:  # last: transformers compiles its static-cache step (tens of seconds per dtype)
         hf_rows(args, device)
-    emit({"kind": "done", "seconds": round(time.perf_counter() - t0, 1)})
+    if not args.child:
+        emit({"kind": "done", "seconds": round(time.perf_counter() - t0, 1)})
 
 
 if __name__ == "__main__":

@@ -206,6 +206,40 @@ def test_static_decoders_are_kept_on_their_model_and_go_with_it():
     assert gone() is None
 
 
+def test_cli_compile_background_switches_with_the_same_text_and_says_a_failed_compile_once(runner, run, monkeypatch):
+    """Chunks of 4 (block 32: 8 tokens between slides). The background build is waited for where it starts, so the
+    switch (or the failure) comes at the next chunk, not when the thread happens to end."""
+    from minillm.generation import decoder
+
+    class Waited(decoder.Background):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.wait()
+
+    monkeypatch.setattr(decoder, "Background", Waited)
+    eager_compile, calls = torch.compile, []
+
+    def counted(fn, **kw):  # dynamo's eager backend: the tracing, no code generation
+        compiled = eager_compile(fn, backend="eager", **kw)
+        return lambda *a: (calls.append(1), compiled(*a))[1]
+
+    args = ("--prompt", "el", "--max-tokens", "100", "--temperature", "0", "--decode-chunk", "4")
+    plain = gen(runner, run, *args)
+    monkeypatch.setattr(torch, "compile", counted)
+    background = gen(runner, run, *args, "--compile", "background")
+    assert background.exit_code == 0, background.output
+    assert background.stdout == plain.stdout and len(plain.stdout) > 20 and "compiling" not in background.stderr
+    assert len(calls) > 4 * 4  # the twin's chunk, then the switched chunks' steps
+
+    monkeypatch.setattr(torch, "compile", lambda *_a, **_kw: lambda *_args: 1 / 0)
+    failed = gen(runner, run, *args, "--compile", "background")
+    assert failed.exit_code == 0, failed.output
+    assert failed.stdout == plain.stdout
+    assert [ln for ln in failed.stderr.splitlines() if ln] == [
+        "warning: the background compile of the decode step failed (ZeroDivisionError: division by zero); decoding "
+        "goes on uncompiled"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["graph", "compiled"])
 def test_cuda_graph_decode_step_matches_eager_on_cuda(mode):

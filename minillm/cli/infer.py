@@ -30,7 +30,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="JSON lines, one per sample: prompt, completion, tokens, seconds, finish_reason."),
     seed: int = typer.Option(1337, "--seed", help="Random seed: the same seed gives the same text."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
-    compile: str = typer.Option("auto", "--compile", help="Decode step: auto (a CUDA graph on CUDA, plain on CPU), on (each decode step, sampling included, compiled by torch.compile into fused kernels, inside the CUDA graph: faster per token; the first run compiles for tens of seconds, minutes with --batch-generate's batches, later runs reuse the kernels cached under ~/.cache/minillm), off (plain PyTorch)."),
+    compile: str = typer.Option("auto", "--compile", help="Decode step: auto (a CUDA graph on CUDA, plain on CPU), on (each decode step, sampling included, compiled by torch.compile into fused kernels, inside the CUDA graph: faster per token; the first run compiles for tens of seconds, minutes with --batch-generate's batches, later runs reuse the kernels cached under ~/.cache/minillm), background (auto's decoder while on's compiles on a background thread, then on's: no wait; with --dtype bf16 the text then depends on when the switch came), off (plain PyTorch)."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights and KV cache: auto (bf16 on a CUDA GPU that supports it, fp32 elsewhere), bf16 (decoded with each layer's q/k/v and gate/up projections concatenated: fewer kernels) or fp32 (the tokens of the fp32 decoder, exactly)."),
     decode_chunk: int = typer.Option(16, "--decode-chunk", help="Tokens decoded per CUDA-graph replay, sampled on the GPU and read back together (--stream prints that many at a time); 1 = one at a time. The text does not depend on it."),
     force_tokenizer: bool = typer.Option(False, "--force-tokenizer", help="Use --tokenizer even if its hash differs from the checkpoint's."),
@@ -67,12 +67,13 @@ def generate(
         raise UsageError(f"--decode-chunk must be >= 1 (1 decodes one token at a time); got {decode_chunk}")
     dev = resolve_device(device)
     mode = decode_mode(dev, compile)
-    if mode == "compiled":  # the compiled kernels outlive the run: the next one starts warm
+    if mode in ("compiled", "background"):  # the compiled kernels outlive the run: the next one starts warm
         import os
 
         from minillm.train.step import compile_cache_dir
 
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    if mode == "compiled":
         typer.echo("compiling the decode step (--compile on): 10-30 s in a first run, minutes for a batch of many "
                    "prompts; later runs reuse the kernels cached in " + os.environ["TORCHINDUCTOR_CACHE_DIR"], err=True)
     weights = decode_dtype(dev, dtype)

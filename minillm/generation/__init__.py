@@ -7,6 +7,8 @@ from minillm.generation.decoder import (
     PAD,
     Completion,
     StepChunk,
+    TokenStep,
+    finish_background,
     generate,
     generate_batch,
 )
@@ -42,8 +44,8 @@ from minillm.generation.text import (
 
 __all__ = [
     "DECODE_CHUNK", "GREEDY_PENALTY", "MAX_DECODERS", "PAD", "SAMPLING_PENALTY", "Completion", "GraphedStep",
-    "Sampling", "StaticDecodeStep", "StepChunk", "TextStream", "_Decoder", "cache_len", "check_output",
+    "Sampling", "StaticDecodeStep", "StepChunk", "TextStream", "TokenStep", "_Decoder", "cache_len", "check_output",
     "check_request", "check_sampling", "complete", "decode_dtype", "decode_mode", "default_penalty", "draw",
-    "generate", "generate_batch", "not_utf8", "read_prompts", "render_samples", "sample_next_token", "slide_keep",
+    "finish_background", "generate", "generate_batch", "not_utf8", "read_prompts", "render_samples", "sample_next_token", "slide_keep",
     "static_decoder",
 ]

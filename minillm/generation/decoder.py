@@ -16,6 +16,7 @@ ends inside a chunk the generator is rewound to where the one-step loop would ha
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,19 +24,55 @@ import torch
 from torch import Tensor, nn
 
 from minillm.errors import MiniLLMError
+from minillm.generation.background import Background, busy
 from minillm.generation.sampling import Sampling, noise_like, sample_next_token, skip_draws
-from minillm.generation.static import MAX_DECODERS, Compiled, GraphedStep, _Decoder, slide_keep, step_module
+from minillm.generation.static import (
+    MAX_DECODERS,
+    Compiled,
+    StaticDecodeStep,
+    _Decoder,
+    slide_keep,
+    step_module,
+)
+from minillm.model.gpt import KVCache
 
 DECODE_CHUNK = 16  # generate's --decode-chunk: decode steps per CUDA-graph replay and host read-back
 PAD = -1  # what a chunk emits for a row after its stop token
 
 
+class TokenStep:
+    """One step of a ``StepChunk`` as a function of the chunk's buffers, every one passed in (``run``): what
+    ``--compile`` compiles, so that one compiled function serves any chunk of its shape (the background compile
+    runs it on buffers of its own, then the chunk decoding the user's text calls it with its own). Holds only what
+    every such chunk shares: the model, its concatenated projections (``StaticDecodeStep.fused``), the settings."""
+
+    def __init__(self, static: StaticDecodeStep, sampling: Sampling, stop_id: int | None):
+        self.model, self.fused, self.sampling, self.stop_id = static.model, static.fused, sampling, stop_id
+
+    def run(self, logits: Tensor, noise: Tensor | None, unsure: Tensor | None, bufs: tuple) -> Tensor:
+        """Step ``i`` of the chunk: sample from ``logits`` (B, V) with ``noise`` (Exp(1), or None when greedy),
+        record the token, mark it seen, end rows at the stop token, decode it -> the next logits (B, V).
+        ``bufs``: ``StepChunk.bufs``."""
+        out, done, seen, i, slot, offsets, key_valid, keys, values = bufs
+        s = self.sampling
+        nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, seen=seen,
+                                unsure=unsure, noise=noise)  # (B,)
+        out.index_copy_(1, i, nxt.masked_fill(done, PAD)[:, None])
+        if self.stop_id is not None:
+            done |= nxt == self.stop_id
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        logits = self.model.decode_step(nxt[:, None], slot + i, offsets, key_valid, keys, values, self.fused)
+        i += 1
+        return logits
+
+
 class StepChunk:
-    """``k`` decode steps of ``step`` (a ``StaticDecodeStep``, compiled or not) with sampling on the device. Each
-    call copies its inputs into static buffers (the logits to sample from, the seen-token mask, which rows have
-    ended, the first slot, the padding), runs the steps and returns the (B, k) tokens as lists (the one read-back),
-    leaving the next logits and the updated mask in place. Rows that ended (stop token) emit ``PAD``; their model
-    input stays the sampled token, as in the one-step loop.
+    """``k`` decode steps of ``static`` (a ``StaticDecodeStep``: the model, over ``cache``) with sampling on the
+    device. Each call copies its inputs into static buffers (the logits to sample from, the seen-token mask, which
+    rows have ended, the first slot, the padding), runs the steps and returns the (B, k) tokens as lists (the one
+    read-back), leaving the next logits and the updated mask in place. Rows that ended (stop token) emit ``PAD``;
+    their model input stays the sampled token, as in the one-step loop.
 
     ``graphed`` (CUDA): the first call runs eagerly on a side stream (warm-up), the second captures the k steps as
     one CUDA graph and every call replays it. The graph draws from a generator of its own, registered with it; the
@@ -45,15 +82,20 @@ class StepChunk:
     chunk where one could not (ties at the k-th logit past the margin, rare) is run again eagerly from its inputs
     and the same generator state, with the host check, so the tokens are the eager loop's.
 
-    ``compiled`` (``--compile on``): each step's work (sampling, bookkeeping, the decode step: ``token``) runs as one
-    torch.compile'd function (inductor: fused kernels; no cudagraphs of its own, the k steps are captured here),
-    compiled in the first call; only the random numbers are drawn outside it (inductor's would not be
-    ``torch.multinomial``'s). Its fused arithmetic rounds differently from the eager step's."""
+    ``compile``: ``on`` (``--compile on``): each step's work (``TokenStep``: sampling, bookkeeping, the decode step)
+    runs as one torch.compile'd function (inductor: fused kernels; no cudagraphs of its own, the k steps are
+    captured here), compiled in the first call; only the random numbers are drawn outside it (inductor's would not
+    be ``torch.multinomial``'s). Its fused arithmetic rounds differently from the eager step's. ``background``
+    (``--compile background``): the plain steps first, while a background thread compiles the same function and
+    runs it once on a chunk of its own (``compiled_step``; started once this chunk's graph is captured, and when no
+    other runs, see ``background.busy``); at the first chunk boundary after it is ready the chunk switches to it
+    (warm-up, capture, replays as above). A failed compile leaves the plain steps and says so once (``warn``)."""
 
-    def __init__(self, step: Callable, cache, k: int, sampling: Sampling, stop_id: int | None, vocab: int,
-                 graphed: bool, compiled: bool = False):
+    def __init__(self, static: StaticDecodeStep, cache, k: int, sampling: Sampling, stop_id: int | None, vocab: int,
+                 graphed: bool, compile: str = "off"):
         B, dev = cache.batch_size, cache.k.device
-        self.step, self.k, self.sampling, self.stop_id, self.graphed = step, k, sampling, stop_id, graphed
+        self.static, self.k, self.sampling, self.stop_id, self.graphed = static, k, sampling, stop_id, graphed
+        self.cache, self.vocab = cache, vocab
         self.logits = torch.zeros(B, vocab, device=dev)
         self.seen = torch.zeros(B, vocab, dtype=torch.bool, device=dev) if sampling.repetition_penalty != 1.0 else None
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -63,41 +105,36 @@ class StepChunk:
         self.out = torch.zeros(B, k, dtype=torch.long, device=dev)
         self.unsure = torch.zeros(B, dtype=torch.bool, device=dev)
         self.i = torch.zeros(1, dtype=torch.long, device=dev)  # the step within the chunk
-        self.token = Compiled(self.token_step) if compiled else self.token_step
+        self.plain = TokenStep(static, sampling, stop_id)
+        self.token: Callable = Compiled(self.plain.run) if compile == "on" else self.plain.run
+        self.pending = compile == "background"  # a background compile to start
+        self.background: Background | None = None
+        self.warn: Callable[[str], None] | None = None
         self.own = torch.Generator(dev) if graphed and sampling.temperature > 0 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
 
-    def token_step(self, logits: Tensor, noise: Tensor | None, unsure: Tensor | None) -> Tensor:
-        """Step ``i`` of the chunk: sample from ``logits`` (B, V) with ``noise`` (Exp(1), or None when greedy),
-        record the token, mark it seen, end rows at the stop token, decode it -> the next logits (B, V)."""
-        s = self.sampling
-        nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, seen=self.seen,
-                                unsure=unsure, noise=noise)  # (B,)
-        self.out.index_copy_(1, self.i, nxt.masked_fill(self.done, PAD)[:, None])
-        if self.stop_id is not None:
-            self.done |= nxt == self.stop_id
-        if self.seen is not None:
-            self.seen.scatter_(1, nxt[:, None], True)
-        logits = self.step(nxt[:, None], self.slot + self.i, self.offsets, self.key_valid)  # (B, V)
-        self.i += 1
-        return logits
+    @property
+    def bufs(self) -> tuple:
+        """What ``TokenStep.run`` works on: out, done, seen, i, slot, offsets, key_valid, the cache's keys, values."""
+        return (self.out, self.done, self.seen, self.i, self.slot, self.offsets, self.key_valid, self.cache.k,
+                self.cache.v)
 
     def body(self, generator: torch.Generator | None, redo: bool = False) -> None:
         """The k steps; ``redo``: eagerly, with sampling's host check (see the class)."""
-        token, unsure = (self.token_step, None) if redo else (self.token, self.unsure)
-        logits = self.logits
+        token, unsure = (self.plain.run, None) if redo else (self.token, self.unsure)
+        logits, bufs = self.logits, self.bufs
         self.i.zero_()
         for _ in range(self.k):
             noise = noise_like(logits, generator) if self.sampling.temperature > 0 else None
-            logits = token(logits, noise, unsure)
+            logits = token(logits, noise, unsure, bufs)
         self.logits.copy_(logits)
 
     def run(self, generator: torch.Generator | None) -> None:
         if not self.graphed:
             return self.body(generator)
-        if self.graph is None and self.calls < 1:  # warm-up: a real chunk, run eagerly
-            self.calls += 1
+        if self.graph is None and (self.calls < 1 or busy()):  # warm-up (a real chunk, run eagerly); no capture
+            self.calls += 1                                     # while a background compile is at work
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -121,6 +158,7 @@ class StepChunk:
     def __call__(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
                  key_valid: Tensor, generator: torch.Generator | None) -> list[list[int]]:
         """Decode k tokens per row from ``logits`` (B, V); ``logits`` and ``seen`` are updated in place."""
+        self.follow_background()
         state = generator.get_state() if self.sampling.temperature > 0 else None
         self.load(logits, seen, active, slot, offsets, key_valid)
         self.run(generator)
@@ -149,26 +187,63 @@ class StepChunk:
         self.offsets.copy_(offsets)
         self.key_valid.copy_(key_valid)
 
+    def follow_background(self) -> None:
+        """At a chunk boundary (``compile="background"``): start the background compile once this chunk's graph is
+        captured (off CUDA: at once) and no other is at work; switch to its compiled step once it is ready."""
+        if self.pending and (not self.graphed or self.graph is not None) and not busy():
+            self.pending = False
+            self.background = Background(self.compiled_step, "the background compile of the decode step")
+        elif self.background is not None and self.background.done():
+            bg, self.background = self.background, None
+            if bg.result is None:
+                if self.warn is not None:
+                    self.warn(f"{bg.note}; decoding goes on uncompiled")
+                return
+            self.token, self.graph, self.calls = bg.result, None, 0  # captured again at the next calls
 
-def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop_id: int | None) -> StepChunk:
+    def compiled_step(self) -> Callable:
+        """(on the background thread) ``TokenStep.run`` compiled, and run once on a chunk of its own (its own KV
+        cache and buffers, zero logits): the compiled function, ready for this chunk's buffers."""
+        fn = Compiled(self.plain.run)
+        c, dev = self.cache, self.cache.k.device
+        twin = StepChunk(self.static, KVCache(self.static.model.cfg, c.batch_size, c.max_len, dev, c.k.dtype), self.k,
+                         self.sampling, self.stop_id, self.vocab, graphed=False)
+        twin.token = fn
+        gen = torch.Generator(dev).manual_seed(0) if self.sampling.temperature > 0 else None
+        stream = torch.cuda.stream(torch.cuda.Stream(dev)) if dev.type == "cuda" else contextlib.nullcontext()
+        with stream, torch.no_grad():  # grad mode is the thread's own: the decoding thread's (a compile guards on it)
+            twin.body(gen)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return fn
+
+
+def step_chunk(model: nn.Module, dec: _Decoder, k: int, sampling: Sampling, stop_id: int | None,
+               warn: Callable[[str], None] | None = None) -> StepChunk:
     """The ``StepChunk`` of this decoder's static step, built (and captured) once and kept on the model with the
-    static decoders (``model.decoders``), for every later ``generate_batch`` of the same shape and settings."""
+    static decoders (``model.decoders``), for every later ``generate_batch`` of the same shape and settings.
+    ``warn``: where a failed background compile is said."""
     c = dec.cache
     key = ("chunk", c.batch_size, c.max_len, dec.mode, dec.dtype, dec.device, k, sampling, stop_id, dec.fused)
     hit = model.decoders.get(key)
-    compiled = dec.mode == "compiled"  # the chunk compiles its steps itself, around the plain static step
-    step = step_module(dec.static) if compiled else raw_step(dec.static)
-    if hit is None or hit.step is not step:
+    static = step_module(dec.static)
+    if hit is None or hit.static is not static:
         if len(model.decoders) >= MAX_DECODERS:
             model.decoders.clear()
-        graphed = dec.mode in ("graph", "compiled") and dec.device.type == "cuda"
-        hit = model.decoders[key] = StepChunk(step, c, k, sampling, stop_id, model.cfg.vocab_size, graphed, compiled)
+        graphed = dec.mode in ("graph", "compiled", "background") and dec.device.type == "cuda"
+        compile = {"compiled": "on", "background": "background"}.get(dec.mode, "off")
+        hit = model.decoders[key] = StepChunk(static, c, k, sampling, stop_id, model.cfg.vocab_size, graphed, compile)
+    hit.warn = warn
     return hit
 
 
-def raw_step(static: Callable) -> Callable:
-    """The decode step itself, without the one-token CUDA graph around it."""
-    return static.fn if isinstance(static, GraphedStep) else static
+def finish_background(model: nn.Module, timeout: float | None = None) -> list[Background]:
+    """Wait (at most ``timeout`` seconds each) for the background compiles of ``model``'s chunks still at work;
+    they are switched to at the next chunk boundary. Returns them (``note``, ``seconds``, ``done()``)."""
+    running = [c.background for c in model.decoders.values() if isinstance(c, StepChunk) and c.background is not None]
+    for bg in running:
+        bg.wait(timeout)
+    return running
 
 
 def default_generator(device: torch.device) -> torch.Generator:
@@ -201,11 +276,12 @@ def generate_batch(
     mode: str = "eager",
     chunk: int = 1,
     fused: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> list[Completion]:
     """Continue each prompt (token ids, usually starting with ``<|doc|>``; cut to its last ``block_size``
     tokens) by up to ``max_new_tokens``, all rows decoded together. A row ends at ``stop_id`` (not
-    included) or when ``on_token(row, token)`` returns True. ``mode``: eager, static, graph or compiled (see
-    ``_Decoder``); ignored without ``use_cache``. ``chunk``: decode steps per ``StepChunk`` call with a static
+    included) or when ``on_token(row, token)`` returns True. ``mode``: eager, static, graph, compiled or background
+    (see ``_Decoder``; ``warn`` says a failed background compile); ignored without ``use_cache``. ``chunk``: decode steps per ``StepChunk`` call with a static
     step (static, graph, compiled; one CUDA-graph replay on CUDA); 1 decodes one token at a time. The tokens do
     not depend on it, and ``on_token`` sees them in the same order (step by step, row by row), once per chunk.
     ``fused``: the static step with concatenated projections (``StaticDecodeStep``; the same math, rounded
@@ -249,7 +325,7 @@ def generate_batch(
             rng = generator or default_generator(dec.device)
             state = rng.get_state() if sampling.temperature > 0 else None
             c = dec.cache
-            rows = step_chunk(model, dec, chunk, sampling, stop_id)(logits, seen, active, c.pos, c.offsets,
+            rows = step_chunk(model, dec, chunk, sampling, stop_id, warn)(logits, seen, active, c.pos, c.offsets,
                                                                      c.key_mask, rng)
             c.pos += chunk
             for i in range(chunk):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from minillm.errors import UsageError
+from minillm.generation.background import busy
 from minillm.model.gpt import GPT, KVCache
 
 
@@ -23,12 +24,13 @@ def slide_keep(block: int) -> int:
 def decode_mode(device: torch.device, compile: str) -> str:
     """The decode step for ``--compile``: auto = the static step replayed as a CUDA graph on CUDA (no compile
     wait) and plain PyTorch elsewhere; on = torch.compile'd too (each step of a ``StepChunk``, sampling included; a longer first start, then
-    cached kernels: docs/GENERATION.md); off =
+    cached kernels: docs/GENERATION.md); background = auto's decoder first, the compiled chunk from when a
+    background thread has compiled it (``StepChunk``; on the CPU the static step, then compiled); off =
     plain PyTorch (``GPT.forward`` with the KV cache)."""
-    if compile not in ("auto", "on", "off"):
-        raise UsageError(f"--compile: {compile!r} is not one of auto, on, off")
-    if compile == "on":
-        return "compiled"
+    if compile not in ("auto", "on", "off", "background"):
+        raise UsageError(f"--compile: {compile!r} is not one of auto, on, off, background")
+    if compile in ("on", "background"):
+        return {"on": "compiled"}.get(compile, compile)
     return "graph" if compile == "auto" and device.type == "cuda" else "eager"
 
 
@@ -143,7 +145,7 @@ class GraphedStep:
         self.key_valid.copy_(key_valid)
         args = (self.idx, self.slot, self.offsets, self.key_valid)
         if self.graph is None:
-            if self.calls < self.warmup:
+            if self.calls < self.warmup or busy():  # no capture while a background compile is at work
                 self.calls += 1
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
@@ -201,8 +203,9 @@ class _Decoder:
         self.device, self.dtype = p.device, p.dtype
         self.cache, self.static = None, None
         max_len = cache_len(model.cfg.block_size, batch, need)
-        if mode in ("static", "graph", "compiled"):
-            self.cache, self.static = static_decoder(model, batch, max_len, mode, fused)
+        if mode in ("static", "graph", "compiled", "background"):  # background: graph's one-token step
+            static = {"background": "graph" if self.device.type == "cuda" else "static"}.get(mode, mode)
+            self.cache, self.static = static_decoder(model, batch, max_len, static, fused)
             if fused:
                 step_module(self.static).refresh()
         elif mode == "eager":

@@ -92,7 +92,7 @@ def complete(model: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int,
         t0 = time.perf_counter()
         comps = generate_batch(model, [ids for _, ids in batch], max_new_tokens, sampling=sampling, stop_id=d,
                                generator=generator, on_token=on_token if stops or stream else None, mode=mode,
-                               chunk=chunk, fused=fused)
+                               chunk=chunk, fused=fused, warn=warn)
         seconds = time.perf_counter() - t0
         for (p, _), ts, c in zip(batch, texts, comps, strict=True):
             if stream:
