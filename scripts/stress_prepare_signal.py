@@ -108,6 +108,8 @@ def one_run(i: int, args, src: Path, sitedir: Path) -> tuple[str, str]:
         text = err.read_text()
         lines = [ln for ln in text.splitlines() if ln.strip()]
         if out.read_text() != "previous\n" and not temps(Path(td)):  # its output was in place when the signal came
+            if code == CODES[name] and not (len(lines) == 1 and "written in full" in lines[0] and str(out) in lines[0]):
+                return "wrong", f"run {i} SIG{name}: its output was replaced but stderr says {text[-500:]!r}"
             return "late", f"run {i} SIG{name}: signalled after its output was written: exit {code}, stderr {text!r}"
         problems = []
         if code != CODES[name]:

@@ -68,14 +68,12 @@ def generate(
     dev = resolve_device(device)
     mode = decode_mode(dev, compile)
     if mode in ("compiled", "background"):  # the compiled kernels outlive the run: the next one starts warm
-        import os
+        from minillm.train.step import use_compile_cache
 
-        from minillm.train.step import compile_cache_dir
-
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+        cache = use_compile_cache()
     if mode == "compiled":
         typer.echo("compiling the decode step (--compile on): 10-30 s in a first run, minutes for a batch of many "
-                   "prompts; later runs reuse the kernels cached in " + os.environ["TORCHINDUCTOR_CACHE_DIR"], err=True)
+                   "prompts; later runs reuse the kernels cached in " + cache, err=True)
     weights = decode_dtype(dev, dtype)
     model, state = load_model(ckpt, str(dev))
     if adapter is not None:  # merged into the weights: same logits, no extra cost per token

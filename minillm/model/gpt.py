@@ -156,25 +156,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor], qkv: tuple[Tensor, Tensor | None] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, T, H, D), keys and values (B, T, Hkv, D) of ``x`` (B, T, C): the queries and keys
-        normed (QK-norm) and rotated by ``rope``."""
+        normed (QK-norm) and rotated by ``rope``. ``qkv``: the weight (and bias, or None) of q_proj, k_proj and
+        v_proj concatenated, for one matrix product instead of three (decoding's fewer kernels; the caller keeps
+        it equal to the three)."""
         B, T, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)), *rope)  # (B, T, H, D)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), *rope)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, Hkv, D)
-        return q, k, v
-
-    def project_fused(self, x: Tensor, rope: tuple[Tensor, Tensor], qkv: tuple[Tensor, Tensor | None]
-                      ) -> tuple[Tensor, Tensor, Tensor]:
-        """``project`` in one matrix product: ``qkv`` is the weight (and bias, or None) of q_proj, k_proj and
-        v_proj concatenated (decoding's fewer kernels; the caller keeps it equal to the three)."""
-        B, T, _ = x.shape
-        nq, nkv = self.n_head * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = F.linear(x, *qkv).split([nq, nkv, nkv], dim=-1)
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = F.linear(x, *qkv).split([self.n_head * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
         q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), *rope)  # (B, T, H, D)
         k = apply_rope(self.k_norm(k.view(B, T, self.n_kv, self.head_dim)), *rope)  # (B, T, Hkv, D)
-        return q, k, v.view(B, T, self.n_kv, self.head_dim)
+        return q, k, v.view(B, T, self.n_kv, self.head_dim)  # v (B, T, Hkv, D)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
@@ -202,14 +197,14 @@ class Attention(nn.Module):
                keys: Tensor, values: Tensor, qkv: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """One new token per row over a static cache (fixed shapes): x (B, 1, C) -> (B, 1, C). Its key and
         value go to slot ``slot`` (1,) of this layer's ``keys``/``values`` (B, Hkv, S, D), and it attends to
-        every slot ``visible`` (B, 1, 1, S) allows. ``qkv``: the fused projection (``project_fused``).
+        every slot ``visible`` (B, 1, 1, S) allows. ``qkv``: the fused projection (``project``).
 
         Same projections as ``forward``; the attention of the single query is written out, two matrix-vector
         products and a softmax, the query heads sharing a key/value head taken as its queries. (The fused SDPA
         kernels are built for many queries: at batch 1 in fp32 the memory-efficient one took 78 us a layer on
         an H100, half of the decode step; docs/BENCHMARKS.md.)"""
         B = x.size(0)
-        q, k, v = self.project(x, rope) if qkv is None else self.project_fused(x, rope, qkv)  # (B, 1, H|Hkv, D)
+        q, k, v = self.project(x, rope, qkv)  # (B, 1, H|Hkv, D)
         keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
         values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
         q = q.view(B, self.n_kv, self.n_head // self.n_kv, self.head_dim)  # (B, Hkv, G, D): G heads per kv head

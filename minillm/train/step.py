@@ -140,6 +140,12 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minillm" / "torchinductor"
 
 
+def use_compile_cache() -> str:
+    """Point PyTorch's kernel cache at ``compile_cache_dir()`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set; the
+    directory in use (for training's and generation's compilations alike)."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+
+
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
                   warmup: Callable[[Regions], None] | None = None,
                   on_ready: Callable[[str], None] | None = None) -> torch.nn.Module:
@@ -147,13 +153,13 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     and head compiled (regional compilation: one block's compile time, reused for every layer), or with
     ``--compile model`` (or ``whole``, for FSDP's sharded model) the whole model under one ``torch.compile``;
     the model itself otherwise. ``warmup`` (``--compile auto`` only): compile in the background while the first
-    steps run eagerly (``RegionallyCompiled``). Compiled kernels are cached in ``compile_cache_dir()``.
+    steps run eagerly (``RegionallyCompiled``). Compiled kernels are cached in ``compile_cache_dir()`` (``use_compile_cache``).
     ``MINILLM_COMPILE_MODE`` (``minillm.optim.levers``) picks ``torch.compile``'s mode; with ``reduce-overhead``
     (CUDA graphs, recorded on the thread that replays them) the regions compile in the first step, never in the
     background."""
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    use_compile_cache()
     mode = None if lever("COMPILE_MODE") == "default" else lever("COMPILE_MODE")
     if tcfg.compile == "model" or whole:
         return torch.compile(model, mode=mode)
