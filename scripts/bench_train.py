@@ -13,7 +13,7 @@ down: imports (process start to the benchmark's first line: Python, torch, minil
 model (build, optimizers, compile wrapper), first_step (compilation included) and compile_s (the first step
 less a steady one). Later configs of one process find torch imported and the CUDA context made.
 
-Levers (issue 20; each off by default, switched by its environment variable of ``minillm/optim/levers.py``):
+Levers (issue 20; each switched by its environment variable of ``minillm/optim/levers.py``; unset: the device's default):
 ``--ab`` runs every config once per variant, each variant a comma-separated list of levers or ``base`` (none),
 ``--rounds`` times, interleaved, and ends with a table of each variant's median tokens/s and its ratio to ``base``:
 
@@ -24,6 +24,11 @@ Levers (issue 20; each off by default, switched by its environment variable of `
   cudagraphs  MINILLM_COMPILE_MODE=reduce-overhead      the compiled regions replayed as CUDA graphs
   autotune    MINILLM_COMPILE_MODE=max-autotune-no-cudagraphs
   ns          MINILLM_MUON_NS=fused                     Muon's Newton-Schulz as baddbmm, tall and wide batched together
+  hostsync    MINILLM_STEP_SYNC=step                    the check on the host, one sync per step (the CPU's default)
+  matmulns    MINILLM_MUON_NS=matmul                    Muon's plain matmul iteration (the CPU's default)
+
+``sync`` and ``ns`` are CUDA's defaults since they were measured (so on a GPU ``base`` includes them); the
+before-and-after of the defaults on a GPU is ``--ab hostsync,matmulns --ab base``.
 
 ``--timing each`` (the default) times each step between two synchronisations and reports the median; ``total``
 times the timed steps back to back with one synchronisation at the end (what a training run sees: the host
@@ -61,7 +66,8 @@ REFERENCE = {"small": (256, 32000, 1.59e6), "medium": (128, 32000, 1.59e6), "lar
              "gpt2-124m": (32, 50304, 0.48e6)}
 # --ab lever names: the environment variable each sets (minillm/optim/levers.py) and its value
 LEVERS = {"sync": ("MINILLM_STEP_SYNC", "log"), "cudagraphs": ("MINILLM_COMPILE_MODE", "reduce-overhead"),
-          "autotune": ("MINILLM_COMPILE_MODE", "max-autotune-no-cudagraphs"), "ns": ("MINILLM_MUON_NS", "fused")}
+          "autotune": ("MINILLM_COMPILE_MODE", "max-autotune-no-cudagraphs"), "ns": ("MINILLM_MUON_NS", "fused"),
+          "hostsync": ("MINILLM_STEP_SYNC", "step"), "matmulns": ("MINILLM_MUON_NS", "matmul")}
 
 
 def bench_one(name: str, args, dist=None) -> dict:

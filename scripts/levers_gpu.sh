@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20's levers (minillm/optim/levers.py), measured in ONE device call (about 6 minutes on one H100):
 #   0. their CUDA tests (no host sync in a deferred step; a non-finite one skipped on the GPU; Muon's bf16 iteration);
-#   1. tokens/s of each lever against the baseline, small and medium, same process, 2 interleaved rounds
+#   1. tokens/s of each lever against the baseline (the defaults before: sync and ns are CUDA's defaults now), small and medium, same process, 2 interleaved rounds
 #      (scripts/bench_train.py --ab, --timing total: the steps back to back, one synchronisation at the end);
 #   2. correctness: `minillm train --config small` 200 steps on real text, seed 1337, --compile on, without and with
 #      the levers; the final validation loss of each lever run within 0.5% of the baseline's.
@@ -26,9 +26,9 @@ unset MINILLM_STEP_SYNC MINILLM_COMPILE_MODE MINILLM_MUON_NS
 echo "== 0. the levers' CUDA tests: a deferred step never synchronises and skips on the GPU; Muon's fused bf16 iteration"
 timeout 90 python -m pytest -q -p no:cacheprovider tests/test_trainstep.py tests/test_muon.py -k cuda 2>&1 | tail -8
 
-echo "== 1. tokens/s per lever (ratio to base, same process)"
+echo "== 1. tokens/s per lever (ratio to the first variant, the host check and plain Newton-Schulz: the defaults before they were measured)"
 timeout 300 python scripts/bench_train.py --config small --config medium --timing total --rounds 2 \
-  --ab base --ab sync --ab cudagraphs --ab ns --ab sync,cudagraphs,ns --json > "$OUT/ab.jsonl" 2> "$OUT/ab.err"
+  --ab hostsync,matmulns --ab hostsync --ab matmulns --ab base --ab cudagraphs --json > "$OUT/ab.jsonl" 2> "$OUT/ab.err"
 echo "rc=$?"; grep -v '^\s*$' "$OUT/ab.err" | tail -12
 grep -h '"error"' "$OUT/ab.jsonl" | cut -c1-400
 
@@ -41,9 +41,9 @@ train() {  # train NAME [VAR=VALUE...]: one run with those levers
     > "$OUT/train_$name.out" 2> "$OUT/train_$name.err"
   echo "$name rc=$?"; cp "/tmp/levers_$name/history.json" "$OUT/history_$name.json" 2> /dev/null
 }
-train base
-train sync_ns MINILLM_STEP_SYNC=log MINILLM_MUON_NS=fused
-train all MINILLM_STEP_SYNC=log MINILLM_MUON_NS=fused MINILLM_COMPILE_MODE=reduce-overhead
+train base MINILLM_STEP_SYNC=step MINILLM_MUON_NS=matmul
+train sync_ns
+train all MINILLM_COMPILE_MODE=reduce-overhead
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

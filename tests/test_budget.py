@@ -327,3 +327,32 @@ def test_a_background_compilation_plans_from_the_compiled_steps(tmp_path, tokeni
     lines = replans(capsys.readouterr().err)
     assert lines and lines[0].startswith("--max-time 30s: 50.0 ms/step"), lines  # planned from compiled steps
     assert r["summary"]["elapsed_s"] >= 0.85 * 30 and r["summary"]["steps"] > 200, r["summary"]
+
+
+def test_the_eager_steps_wait_for_the_device_while_the_model_compiles(tmp_path, tokenizer_path, corpus, monkeypatch,
+                                                                      capsys):
+    """Measured on an H100 (medium, 30 s, steps without a host sync): the eager steps kept the interpreter busy
+    launching kernels and the background compilation had not ended 25 s in. Each eager step now waits for the
+    device with the lock released (``yield_to_compiler``); the compiled steps never do."""
+    from minillm.train import loop
+    from minillm.train import run as train_run
+
+    seen: list[int] = []
+    waited: list[int] = []
+
+    class Compiling(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        @property
+        def compiling(self) -> bool:
+            return len(seen) < 40
+
+    monkeypatch.setattr(train_run, "maybe_compile", lambda model, *a, **k: Compiling(model))
+    monkeypatch.setattr(loop, "yield_to_compiler", lambda device: waited.append(len(seen)))
+    r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus,
+                  lambda i: (seen.append(i), 3.0 if i == 0 else 0.25 if i < 40 else 0.05)[1], 0.3, max_time=30.0,
+                  log_every=25)
+    assert r["summary"]["steps"] > 200
+    assert waited == list(range(1, 41)), waited  # after each of the 40 eager steps, and no other

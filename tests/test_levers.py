@@ -20,3 +20,16 @@ def test_each_lever_is_off_by_default_and_takes_only_its_values(monkeypatch):
         monkeypatch.setenv(f"MINILLM_{name}", "on")
         with pytest.raises(UsageError, match=rf"^MINILLM_{name}=on: not one of {', '.join(choices)}; unset it"):
             lever(name)
+
+
+def test_unset_levers_take_the_gpu_winners_on_cuda_and_stay_exact_elsewhere(monkeypatch):
+    """The measured winners (the device-side non-finite check, Muon's fused Newton-Schulz) are CUDA's defaults; the
+    CPU (and MPS) keep the synchronous path; a set variable wins on every device."""
+    for name in LEVERS:
+        monkeypatch.delenv(f"MINILLM_{name}", raising=False)
+    assert [lever(n, "cuda") for n in LEVERS] == ["log", "default", "fused"]
+    assert [lever(n, "cpu") for n in LEVERS] == ["step", "default", "matmul"]
+    assert [lever(n, "mps") for n in LEVERS] == ["step", "default", "matmul"]
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "step")
+    monkeypatch.setenv("MINILLM_MUON_NS", "matmul")
+    assert lever("STEP_SYNC", "cuda") == "step" and lever("MUON_NS", "cuda") == "matmul"

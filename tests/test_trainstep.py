@@ -330,3 +330,22 @@ def test_the_compile_mode_lever_reaches_the_compiled_regions(monkeypatch):
     assert compiled.regions != gpt.EAGER
     reference, _ = _tiny_run()
     assert _train_steps(compiled, model, 2) == pytest.approx(_train_steps(reference, reference, 2), rel=1e-5)
+
+
+def test_the_deferred_guard_is_the_cuda_default_and_falls_back_where_it_cannot_skip(monkeypatch):
+    """Unset, CUDA defers the check when every optimizer can skip on the device, and quietly keeps the host check
+    when one cannot (an explicit MINILLM_STEP_SYNC=log there is an error, above); never with the fp16 scaler; the
+    CPU keeps the host check."""
+    monkeypatch.delenv("MINILLM_STEP_SYNC", raising=False)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    skipping = [torch.optim.AdamW(model.parameters(), fused=True)]  # made on the CPU: fused is only a flag here
+    plain = [torch.optim.AdamW(model.parameters())]
+    assert ts.defers_sync(skipping, cuda, fp16_scaler=False)
+    assert not ts.defers_sync(skipping, cuda, fp16_scaler=True)
+    assert not ts.defers_sync(plain, cuda, fp16_scaler=False)
+    assert not ts.defers_sync(skipping, cpu, fp16_scaler=False)
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "log")
+    assert ts.defers_sync(skipping, cpu, fp16_scaler=False)
+    monkeypatch.setenv("MINILLM_STEP_SYNC", "step")
+    assert not ts.defers_sync(skipping, cuda, fp16_scaler=False)

@@ -83,13 +83,13 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = cfg.lr
-    fused = True if device.type == "cuda" or lever("STEP_SYNC") == "log" else None
+    fused = True if device.type == "cuda" or lever("STEP_SYNC", device.type) == "log" else None
     opts: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)]
     if hidden:
         from minillm.optim.muon import Muon
 
         muon = Muon(hidden, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
-                    fused_ns=lever("MUON_NS") == "fused")
+                    fused_ns=lever("MUON_NS", device.type) == "fused")
         for g in muon.param_groups:
             g["base_lr"] = cfg.muon_lr
         opts.append(muon)

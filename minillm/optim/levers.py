@@ -1,11 +1,13 @@
-"""The experimental speed switches of issue 20, off by default, each read from one environment variable so that
-``scripts/bench_train.py`` and a ``minillm train`` run can A/B them without a config field:
+"""The speed switches of issue 20, each read from one environment variable so that ``scripts/bench_train.py`` and
+a ``minillm train`` run can A/B them without a config field. Unset, each takes its default for the device: the
+ones measured to win on a GPU (docs/BENCHMARKS.md, "The levers measured") are on for CUDA; the CPU keeps the first
+value (the exact, synchronous path its tests pin down).
 
-| variable | values (the first is the default) | what it does |
-| --- | --- | --- |
-| ``MINILLM_STEP_SYNC`` | ``step``, ``log`` | ``log``: the non-finite check on the device, (loss, norm) read back at log steps |
-| ``MINILLM_COMPILE_MODE`` | ``default``, ``reduce-overhead``, ``max-autotune-no-cudagraphs`` | the compiled regions' ``torch.compile`` mode (``reduce-overhead``: CUDA graphs) |
-| ``MINILLM_MUON_NS`` | ``matmul``, ``fused`` | ``fused``: Muon's Newton-Schulz with ``baddbmm``, tall matrices batched with their transposed shape |
+| variable | values | CPU default | CUDA default | what it does |
+| --- | --- | --- | --- | --- |
+| ``MINILLM_STEP_SYNC`` | ``step``, ``log`` | ``step`` | ``log`` | ``log``: the non-finite check on the device, (loss, norm) read back at log steps |
+| ``MINILLM_COMPILE_MODE`` | ``default``, ``reduce-overhead``, ``max-autotune-no-cudagraphs`` | ``default`` | ``default`` | the compiled regions' ``torch.compile`` mode (``reduce-overhead``: CUDA graphs; +1.5%, within the spread, and no background compilation: not a default) |
+| ``MINILLM_MUON_NS`` | ``matmul``, ``fused`` | ``matmul`` | ``fused`` | ``fused``: Muon's Newton-Schulz with ``baddbmm``, tall matrices batched with their transposed shape |
 """
 
 from __future__ import annotations
@@ -18,12 +20,20 @@ STEP_SYNC = ("step", "log")
 COMPILE_MODE = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 MUON_NS = ("matmul", "fused")
 LEVERS = {"STEP_SYNC": STEP_SYNC, "COMPILE_MODE": COMPILE_MODE, "MUON_NS": MUON_NS}
+CUDA_DEFAULTS = {"STEP_SYNC": "log", "COMPILE_MODE": "default", "MUON_NS": "fused"}  # measured to win on a GPU
 
 
-def lever(name: str) -> str:
-    """The value of switch ``name`` (a key of ``LEVERS``) from ``MINILLM_<name>``; unset or empty: the default."""
+def lever(name: str, device: str | None = None) -> str:
+    """The value of switch ``name`` (a key of ``LEVERS``) from ``MINILLM_<name>``; unset or empty: the default
+    for ``device`` (a device type, e.g. ``"cuda"``: ``CUDA_DEFAULTS``; anything else: the first choice)."""
     choices, var = LEVERS[name], f"MINILLM_{name}"
-    value = os.environ.get(var, "") or choices[0]
+    value = os.environ.get(var, "") or (CUDA_DEFAULTS[name] if device == "cuda" else choices[0])
     if value not in choices:
         raise UsageError(f"{var}={value}: not one of {', '.join(choices)}; unset it for the default ({choices[0]})")
     return value
+
+
+def explicit(name: str) -> bool:
+    """Whether ``MINILLM_<name>`` is set (a user's choice, which errors when it cannot apply, where a default
+    quietly falls back)."""
+    return bool(os.environ.get(f"MINILLM_{name}", ""))

@@ -54,7 +54,7 @@ from minillm.train.log import (
     write_history,
 )
 from minillm.train.state import RunState, total_steps_for
-from minillm.train.step import estimate_val_loss, make_train_step, read_back
+from minillm.train.step import estimate_val_loss, make_train_step, read_back, yield_to_compiler
 
 MAX_BAD_STEPS = 5  # non-finite steps in a row that stop the run
 
@@ -298,6 +298,8 @@ def fit(ctx: TrainContext, state: RunState) -> dict[str, Any]:
                 break
             lr, t0 = lr_at(state.step, sched), time.time()
             r = step_fn(prefetch, lr / tcfg.lr)
+            if compiling:
+                yield_to_compiler(device)
             loader_state = r.loader_state
             if r.skipped:
                 bad = _count_skip(bad, state.step + 1, r.skipped, ctx)

@@ -19,7 +19,7 @@ import torch
 from minillm.config import TrainConfig
 from minillm.errors import MiniLLMError
 from minillm.optim.groups import clip_gradients, set_lr
-from minillm.optim.levers import lever
+from minillm.optim.levers import explicit, lever
 from minillm.optim.muon import Muon
 
 if TYPE_CHECKING:
@@ -112,6 +112,15 @@ class RegionallyCompiled(torch.nn.Module):
         if self._thread is not None and not self._thread.is_alive():
             self._switch()
         return self.model(*args, regions=self.regions, **kwargs)
+
+
+def yield_to_compiler(device: torch.device) -> None:
+    """Called after each eager step while the model compiles in the background: wait for the GPU with the
+    interpreter lock released, so the compile thread runs while the step's kernels do. A step that never syncs
+    (``MINILLM_STEP_SYNC=log``) keeps the main thread launching kernels, holding the lock the compile thread needs
+    (measured on an H100: the medium preset's background compilation had not ended 25 s into a 30 s run)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # releases the GIL while it waits
 
 
 def background_warmup(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype,
@@ -241,6 +250,20 @@ def _takes_found_inf(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, Muon) or bool(opt.defaults.get("fused"))
 
 
+def defers_sync(opts: list[torch.optim.Optimizer], device: torch.device, fp16_scaler: bool) -> bool:
+    """Whether a step leaves the non-finite check on the device (``MINILLM_STEP_SYNC=log``, the CUDA default):
+    never with the fp16 scaler (its own check syncs); with optimizers that cannot skip on the device, the default
+    falls back to the host check and an explicit ``log`` is an error."""
+    if lever("STEP_SYNC", device.type) != "log" or fp16_scaler:
+        return False
+    if all(_takes_found_inf(opt) for opt in opts):
+        return True
+    if explicit("STEP_SYNC"):
+        raise MiniLLMError("MINILLM_STEP_SYNC=log needs optimizers that skip on the device (fused AdamW, Muon); "
+                           "unset MINILLM_STEP_SYNC")
+    return False
+
+
 def make_train_step(model, train_model, opts, tcfg: TrainConfig, device, dtype, doc_id: int,
                     scaler: torch.amp.GradScaler | None = None, reduce=None):
     """One optimizer step: ``step(prefetcher, lr_scale) -> StepResult``. Accumulates ``accumulation_steps``
@@ -251,17 +274,14 @@ def make_train_step(model, train_model, opts, tcfg: TrainConfig, device, dtype, 
     (data-parallel runs) averages the (loss, norm) pair over the ranks in place, so every rank logs the global
     loss and takes the same skip decision.
 
-    ``MINILLM_STEP_SYNC=log`` (``minillm.optim.levers``; not with the fp16 scaler, whose own check syncs): no host
-    sync in the step. The optimizers step unconditionally with a ``found_inf`` flag made on the device, which leaves
+    ``MINILLM_STEP_SYNC=log`` (``minillm.optim.levers``; the CUDA default; not with the fp16 scaler, whose own check
+    syncs, nor with optimizers that cannot skip on the device): no host sync in the step. The optimizers step unconditionally with a ``found_inf`` flag made on the device, which leaves
     parameters and optimizer state exactly as they were when the loss or the norm is non-finite; the result carries
     the (loss, norm) pair as ``stats`` for ``read_back`` (the loop reads them at its log steps). With
     ``MINILLM_COMPILE_MODE=reduce-overhead`` each step begins a new CUDA-graph generation."""
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
-    deferred = lever("STEP_SYNC") == "log" and not scaler.is_enabled()
-    if deferred and not all(_takes_found_inf(opt) for opt in opts):
-        raise MiniLLMError("MINILLM_STEP_SYNC=log needs optimizers that skip on the device (fused AdamW, Muon); "
-                           "unset MINILLM_STEP_SYNC")
+    deferred = defers_sync(opts, device, scaler.is_enabled())
     graphs = lever("COMPILE_MODE") == "reduce-overhead"
 
     def step(prefetch, lr_scale: float) -> StepResult:
