@@ -138,7 +138,7 @@ def test_the_deferred_guard_logs_the_same_loss_curve(tmp_path, tokenizer_path, c
     losses, validation losses and weights are those of the synced run (both with the fused AdamW it needs)."""
     from minillm.optim import groups
 
-    monkeypatch.setattr(groups, "lever", lambda name: "log" if name == "STEP_SYNC" else "matmul")  # fused AdamW
+    monkeypatch.setattr(groups, "lever", lambda name, device=None: "log" if name == "STEP_SYNC" else "matmul")  # fused AdamW
     plain = run(tokenizer_path, corpus, tmp_path / "plain", max_steps=9, eval_every=4, log_every=3,
                 optimizer="muon")
     monkeypatch.setenv("MINILLM_STEP_SYNC", "log")
