@@ -43,8 +43,9 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     return tok, corpus
 
 
-def launch(nproc: int, data, out: Path, *extra: str, via: str = "torchrun", wait: bool = True):
+def launch(nproc: int, data, out: Path, *extra: str, via: str = "torchrun", wait: bool = True, env: dict | None = None):
     tok, corpus = data
+    env = {**ENV, **(env or {})}
     args = ["train", "-t", str(tok), "-c", str(corpus), "-o", str(out), *TINY, *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "minillm", *args]
@@ -54,8 +55,8 @@ def launch(nproc: int, data, out: Path, *extra: str, via: str = "torchrun", wait
     else:
         cmd = [sys.executable, "-m", "minillm", *args, "--nproc", str(nproc)]
     if not wait:
-        return subprocess.Popen(cmd, cwd=out.parent, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=out.parent, env=ENV, capture_output=True, text=True, timeout=120)
+        return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=120)
 
 
 def both(*procs: subprocess.Popen) -> list[subprocess.CompletedProcess]:
@@ -104,6 +105,21 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(pair):
     # the global batch: 2 ranks x 2 windows x 2 micro-batches x 16 tokens per step
     assert history(d / "two")[-1]["tokens"] == 6 * 2 * 2 * 2 * 16
     assert json.loads((d / "two" / "config.json").read_text())["world_size"] == 2
+
+
+def test_the_deferred_check_under_ddp_and_fsdp_matches_the_synchronous_one_process_run(pair, fsdp_pair, data,
+                                                                                        tmp_path):
+    """MINILLM_STEP_SYNC=log, CUDA's default (no host sync per step; the skip decided on the device from the reduced
+    loss and norm), forced here on gloo: two DDP ranks and two FSDP ranks each give the one-process synchronous run."""
+    deferred = {"MINILLM_STEP_SYNC": "log"}
+    ddp, fsdp = both(
+        launch(2, data, tmp_path / "ddp", "--batch-size", "2", "--max-steps", "6", "--eval-every", "3",
+               "--accumulation-steps", "2", wait=False, env=deferred),
+        launch(2, data, tmp_path / "fsdp", "--batch-size", "2", "--max-steps", "6", "--fsdp", *FSDP_RUN, wait=False,
+               env=deferred))
+    assert ddp.returncode == 0 and fsdp.returncode == 0, (ddp.stderr[-2000:], fsdp.stderr[-2000:])
+    assert_same_run(pair[0] / "one", tmp_path / "ddp", pair[1].stderr, ddp.stderr)
+    assert_same_run(fsdp_pair[0] / "one", tmp_path / "fsdp", fsdp_pair[1].stderr, fsdp.stderr)
 
 
 def test_only_rank_zero_writes_and_logs(pair):
