@@ -303,10 +303,12 @@ def test_a_first_evaluation_that_compiles_does_not_starve_the_run_of_evaluations
     assert r["summary"]["elapsed_s"] <= 60.0
 
 
-def test_a_background_compilation_plans_from_the_compiled_steps(tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
-    """--compile auto on a GPU: the first steps run eagerly (here 0.25 s) while the model compiles in the background,
-    then compiled (0.05 s). Measured on an H100 (medium, 30 s): the plan was made from the eager steps (73 steps) and
-    the run ended after 8.6 s of training; it must plan from the compiled steps and use its budget."""
+def compiling_run(monkeypatch, tmp_path, tokenizer_path, corpus, eager_steps: int = 40, **patches) -> dict:
+    """A 30 s ``timed_run`` whose first ``eager_steps`` steps run while the model compiles in the background (3 s
+    for the first, 0.25 s each after, then 0.05 s compiled): ``maybe_compile`` returns a module whose ``compiling``
+    is true until then. ``patches``: more attributes of ``minillm.train.loop`` to replace; the steps run so far
+    are ``r["seen"]``."""
+    from minillm.train import loop
     from minillm.train import run as train_run
 
     seen: list[int] = []
@@ -318,41 +320,33 @@ def test_a_background_compilation_plans_from_the_compiled_steps(tmp_path, tokeni
 
         @property
         def compiling(self) -> bool:
-            return len(seen) < 40
+            return len(seen) < eager_steps
 
     monkeypatch.setattr(train_run, "maybe_compile", lambda model, *a, **k: Compiling(model))
+    for name, value in patches.items():
+        monkeypatch.setattr(loop, name, lambda *a, _f=value: _f(len(seen), *a))
     r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus,
-                  lambda i: (seen.append(i), 3.0 if i == 0 else 0.25 if i < 40 else 0.05)[1], 0.3, max_time=30.0,
-                  log_every=25)
+                  lambda i: (seen.append(i), 3.0 if i == 0 else 0.25 if i < eager_steps else 0.05)[1], 0.3,
+                  max_time=30.0, log_every=25)
+    return {**r, "seen": seen}
+
+
+def test_a_background_compilation_plans_from_the_compiled_steps(tmp_path, tokenizer_path, corpus, monkeypatch, capsys):
+    """--compile auto on a GPU: the first steps run eagerly (here 0.25 s) while the model compiles in the background,
+    then compiled (0.05 s). Measured on an H100 (medium, 30 s): the plan was made from the eager steps (73 steps) and
+    the run ended after 8.6 s of training; it must plan from the compiled steps and use its budget."""
+    r = compiling_run(monkeypatch, tmp_path, tokenizer_path, corpus)
     lines = replans(capsys.readouterr().err)
     assert lines and lines[0].startswith("--max-time 30s: 50.0 ms/step"), lines  # planned from compiled steps
     assert r["summary"]["elapsed_s"] >= 0.85 * 30 and r["summary"]["steps"] > 200, r["summary"]
 
 
-def test_the_eager_steps_wait_for_the_device_while_the_model_compiles(tmp_path, tokenizer_path, corpus, monkeypatch,
-                                                                      capsys):
+def test_the_eager_steps_wait_for_the_device_while_the_model_compiles(tmp_path, tokenizer_path, corpus, monkeypatch):
     """Measured on an H100 (medium, 30 s, steps without a host sync): the eager steps kept the interpreter busy
     launching kernels and the background compilation had not ended 25 s in. Each eager step now waits for the
     device with the lock released (``yield_to_compiler``); the compiled steps never do."""
-    from minillm.train import loop
-    from minillm.train import run as train_run
-
-    seen: list[int] = []
     waited: list[int] = []
-
-    class Compiling(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        @property
-        def compiling(self) -> bool:
-            return len(seen) < 40
-
-    monkeypatch.setattr(train_run, "maybe_compile", lambda model, *a, **k: Compiling(model))
-    monkeypatch.setattr(loop, "yield_to_compiler", lambda device: waited.append(len(seen)))
-    r = timed_run(monkeypatch, tmp_path, tokenizer_path, corpus,
-                  lambda i: (seen.append(i), 3.0 if i == 0 else 0.25 if i < 40 else 0.05)[1], 0.3, max_time=30.0,
-                  log_every=25)
+    r = compiling_run(monkeypatch, tmp_path, tokenizer_path, corpus,
+                      yield_to_compiler=lambda steps, device: waited.append(steps))
     assert r["summary"]["steps"] > 200
     assert waited == list(range(1, 41)), waited  # after each of the 40 eager steps, and no other
