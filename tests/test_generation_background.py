@@ -99,6 +99,36 @@ def test_a_failing_background_compile_leaves_the_plain_steps_with_one_warning(mo
     assert not any(switched(c) for c in chunks(m))
 
 
+def test_chunks_wait_for_the_device_only_while_a_build_runs(monkeypatch):
+    """While the background compile runs, each chunk waits for the device (with the interpreter lock released, on
+    CUDA) before its read-back; once the build has ended (here it fails), no chunk waits."""
+    from minillm.generation import decoder
+
+    go, waits = threading.Event(), []
+
+    def slow(*_a, **_kw):
+        go.wait(30)
+        raise RuntimeError("not today")
+
+    monkeypatch.setattr(torch, "compile", slow)
+    monkeypatch.setattr(decoder, "wait_for_device", lambda device: waits.append(device.type))
+    m = varied_model()
+    s = Sampling(temperature=0.8, top_k=20, repetition_penalty=1.2)
+
+    def run() -> None:
+        generate_batch(m, [[1, 5, 6, 7]], 60, sampling=s, mode="background", chunk=8,
+                       generator=torch.Generator().manual_seed(1), warn=lambda _: None)
+
+    run()
+    assert waits and set(waits) == {"cpu"}  # the build started at the first chunk and is still running
+    go.set()
+    assert all(bg.done() for bg in finish_background(m, timeout=60))
+    run()  # the first chunk takes the failed build's note, then no build runs
+    waits.clear()
+    run()
+    assert waits == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_capture_while_a_background_build_runs_on_cuda():
     """The graph chunk warms up, then stays uncaptured (eager chunks) while another build is at work, and captures

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from minillm.errors import MiniLLMError
-from minillm.generation.background import Background, busy
+from minillm.generation.background import Background, busy, wait_for_device
 from minillm.generation.sampling import Sampling, noise_like, sample_next_token, skip_draws
 from minillm.generation.static import (
     MAX_DECODERS,
@@ -162,10 +162,8 @@ class StepChunk:
         state = generator.get_state() if self.sampling.temperature > 0 else None
         self.load(logits, seen, active, slot, offsets, key_valid)
         self.run(generator)
-        if self.background is not None and self.logits.device.type == "cuda":
-            # a compile on the other thread: wait for the chunk with the interpreter lock released (the read-back
-            # below holds it; on an H100 the compile had not ended in 30 s and this chunk ran at a third of its speed)
-            torch.cuda.synchronize(self.logits.device)
+        if self.background is not None:  # a compile on the other thread: let it run while the GPU works
+            wait_for_device(self.logits.device)
         rows = torch.cat([self.out, self.unsure[:, None]], 1).tolist()  # the one read-back: (B, k) tokens, unsure
         unsure = [r.pop() for r in rows]
         if any(unsure):  # redo the chunk eagerly, with the host check
