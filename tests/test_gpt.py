@@ -258,6 +258,34 @@ def test_decode_step_equals_the_full_forward(kw):
     torch.testing.assert_close(static.v, ref.v, atol=1e-6, rtol=1e-6)
 
 
+def test_decode_step_builds_its_mask_once_not_per_layer():
+    """The slots a row must not see are inverted once per step and shared by every layer (a kernel per layer
+    fewer on a GPU): the step's mask operations do not grow with the depth."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for depth in (1, 3):
+        m = model(n_layer=depth)
+        c = KVCache(m.cfg, 2, 16)
+        c.set_left_padding([0, 2])
+        with torch.no_grad(), Count() as n:
+            m.decode_step(tokens(2, 1), torch.tensor([4]), c.offsets, c.key_mask, c.k, c.v)
+        counts.append(n.ops)
+    assert counts[0]["bitwise_not"] == counts[1]["bitwise_not"] == 1
+    assert counts[1]["masked_fill"] - counts[0]["masked_fill"] == 2  # one use per layer
+
+
 def greedy(m: GPT, prompt: torch.Tensor, n: int, pad_lens: list[int] | None = None):
     """Greedy decoding with the cache; returns (new tokens (B, n), last-step logits (B, n, V))."""
     B = prompt.size(0)

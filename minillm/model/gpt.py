@@ -193,11 +193,12 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.dropout(self.o_proj(y))
 
-    def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], visible: Tensor, slot: Tensor,
+    def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], hidden: Tensor, slot: Tensor,
                keys: Tensor, values: Tensor, qkv: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """One new token per row over a static cache (fixed shapes): x (B, 1, C) -> (B, 1, C). Its key and
         value go to slot ``slot`` (1,) of this layer's ``keys``/``values`` (B, Hkv, S, D), and it attends to
-        every slot ``visible`` (B, 1, 1, S) allows. ``qkv``: the fused projection (``project``).
+        every slot but those ``hidden`` (B, 1, 1, S) marks (computed once per step for every layer). ``qkv``: the
+        fused projection (``project``).
 
         Same projections as ``forward``; the attention of the single query is written out, two matrix-vector
         products and a softmax, the query heads sharing a key/value head taken as its queries. (The fused SDPA
@@ -209,7 +210,7 @@ class Attention(nn.Module):
         values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
         q = q.view(B, self.n_kv, self.n_head // self.n_kv, self.head_dim)  # (B, Hkv, G, D): G heads per kv head
         scores = (q @ keys.to(q.dtype).transpose(-1, -2)).float() * self.head_dim ** -0.5  # (B, Hkv, G, S)
-        p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(q.dtype)
+        p = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1).to(q.dtype)
         y = p @ values.to(q.dtype)  # (B, Hkv, G, D)
         return self.o_proj(y.reshape(B, 1, self.n_head * self.head_dim))
 
@@ -256,12 +257,12 @@ class Block(nn.Module):
         x = x + self.mlp(self.norm2(x))
         return x
 
-    def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], visible: Tensor, slot: Tensor,
+    def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], hidden: Tensor, slot: Tensor,
                keys: Tensor, values: Tensor, fused: tuple | None = None) -> Tensor:
         """``forward`` for one new token per row over a static cache (``Attention.decode``); ``fused``: this
         layer's (qkv, gate_up) concatenated weights, or None."""
         qkv, gate_up = fused or (None, None)
-        x = x + self.attn.decode(self.norm1(x), rope, visible, slot, keys, values, qkv)
+        x = x + self.attn.decode(self.norm1(x), rope, hidden, slot, keys, values, qkv)
         return x + self.mlp(self.norm2(x), gate_up)
 
 
@@ -374,10 +375,10 @@ class GPT(nn.Module):
         positions = (slot - offsets).clamp(0, self.cfg.block_size - 1)[:, None]  # (B, 1)
         rope = self.rope(positions, 1, in_table=True)  # cos, sin (B, 1, 1, D)
         visible = key_valid & (torch.arange(keys.size(3), device=idx.device) <= slot)  # (B, S)
-        mask = visible[:, None, None, :]  # (B, 1, 1, S)
+        hidden = ~visible[:, None, None, :]  # (B, 1, 1, S): once per step, not a kernel per layer
         x = self.tok_emb(idx)  # (B, 1, C)
         for i, block in enumerate(self.blocks):
-            x = block.decode(x, rope, mask, slot, keys[i], values[i], fused[i] if fused else None)
+            x = block.decode(x, rope, hidden, slot, keys[i], values[i], fused[i] if fused else None)
         return self.lm_head(self.norm_f(x)).float()[:, -1]  # (B, V)
 
     def num_params(self, non_embedding: bool = False) -> int:
