@@ -258,9 +258,32 @@ def test_decode_step_equals_the_full_forward(kw):
     torch.testing.assert_close(static.v, ref.v, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_decoding_rotates_queries_and_keys_together_with_the_same_arithmetic(qk_norm, dtype):
+    """The fused decode projection runs one RoPE over the queries and keys side by side (half the kernels): every
+    element is what the separate norms and rotations give on the same fused product, bit for bit."""
+    import torch.nn.functional as F
+
+    m = model(n_kv_head=2, qk_norm=qk_norm).to(dtype)
+    attn = m.blocks[0].attn
+    H, Hkv, D = attn.n_head, attn.n_kv, attn.head_dim
+    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    x = torch.randn(3, 1, m.cfg.n_embd, generator=torch.Generator().manual_seed(0)).to(dtype)
+    rope = m.rope(torch.tensor([[2], [5], [9]]), 1, in_table=True)
+    with torch.no_grad():
+        q, k, v = attn.project(x, rope, (w, None))
+        out = F.linear(x, w)  # the same product, then the separate steps
+        want_q = apply_rope(attn.q_norm(out[..., :H * D].view(3, 1, H, D)), *rope)
+        want_k = apply_rope(attn.k_norm(out[..., H * D:(H + Hkv) * D].view(3, 1, Hkv, D)), *rope)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(v, out[..., (H + Hkv) * D:].view(3, 1, Hkv, D))
+    assert q.shape == (3, 1, H, D) and k.shape == v.shape == (3, 1, Hkv, D)
+
+
 def test_decode_step_builds_its_mask_once_not_per_layer():
-    """The slots a row must not see are inverted once per step and shared by every layer (a kernel per layer
-    fewer on a GPU): the step's mask operations do not grow with the depth."""
+    """Kernels per layer of the fused decode step (each op one kernel on a GPU): the slots a row must not see are
+    inverted once per step and shared by every layer; the queries and keys are rotated in one RoPE."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -274,16 +297,23 @@ def test_decode_step_builds_its_mask_once_not_per_layer():
             self.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
+    from minillm.generation.static import fuse
+
     counts = []
     for depth in (1, 3):
-        m = model(n_layer=depth)
+        m = model(n_layer=depth, qk_norm=True)
+        fused = [(fuse(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj), fuse(b.mlp.gate_proj, b.mlp.up_proj))
+                 for b in m.blocks]
         c = KVCache(m.cfg, 2, 16)
         c.set_left_padding([0, 2])
         with torch.no_grad(), Count() as n:
-            m.decode_step(tokens(2, 1), torch.tensor([4]), c.offsets, c.key_mask, c.k, c.v)
+            m.decode_step(tokens(2, 1), torch.tensor([4]), c.offsets, c.key_mask, c.k, c.v, fused)
         counts.append(n.ops)
-    assert counts[0]["bitwise_not"] == counts[1]["bitwise_not"] == 1
-    assert counts[1]["masked_fill"] - counts[0]["masked_fill"] == 2  # one use per layer
+    per_layer = {op: (counts[1][op] - counts[0][op]) / 2 for op in ("bitwise_not", "masked_fill", "neg", "mm")}
+    assert counts[0]["bitwise_not"] == 1 and per_layer["bitwise_not"] == 0
+    assert per_layer["masked_fill"] == 1  # the mask's one use per layer
+    assert per_layer["neg"] == 1  # one rotation for the queries and keys together (fused decoding)
+    assert per_layer["mm"] == 4  # q/k/v, the output, gate/up, down
 
 
 def greedy(m: GPT, prompt: torch.Tensor, n: int, pad_lens: list[int] | None = None):

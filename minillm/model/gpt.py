@@ -163,13 +163,21 @@ class Attention(nn.Module):
         v_proj concatenated, for one matrix product instead of three (decoding's fewer kernels; the caller keeps
         it equal to the three)."""
         B, T, _ = x.shape
-        if qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = F.linear(x, *qkv).split([self.n_head * self.head_dim] + [self.n_kv * self.head_dim] * 2, dim=-1)
-        q = apply_rope(self.q_norm(q.view(B, T, self.n_head, self.head_dim)), *rope)  # (B, T, H, D)
-        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv, self.head_dim)), *rope)  # (B, T, Hkv, D)
-        return q, k, v.view(B, T, self.n_kv, self.head_dim)  # v (B, T, Hkv, D)
+        H, Hkv, D = self.n_head, self.n_kv, self.head_dim
+        if qkv is not None:  # decoding: one matrix product, and the queries and keys rotated together
+            out = F.linear(x, *qkv)  # (B, T, (H + 2 Hkv) D)
+            if self.cfg.qk_norm:
+                q, k = out[..., :H * D].view(B, T, H, D), out[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D)
+                qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+            else:  # already side by side in the product's output
+                qk = out[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)
+            # one RoPE over (B, T, H + Hkv, D) instead of one each: the same arithmetic element by element, half the
+            # kernels (a kernel per op on a GPU)
+            q, k = apply_rope(qk, *rope).split([H, Hkv], dim=2)
+            return q, k, out[..., (H + Hkv) * D:].view(B, T, Hkv, D)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, H, D)), *rope)  # (B, T, H, D)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)), *rope)  # (B, T, Hkv, D)
+        return q, k, self.v_proj(x).view(B, T, Hkv, D)  # v (B, T, Hkv, D)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
