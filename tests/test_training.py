@@ -110,6 +110,23 @@ def test_resume_is_exact(tmp_path, tokenizer_path, corpus, capsys, monkeypatch, 
     assert wa["loader"] == wb["loader"] and wa["run_state"]["best_val"] == wb["run_state"]["best_val"]
 
 
+@pytest.mark.parametrize("first, then", [("step", "log"), ("log", "step")])
+def test_a_run_resumes_with_the_other_non_finite_check(tmp_path, tokenizer_path, corpus, monkeypatch, first, then):
+    """A run started where the check runs on the host (the CPU, an earlier version: plain AdamW) resumes where it
+    runs on the device (a GPU now: fused AdamW with a found_inf) and back. The optimizer's implementation is this
+    machine's, not the checkpoint's: its saved ``fused`` flag once made the resumed step fail ("Expected grad_scale
+    and found_inf to be None")."""
+    kw = dict(max_steps=8, eval_every=4, optimizer="adamw")
+    monkeypatch.setenv("MINILLM_STEP_SYNC", first)
+    run(tokenizer_path, corpus, tmp_path / "r", max_steps=4, eval_every=4, optimizer="adamw")
+    monkeypatch.setenv("MINILLM_STEP_SYNC", then)
+    summary = run(tokenizer_path, corpus, tmp_path / "r", resume=True, **kw)
+    assert summary["steps"] == 8
+    ck = load_checkpoint(tmp_path / "r" / "ckpt_last.pt")
+    assert ck["run_state"]["step"] == 8 and all(torch.isfinite(t).all() for t in ck["model"].values())
+    assert bool(ck["optimizer"][0]["param_groups"][0]["fused"]) == (then == "log")
+
+
 def test_resume_refuses_other_changes_naming_the_keys(tmp_path, tokenizer_path, corpus):
     out = tmp_path / "r"
     run(tokenizer_path, corpus, out, max_steps=4, eval_every=2)

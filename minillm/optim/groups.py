@@ -96,6 +96,19 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.
     return opts
 
 
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")  # how a group steps, not what it holds
+
+
+def keep_implementation(opt: torch.optim.Optimizer) -> None:
+    """After ``opt.load_state_dict``: each group steps the way this machine built ``opt`` (``opt.defaults``), not
+    the way the checkpoint's machine did (torch restores the groups' ``fused``/``foreach`` flags with them: a run
+    started on the CPU would resume on a GPU with plain AdamW, which refuses the device-side skip)."""
+    for g in opt.param_groups:
+        for key in IMPLEMENTATION_KEYS:
+            if key in opt.defaults:
+                g[key] = opt.defaults[key]
+
+
 def set_lr(opts: list[torch.optim.Optimizer], scale: float) -> None:
     """Set every group's learning rate to ``base_lr * scale`` (scale = lr_at(step) / peak lr)."""
     for opt in opts:

@@ -37,7 +37,15 @@ from minillm.io import RunLock, clean_stale_temps, sha256_file
 from minillm.model import memory
 from minillm.model.gpt import GPT
 from minillm.model.loss import liger_problem
-from minillm.optim.groups import UNBOUNDED, Schedule, configure_optimizer, lr_at, rescheduled, schedule_for
+from minillm.optim.groups import (
+    UNBOUNDED,
+    Schedule,
+    configure_optimizer,
+    keep_implementation,
+    lr_at,
+    rescheduled,
+    schedule_for,
+)
 from minillm.tokenizer import load_tokenizer
 from minillm.train.log import TrainLog, check_tensorboard
 from minillm.train.loop import CheckpointHook, Interrupted, Signals, TrainContext, fit
@@ -369,6 +377,8 @@ def restore(path: Path, model: nn.Module, opts, scaler, loader, device: torch.de
                 model.load_state_dict(ck["model"])
             for opt, sd in zip(opts, ck["optimizer"], strict=True):
                 opt.load_state_dict(sd)
+        for opt in opts:
+            keep_implementation(opt)
         scaler.load_state_dict(ck["scaler"])
         loader.load_state_dict(ck["loader"])
         names = {f.name for f in dataclasses.fields(RunState)}
