@@ -75,6 +75,13 @@ def rank_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA; nothing elsewhere). The interpreter lock is released while it
+    waits, so another thread (a background compile) runs meanwhile, which a read-back (``.tolist()``) does not allow."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def setup(device_name: str) -> Dist:
     """Join the process group when started by torchrun with several processes; else a one-process ``Dist``."""
     rank, world, local = env_ranks()

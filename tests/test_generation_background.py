@@ -100,8 +100,8 @@ def test_a_failing_background_compile_leaves_the_plain_steps_with_one_warning(mo
 
 
 def test_chunks_wait_for_the_device_only_while_a_build_runs(monkeypatch):
-    """While the background compile runs, each chunk waits for the device (with the interpreter lock released, on
-    CUDA) before its read-back; once the build has ended (here it fails), no chunk waits."""
+    """While the background compile runs, each chunk waits for the device (``distributed.synchronize``: the
+    interpreter lock released, on CUDA) before its read-back; once the build has ended (here it fails), none does."""
     from minillm.generation import decoder
 
     go, waits = threading.Event(), []
@@ -111,7 +111,7 @@ def test_chunks_wait_for_the_device_only_while_a_build_runs(monkeypatch):
         raise RuntimeError("not today")
 
     monkeypatch.setattr(torch, "compile", slow)
-    monkeypatch.setattr(decoder, "wait_for_device", lambda device: waits.append(device.type))
+    monkeypatch.setattr(decoder, "synchronize", lambda device: waits.append(device.type))
     m = varied_model()
     s = Sampling(temperature=0.8, top_k=20, repetition_penalty=1.2)
 

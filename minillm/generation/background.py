@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 _running: set[Background] = set()
 _lock = threading.Lock()
 
@@ -21,14 +19,6 @@ def busy() -> bool:
     """A background build is still running (do not capture a CUDA graph now)."""
     with _lock:
         return bool(_running)
-
-
-def wait_for_device(device: torch.device) -> None:
-    """Wait for ``device``'s queued work with the interpreter lock released (CUDA; nothing elsewhere): what a
-    decoding chunk does before its read-back while a build runs, so the build's thread runs meanwhile (a read-back
-    waits holding the lock: on an H100 a chunk ran at a third of its speed and the compile had not ended in 30 s)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Background:

@@ -23,14 +23,16 @@ def slide_keep(block: int) -> int:
 
 def decode_mode(device: torch.device, compile: str) -> str:
     """The decode step for ``--compile``: auto = the static step replayed as a CUDA graph on CUDA (no compile
-    wait) and plain PyTorch elsewhere; on = torch.compile'd too (each step of a ``StepChunk``, sampling included; a longer first start, then
-    cached kernels: docs/GENERATION.md); background = auto's decoder first, the compiled chunk from when a
-    background thread has compiled it (``StepChunk``; on the CPU the static step, then compiled); off =
-    plain PyTorch (``GPT.forward`` with the KV cache)."""
+    wait) and plain PyTorch elsewhere; on = torch.compile'd too (each step of a ``StepChunk``, sampling included;
+    a longer first start, then cached kernels: docs/GENERATION.md); background = auto's decoder first, the compiled
+    chunk from when a background thread has compiled it (``StepChunk``; on the CPU the static step, then
+    compiled); off = plain PyTorch (``GPT.forward`` with the KV cache)."""
     if compile not in ("auto", "on", "off", "background"):
         raise UsageError(f"--compile: {compile!r} is not one of auto, on, off, background")
-    if compile in ("on", "background"):
-        return {"on": "compiled"}.get(compile, compile)
+    if compile == "on":
+        return "compiled"
+    if compile == "background":
+        return "background"
     return "graph" if compile == "auto" and device.type == "cuda" else "eager"
 
 

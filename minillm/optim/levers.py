@@ -29,7 +29,7 @@ def lever(name: str, device: str | None = None) -> str:
     choices, var = LEVERS[name], f"MINILLM_{name}"
     value = os.environ.get(var, "") or (CUDA_DEFAULTS[name] if device == "cuda" else choices[0])
     if value not in choices:
-        raise UsageError(f"{var}={value}: not one of {', '.join(choices)}; unset it for the default ({choices[0]})")
+        raise UsageError(f"{var}={value}: not one of {', '.join(choices)}; unset it for the device's default")
     return value
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from minillm.config import ModelConfig, TrainConfig, pad_vocab, to_dict
+from minillm.distributed import synchronize
 from minillm.model.gpt import GPT
 from minillm.model.memory import available_memory, estimate_memory
 from minillm.tokenizer import load_tokenizer
@@ -100,10 +101,10 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(4):
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         a @ a
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -116,14 +117,10 @@ def measure_step(mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, dty
     batch = torch.randint(1, mcfg.vocab_size, (tcfg.batch_size, mcfg.block_size + 1))
     best = float("inf")
     for i in range(MEASURED_STEPS + 1):
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         accumulate(model, [batch], tcfg, 0, device, dtype)
-        _sync(device)
+        synchronize(device)
         best = best if i == 0 else min(best, time.perf_counter() - t)
     return best * tcfg.accumulation_steps
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

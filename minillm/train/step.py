@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from minillm.config import TrainConfig
+from minillm.distributed import synchronize
 from minillm.errors import MiniLLMError
 from minillm.optim.groups import clip_gradients, set_lr
 from minillm.optim.levers import explicit, lever
@@ -119,8 +120,7 @@ def yield_to_compiler(device: torch.device) -> None:
     interpreter lock released, so the compile thread runs while the step's kernels do. A step that never syncs
     (``MINILLM_STEP_SYNC=log``) keeps the main thread launching kernels, holding the lock the compile thread needs
     (measured on an H100: the medium preset's background compilation had not ended 25 s into a 30 s run)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # releases the GIL while it waits
+    synchronize(device)
 
 
 def background_warmup(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype,
@@ -135,8 +135,7 @@ def background_warmup(model: torch.nn.Module, tcfg: TrainConfig, device: torch.d
         batch = torch.randint(0, vocab, (tcfg.batch_size, block + 1), device=device)
         x, y = _to_device(batch, device)
         _forward(twin, x, y, tcfg.doc_masking, doc_id, device, dtype, regions=regions).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         twin.zero_grad(set_to_none=True)
 
     return warmup
@@ -169,7 +168,8 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
     use_compile_cache()
-    mode = None if lever("COMPILE_MODE") == "default" else lever("COMPILE_MODE")
+    mode = lever("COMPILE_MODE")
+    mode = None if mode == "default" else mode
     if tcfg.compile == "model" or whole:
         return torch.compile(model, mode=mode)
     background = tcfg.compile == "auto" and mode != "reduce-overhead"
@@ -274,10 +274,10 @@ def make_train_step(model, train_model, opts, tcfg: TrainConfig, device, dtype, 
     (data-parallel runs) averages the (loss, norm) pair over the ranks in place, so every rank logs the global
     loss and takes the same skip decision.
 
-    ``MINILLM_STEP_SYNC=log`` (``minillm.optim.levers``; the CUDA default; not with the fp16 scaler, whose own check
-    syncs, nor with optimizers that cannot skip on the device): no host sync in the step. The optimizers step unconditionally with a ``found_inf`` flag made on the device, which leaves
-    parameters and optimizer state exactly as they were when the loss or the norm is non-finite; the result carries
-    the (loss, norm) pair as ``stats`` for ``read_back`` (the loop reads them at its log steps). With
+    Where ``defers_sync`` (``MINILLM_STEP_SYNC=log``, the CUDA default): no host sync in the step. The optimizers
+    step unconditionally with a ``found_inf`` flag made on the device, which leaves parameters and optimizer state
+    exactly as they were when the loss or the norm is non-finite; the result carries the (loss, norm) pair as
+    ``stats`` for ``read_back`` (the loop reads them at its log steps). With
     ``MINILLM_COMPILE_MODE=reduce-overhead`` each step begins a new CUDA-graph generation."""
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
