@@ -158,6 +158,8 @@ def bench_one(name: str, args, dist=None) -> dict:
             torch.cuda.synchronize()
         if dist.is_main:
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile), file=sys.stderr)
+            print(json.dumps({"config": name, "kernels_per_step": kernel_categories(prof.events(), steps=3)}),
+                  file=sys.stderr)
     prefetch.close()
     world = dist.world_size
     dt = distributed.agree_max([statistics.median(times)], dist)[0]  # the slowest rank sets the pace
@@ -192,6 +194,35 @@ def bench_one(name: str, args, dist=None) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+# kernel name fragments -> category, first match wins (cuBLAS's nvjet/sm90 kernels, SDPA's flash kernels, inductor's
+# generated Triton kernels, the optimizers' multi-tensor kernels, the rest of ATen)
+KERNEL_CATEGORIES = (("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere_")),
+                     ("attention", ("flash", "fmha", "attention", "efficient")),
+                     ("optimizer", ("multi_tensor", "fused_adam", "foreach")),
+                     ("triton reduction", ("triton_red", "triton_per")),
+                     ("triton pointwise", ("triton_poi", "triton_")),
+                     ("copy/memset", ("memcpy", "memset", "copy")),
+                     ("aten other", ("",)))
+
+
+def kernel_categories(events, steps: int) -> dict:
+    """GPU time (ms) and kernel count per step of each ``KERNEL_CATEGORIES`` category, from a CUDA profile's events
+    over ``steps`` steps: where a step's time goes, comparable across models and tools."""
+    import torch
+
+    out: dict[str, list[float]] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        cat = next(c for c, frags in KERNEL_CATEGORIES if any(f in name for f in frags))
+        ms, n = out.setdefault(cat, [0.0, 0])
+        out[cat] = [ms + e.device_time_total / 1e3, n + 1]
+    total = sum(v[0] for v in out.values())
+    return {c: {"ms": round(v[0] / steps, 3), "kernels": round(v[1] / steps, 1)} for c, v in out.items()} | {
+        "total_ms": round(total / steps, 3)}
 
 
 def _loss(r):

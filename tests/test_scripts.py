@@ -61,6 +61,30 @@ def test_bench_train_ab_table_takes_medians_of_the_rounds_that_ran():
         {"config": "medium", "levers": "sync", "tokens_per_s": 50, "ratio": None, "syncs_per_step": None, "runs": [50]}]
 
 
+def test_bench_train_profile_sums_each_kernel_category_per_step():
+    """--profile's breakdown: CUDA kernels by category (first matching name fragment), their time and count divided
+    by the profiled steps; the host's events are not kernels and count nowhere."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    ev = lambda name, us, dev=cuda: SimpleNamespace(name=name, device_time_total=us, device_type=dev)  # noqa: E731
+    events = [ev("nvjet_tst_128x64", 3000), ev("sm90_xmma_gemm_bf16", 1000), ev("flash_fwd_kernel", 500),
+              ev("triton_red_fused_add_0", 400), ev("triton_poi_fused_mul_1", 200), ev("triton_per_fused_2", 200),
+              ev("multi_tensor_apply_kernel<FusedAdam>", 100), ev("Memcpy HtoD", 50),
+              ev("void at::native::elementwise_kernel", 150), ev("aten::mm", 99999, cpu)]
+    out = mod.kernel_categories(events, steps=2)
+    assert out == {"matmul": {"ms": 2.0, "kernels": 1.0}, "attention": {"ms": 0.25, "kernels": 0.5},
+                   "triton reduction": {"ms": 0.3, "kernels": 1.0}, "triton pointwise": {"ms": 0.1, "kernels": 0.5},
+                   "optimizer": {"ms": 0.05, "kernels": 0.5}, "copy/memset": {"ms": 0.025, "kernels": 0.5},
+                   "aten other": {"ms": 0.075, "kernels": 0.5}, "total_ms": 2.8}
+
+
 def test_levers_gpu_script_names_only_levers_and_values_that_exist():
     """scripts/levers_gpu.sh (the one device call of issue 20): valid bash, every --ab lever one bench_train knows,
     every MINILLM_ variable it sets a lever's with one of its values."""
