@@ -13,7 +13,7 @@ process to the moment its ``startup`` line (printed at the end of the first step
 line reports (imports, device, data, model, first_step; see ``minillm.train.loop.startup_breakdown``), and with
 ``--compile auto`` to the line saying the background compilation has ended (full speed from there); then the run
 is stopped (SIGTERM).
-With ``--max-time``, one more cold run of that budget per mode reports the share of the budget spent in
+With ``--max-time``, one more run of that budget per mode (cold, or ``--budget-cache warm``) reports the share of the budget spent in
 training steps (``training_s`` of its ``done`` line, with and without the first step, which compiles).
 Prints one JSON object per measurement (``--json``) or a table; every line is also written to $OUT if set.
 """
@@ -102,8 +102,11 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8000, help="tokenizer vocabulary")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
-    ap.add_argument("--max-time", default="", help="also a cold --max-time run of this budget per mode")
+    ap.add_argument("--max-time", default="", help="also a --max-time run of this budget per mode")
     ap.add_argument("--budget-only", action="store_true", help="with --max-time: only the --max-time runs")
+    ap.add_argument("--budget-cache", choices=("cold", "warm"), default="cold",
+                    help="with --max-time: run the budget on empty compile caches (cold) or on the caches the "
+                         "start-up runs filled (warm; with --budget-only, one start-up run fills them first)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-startup-"))
@@ -132,12 +135,17 @@ def main() -> None:
                           _env(**caches))
             emit({"what": "start-up", "config": args.config, "compile": mode, "cache": temp, **r})
         if args.max_time:
-            cold = {k: f"{v}-budget" for k, v in caches.items()}
+            warm = args.budget_cache == "warm"
+            if warm and args.budget_only:  # fill the caches the budget run starts from
+                timed_run([*base, "-o", str(work / f"run-{mode}-fill"), "--compile", mode, "--max-steps", "100000"],
+                          _env(**caches))
+            budget_caches = caches if warm else {k: f"{v}-budget" for k, v in caches.items()}
             r = timed_run([*base, "-o", str(work / f"run-{mode}-budget"), "--compile", mode, "--max-time", args.max_time],
-                          _env(**cold), stop=False)
+                          _env(**budget_caches), stop=False)
             done = r.get("done", {})
             elapsed, steps_s, first = done.get("elapsed_s") or 0, done.get("training_s") or 0, done.get("first_update_s") or 0
-            emit({"what": "max-time", "config": args.config, "compile": mode, "cache": "cold", "budget": args.max_time,
+            emit({"what": "max-time", "config": args.config, "compile": mode, "cache": args.budget_cache,
+                  "budget": args.max_time,
                   "steps": done.get("steps"), "best_val_loss": done.get("best_val_loss"), "elapsed_s": elapsed,
                   "share_in_steps": round(steps_s / elapsed, 3) if elapsed else None,
                   "share_in_steps_after_the_first": round((steps_s - first) / elapsed, 3) if elapsed else None,

@@ -240,3 +240,15 @@ def test_bench_startup_times_a_cold_and_a_warm_start_on_cpu(tmp_path):
         assert set(phases) == {"imports_s", "device_s", "data_s", "model_s", "first_step_s", "total_s"}
         assert abs(sum(v for k, v in phases.items() if k != "total_s") - phases["total_s"]) < 0.05
         assert abs(phases["total_s"] - r["wall_to_first_step_s"]) < 1.0 and r["rc"] == 143  # stopped by SIGTERM
+
+
+def test_bench_startup_runs_a_warm_budget_after_filling_the_caches(tmp_path):
+    """--budget-only --budget-cache warm (issue 20's 5-minute warm share): one start-up run fills the compile caches
+    first, then the --max-time run starts from them and reports its share of the budget in training steps."""
+    out = _run("scripts/bench_startup.py", "--corpus", "minillm/data/sample_es.txt", "--config", "tiny",
+               "--device", "cpu", "--compile", "off", "--vocab", "300", "--workdir", str(tmp_path), "--json",
+               "--max-time", "4s", "--budget-only", "--budget-cache", "warm")
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["what"], r["cache"]) for r in rows] == [("max-time", "warm")]
+    assert (tmp_path / "run-off-fill").is_dir() and (tmp_path / "run-off-budget").is_dir()
+    assert rows[0]["steps"] > 0 and 0 < rows[0]["share_in_steps"] <= 1
