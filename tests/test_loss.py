@@ -11,7 +11,14 @@ import sys
 import pytest
 import torch
 
-from minillm.model.loss import LIGER_CHUNK_ROWS, liger_kernel, liger_problem, linear_cross_entropy
+from minillm.model import loss as loss_mod
+from minillm.model.loss import (
+    LIGER_CHUNK_ROWS,
+    eager_on_gpu,
+    liger_kernel,
+    liger_problem,
+    linear_cross_entropy,
+)
 from tests.test_gpt import V, model, tokens
 
 
@@ -88,6 +95,42 @@ def test_model_with_loss_chunk_matches_plain_and_never_keeps_the_logits():
         torch.testing.assert_close(plain(x, y, reduction="none"), chunked(x, y, reduction="none"))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 matmuls, fp32 loss, same numerics
         torch.testing.assert_close(plain(x, y), chunked(x, y), rtol=1e-3, atol=1e-3)
+
+
+def test_an_eager_training_step_on_a_gpu_takes_the_chunked_path_and_compiled_ones_do_not(monkeypatch):
+    """Eagerly on a GPU (``--compile off``, the first steps of ``--compile auto``) a training step's loss is the fused
+    chunked one; compiled (inductor fuses the plain path), in evaluation, per token, or on the CPU it is plain."""
+    from types import SimpleNamespace
+
+    gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert eager_on_gpu(gpu, "mean") and not eager_on_gpu(cpu, "mean") and not eager_on_gpu(gpu, "none")
+    with torch.no_grad():
+        assert not eager_on_gpu(gpu, "mean")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not eager_on_gpu(gpu, "mean")
+
+
+def test_the_eager_gpu_path_is_the_plain_loss_without_the_logits(monkeypatch):
+    """What an eager GPU step runs (``eager_on_gpu`` forced on the CPU): the plain loss and gradients, under bf16
+    autocast as well, with no (B*T, V) logits kept for backward."""
+    plain, eager = model(vocab_size=200), model(vocab_size=200)
+    x = tokens(2, 12)
+    y = torch.roll(x, -1, dims=1)
+    y[:, -1] = -1
+    a = plain(x, y)
+    monkeypatch.setattr(loss_mod, "eager_on_gpu", lambda h, reduction: True)
+    assert not saved_logit_shapes(eager, x, y)
+    b = eager(x, y)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    for (n, p), q in zip(plain.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(loss_mod, "eager_on_gpu", lambda h, reduction: False)
+        want = plain(x, y)
+        monkeypatch.setattr(loss_mod, "eager_on_gpu", lambda h, reduction: True)
+        torch.testing.assert_close(eager(x, y), want, rtol=1e-3, atol=1e-3)
 
 
 def test_liger_loss_kernel_falls_back_exactly_off_cuda():

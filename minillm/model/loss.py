@@ -38,7 +38,8 @@ def output_loss(h: Tensor, head: nn.Linear, targets: Tensor, cfg: ModelConfig, r
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     B, T, C = h.shape
     kernel = _liger_for(cfg, h, reduction)
-    if kernel is not None or (cfg.loss_chunk > 0 and not (reduction == "none" and torch.is_grad_enabled())):
+    if (kernel is not None or (cfg.loss_chunk > 0 and not (reduction == "none" and torch.is_grad_enabled()))
+            or eager_on_gpu(h, reduction)):
         losses = linear_cross_entropy(h.reshape(B * T, C), head.weight, targets.reshape(-1),
                                       cfg.loss_chunk or LIGER_CHUNK_ROWS, reduction, kernel)
     else:
@@ -47,6 +48,15 @@ def output_loss(h: Tensor, head: nn.Linear, targets: Tensor, cfg: ModelConfig, r
         if reduction == "mean":
             losses = losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
     return losses if reduction == "mean" else losses.view(B, T)
+
+
+def eager_on_gpu(h: Tensor, reduction: str) -> bool:
+    """A training step's loss on a GPU outside ``torch.compile`` (``--compile off``, or the first steps while
+    ``--compile auto`` compiles in the background): the fused path, a chunk of rows at a time. Eagerly, the plain
+    path's fp32 arithmetic over the whole (N, V) logits is a dozen separate kernels, each reading or writing
+    gigabytes (the medium preset: 32k rows x 32k vocabulary); compiled, inductor fuses those into two, and the
+    plain path stays. The same loss either way (fp32 arithmetic over bf16 logits; ``tests/test_loss.py``)."""
+    return h.is_cuda and reduction == "mean" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -129,15 +139,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gw = torch.zeros_like(w, dtype=acc) if need_grad else None
             for s in range(0, h.size(0), chunk):
                 hc, tc = h[s:s + chunk].to(dtype), targets[s:s + chunk]
-                logits = (hc @ wc.T).to(acc)  # (n, V)
+                # each line one pass over the (n, V) chunk: the log-softmax in ``acc`` straight from the product
+                logp = torch.log_softmax(hc @ wc.T, dim=-1, dtype=acc)  # (n, V)
                 valid = tc != IGNORE_INDEX
                 tgt = tc.clamp(min=0)[:, None]
-                lse = torch.logsumexp(logits, dim=-1)  # (n,)
-                total += ((lse - logits.gather(1, tgt).squeeze(1)) * valid).sum()
+                total -= (logp.gather(1, tgt).squeeze(1) * valid).sum()
                 if need_grad:
-                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    g = logp.exp_()  # softmax, in place
                     g.scatter_add_(1, tgt, -torch.ones_like(tgt, dtype=g.dtype))
-                    g = (g * valid[:, None]).to(dtype)  # (n, V) d(sum of losses)/d(logits)
+                    # d(sum of losses)/d(logits): zero on ignored rows, cast to the matmul dtype in the same pass
+                    g = torch.mul(g, valid[:, None].to(acc), out=torch.empty(g.shape, dtype=dtype, device=g.device))
                     gh[s:s + chunk] = g @ wc
                     gw += (g.T @ hc).to(acc)
         ctx.save_for_backward(gh, gw.to(w.dtype) if need_grad else None)
