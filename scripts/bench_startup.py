@@ -136,16 +136,17 @@ def main() -> None:
             emit({"what": "start-up", "config": args.config, "compile": mode, "cache": temp, **r})
         if args.max_time:
             warm = args.budget_cache == "warm"
+            filled = None
             if warm and args.budget_only:  # fill the caches the budget run starts from
-                timed_run([*base, "-o", str(work / f"run-{mode}-fill"), "--compile", mode, "--max-steps", "100000"],
-                          _env(**caches))
+                filled = timed_run([*base, "-o", str(work / f"run-{mode}-fill"), "--compile", mode, "--max-steps",
+                                    "100000"], _env(**caches))["wall_s"]
             budget_caches = caches if warm else {k: f"{v}-budget" for k, v in caches.items()}
             r = timed_run([*base, "-o", str(work / f"run-{mode}-budget"), "--compile", mode, "--max-time", args.max_time],
                           _env(**budget_caches), stop=False)
             done = r.get("done", {})
             elapsed, steps_s, first = done.get("elapsed_s") or 0, done.get("training_s") or 0, done.get("first_update_s") or 0
             emit({"what": "max-time", "config": args.config, "compile": mode, "cache": args.budget_cache,
-                  "budget": args.max_time,
+                  "budget": args.max_time, "filled_caches_s": filled,
                   "steps": done.get("steps"), "best_val_loss": done.get("best_val_loss"), "elapsed_s": elapsed,
                   "share_in_steps": round(steps_s / elapsed, 3) if elapsed else None,
                   "share_in_steps_after_the_first": round((steps_s - first) / elapsed, 3) if elapsed else None,
