@@ -4,10 +4,14 @@ GQA, document masking. The loss is tested in test_loss.py, the estimates in test
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
@@ -258,62 +262,95 @@ def test_decode_step_equals_the_full_forward(kw):
     torch.testing.assert_close(static.v, ref.v, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_fused_decoding_rotates_queries_and_keys_together_with_the_same_arithmetic(qk_norm, dtype):
-    """The fused decode projection runs one RoPE over the queries and keys side by side (half the kernels): every
-    element is what the separate norms and rotations give on the same fused product, bit for bit."""
-    import torch.nn.functional as F
+class KernelCount(TorchDispatchMode):
+    """Counts the ATen ops a call dispatches (``ops``), views aside (no kernel on a GPU) and each ``F.rms_norm`` as
+    one (the CPU runs it as several ops, a GPU as one kernel): on a GPU each op is about one kernel launch."""
 
-    m = model(n_kv_head=2, qk_norm=qk_norm).to(dtype)
-    attn = m.blocks[0].attn
-    H, Hkv, D = attn.n_head, attn.n_kv, attn.head_dim
-    w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    x = torch.randn(3, 1, m.cfg.n_embd, generator=torch.Generator().manual_seed(0)).to(dtype)
-    rope = m.rope(torch.tensor([[2], [5], [9]]), 1, in_table=True)
-    with torch.no_grad():
-        q, k, v = attn.project(x, rope, (w, None))
-        out = F.linear(x, w)  # the same product, then the separate steps
-        want_q = apply_rope(attn.q_norm(out[..., :H * D].view(3, 1, H, D)), *rope)
-        want_k = apply_rope(attn.k_norm(out[..., H * D:(H + Hkv) * D].view(3, 1, Hkv, D)), *rope)
-    assert torch.equal(q, want_q) and torch.equal(k, want_k)
-    assert torch.equal(v, out[..., (H + Hkv) * D:].view(3, 1, Hkv, D))
-    assert q.shape == (3, 1, H, D) and k.shape == v.shape == (3, 1, Hkv, D)
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.in_norm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_norm and not func.is_view and func.overloadpacket.__name__ != "_unsafe_view":
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def counted_rms_norm(self, *args, **kwargs):
+        self.ops["rms_norm"] += 1
+        self.in_norm += 1
+        try:
+            return self.rms_norm(*args, **kwargs)
+        finally:
+            self.in_norm -= 1
+
+    def __enter__(self):
+        self.rms_norm, torch.nn.functional.rms_norm = torch.nn.functional.rms_norm, self.counted_rms_norm
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        torch.nn.functional.rms_norm = self.rms_norm
+
+
+def decode_ops(depth: int, fused: bool, B: int = 2, dtype: torch.dtype = torch.float32, **kw) -> collections.Counter:
+    """The ops of one decode step (``KernelCount``) of a model ``depth`` layers deep, its left-padded cache at
+    slot 4."""
+    from minillm.generation.static import StaticDecodeStep
+
+    m = model(n_layer=depth, **kw).to(dtype)
+    c = KVCache(m.cfg, B, 16, dtype=dtype)
+    c.set_left_padding([0, 2][:B])
+    step = StaticDecodeStep(m, c, fused=fused)
+    with torch.no_grad(), KernelCount() as count:
+        step(tokens(B, 1), torch.tensor([4]), c.offsets, c.key_mask)
+    return count.ops
+
+
+def per_layer(ops: Callable[[int], collections.Counter]) -> dict:
+    """Ops a layer adds, ``ops(depth)`` counting a step: a 3-layer step's less a 1-layer one's, halved."""
+    one, three = ops(1), ops(3)
+    return {op: (three[op] - one[op]) / 2 for op in three.keys() | one.keys() if three[op] != one[op]}
+
+
+def per_step(ops: Callable[[int], collections.Counter]) -> collections.Counter:
+    """Ops a step runs once, whatever the depth: a 1-layer step's less a layer's."""
+    return ops(1) - collections.Counter(per_layer(ops))
 
 
 def test_decode_step_builds_its_mask_once_not_per_layer():
-    """Kernels per layer of the fused decode step (each op one kernel on a GPU): the slots a row must not see are
-    inverted once per step and shared by every layer; the queries and keys are rotated in one RoPE."""
-    import collections
+    """The slots a row must not see are inverted once per step and shared by every layer, with the fused weights
+    and without."""
+    for fused in (False, True):
+        ops = functools.partial(decode_ops, fused=fused, qk_norm=True)
+        layer = per_layer(ops)
+        assert ops(1)["bitwise_not"] == 1 and "bitwise_not" not in layer
+        assert layer["masked_fill"] == 1  # the mask's one use per layer
 
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops: collections.Counter = collections.Counter()
+FUSED_LAYER = {  # the fused decode step's ops per layer without QK-norm, views aside: 17 kernels on a GPU
+    "rms_norm": 2,  # norm1, norm2
+    "mm": 2,  # the q/k/v product, the gate/up product
+    "roll": 1, "addcmul": 1,  # RoPE over the queries and keys together, with a "mul" below
+    "index_copy_": 2,  # the new key and value into the cache
+    "bmm": 2, "masked_fill": 1, "_softmax": 1,  # the attention: its scale already in the queries, no casts
+    "silu": 1,  # SwiGLU, with a "mul"
+    "mul": 2,  # RoPE's and SwiGLU's
+    "addmm_": 2,  # the output and down projections, summed into the residual stream by their products
+}
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
-    from minillm.generation.static import fuse
-
-    counts = []
-    for depth in (1, 3):
-        m = model(n_layer=depth, qk_norm=True)
-        fused = [(fuse(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj), fuse(b.mlp.gate_proj, b.mlp.up_proj))
-                 for b in m.blocks]
-        c = KVCache(m.cfg, 2, 16)
-        c.set_left_padding([0, 2])
-        with torch.no_grad(), Count() as n:
-            m.decode_step(tokens(2, 1), torch.tensor([4]), c.offsets, c.key_mask, c.k, c.v, fused)
-        counts.append(n.ops)
-    per_layer = {op: (counts[1][op] - counts[0][op]) / 2 for op in ("bitwise_not", "masked_fill", "neg", "mm")}
-    assert counts[0]["bitwise_not"] == 1 and per_layer["bitwise_not"] == 0
-    assert per_layer["masked_fill"] == 1  # the mask's one use per layer
-    assert per_layer["neg"] == 1  # one rotation for the queries and keys together (fused decoding)
-    assert per_layer["mm"] == 4  # q/k/v, the output, gate/up, down
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_decode_step_kernels_per_layer(qk_norm):
+    """The fused decode step's ops per layer (bf16, batch 1), pinned: an op more is a kernel more per layer and
+    token on a GPU. No cast, no concatenation or negation (RoPE's ``rotate_half``), no sum beside a matrix product;
+    with QK-norm one norm for the queries and keys together, its weights in the RoPE tables, which cost a multiply
+    and a cast each once per step for every layer."""
+    fused, plain = (functools.partial(decode_ops, fused=f, B=1, dtype=torch.bfloat16, n_kv_head=2, qk_norm=qk_norm)
+                    for f in (True, False))
+    assert per_layer(fused) == {**FUSED_LAYER, "rms_norm": 3 if qk_norm else 2}
+    assert per_step(fused) - per_step(plain) == {"mul": 2, "_to_copy": 2}
+    assert not per_step(plain) - per_step(fused)
 
 
 def greedy(m: GPT, prompt: torch.Tensor, n: int, pad_lens: list[int] | None = None):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from minillm.errors import UsageError
 from minillm.generation.background import busy
+from minillm.model.fused_decode import FusedDecode, qk_rope_weights
 from minillm.model.gpt import GPT, KVCache
 
 
@@ -54,26 +55,33 @@ class StaticDecodeStep(nn.Module):
     """``GPT.decode_step`` bound to a KV cache, as a module to compile and to capture in a CUDA graph: the
     cache's keys and values are its buffers (the same tensors, not copies).
 
-    ``fused``: decode with each layer's q/k/v projections, and its SwiGLU gate/up projections, concatenated
-    into one matrix each (three matrix products fewer a layer). The concatenations are copies, made here and
-    refreshed in place by ``refresh`` (each ``generate_batch`` calls it), so a captured graph keeps reading
-    them; layers whose projections are not plain ``nn.Linear`` (an unmerged LoRA) decode unfused."""
+    ``fused``: decode in fewer kernels a layer (``minillm.model.fused_decode``): each layer's q/k/v projections, and
+    its SwiGLU gate/up projections, concatenated into one matrix each (three matrix products fewer a layer), and
+    the factors of its RoPE tables (QK-norm's weights, the attention's scale: ``qk_rope_weights``). These are
+    copies, made here and refreshed in place by ``refresh`` (each ``generate_batch`` calls it), so a captured graph
+    keeps reading them; layers whose projections are not plain ``nn.Linear`` (an unmerged LoRA) decode unfused."""
 
     def __init__(self, model: GPT, cache: KVCache, fused: bool = False):
         super().__init__()
         self.model = model
         self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, D), shared with the cache
         self.register_buffer("v", cache.v, persistent=False)
-        self.fused: list[tuple] | None = None
+        self.fused: FusedDecode | None = None
         if fused:
-            self.fused = [(fuse(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj),
-                           fuse(b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else None) for b in model.blocks]
+            layers = [(fuse(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj),
+                       fuse(b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else None) for b in model.blocks]
+            self.fused = FusedDecode(layers, qk_rope_weights(model))
 
     def refresh(self) -> None:
-        """Copy the model's current weights into the concatenated ones."""
-        for b, (qkv, gate_up) in zip(self.model.blocks, self.fused or (), strict=False):
+        """Copy the model's current weights into the concatenated ones and the RoPE tables' factors."""
+        if self.fused is None:
+            return
+        for b, (qkv, gate_up) in zip(self.model.blocks, self.fused.layers, strict=True):
             refill(qkv, b.attn.q_proj, b.attn.k_proj, b.attn.v_proj)
             refill(gate_up, *((b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else ()))
+        with torch.no_grad():
+            for table, new in zip(self.fused.qk_rope_weights, qk_rope_weights(self.model), strict=True):
+                table.copy_(new)
 
     def forward(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor) -> Tensor:
         """idx (B, 1), slot (1,) the cache slot of this token, offsets (B,) left padding,

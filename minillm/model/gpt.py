@@ -5,8 +5,9 @@ gradient checkpointing, document masking and incremental decoding over a KV cach
 Read top to bottom: norms and RoPE, attention, MLP, the block, the model, the KV cache. Attention is written
 once: ``Attention.project`` gives the queries, keys and values (projections, QK-norm, RoPE) to both
 ``forward`` (training, evaluation, prefill; appends to a ``KVCache``) and ``decode`` (one new token per row
-over a static cache, for compiled and CUDA-graph decoding). The loss is in ``loss.py``, the estimates of
-parameters, FLOPs and memory in ``memory.py``.
+over a static cache, for compiled and CUDA-graph decoding); bf16 decoding's fused step, the same math in fewer
+kernels a layer, is in ``fused_decode.py``. The loss is in ``loss.py``, the estimates of parameters, FLOPs and
+memory in ``memory.py``.
 
 Module names match Hugging Face's Llama/Qwen3 layout one to one (``attn.q_proj`` ~ ``self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm1`` ~ ``input_layernorm``, ...), and RoPE uses the rotate-half convention, so
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minillm.config import ModelConfig
 from minillm.errors import MiniLLMError
+from minillm.model import fused_decode
 from minillm.model.loss import output_loss
 from minillm.model.memory import flops_per_token
 
@@ -156,25 +158,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def project(self, x: Tensor, rope: tuple[Tensor, Tensor], qkv: tuple[Tensor, Tensor | None] | None = None
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, T, H, D), keys and values (B, T, Hkv, D) of ``x`` (B, T, C): the queries and keys
-        normed (QK-norm) and rotated by ``rope``. ``qkv``: the weight (and bias, or None) of q_proj, k_proj and
-        v_proj concatenated, for one matrix product instead of three (decoding's fewer kernels; the caller keeps
-        it equal to the three)."""
+        normed (QK-norm) and rotated by ``rope``."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
-        if qkv is not None:  # decoding: one matrix product, and the queries and keys rotated together
-            out = F.linear(x, *qkv)  # (B, T, (H + 2 Hkv) D)
-            if self.cfg.qk_norm:
-                q, k = out[..., :H * D].view(B, T, H, D), out[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D)
-                qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
-            else:  # already side by side in the product's output
-                qk = out[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)
-            # one RoPE over (B, T, H + Hkv, D) instead of one each: the same arithmetic element by element, half the
-            # kernels (a kernel per op on a GPU)
-            q, k = apply_rope(qk, *rope).split([H, Hkv], dim=2)
-            return q, k, out[..., (H + Hkv) * D:].view(B, T, Hkv, D)
         q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, H, D)), *rope)  # (B, T, H, D)
         k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)), *rope)  # (B, T, Hkv, D)
         return q, k, self.v_proj(x).view(B, T, Hkv, D)  # v (B, T, Hkv, D)
@@ -202,18 +190,17 @@ class Attention(nn.Module):
         return self.dropout(self.o_proj(y))
 
     def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], hidden: Tensor, slot: Tensor,
-               keys: Tensor, values: Tensor, qkv: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+               keys: Tensor, values: Tensor) -> Tensor:
         """One new token per row over a static cache (fixed shapes): x (B, 1, C) -> (B, 1, C). Its key and
         value go to slot ``slot`` (1,) of this layer's ``keys``/``values`` (B, Hkv, S, D), and it attends to
-        every slot but those ``hidden`` (B, 1, 1, S) marks (computed once per step for every layer). ``qkv``: the
-        fused projection (``project``).
+        every slot but those ``hidden`` (B, 1, 1, S) marks (computed once per step for every layer).
 
         Same projections as ``forward``; the attention of the single query is written out, two matrix-vector
         products and a softmax, the query heads sharing a key/value head taken as its queries. (The fused SDPA
         kernels are built for many queries: at batch 1 in fp32 the memory-efficient one took 78 us a layer on
         an H100, half of the decode step; docs/BENCHMARKS.md.)"""
         B = x.size(0)
-        q, k, v = self.project(x, rope, qkv)  # (B, 1, H|Hkv, D)
+        q, k, v = self.project(x, rope)  # (B, 1, H|Hkv, D)
         keys.index_copy_(2, slot, k.transpose(1, 2).to(keys.dtype))
         values.index_copy_(2, slot, v.transpose(1, 2).to(values.dtype))
         q = q.view(B, self.n_kv, self.n_head // self.n_kv, self.head_dim)  # (B, Hkv, G, D): G heads per kv head
@@ -241,14 +228,16 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, gate_up: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
         """``gate_up`` (SwiGLU, decoding): gate_proj's and up_proj's weight (and bias, or None) concatenated,
         one matrix product instead of two."""
+        return self.dropout(self.down_proj(self.activations(x, gate_up)))
+
+    def activations(self, x: Tensor, gate_up: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """What down_proj takes (B, T, hidden)."""
         if gate_up is not None:
             gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.swiglu:
-            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, hidden)
-        else:
-            h = F.gelu(self.up_proj(x), approximate="tanh")
-        return self.dropout(self.down_proj(h))
+            return F.silu(gate) * up
+        if self.swiglu:
+            return F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return F.gelu(self.up_proj(x), approximate="tanh")
 
 
 class Block(nn.Module):
@@ -266,12 +255,17 @@ class Block(nn.Module):
         return x
 
     def decode(self, x: Tensor, rope: tuple[Tensor, Tensor], hidden: Tensor, slot: Tensor,
-               keys: Tensor, values: Tensor, fused: tuple | None = None) -> Tensor:
-        """``forward`` for one new token per row over a static cache (``Attention.decode``); ``fused``: this
-        layer's (qkv, gate_up) concatenated weights, or None."""
-        qkv, gate_up = fused or (None, None)
-        x = x + self.attn.decode(self.norm1(x), rope, hidden, slot, keys, values, qkv)
-        return x + self.mlp(self.norm2(x), gate_up)
+               keys: Tensor, values: Tensor, fused: fused_decode.FusedLayer | None = None) -> Tensor:
+        """``forward`` for one new token per row over a static cache (``Attention.decode``). ``fused``: this layer's
+        share of the fused decode step (``fused_decode``; ``x`` may then be updated in place), or None. A layer
+        without the concatenated q/k/v projection (an unmerged LoRA) decodes as without, but for the gate/up
+        projection if it has that one."""
+        if fused is None or fused.qkv is None:
+            gate_up = fused.gate_up if fused is not None else None
+            x = x + self.attn.decode(self.norm1(x), rope, hidden, slot, keys, values)
+            return x + self.mlp(self.norm2(x), gate_up)
+        x = fused_decode.attention(self.attn, self.norm1(x), x, fused, hidden, slot, keys, values)
+        return fused_decode.feed_forward(self.mlp, self.norm2(x), x, fused.gate_up)
 
 
 # ------------------------------------------------------------------------------ regional compilation
@@ -371,13 +365,13 @@ class GPT(nn.Module):
         return run.head(self.norm_f, self.lm_head, x, targets, self.cfg, reduction)
 
     def decode_step(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor,
-                    keys: Tensor, values: Tensor, fused: Sequence[tuple] | None = None) -> Tensor:
+                    keys: Tensor, values: Tensor, fused: fused_decode.FusedDecode | None = None) -> Tensor:
         """One new token per row over a static KV cache, with fixed shapes for ``torch.compile`` and CUDA
         graphs: idx (B, 1) goes to the cache slot ``slot`` (a (1,) tensor, not ``cache.pos``), whose rows
         start after ``offsets`` (B,) slots of left padding; every slot is attended to through a mask
         (``key_valid`` (B, S), False at padding, and the slots up to ``slot``). ``keys``/``values``: a
-        ``KVCache``'s ``k``/``v`` (L, B, Hkv, S, D). ``fused``: per layer, ``Block.decode``'s concatenated
-        weights (fewer kernels), or None. -> logits (B, V), as ``forward`` with the cache gives."""
+        ``KVCache``'s ``k``/``v`` (L, B, Hkv, S, D). ``fused``: the weights of the fused decode step (fewer
+        kernels a layer, ``fused_decode``), or None. -> logits (B, V), as ``forward`` with the cache gives."""
         # a row's context never exceeds the block (generation slides it), so its position is in the RoPE
         # table; the clamp only keeps finished rows, whose tokens are dropped, inside it
         positions = (slot - offsets).clamp(0, self.cfg.block_size - 1)[:, None]  # (B, 1)
@@ -385,8 +379,9 @@ class GPT(nn.Module):
         visible = key_valid & (torch.arange(keys.size(3), device=idx.device) <= slot)  # (B, S)
         hidden = ~visible[:, None, None, :]  # (B, 1, 1, S): once per step, not a kernel per layer
         x = self.tok_emb(idx)  # (B, 1, C)
+        layers = [None] * len(self.blocks) if fused is None else fused_decode.layers(fused, rope, x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block.decode(x, rope, hidden, slot, keys[i], values[i], fused[i] if fused else None)
+            x = block.decode(x, rope, hidden, slot, keys[i], values[i], layers[i])
         return self.lm_head(self.norm_f(x)).float()[:, -1]  # (B, V)
 
     def num_params(self, non_embedding: bool = False) -> int:
