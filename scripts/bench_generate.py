@@ -345,11 +345,13 @@ def train_small(args, work: Path) -> tuple[Path, list[str]]:
 
 
 def decode_loss(model: GPT, windows: list[list[int]]) -> float:
-    """Mean next-token cross-entropy of ``windows`` (same lengths), each token fed alone through the decoder's
-    static step (a CUDA graph on CUDA), the KV cache in the weights' dtype."""
-    dev = next(model.parameters()).device
-    x = torch.tensor(windows, device=dev)  # (B, T)
-    dec = _Decoder(model, len(windows), decode_mode(dev, "auto") if dev.type == "cuda" else "static", x.size(1))
+    """Mean next-token cross-entropy of ``windows`` (same lengths), each token fed alone through the static step
+    ``generate`` decodes with (a CUDA graph on CUDA; the fused step where the weights are not fp32, as
+    ``minillm generate`` picks it), the KV cache in the weights' dtype."""
+    p = next(model.parameters())
+    x = torch.tensor(windows, device=p.device)  # (B, T)
+    mode = decode_mode(p.device, "auto") if p.device.type == "cuda" else "static"
+    dec = _Decoder(model, len(windows), mode, x.size(1), fused=p.dtype != torch.float32)
     with torch.no_grad():
         logits = [dec.prefill([w[:1] for w in windows])]
         for t in range(1, x.size(1) - 1):
