@@ -112,6 +112,32 @@ def test_bench_generate_runs_on_cpu_with_the_tiny_config():
     assert all(r["tokens"] == 20 * r["batch"] and r["tokens_per_s"] > 0 for r in decode)
 
 
+def test_bench_generate_loss_check_decodes_as_generate_does():
+    """The held-out check measures the decoder ``generate`` uses: the fused step for bf16 weights, the plain one for
+    fp32 (it measured the plain bf16 step, which ``generate`` never runs, until session 29)."""
+    import importlib.util
+
+    import torch
+
+    from minillm.config import resolve
+    from minillm.model.gpt import GPT
+
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "scripts" / "bench_generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import dataclasses
+
+    torch.manual_seed(0)
+    m = GPT(dataclasses.replace(resolve("tiny")[0], vocab_size=64)).eval()
+    windows = [[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]]
+    fp32 = mod.decode_loss(m, windows)
+    assert not any("fused" in k for k in m.decoders)
+    m.decoders.clear()
+    bf16 = mod.decode_loss(m.to(torch.bfloat16), windows)
+    assert any("fused" in k for k in m.decoders)
+    assert abs(bf16 - fp32) / fp32 < 0.02
+
+
 def test_bench_generate_only_runs_the_rows_named():
     out = _run("scripts/bench_generate.py", "--config", "tiny", "--device", "cpu", "--vocab", "512", "--new-tokens",
                "8", "--batch", "2", "--prompt-len", "8", "--chunk", "4", "--repeats", "1", "--no-hf", "--no-train",
