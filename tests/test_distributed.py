@@ -252,6 +252,20 @@ def test_fsdp_two_ranks_match_one_process_with_the_same_global_batch(fsdp_pair):
     assert "Traceback" not in two.stderr
 
 
+def test_fsdp_with_the_chunked_loss_matches_one_process_with_the_plain_one(fsdp_pair, data):
+    """The chunked output layer + loss (what an eager training step on a GPU takes; here through the TOML key
+    ``loss_chunk``) under FSDP2, the output layer's weight gathered from both ranks' shards and tied to the
+    embedding: the one-process run with the plain loss, step by step."""
+    d, one, _ = fsdp_pair
+    toml = d / "chunked.toml"
+    toml.write_text('preset = "tiny"\n[model]\nloss_chunk = 5\n')
+    two = launch(2, data, d / "fsdp-chunked", "--batch-size", "2", "--max-steps", "6", "--fsdp", *FSDP_RUN,
+                 "--config", str(toml))  # the last --config wins
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert json.loads((d / "fsdp-chunked" / "config.json").read_text())["model"]["loss_chunk"] == 5
+    assert_same_run(d / "one", d / "fsdp-chunked", one.stderr, two.stderr)
+
+
 def test_fsdp_checkpoint_has_the_one_process_format_and_loads_in_generate_and_evaluate(fsdp_pair, data, runner):
     from minillm.cli import app
     from minillm.model.load import load_model
