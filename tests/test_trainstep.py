@@ -144,6 +144,32 @@ def test_a_failed_background_compilation_leaves_the_run_eager():
     assert _train_steps(wrapped, model, 2) == pytest.approx(_train_steps(*[_tiny_run()[0]] * 2, 2), rel=1e-6)
 
 
+@pytest.mark.parametrize("switch", ["default", "short"])
+def test_a_short_thread_switch_interval_holds_only_while_the_model_compiles(monkeypatch, switch):
+    """MINILLM_COMPILE_SWITCH=short: the interpreter's switch interval is SHORT_SWITCH_S from the start of a background
+    compilation to the switch to its regions, then Python's again; unset, it is never touched."""
+    import sys
+    import threading
+
+    monkeypatch.setenv("MINILLM_COMPILE_SWITCH", switch)
+    before = sys.getswitchinterval()
+    seen, release = [], threading.Event()
+
+    def warmup(regions):
+        seen.append(sys.getswitchinterval())
+        release.wait(10)
+    model, _ = _tiny_run()
+    wrapped = ts.RegionallyCompiled(model, warmup)
+    try:
+        want = pytest.approx(ts.SHORT_SWITCH_S if switch == "short" else before)
+        assert wrapped.compiling and sys.getswitchinterval() == want
+    finally:
+        release.set()
+        wrapped.wait()
+    assert seen == [want]
+    assert sys.getswitchinterval() == before and not wrapped.compiling
+
+
 def test_compile_modes(monkeypatch):
     """auto: regional on CUDA (in the background when the trainer gives a warm-up), off on the CPU; on: regional,
     before the first step; model: the whole model in one graph (FSDP always); off: the model itself."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return dt
 
 
+# ``MINILLM_COMPILE_SWITCH=short``: the interpreter's thread switch interval while the regions compile on their thread.
+# Each op an eager step launches releases the interpreter lock and waits up to the interval to take it back from the
+# compile thread; on the 2-core CPU (scripts/bench_compile_contention.py) an 11.5 ms eager step took 2.6 s beside a
+# compile at Python's 5 ms and 0.25 s at 0.1 ms, the compile 20% slower (docs/BENCHMARKS.md, issue 20)
+SHORT_SWITCH_S = 1e-4
+
+
 class RegionallyCompiled(torch.nn.Module):
     """``model`` with its blocks and output head run by compiled functions (``minillm.model.gpt.compile_regions``):
     what the training forward and backward go through. ``model`` itself stays eager (evaluation, generation).
@@ -75,6 +83,9 @@ class RegionallyCompiled(torch.nn.Module):
             self.regions = compile_regions(mode)
             return
         self.regions = EAGER
+        self._switch_interval = sys.getswitchinterval()
+        if lever("COMPILE_SWITCH") == "short":
+            sys.setswitchinterval(SHORT_SWITCH_S)  # restored by _switch
         self._thread = threading.Thread(target=self._compile, args=(warmup,), name="minillm-compile", daemon=True)
         self._thread.start()
 
@@ -104,6 +115,7 @@ class RegionallyCompiled(torch.nn.Module):
 
     def _switch(self) -> None:
         self._thread = None
+        sys.setswitchinterval(self._switch_interval)
         if self._compiled is not None:
             self.regions = self._compiled
         if self._on_ready is not None:
