@@ -13,8 +13,9 @@ process to the moment its ``startup`` line (printed at the end of the first step
 line reports (imports, device, data, model, first_step; see ``minillm.train.loop.startup_breakdown``), and with
 ``--compile auto`` to the line saying the background compilation has ended (full speed from there); then the run
 is stopped (SIGTERM).
-With ``--max-time``, one more run of that budget per mode (cold, or ``--budget-cache warm``) reports the share of the budget spent in
-training steps (``training_s`` of its ``done`` line, with and without the first step, which compiles).
+With ``--max-time``, one more run of that budget per mode (cold, or ``--budget-cache warm``) reports the share of
+the budget spent in training steps (``training_s`` of its ``done`` line, with and without the first step, which
+compiles).
 Prints one JSON object per measurement (``--json``) or a table; every line is also written to $OUT if set.
 """
 

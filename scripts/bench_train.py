@@ -212,16 +212,15 @@ def kernel_categories(events, steps: int) -> dict:
     over ``steps`` steps: where a step's time goes, comparable across models and tools."""
     import torch
 
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[float]] = {}  # category -> [ms, kernels] over all the steps
     for e in events:
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        name = e.name.lower()
-        cat = next(c for c, frags in KERNEL_CATEGORIES if any(f in name for f in frags))
-        ms, n = out.setdefault(cat, [0.0, 0])
-        out[cat] = [ms + e.device_time_total / 1e3, n + 1]
-    total = sum(v[0] for v in out.values())
-    return {c: {"ms": round(v[0] / steps, 3), "kernels": round(v[1] / steps, 1)} for c, v in out.items()} | {
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            name = e.name.lower()
+            acc = out.setdefault(next(c for c, frags in KERNEL_CATEGORIES if any(f in name for f in frags)), [0.0, 0])
+            acc[0] += e.device_time_total / 1e3
+            acc[1] += 1
+    total = sum(ms for ms, _ in out.values())
+    return {c: {"ms": round(ms / steps, 3), "kernels": round(n / steps, 1)} for c, (ms, n) in out.items()} | {
         "total_ms": round(total / steps, 3)}
 
 

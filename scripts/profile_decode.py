@@ -31,6 +31,7 @@ from minillm.generation import (  # noqa: E402
     generate_batch,
     sample_next_token,
 )
+from minillm.generation.static import DTYPES  # noqa: E402
 from minillm.model.gpt import GPT, KVCache  # noqa: E402
 
 GREEDY = Sampling(temperature=0)
@@ -79,8 +80,7 @@ def main() -> None:
     mcfg = dataclasses.replace(resolve(args.config)[0], vocab_size=args.vocab)
     prompt = [list(range(1, 65))]
     tok = torch.tensor([5], device="cuda")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    for dtype in (dtypes[d] for d in args.dtypes.split(",")):
+    for dtype in (DTYPES[d] for d in args.dtypes.split(",")):
         torch.manual_seed(0)
         model = GPT(mcfg).cuda().to(dtype).eval()
         for mode in args.modes.split(","):

@@ -285,7 +285,8 @@ def generate_batch(
     included) or when ``on_token(row, token)`` returns True. ``mode``: eager, static, graph, compiled or background
     (see ``_Decoder``; ``warn`` says a failed background compile); ignored without ``use_cache``. ``chunk``: decode
     steps per ``StepChunk`` call with a static step (static, graph, compiled; one CUDA-graph replay on CUDA); 1
-    decodes one token at a time. The tokens do not depend on it, and ``on_token`` sees them in the same order (step by step, row by row), once per chunk.
+    decodes one token at a time. The tokens do not depend on it, and ``on_token`` sees them in the same order
+    (step by step, row by row), once per chunk.
     ``fused``: the static step with concatenated projections (``StaticDecodeStep``; the same math, rounded
     differently)."""
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -11,8 +11,9 @@ Two paths, picked by ``output_loss``:
 The fused path is taken for training steps with ``loss_kernel = "liger"`` on CUDA, and with the TOML key
 ``loss_chunk`` > 0 (its rows per chunk, for either implementation; only a per-token loss with a gradient,
 which the fused path does not give, stays plain), and for every training step run eagerly on a GPU
-(``eager_on_gpu``: there the plain path's fp32 arithmetic is a dozen passes over the whole logits). ``loss_kernel`` is a choice of kernel, never of weights:
-where liger cannot run (the CPU, evaluation) the loss is exactly what it is with ``loss_kernel = "torch"``.
+(``eager_on_gpu``: there the plain path's fp32 arithmetic is a dozen passes over the whole logits).
+``loss_kernel`` is a choice of kernel, never of weights: where liger cannot run (the CPU, evaluation) the loss
+is exactly what it is with ``loss_kernel = "torch"``.
 """
 
 from __future__ import annotations

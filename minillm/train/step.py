@@ -56,8 +56,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 
 # ``MINILLM_COMPILE_SWITCH=short``: the interpreter's thread switch interval while the regions compile on their thread.
 # Each op an eager step launches releases the interpreter lock and waits up to the interval to take it back from the
-# compile thread; on the 2-core CPU (scripts/bench_compile_contention.py) an 11.5 ms eager step took 2.6 s beside a
-# compile at Python's 5 ms and 0.25 s at 0.1 ms, the compile 20% slower (docs/BENCHMARKS.md, issue 20)
+# compile thread; on the 2-core CPU (scripts/bench_compile_contention.py) a 12.4 ms eager step took 2.0 s beside a
+# compile at Python's 5 ms and 0.26 s at 0.1 ms, the compile 13% slower (docs/BENCHMARKS.md, issue 20)
 SHORT_SWITCH_S = 1e-4
 
 
