@@ -350,3 +350,17 @@ def test_the_eager_steps_wait_for_the_device_while_the_model_compiles(tmp_path, 
                       yield_to_compiler=lambda steps, device: waited.append(steps))
     assert r["summary"]["steps"] > 200
     assert waited == list(range(1, 41)), waited  # after each of the 40 eager steps, and no other
+
+
+def test_a_run_hands_maybe_compile_its_compile_key(tmp_path, tokenizer_path, corpus, monkeypatch):
+    """The run names its shapes (``step.compile_key`` of its model config, micro-batch and precision) so that a short
+    budget on a cold cache trains eagerly and a compilation marks them; no background warm-up is made for it then."""
+    from minillm.train import run as train_run
+    from minillm.train import step as ts
+
+    seen: dict = {}
+    monkeypatch.setattr(train_run, "maybe_compile", lambda model, tcfg, device, **k: (
+        seen.update(k, want=ts.compile_key(model.cfg, tcfg, device, torch.float32)), model)[1])
+    timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, lambda i: 0.05, 0.3, max_time=10.0)
+    assert seen["key"] == seen["want"] and len(seen["key"]) == 24
+    assert seen["warmup"] is None  # the CPU: no background compilation

@@ -375,3 +375,72 @@ def test_the_deferred_guard_is_the_cuda_default_and_falls_back_where_it_cannot_s
     assert ts.defers_sync(skipping, cpu, fp16_scaler=False)
     monkeypatch.setenv("MINILLM_STEP_SYNC", "step")
     assert not ts.defers_sync(skipping, cuda, fp16_scaler=False)
+
+
+def _cold_pick(monkeypatch, tmp_path, max_time: float, compile: str = "auto", **env):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    model, _ = _tiny_run()
+    tcfg = resolve("tiny", {"compile": compile, "max_time": max_time})[1]
+    notes: list[str] = []
+    got = ts.maybe_compile(model, tcfg, torch.device("cuda"), warmup=lambda regions: None, on_ready=notes.append,
+                           key="k1")
+    if isinstance(got, ts.RegionallyCompiled):
+        got.wait()
+    return got, model, notes
+
+
+def test_compile_auto_trains_eagerly_under_a_short_budget_when_the_cache_has_no_kernels(monkeypatch, tmp_path):
+    """Measured on one H200 (medium 64 x 512, --max-time 30s, cold caches): the background compile left 115 steps
+    and 1.77 bits per byte, eager steps throughout 342 steps and 1.41. Under COLD_BUDGET_S a cold cache means
+    eager; a longer budget, a cache that has compiled these shapes, --compile on, or MINILLM_COLD_COMPILE=always
+    compile as before."""
+    got, model, notes = _cold_pick(monkeypatch, tmp_path, 30.0)
+    assert got is model and len(notes) == 1 and "training eagerly" in notes[0] and "--compile on" in notes[0]
+    assert not (tmp_path / "inductor" / ts.WARM_MARKS / "k1").exists()
+    assert isinstance(_cold_pick(monkeypatch, tmp_path, ts.COLD_BUDGET_S)[0], ts.RegionallyCompiled)
+    assert isinstance(_cold_pick(monkeypatch, tmp_path, 0.0)[0], ts.RegionallyCompiled)  # no budget: a long run
+    assert isinstance(_cold_pick(monkeypatch, tmp_path, 30.0, "on")[0], ts.RegionallyCompiled)
+    assert isinstance(_cold_pick(monkeypatch, tmp_path, 30.0, MINILLM_COLD_COMPILE="always")[0], ts.RegionallyCompiled)
+    # the runs above that compiled marked the shapes: the same short budget now compiles (a cache lookup)
+    assert (tmp_path / "inductor" / ts.WARM_MARKS / "k1").exists()
+    got, model, notes = _cold_pick(monkeypatch, tmp_path, 30.0)
+    assert isinstance(got, ts.RegionallyCompiled) and not any("eagerly" in n for n in notes)
+
+
+def test_a_compilation_marks_its_shapes_only_once_it_has_succeeded(monkeypatch, tmp_path):
+    """The mark is written after the background compile's warm-up ran, or after the first forward and backward of a
+    foreground compile (the second forward); a failed compile leaves none."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    marked = lambda: (tmp_path / ts.WARM_MARKS / "k").exists()  # noqa: E731
+    model, _ = _tiny_run()
+
+    def broken(regions):
+        raise RuntimeError("no C compiler")
+    ts.RegionallyCompiled(model, broken, on_compiled=lambda: ts.mark_compiled("k")).wait()
+    assert not marked()
+    from minillm.model.gpt import EAGER
+
+    monkeypatch.setattr("minillm.model.gpt.compile_regions", lambda mode=None: EAGER)
+    fg = ts.RegionallyCompiled(model, on_compiled=lambda: ts.mark_compiled("k"))
+    x = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    fg(x[:, :-1], x[:, 1:]).backward()
+    assert not marked()
+    fg(x[:, :-1], x[:, 1:])
+    assert marked()
+
+
+def test_the_compile_key_names_the_shapes_and_the_software():
+    """One key per model config, micro-batch, precision, document masking and torch version: a change to any of them
+    compiles new kernels."""
+    model, tcfg = _tiny_run()
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    base = ts.compile_key(model.cfg, tcfg, cuda, bf16)
+    assert base == ts.compile_key(model.cfg, tcfg, cuda, bf16)
+    import dataclasses
+    others = [ts.compile_key(dataclasses.replace(model.cfg, n_layer=model.cfg.n_layer + 1), tcfg, cuda, bf16),
+              ts.compile_key(model.cfg, dataclasses.replace(tcfg, batch_size=tcfg.batch_size + 1), cuda, bf16),
+              ts.compile_key(model.cfg, dataclasses.replace(tcfg, doc_masking=True), cuda, bf16),
+              ts.compile_key(model.cfg, tcfg, cuda, torch.float16)]
+    assert len({base, *others}) == 5

@@ -60,7 +60,14 @@ from minillm.train.rundir import (
     write_run_files,
 )
 from minillm.train.state import RunState, total_steps_for
-from minillm.train.step import background_warmup, maybe_compile, resolve_device, resolve_precision
+from minillm.train.step import (
+    background_warmup,
+    compile_key,
+    maybe_compile,
+    resolve_device,
+    resolve_precision,
+    skips_cold_compile,
+)
 
 __all__ = ["Interrupted", "Job", "RunSpec", "check_memory", "corpus_data", "setup_run", "train"]
 
@@ -331,8 +338,10 @@ def _start(run: _Run, mcfg: ModelConfig, data: RunData) -> tuple[TrainContext, R
                   precision=str(run.dtype).split(".")[-1], steps=_total_str(state),
                   windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"],
                   **({"parallel": "fsdp" if fsdp else "ddp"} if dist.enabled else {}))
-    compiled = maybe_compile(model, tcfg, device, whole=fsdp, warmup=_background_compile(model, tcfg, run, data),
-                             on_ready=run.log.event)
+    key = compile_key(mcfg, tcfg, device, run.dtype)
+    warmup = None if skips_cold_compile(tcfg, device, key) else _background_compile(model, tcfg, run, data)
+    compiled = maybe_compile(model, tcfg, device, whole=fsdp, warmup=warmup, on_ready=run.log.event,
+                             key=None if fsdp else key)
     ctx = TrainContext(outdir=spec.outdir, mcfg=mcfg, tcfg=tcfg, model=model,
                        train_model=compiled if fsdp else distributed.wrap_ddp(compiled, dist), optimizers=opts,
                        scaler=scaler, loader=data.loader, val_batches=data.val_batches[dist.rank :: dist.world_size],

@@ -71,14 +71,16 @@ class RegionallyCompiled(torch.nn.Module):
     it, the first forward compiles (the step waits). ``mode``: ``torch.compile``'s mode (None: its default)."""
 
     def __init__(self, model: torch.nn.Module, warmup: Callable[[Regions], None] | None = None,
-                 on_ready: Callable[[str], None] | None = None, mode: str | None = None):
+                 on_ready: Callable[[str], None] | None = None, mode: str | None = None,
+                 on_compiled: Callable[[], None] | None = None):
         super().__init__()
         from minillm.model.gpt import EAGER, compile_regions
 
-        self.model, self._on_ready, self._mode = model, on_ready, mode
+        self.model, self._on_ready, self._mode, self._on_compiled = model, on_ready, mode, on_compiled
         self._thread: threading.Thread | None = None
         self._compiled: Regions | None = None
         self._note = ""
+        self._forwards = 0  # a foreground compile has compiled forward and backward once the second forward starts
         if warmup is None:
             self.regions = compile_regions(mode)
             return
@@ -118,12 +120,21 @@ class RegionallyCompiled(torch.nn.Module):
         sys.setswitchinterval(self._switch_interval)
         if self._compiled is not None:
             self.regions = self._compiled
+            self._compiled_once()
         if self._on_ready is not None:
             self._on_ready(self._note)
+
+    def _compiled_once(self) -> None:
+        if self._on_compiled is not None:
+            self._on_compiled()
+            self._on_compiled = None
 
     def forward(self, *args, **kwargs):
         if self._thread is not None and not self._thread.is_alive():
             self._switch()
+        elif self._thread is None and self._forwards == 1:
+            self._compiled_once()  # a foreground compile: the first step's forward and backward compiled
+        self._forwards += 1
         return self.model(*args, regions=self.regions, **kwargs)
 
 
@@ -166,9 +177,53 @@ def use_compile_cache() -> str:
     return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
 
 
+# ``--compile auto`` on CUDA with a ``--max-time`` budget under ``COLD_BUDGET_S`` trains eagerly when the compile cache
+# has no kernels for the run's shapes (no mark under ``WARM_MARKS``, written once a compilation of them succeeded):
+# one H200, medium 64 x 512, 30 s, cold caches (docs/BENCHMARKS.md, session 30): the background compile left 115
+# steps and 1.77 bits per byte, eager steps throughout 342 steps and 1.41. A compiled step is ~1.36x faster than an
+# eager one, but a cold compile takes ~12-20 s during which the eager steps beside it crawl (the interpreter lock):
+# it pays for itself only after ~75 s of steps. With a warm cache (a lookup, ~3-6 s) the budget's steps compile.
+COLD_BUDGET_S = 90.0
+WARM_MARKS = "minillm-compiled"
+
+
+def compile_key(mcfg, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The name of what a compilation of the training regions depends on: torch's version, the device's name, the
+    model config, the micro-batch, the precision, document masking and the compile mode."""
+    import dataclasses
+    import hashlib
+    import json
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
+    blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(mcfg),
+                       "batch": tcfg.batch_size, "dtype": str(dtype), "doc_masking": tcfg.doc_masking,
+                       "mode": lever("COMPILE_MODE", device.type)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _mark(key: str) -> Path:
+    return Path(use_compile_cache()) / WARM_MARKS / key
+
+
+def mark_compiled(key: str) -> None:
+    """Record in the compile cache that the shapes named ``key`` compiled (a failure to write is no error)."""
+    try:
+        _mark(key).parent.mkdir(parents=True, exist_ok=True)
+        _mark(key).write_text(f"{time.time():.0f}\n")
+    except OSError:
+        pass
+
+
+def skips_cold_compile(tcfg: TrainConfig, device: torch.device, key: str) -> bool:
+    """Whether ``--compile auto`` trains eagerly: on CUDA, a ``--max-time`` under ``COLD_BUDGET_S``, nothing in the
+    compile cache for ``key``, and ``MINILLM_COLD_COMPILE`` at its CUDA default (``budget``)."""
+    return (tcfg.compile == "auto" and device.type == "cuda" and 0 < tcfg.max_time < COLD_BUDGET_S
+            and lever("COLD_COMPILE", device.type) == "budget" and not _mark(key).exists())
+
+
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
                   warmup: Callable[[Regions], None] | None = None,
-                  on_ready: Callable[[str], None] | None = None) -> torch.nn.Module:
+                  on_ready: Callable[[str], None] | None = None, key: str | None = None) -> torch.nn.Module:
     """What the training step runs: with ``--compile auto`` on CUDA or ``on`` anywhere, the model with its blocks
     and head compiled (regional compilation: one block's compile time, reused for every layer), or with
     ``--compile model`` (or ``whole``, for FSDP's sharded model) the whole model under one ``torch.compile``;
@@ -176,16 +231,24 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     steps run eagerly (``RegionallyCompiled``). Compiled kernels are cached in ``compile_cache_dir()`` (``use_compile_cache``).
     ``MINILLM_COMPILE_MODE`` (``minillm.optim.levers``) picks ``torch.compile``'s mode; with ``reduce-overhead``
     (CUDA graphs, recorded on the thread that replays them) the regions compile in the first step, never in the
-    background."""
+    background. ``key`` (``compile_key``): the regional compilation marks it in the cache once it has succeeded, and
+    ``--compile auto`` trains eagerly where ``skips_cold_compile`` (``on_ready`` hears why)."""
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
     use_compile_cache()
+    if key is not None and skips_cold_compile(tcfg, device, key):
+        if on_ready is not None:
+            on_ready(f"--compile auto: training eagerly: --max-time {tcfg.max_time:g} s is under {COLD_BUDGET_S:g} s "
+                     "and the compile cache has no kernels for this model and batch (compiling would cost more of "
+                     "the budget than it gains; one run with --compile on fills the cache)")
+        return model
     mode = lever("COMPILE_MODE")
     mode = None if mode == "default" else mode
     if tcfg.compile == "model" or whole:
         return torch.compile(model, mode=mode)
     background = tcfg.compile == "auto" and mode != "reduce-overhead"
-    return RegionallyCompiled(model, warmup if background else None, on_ready, mode)
+    return RegionallyCompiled(model, warmup if background else None, on_ready, mode,
+                              on_compiled=None if key is None else lambda: mark_compiled(key))
 
 
 def _to_device(x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
