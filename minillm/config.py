@@ -125,7 +125,7 @@ class TrainConfig:
     precision: str = _f("auto", "auto (bf16 on capable GPUs, fp16 on older ones, fp32 on CPU), bf16, fp16 or fp32.",
                         ("auto", "bf16", "fp16", "fp32"))
     compile: str = _f("auto", "torch.compile for training: auto (on for CUDA, in the background while the first steps run; off for "
-                               "CPU, and for a --max-time under 90 s until the compile cache has this model's kernels), on (each block and the output "
+                               "CPU, and for a --max-time under 60 s until the compile cache has this model's kernels), on (each block and the output "
                                "head, compiled once and reused: a short start), model (the whole model in one graph, the "
                                "longer start of earlier versions), off.", ("auto", "on", "model", "off"))
     device: str = _f("auto", "auto (CUDA, else Apple's MPS, when present), cpu, cuda, cuda:N or mps.")

@@ -9,7 +9,7 @@ value (the exact, synchronous path its tests pin down).
 | ``MINILLM_COMPILE_MODE`` | ``default``, ``reduce-overhead``, ``max-autotune-no-cudagraphs`` | ``default`` | ``default`` | the compiled regions' ``torch.compile`` mode (``reduce-overhead``: CUDA graphs; +1.5%, within the spread, and no background compilation: not a default) |
 | ``MINILLM_MUON_NS`` | ``matmul``, ``fused`` | ``matmul`` | ``fused`` | ``fused``: Muon's Newton-Schulz with ``baddbmm``, tall matrices batched with their transposed shape |
 | ``MINILLM_COMPILE_SWITCH`` | ``default``, ``short`` | ``default`` | ``default`` | ``short``: while ``--compile auto`` compiles on its thread, the interpreter switches threads every 0.1 ms instead of 5 ms (measured on an H200, 30 s cold: 111 steps against 115, no gain: not a default) |
-| ``MINILLM_COLD_COMPILE`` | ``always``, ``budget`` | ``always`` | ``budget`` | ``budget``: ``--compile auto`` with a ``--max-time`` under 90 s trains eagerly when the compile cache has no kernels for the run's shapes (``train.step.skips_cold_compile``; H200, 30 s cold: 342 steps against 115) |
+| ``MINILLM_COLD_COMPILE`` | ``always``, ``budget`` | ``always`` | ``budget`` | ``budget``: ``--compile auto`` with a ``--max-time`` under 60 s trains eagerly when the compile cache has no kernels for the run's shapes (``train.step.skips_cold_compile``; 30 s cold, H200: 342 eager steps against 115; 60 s cold, H100: 755 against 758) |
 """
 
 from __future__ import annotations

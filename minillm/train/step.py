@@ -179,11 +179,12 @@ def use_compile_cache() -> str:
 
 # ``--compile auto`` on CUDA with a ``--max-time`` budget under ``COLD_BUDGET_S`` trains eagerly when the compile cache
 # has no kernels for the run's shapes (no mark under ``WARM_MARKS``, written once a compilation of them succeeded):
-# one H200, medium 64 x 512, 30 s, cold caches (docs/BENCHMARKS.md, session 30): the background compile left 115
-# steps and 1.77 bits per byte, eager steps throughout 342 steps and 1.41. A compiled step is ~1.36x faster than an
-# eager one, but a cold compile takes ~12-20 s during which the eager steps beside it crawl (the interpreter lock):
-# it pays for itself only after ~75 s of steps. With a warm cache (a lookup, ~3-6 s) the budget's steps compile.
-COLD_BUDGET_S = 90.0
+# medium 64 x 512, cold caches (docs/BENCHMARKS.md, session 30): at 30 s (one H200) the background compile left 115
+# steps and 1.77 bits per byte, eager steps throughout 342 steps and 1.41; at 60 s (one H100) 758 steps and 1.110
+# against 755 eager and 1.125. A compiled step is ~1.36x faster than an eager one, but a cold compile takes ~12-20 s
+# during which the eager steps beside it crawl (the interpreter lock): it pays for itself from about a minute's
+# budget. With a warm cache (a lookup, ~3 s) even 30 s compile: 526 steps and 1.204 (H100).
+COLD_BUDGET_S = 60.0
 WARM_MARKS = "minillm-compiled"
 
 
