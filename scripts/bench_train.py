@@ -198,8 +198,9 @@ def bench_one(name: str, args, dist=None) -> dict:
 
 # kernel name fragments -> category, first match wins (cuBLAS's nvjet/sm90 kernels, SDPA's flash kernels, inductor's
 # generated Triton kernels, the optimizers' multi-tensor kernels, the rest of ATen)
-KERNEL_CATEGORIES = (("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere_")),
-                     ("attention", ("flash", "fmha", "attention", "efficient")),
+KERNEL_CATEGORIES = (("attention", ("flash", "fmha", "attention", "efficient", "sdpa", "cudnn")),  # before matmul:
+                     # cuDNN's attention kernels carry "sm90_" in their names
+                     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "sm80_", "ampere_")),
                      ("optimizer", ("multi_tensor", "fused_adam", "foreach")),
                      ("triton reduction", ("triton_red", "triton_per")),
                      ("triton pointwise", ("triton_poi", "triton_")),
