@@ -288,3 +288,22 @@ def test_bench_compile_contention_reports_each_row():
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [(r["compiling"], r["eager_steps"] > 0) for r in rows] == [(False, True), (True, False), (True, True)]
     assert rows[2]["switch_interval_ms"] == 0.1 and rows[0]["step_ms"] > 0
+
+
+def test_bench_quality_prepares_once_and_warms_the_libraries_without_touching_the_compile_cache(tmp_path, monkeypatch):
+    """bench_quality's preparation: the split, tokenizer and caches built once; then every time a short eager
+    process that reads torch's and the GPU's libraries (a fresh machine's first run otherwise read them during its
+    timed budget); the compile cache directory is never created."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "scripts" / "bench_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    corpus = ROOT / "minillm" / "data" / "sample_es.txt"
+    first = mod.prepare(corpus, tmp_path / "work", 600)
+    assert {"split_s", "tokenizer_s", "cache_s", "warm_s"} <= first.keys() and first["warm_s"] > 0
+    assert (tmp_path / "work" / "val.txt").stat().st_size > 0 and 1.5 < first["val_bytes_per_token"] < 8
+    again = mod.prepare(corpus, tmp_path / "work", 600)
+    assert "tokenizer_s" not in again and "split_s" not in again and again["warm_s"] > 0
+    assert not (tmp_path / "inductor").exists()
