@@ -86,6 +86,9 @@ def test_bench_train_profile_sums_each_kernel_category_per_step():
                    "triton reduction": {"ms": 0.3, "kernels": 1.0}, "triton pointwise": {"ms": 0.1, "kernels": 0.5},
                    "optimizer": {"ms": 0.05, "kernels": 0.5}, "copy/memset": {"ms": 0.025, "kernels": 0.5},
                    "aten other": {"ms": 0.075, "kernels": 0.5}, "total_ms": 3.0}
+    events.append(ev("nvjet_tst_128x64", 1000))  # a second call of the top kernel
+    assert mod.top_kernels(events, steps=2, n=2) == [("nvjet_tst_128x64", 2.0, 1.0), ("sm90_xmma_gemm_bf16", 0.5, 0.5)]
+    assert mod.top_kernels([ev("k" * 300, 10)], steps=1, n=5) == [("k" * 240, 0.01, 1.0)]
 
 
 def test_levers_gpu_script_names_only_levers_and_values_that_exist():
