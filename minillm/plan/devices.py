@@ -39,6 +39,8 @@ class Device:
     compiled: bool  # the trainer compiles the model on this device (memory: the compiled figure)
     min_step_s: float  # no optimizer step is faster (launch-bound small models)
     eager_s: float = 0.0  # seconds of full-speed steps lost to the eager steps run while the compile ends
+    eager_speed: float = 1.0  # an eager step's speed against a compiled one's
+    cold_budget_s: float = 0.0  # budgets under this train eagerly on a cold compile cache (train.step.COLD_BUDGET_S)
 
     def tokens_per_s(self, cfg: ModelConfig, optimizer: str, batch_tokens: int) -> float:
         """Training tokens per second of ``cfg`` on this device at ``batch_tokens`` a step (6N + attention
@@ -49,9 +51,16 @@ class Device:
         return min(speed, batch_tokens / self.min_step_s) if self.min_step_s else speed
 
     def steady_seconds(self, budget_s: float) -> float:
-        """Seconds at full speed that a ``--max-time budget_s`` run's steps are worth (``train_seconds`` less what
-        the eager steps before the background compilation ends lose)."""
-        return max(0.0, self.train_seconds(budget_s) - self.eager_s)
+        """Seconds at full speed that a ``--max-time budget_s`` run's steps are worth: ``train_seconds`` less what
+        the eager steps before the background compilation ends lose; under ``cold_budget_s`` at least all of them
+        eager (``--compile auto`` on a cold compile cache)."""
+        train = self.train_seconds(budget_s)
+        compiled = max(0.0, train - self.eager_s)
+        return max(compiled, train * self.eager_speed) if budget_s < self.cold_budget_s else compiled
+
+    def trains_eagerly(self, budget_s: float) -> bool:
+        """Whether a ``--max-time budget_s`` run on a cold compile cache runs every step eagerly."""
+        return budget_s < self.cold_budget_s
 
     def train_seconds(self, budget_s: float) -> float:
         """Seconds of training steps a ``--max-time budget_s`` run gets."""
@@ -116,8 +125,10 @@ def compiled_memory(cfg: ModelConfig, batch_size: int) -> int:
 # 21-31 ms for small (128 x 256), medium (64 x 512) and large (16 x 1024) alike, launch- and host-bound, where the
 # MFU table alone expects 12-18 ms; with 25 ms and eager_s the tokens each of its seven runs trained on are within
 # 26% of the plan's (they were 1.4-2.9x below it with the 12 ms of issue 13's first estimate).
+# Under 60 s on a cold compile cache every step runs eagerly (``train.step.COLD_BUDGET_S``): medium 64 x 512 on an
+# H200, 44.5 ms eager against 32.7 ms compiled (0.73); 342 steps in a 30 s run (docs/BENCHMARKS.md, session 30).
 _H100 = Device("h100", "cuda", 79 * GIB, 989e12, ((256, 0.203), (384, 0.27), (640, 0.371), (768, 0.392)),
-               0.9, 11.0, 0.85, True, 0.025, 10.0)
+               0.9, 11.0, 0.85, True, 0.025, 10.0, 0.73, 60.0)
 DEVICES: dict[str, Device] = {
     "h100": _H100,
     "h200": replace(_H100, name="h200", memory=139 * GIB, mfu=((256, 0.226), (384, 0.279), (640, 0.428), (768, 0.445))),

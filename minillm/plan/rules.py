@@ -332,7 +332,9 @@ def plan(corpus: CorpusFigures, device: Device, budget_s: float) -> Plan:
     train_s = device.train_seconds(budget_s)
     steps = int(speed * device.steady_seconds(budget_s) / (batch * accumulation * block))
     epochs = steps * batch * accumulation / max(windows, 1)
-    eager = f" (worth {device.steady_seconds(budget_s):.0f} s: the first run eagerly while compiling)" if device.eager_s else ""
+    eager = (f" (worth {device.steady_seconds(budget_s):.0f} s: "
+             + ("all eager on a cold compile cache" if device.trains_eagerly(budget_s)
+                else "the first run eagerly while compiling") + ")") if device.eager_s else ""
     reasons["epochs"] = (f"{train_s:.0f} s of steps{eager} at {speed:,.0f} tokens/s are {epochs:.2g} passes over the "
                          f"windows; --max-time ends the run")
     dropout, reasons["dropout"] = dropout_for(epochs)
