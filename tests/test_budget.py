@@ -353,14 +353,18 @@ def test_the_eager_steps_wait_for_the_device_while_the_model_compiles(tmp_path, 
 
 
 def test_a_run_hands_maybe_compile_its_compile_key(tmp_path, tokenizer_path, corpus, monkeypatch):
-    """The run names its shapes (``step.compile_key`` of its model config, micro-batch and precision) so that a short
-    budget on a cold cache trains eagerly and a compilation marks them; no background warm-up is made for it then."""
+    """The run names its shapes (``step.compile_key`` of its model, micro-batch and precision) and decides once
+    whether a short budget on a cold cache trains eagerly: then it builds no background warm-up and tells
+    ``maybe_compile`` so; otherwise the warm-up goes to ``maybe_compile`` as before."""
     from minillm.train import run as train_run
     from minillm.train import step as ts
 
-    seen: dict = {}
-    monkeypatch.setattr(train_run, "maybe_compile", lambda model, tcfg, device, **k: (
-        seen.update(k, want=ts.compile_key(model.cfg, tcfg, device, torch.float32)), model)[1])
-    timed_run(monkeypatch, tmp_path, tokenizer_path, corpus, lambda i: 0.05, 0.3, max_time=10.0)
-    assert seen["key"] == seen["want"] and len(seen["key"]) == 24
-    assert seen["warmup"] is None  # the CPU: no background compilation
+    for skip in (True, False):
+        seen: dict = {}
+        monkeypatch.setattr(train_run, "skips_cold_compile", lambda tcfg, device, key, _s=skip: _s)
+        monkeypatch.setattr(train_run, "_background_compile", lambda *a: "warm-up")
+        monkeypatch.setattr(train_run, "maybe_compile", lambda model, tcfg, device, _seen=seen, **k: (
+            _seen.update(k, want=ts.compile_key(model, tcfg, device, torch.float32)), model)[1])
+        timed_run(monkeypatch, tmp_path / str(skip), tokenizer_path, corpus, lambda i: 0.05, 0.3, max_time=10.0)
+        assert seen["key"] == seen["want"] and len(seen["key"]) == 24
+        assert (seen["eager"], seen["warmup"]) == ((True, None) if skip else (False, "warm-up"))

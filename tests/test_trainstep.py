@@ -377,8 +377,8 @@ def test_the_deferred_guard_is_the_cuda_default_and_falls_back_where_it_cannot_s
     assert not ts.defers_sync(skipping, cuda, fp16_scaler=False)
 
 
-def _cold_pick(monkeypatch, tmp_path, max_time: float, compile: str = "auto", **env):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+def _cold_pick(monkeypatch, cache, max_time: float, compile: str = "auto", **env):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     model, _ = _tiny_run()
@@ -394,18 +394,23 @@ def _cold_pick(monkeypatch, tmp_path, max_time: float, compile: str = "auto", **
 def test_compile_auto_trains_eagerly_under_a_short_budget_when_the_cache_has_no_kernels(monkeypatch, tmp_path):
     """Measured on one H200 (medium 64 x 512, --max-time 30s, cold caches): the background compile left 115 steps
     and 1.77 bits per byte, eager steps throughout 342 steps and 1.41. Under COLD_BUDGET_S a cold cache means
-    eager; a longer budget, a cache that has compiled these shapes, --compile on, or MINILLM_COLD_COMPILE=always
-    compile as before."""
-    got, model, notes = _cold_pick(monkeypatch, tmp_path, 30.0)
+    eager; a longer budget, no budget, --compile on, or MINILLM_COLD_COMPILE=always compile as before (each case on
+    a cache of its own), and so does a short budget once a compilation has marked the shapes."""
+    mark = lambda cache: cache / ts.WARM_MARKS / "k1"  # noqa: E731
+    got, model, notes = _cold_pick(monkeypatch, tmp_path / "cold", 30.0)
     assert got is model and len(notes) == 1 and "training eagerly" in notes[0] and "--compile on" in notes[0]
-    assert not (tmp_path / "inductor" / ts.WARM_MARKS / "k1").exists()
-    assert isinstance(_cold_pick(monkeypatch, tmp_path, ts.COLD_BUDGET_S)[0], ts.RegionallyCompiled)
-    assert isinstance(_cold_pick(monkeypatch, tmp_path, 0.0)[0], ts.RegionallyCompiled)  # no budget: a long run
-    assert isinstance(_cold_pick(monkeypatch, tmp_path, 30.0, "on")[0], ts.RegionallyCompiled)
-    assert isinstance(_cold_pick(monkeypatch, tmp_path, 30.0, MINILLM_COLD_COMPILE="always")[0], ts.RegionallyCompiled)
-    # the runs above that compiled marked the shapes: the same short budget now compiles (a cache lookup)
-    assert (tmp_path / "inductor" / ts.WARM_MARKS / "k1").exists()
-    got, model, notes = _cold_pick(monkeypatch, tmp_path, 30.0)
+    assert not mark(tmp_path / "cold").exists()
+    got, model, _ = _cold_pick(monkeypatch, tmp_path / "cold", ts.COLD_BUDGET_S - 1)
+    assert got is model
+    cases = {"budget": (ts.COLD_BUDGET_S, "auto", {}), "none": (0.0, "auto", {}), "on": (30.0, "on", {}),
+             "always": (30.0, "auto", {"MINILLM_COLD_COMPILE": "always"})}
+    for name, (max_time, mode, env) in cases.items():
+        assert not mark(tmp_path / name).exists()
+        got = _cold_pick(monkeypatch, tmp_path / name, max_time, mode, **env)[0]
+        assert isinstance(got, ts.RegionallyCompiled), name
+        monkeypatch.delenv("MINILLM_COLD_COMPILE", raising=False)
+    # those compilations marked their caches' shapes: the same short budget now compiles (a cache lookup)
+    got, model, notes = _cold_pick(monkeypatch, tmp_path / "budget", 30.0)
     assert isinstance(got, ts.RegionallyCompiled) and not any("eagerly" in n for n in notes)
 
 
@@ -418,13 +423,17 @@ def test_a_compilation_marks_its_shapes_only_once_it_has_succeeded(monkeypatch, 
 
     def broken(regions):
         raise RuntimeError("no C compiler")
-    ts.RegionallyCompiled(model, broken, on_compiled=lambda: ts.mark_compiled("k")).wait()
+    failed = ts.RegionallyCompiled(model, broken, on_compiled=lambda: ts.mark_compiled("k"))
+    failed._thread.join()  # the compile failed before the first step: the run continues eagerly, unmarked
+    x = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    for _ in range(3):
+        failed(x[:, :-1], x[:, 1:]).backward()
+    failed.wait()
     assert not marked()
     from minillm.model.gpt import EAGER
 
     monkeypatch.setattr("minillm.model.gpt.compile_regions", lambda mode=None: EAGER)
     fg = ts.RegionallyCompiled(model, on_compiled=lambda: ts.mark_compiled("k"))
-    x = torch.randint(0, model.cfg.vocab_size, (2, 9))
     fg(x[:, :-1], x[:, 1:]).backward()
     assert not marked()
     fg(x[:, :-1], x[:, 1:])
@@ -434,13 +443,19 @@ def test_a_compilation_marks_its_shapes_only_once_it_has_succeeded(monkeypatch, 
 def test_the_compile_key_names_the_shapes_and_the_software():
     """One key per model config, micro-batch, precision, document masking and torch version: a change to any of them
     compiles new kernels."""
+    import dataclasses
+
+    from minillm.lora import LoRAConfig, apply_lora
+
     model, tcfg = _tiny_run()
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
-    base = ts.compile_key(model.cfg, tcfg, cuda, bf16)
-    assert base == ts.compile_key(model.cfg, tcfg, cuda, bf16)
-    import dataclasses
-    others = [ts.compile_key(dataclasses.replace(model.cfg, n_layer=model.cfg.n_layer + 1), tcfg, cuda, bf16),
-              ts.compile_key(model.cfg, dataclasses.replace(tcfg, batch_size=tcfg.batch_size + 1), cuda, bf16),
-              ts.compile_key(model.cfg, dataclasses.replace(tcfg, doc_masking=True), cuda, bf16),
-              ts.compile_key(model.cfg, tcfg, cuda, torch.float16)]
-    assert len({base, *others}) == 5
+    base = ts.compile_key(model, tcfg, cuda, bf16)
+    assert base == ts.compile_key(_tiny_run()[0], tcfg, cuda, bf16)
+    deeper = GPT(dataclasses.replace(model.cfg, n_layer=model.cfg.n_layer + 1))
+    others = [ts.compile_key(deeper, tcfg, cuda, bf16),
+              ts.compile_key(model, dataclasses.replace(tcfg, batch_size=tcfg.batch_size + 1), cuda, bf16),
+              ts.compile_key(model, dataclasses.replace(tcfg, doc_masking=True), cuda, bf16),
+              ts.compile_key(model, tcfg, cuda, torch.float16)]
+    apply_lora(model, LoRAConfig())  # a finetune's adapters: other graphs than pretraining's
+    others.append(ts.compile_key(model, tcfg, cuda, bf16))
+    assert len({base, *others}) == 6

@@ -52,11 +52,10 @@ class Device:
 
     def steady_seconds(self, budget_s: float) -> float:
         """Seconds at full speed that a ``--max-time budget_s`` run's steps are worth: ``train_seconds`` less what
-        the eager steps before the background compilation ends lose; under ``cold_budget_s`` at least all of them
-        eager (``--compile auto`` on a cold compile cache)."""
+        the eager steps before the background compilation ends lose; under ``cold_budget_s``, all of them at the
+        eager speed (``--compile auto`` on a cold compile cache)."""
         train = self.train_seconds(budget_s)
-        compiled = max(0.0, train - self.eager_s)
-        return max(compiled, train * self.eager_speed) if budget_s < self.cold_budget_s else compiled
+        return train * self.eager_speed if self.trains_eagerly(budget_s) else max(0.0, train - self.eager_s)
 
     def trains_eagerly(self, budget_s: float) -> bool:
         """Whether a ``--max-time budget_s`` run on a cold compile cache runs every step eagerly."""

@@ -338,10 +338,12 @@ def _start(run: _Run, mcfg: ModelConfig, data: RunData) -> tuple[TrainContext, R
                   precision=str(run.dtype).split(".")[-1], steps=_total_str(state),
                   windows=data.loader.windows_per_epoch, train_tokens=data.meta["train_tokens"],
                   **({"parallel": "fsdp" if fsdp else "ddp"} if dist.enabled else {}))
-    key = compile_key(mcfg, tcfg, device, run.dtype)
-    warmup = None if skips_cold_compile(tcfg, device, key) else _background_compile(model, tcfg, run, data)
-    compiled = maybe_compile(model, tcfg, device, whole=fsdp, warmup=warmup, on_ready=run.log.event,
-                             key=None if fsdp else key)
+    key = None if fsdp else compile_key(model, tcfg, device, run.dtype)
+    eager = key is not None and skips_cold_compile(tcfg, device, key)
+    if dist.enabled:  # one decision for every rank (their caches may differ)
+        eager = bool(distributed.agree_max([eager], dist)[0])
+    compiled = maybe_compile(model, tcfg, device, whole=fsdp, on_ready=run.log.event, key=key, eager=eager,
+                             warmup=None if eager else _background_compile(model, tcfg, run, data))
     ctx = TrainContext(outdir=spec.outdir, mcfg=mcfg, tcfg=tcfg, model=model,
                        train_model=compiled if fsdp else distributed.wrap_ddp(compiled, dist), optimizers=opts,
                        scaler=scaler, loader=data.loader, val_batches=data.val_batches[dist.rank :: dist.world_size],

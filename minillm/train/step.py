@@ -81,6 +81,7 @@ class RegionallyCompiled(torch.nn.Module):
         self._compiled: Regions | None = None
         self._note = ""
         self._forwards = 0  # a foreground compile has compiled forward and backward once the second forward starts
+        self._foreground = warmup is None
         if warmup is None:
             self.regions = compile_regions(mode)
             return
@@ -132,7 +133,7 @@ class RegionallyCompiled(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self._thread is not None and not self._thread.is_alive():
             self._switch()
-        elif self._thread is None and self._forwards == 1:
+        elif self._foreground and self._forwards == 1:
             self._compiled_once()  # a foreground compile: the first step's forward and backward compiled
         self._forwards += 1
         return self.model(*args, regions=self.regions, **kwargs)
@@ -188,15 +189,18 @@ COLD_BUDGET_S = 60.0
 WARM_MARKS = "minillm-compiled"
 
 
-def compile_key(mcfg, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
+def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The name of what a compilation of the training regions depends on: torch's version, the device's name, the
-    model config, the micro-batch, the precision, document masking and the compile mode."""
+    model config and its parameters (names, shapes, which train: a LoRA adapter changes the graphs), the
+    micro-batch, the precision, document masking and the compile mode."""
     import dataclasses
     import hashlib
     import json
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
-    blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(mcfg),
+    params = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+    blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(model.cfg),
+                       "params": params,
                        "batch": tcfg.batch_size, "dtype": str(dtype), "doc_masking": tcfg.doc_masking,
                        "mode": lever("COMPILE_MODE", device.type)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -216,15 +220,17 @@ def mark_compiled(key: str) -> None:
 
 
 def skips_cold_compile(tcfg: TrainConfig, device: torch.device, key: str) -> bool:
-    """Whether ``--compile auto`` trains eagerly: on CUDA, a ``--max-time`` under ``COLD_BUDGET_S``, nothing in the
-    compile cache for ``key``, and ``MINILLM_COLD_COMPILE`` at its CUDA default (``budget``)."""
+    """Whether ``--compile auto`` trains eagerly: on CUDA, a ``--max-time`` under ``COLD_BUDGET_S`` (the run's whole
+    budget, also when resumed), nothing in the compile cache for ``key``, and ``MINILLM_COLD_COMPILE`` at its CUDA
+    default (``budget``)."""
     return (tcfg.compile == "auto" and device.type == "cuda" and 0 < tcfg.max_time < COLD_BUDGET_S
             and lever("COLD_COMPILE", device.type) == "budget" and not _mark(key).exists())
 
 
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
                   warmup: Callable[[Regions], None] | None = None,
-                  on_ready: Callable[[str], None] | None = None, key: str | None = None) -> torch.nn.Module:
+                  on_ready: Callable[[str], None] | None = None, key: str | None = None,
+                  eager: bool | None = None) -> torch.nn.Module:
     """What the training step runs: with ``--compile auto`` on CUDA or ``on`` anywhere, the model with its blocks
     and head compiled (regional compilation: one block's compile time, reused for every layer), or with
     ``--compile model`` (or ``whole``, for FSDP's sharded model) the whole model under one ``torch.compile``;
@@ -233,11 +239,12 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     ``MINILLM_COMPILE_MODE`` (``minillm.optim.levers``) picks ``torch.compile``'s mode; with ``reduce-overhead``
     (CUDA graphs, recorded on the thread that replays them) the regions compile in the first step, never in the
     background. ``key`` (``compile_key``): the regional compilation marks it in the cache once it has succeeded, and
-    ``--compile auto`` trains eagerly where ``skips_cold_compile`` (``on_ready`` hears why)."""
+    ``--compile auto`` trains eagerly where ``skips_cold_compile`` (``on_ready`` hears why); ``eager``: that decision
+    made by the caller (the run agrees on it across ranks), None to make it here."""
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
     use_compile_cache()
-    if key is not None and skips_cold_compile(tcfg, device, key):
+    if eager if eager is not None else key is not None and skips_cold_compile(tcfg, device, key):
         if on_ready is not None:
             on_ready(f"--compile auto: training eagerly: --max-time {tcfg.max_time:g} s is under {COLD_BUDGET_S:g} s "
                      "and the compile cache has no kernels for this model and batch (compiling would cost more of "
