@@ -67,7 +67,8 @@ REFERENCE = {"small": (256, 32000, 1.59e6), "medium": (128, 32000, 1.59e6), "lar
 # --ab lever names: the environment variable each sets (minillm/optim/levers.py) and its value
 LEVERS = {"sync": ("MINILLM_STEP_SYNC", "log"), "cudagraphs": ("MINILLM_COMPILE_MODE", "reduce-overhead"),
           "autotune": ("MINILLM_COMPILE_MODE", "max-autotune-no-cudagraphs"), "ns": ("MINILLM_MUON_NS", "fused"),
-          "hostsync": ("MINILLM_STEP_SYNC", "step"), "matmulns": ("MINILLM_MUON_NS", "matmul")}
+          "hostsync": ("MINILLM_STEP_SYNC", "step"), "matmulns": ("MINILLM_MUON_NS", "matmul"),
+          "explicitnorm": ("MINILLM_NORM", "explicit")}
 
 
 def bench_one(name: str, args, dist=None) -> dict:

@@ -528,3 +528,36 @@ def test_rms_norm_meets_a_low_precision_input_in_its_dtype():
     out = norm(xb)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, torch.nn.functional.rms_norm(xb, (16,), norm.weight.bfloat16(), 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_explicit_rms_norm_is_the_fused_one(monkeypatch, dtype):
+    """MINILLM_NORM=explicit (RMSNorm.explicit): the same outputs and gradients as ``F.rms_norm`` (fp32 to
+    rounding; under bf16 autocast, the model's loss and gradients within bf16 noise)."""
+    from minillm.model.gpt import RMSNorm
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, qk_norm=True))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randint(0, 64, (3, 17))
+
+    def run(explicit: bool):
+        monkeypatch.setattr(RMSNorm, "explicit", explicit)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (lf, gf), (le, ge) = run(False), run(True)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.05, atol=2e-3)
+    assert le == pytest.approx(lf, rel=tol["rtol"])
+    for n, g in gf.items():
+        torch.testing.assert_close(ge[n], g, **tol, msg=n)
+    norm = RMSNorm(8, eps=1e-6)
+    h = torch.randn(4, 8) * 3
+    monkeypatch.setattr(RMSNorm, "explicit", True)
+    torch.testing.assert_close(norm(h), torch.nn.functional.rms_norm(h, (8,), norm.weight, 1e-6))

@@ -27,9 +27,9 @@ def test_unset_levers_take_the_gpu_winners_on_cuda_and_stay_exact_elsewhere(monk
     CPU (and MPS) keep the synchronous path; a set variable wins on every device."""
     for name in LEVERS:
         monkeypatch.delenv(f"MINILLM_{name}", raising=False)
-    assert [lever(n, "cuda") for n in LEVERS] == ["log", "default", "fused", "default", "budget"]
-    assert [lever(n, "cpu") for n in LEVERS] == ["step", "default", "matmul", "default", "always"]
-    assert [lever(n, "mps") for n in LEVERS] == ["step", "default", "matmul", "default", "always"]
+    assert [lever(n, "cuda") for n in LEVERS] == ["log", "default", "fused", "default", "budget", "fused"]
+    assert [lever(n, "cpu") for n in LEVERS] == ["step", "default", "matmul", "default", "always", "fused"]
+    assert [lever(n, "mps") for n in LEVERS] == ["step", "default", "matmul", "default", "always", "fused"]
     monkeypatch.setenv("MINILLM_STEP_SYNC", "step")
     monkeypatch.setenv("MINILLM_MUON_NS", "matmul")
     assert lever("STEP_SYNC", "cuda") == "step" and lever("MUON_NS", "cuda") == "matmul"

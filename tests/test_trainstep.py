@@ -459,3 +459,18 @@ def test_the_compile_key_names_the_shapes_and_the_software():
     apply_lora(model, LoRAConfig())  # a finetune's adapters: other graphs than pretraining's
     others.append(ts.compile_key(model, tcfg, cuda, bf16))
     assert len({base, *others}) == 6
+
+
+def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
+    """MINILLM_NORM=explicit switches RMSNorm to plain ops in maybe_compile, before a step or a background compile
+    traces the model, for every --compile mode; unset, the fused op stays (CPU and CUDA)."""
+    from minillm.model.gpt import RMSNorm
+
+    monkeypatch.setattr(RMSNorm, "explicit", False)
+    model, tcfg = _tiny_run("off")
+    monkeypatch.setenv("MINILLM_NORM", "explicit")
+    ts.maybe_compile(model, tcfg, torch.device("cpu"))
+    assert RMSNorm.explicit
+    monkeypatch.delenv("MINILLM_NORM")
+    ts.maybe_compile(model, tcfg, torch.device("cuda"))
+    assert not RMSNorm.explicit

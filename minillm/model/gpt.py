@@ -38,10 +38,20 @@ LN_EPS = 1e-5  # GPT-2 layer_norm_epsilon
 
 class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` whose fp32 weight meets a bf16/fp16 input (under autocast) in the input's dtype: torch's
-    fused kernel refuses mixed dtypes ("Mismatch dtype between input and weight") and falls back to several."""
+    fused kernel refuses mixed dtypes ("Mismatch dtype between input and weight") and falls back to several.
+
+    ``explicit`` (a class-wide switch, set by the trainer from ``MINILLM_NORM``): the same arithmetic as plain ops,
+    as torch's own decomposition of ``rms_norm`` writes it (upcast, mean of squares, rsqrt, weight, cast back), so
+    that a compiled backward is derived from them rather than from ``_fused_rms_norm_backward``."""
+
+    explicit = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+        if not RMSNorm.explicit:
+            return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.to(x.dtype)).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:

@@ -227,6 +227,14 @@ def skips_cold_compile(tcfg: TrainConfig, device: torch.device, key: str) -> boo
             and lever("COLD_COMPILE", device.type) == "budget" and not _mark(key).exists())
 
 
+def apply_model_levers(device: torch.device) -> None:
+    """The levers that live in the model's code (``MINILLM_NORM``: ``RMSNorm.explicit``), set for ``device``
+    before anything traces or runs the model (``maybe_compile`` calls it first)."""
+    from minillm.model.gpt import RMSNorm
+
+    RMSNorm.explicit = lever("NORM", device.type) == "explicit"
+
+
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
                   warmup: Callable[[Regions], None] | None = None,
                   on_ready: Callable[[str], None] | None = None, key: str | None = None,
@@ -241,6 +249,7 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     background. ``key`` (``compile_key``): the regional compilation marks it in the cache once it has succeeded, and
     ``--compile auto`` trains eagerly where ``skips_cold_compile`` (``on_ready`` hears why); ``eager``: that decision
     made by the caller (the run agrees on it across ranks), None to make it here."""
+    apply_model_levers(device)
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
     use_compile_cache()
