@@ -154,7 +154,7 @@ class Bench:
                 continue
         _kill_tree(tree, signal.SIGKILL)  # workers left behind by a launcher that died first
         for _ in range(100):  # until they are gone (their GPU memory freed for the next sub-run), at most 10 s
-            if all(_stat(pid) is None or _stat(pid)[1] != started for pid, started in tree):
+            if all(_gone(pid, started) for pid, started in tree):
                 break
             time.sleep(0.1)
         return out or ""
@@ -343,6 +343,12 @@ def _stat(pid: int) -> tuple[int, str] | None:
     except (OSError, IndexError):
         return None
     return None if fields[0] == "Z" else (int(fields[1]), fields[19])
+
+
+def _gone(pid: int, started: str) -> bool:
+    """Whether the process ``pid`` that started at ``started`` has ended (its entry read once: it may end meanwhile)."""
+    st = _stat(pid)
+    return st is None or st[1] != started
 
 
 def _descendants(pid: int) -> list[tuple[int, str]]:

@@ -226,6 +226,24 @@ def test_bench_ddp_speedup_is_each_configs_rows_ratio(tmp_path, monkeypatch):
     assert "| b.toml | 2 | ddp | 16 x 64 | 1,000 | 2.50× |" in md
 
 
+def test_bench_ddp_stop_survives_a_process_that_ends_while_it_looks(monkeypatch):
+    """Seen in CI (session 30): a worker that exited between two reads of its /proc entry in the wait for the stopped
+    tree made ``_stop`` fail with a TypeError (None subscripted); each process is now read once per look."""
+    mod = _load_bench_ddp()
+    reads = iter([(1, "100"), None])  # alive at the first read, gone at the second
+    monkeypatch.setattr(mod, "_stat", lambda pid: next(reads, None))
+    monkeypatch.setattr(mod, "_descendants", lambda pid: [(4242, "999")])
+    monkeypatch.setattr(mod, "_kill_tree", lambda tree, sig: None)
+    monkeypatch.setattr(mod.os, "killpg", lambda pid, sig: None)
+
+    class Done:
+        pid = 4241
+
+        def communicate(self, timeout=None):
+            return "out", None
+    assert mod.Bench._stop(Done()) == "out"
+
+
 def test_bench_ddp_sub_run_failure_and_timeout_are_recorded(tmp_path):
     """A failing sub-run is recorded with its exit status and log; one past its time limit is stopped, together
     with a worker it started in a session of its own (as torchrun starts its workers)."""
