@@ -5,6 +5,9 @@ accumulation, unscaling, clipping, skipping non-finite updates. Used by ``minill
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import sys
@@ -193,10 +196,6 @@ def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device,
     """The name of what a compilation of the training regions depends on: torch's version, the device's name, the
     model config and its parameters (names, shapes, which train: a LoRA adapter changes the graphs), the
     micro-batch, the precision, document masking and the compile mode."""
-    import dataclasses
-    import hashlib
-    import json
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
     params = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
     blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(model.cfg),
@@ -212,9 +211,10 @@ def _mark(key: str) -> Path:
 
 def mark_compiled(key: str) -> None:
     """Record in the compile cache that the shapes named ``key`` compiled (a failure to write is no error)."""
+    mark = _mark(key)
     try:
-        _mark(key).parent.mkdir(parents=True, exist_ok=True)
-        _mark(key).write_text(f"{time.time():.0f}\n")
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(f"{time.time():.0f}\n")
     except OSError:
         pass
 
@@ -238,7 +238,7 @@ def apply_model_levers(device: torch.device) -> None:
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
                   warmup: Callable[[Regions], None] | None = None,
                   on_ready: Callable[[str], None] | None = None, key: str | None = None,
-                  eager: bool | None = None) -> torch.nn.Module:
+                  eager: bool = False) -> torch.nn.Module:
     """What the training step runs: with ``--compile auto`` on CUDA or ``on`` anywhere, the model with its blocks
     and head compiled (regional compilation: one block's compile time, reused for every layer), or with
     ``--compile model`` (or ``whole``, for FSDP's sharded model) the whole model under one ``torch.compile``;
@@ -246,14 +246,14 @@ def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.devic
     steps run eagerly (``RegionallyCompiled``). Compiled kernels are cached in ``compile_cache_dir()`` (``use_compile_cache``).
     ``MINILLM_COMPILE_MODE`` (``minillm.optim.levers``) picks ``torch.compile``'s mode; with ``reduce-overhead``
     (CUDA graphs, recorded on the thread that replays them) the regions compile in the first step, never in the
-    background. ``key`` (``compile_key``): the regional compilation marks it in the cache once it has succeeded, and
-    ``--compile auto`` trains eagerly where ``skips_cold_compile`` (``on_ready`` hears why); ``eager``: that decision
-    made by the caller (the run agrees on it across ranks), None to make it here."""
+    background. ``key`` (``compile_key``): the regional compilation marks it in the cache once it has succeeded.
+    ``eager``: the caller's ``skips_cold_compile`` decision (the run agrees on it across ranks): the model itself,
+    and ``on_ready`` hears why."""
     apply_model_levers(device)
     if tcfg.compile == "off" or (tcfg.compile == "auto" and device.type != "cuda"):
         return model
     use_compile_cache()
-    if eager if eager is not None else key is not None and skips_cold_compile(tcfg, device, key):
+    if eager:
         if on_ready is not None:
             on_ready(f"--compile auto: training eagerly: --max-time {tcfg.max_time:g} s is under {COLD_BUDGET_S:g} s "
                      "and the compile cache has no kernels for this model and batch (compiling would cost more of "
