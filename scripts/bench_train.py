@@ -26,6 +26,9 @@ Levers (issue 20; each switched by its environment variable of ``minillm/optim/l
   ns          MINILLM_MUON_NS=fused                     Muon's Newton-Schulz as baddbmm, tall and wide batched together
   hostsync    MINILLM_STEP_SYNC=step                    the check on the host, one sync per step (the CPU's default)
   matmulns    MINILLM_MUON_NS=matmul                    Muon's plain matmul iteration (the CPU's default)
+  explicitnorm MINILLM_NORM=explicit                    RMSNorm as plain ops (inductor derives the backward)
+  halfnorm    MINILLM_NORM=halfweight                   the same, the weight multiplied in the activations' dtype
+  concat      MINILLM_PROJ=concat                       q/k/v and gate/up projections each as one matrix product
 
 ``sync`` and ``ns`` are CUDA's defaults since they were measured (so on a GPU ``base`` includes them); the
 before-and-after of the defaults on a GPU is ``--ab hostsync,matmulns --ab base``.
@@ -68,7 +71,8 @@ REFERENCE = {"small": (256, 32000, 1.59e6), "medium": (128, 32000, 1.59e6), "lar
 LEVERS = {"sync": ("MINILLM_STEP_SYNC", "log"), "cudagraphs": ("MINILLM_COMPILE_MODE", "reduce-overhead"),
           "autotune": ("MINILLM_COMPILE_MODE", "max-autotune-no-cudagraphs"), "ns": ("MINILLM_MUON_NS", "fused"),
           "hostsync": ("MINILLM_STEP_SYNC", "step"), "matmulns": ("MINILLM_MUON_NS", "matmul"),
-          "explicitnorm": ("MINILLM_NORM", "explicit")}
+          "explicitnorm": ("MINILLM_NORM", "explicit"), "halfnorm": ("MINILLM_NORM", "halfweight"),
+          "concat": ("MINILLM_PROJ", "concat")}
 
 
 def bench_one(name: str, args, dist=None) -> dict:

@@ -530,11 +530,15 @@ def test_rms_norm_meets_a_low_precision_input_in_its_dtype():
     assert torch.equal(out, torch.nn.functional.rms_norm(xb, (16,), norm.weight.bfloat16(), 1e-6))
 
 
+@pytest.mark.parametrize("half_weight", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_explicit_rms_norm_is_the_fused_one(monkeypatch, dtype):
-    """MINILLM_NORM=explicit (RMSNorm.explicit): the same outputs and gradients as ``F.rms_norm`` (fp32 to
-    rounding; under bf16 autocast, the model's loss and gradients within bf16 noise)."""
+def test_the_explicit_rms_norm_is_the_fused_one(monkeypatch, dtype, half_weight):
+    """MINILLM_NORM=explicit (RMSNorm.explicit) and halfweight (the weight in the input's dtype): the same outputs
+    and gradients as ``F.rms_norm`` (fp32 to rounding; under bf16 autocast, the model's loss and gradients within
+    bf16 noise)."""
     from minillm.model.gpt import RMSNorm
+
+    monkeypatch.setattr(RMSNorm, "half_weight", half_weight)
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, qk_norm=True))
@@ -561,3 +565,43 @@ def test_the_explicit_rms_norm_is_the_fused_one(monkeypatch, dtype):
     h = torch.randn(4, 8) * 3
     monkeypatch.setattr(RMSNorm, "explicit", True)
     torch.testing.assert_close(norm(h), torch.nn.functional.rms_norm(h, (8,), norm.weight, 1e-6))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("n_kv_head", [2, 1])
+def test_concatenated_projections_give_the_separate_ones(monkeypatch, lora, n_kv_head):
+    """MINILLM_PROJ=concat (Attention.concat_projections): q/k/v and gate/up as one matrix product each give the
+    loss and every gradient of the separate layers (fp32, to rounding); a LoRA finetune's adapted layers keep their
+    own forward (its update is not dropped: the loss moves with lora_B)."""
+    from minillm.lora import LoRAConfig, apply_lora
+    from minillm.model.gpt import Attention
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_kv_head=n_kv_head, n_embd=32,
+                            qk_norm=True))
+    if lora:
+        apply_lora(model, LoRAConfig(targets=("q", "v", "up")))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()
+    x = torch.randint(0, 64, (3, 17))
+
+    def run(concat: bool):
+        monkeypatch.setattr(Attention, "concat_projections", concat)
+        model.zero_grad(set_to_none=True)
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (ls, gs), (lc, gc) = run(False), run(True)
+    assert lc == pytest.approx(ls, rel=1e-5)
+    assert gc.keys() == gs.keys()
+    for n, g in gs.items():
+        torch.testing.assert_close(gc[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    if lora:  # the adapters count: zeroing them changes the concatenated run's loss
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.zero_()
+        assert run(True)[0] != pytest.approx(lc, rel=1e-4)

@@ -474,4 +474,24 @@ def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
     assert RMSNorm.explicit
     monkeypatch.delenv("MINILLM_NORM")
     ts.maybe_compile(model, tcfg, torch.device("cuda"))
-    assert not RMSNorm.explicit
+    assert not RMSNorm.explicit and not RMSNorm.half_weight
+    monkeypatch.setenv("MINILLM_NORM", "halfweight")
+    ts.maybe_compile(model, tcfg, torch.device("cpu"))
+    assert RMSNorm.explicit and RMSNorm.half_weight
+    monkeypatch.setenv("MINILLM_NORM", "fused")
+    ts.maybe_compile(model, tcfg, torch.device("cpu"))
+    assert not RMSNorm.explicit and not RMSNorm.half_weight
+
+
+def test_the_projection_lever_reaches_the_model(monkeypatch):
+    """MINILLM_PROJ=concat switches Attention.concat_projections on in maybe_compile; unset, off on CPU and CUDA."""
+    from minillm.model.gpt import Attention
+
+    monkeypatch.setattr(Attention, "concat_projections", False)
+    model, tcfg = _tiny_run("off")
+    monkeypatch.setenv("MINILLM_PROJ", "concat")
+    ts.maybe_compile(model, tcfg, torch.device("cpu"))
+    assert Attention.concat_projections
+    monkeypatch.delenv("MINILLM_PROJ")
+    ts.maybe_compile(model, tcfg, torch.device("cuda"))
+    assert not Attention.concat_projections

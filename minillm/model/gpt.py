@@ -45,12 +45,15 @@ class RMSNorm(nn.RMSNorm):
     that a compiled backward is derived from them rather than from ``_fused_rms_norm_backward``."""
 
     explicit = False
+    half_weight = False  # with ``explicit``: cast the normalised input back first, then the weight in its dtype
 
     def forward(self, x: Tensor) -> Tensor:
         if not RMSNorm.explicit:
             return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if RMSNorm.half_weight:  # as Hugging Face's Llama: the weight multiplies the input's dtype
+            return y.to(x.dtype) * self.weight.to(x.dtype)
         return (y * self.weight.to(x.dtype)).to(x.dtype)
 
 
@@ -150,11 +153,25 @@ def sdpa_context(attention: str, device: torch.device, masked: bool) -> contextl
     return sdpa_kernel([getattr(SDPBackend, n) for n in names])
 
 
+def concat_linear(x: Tensor, layers: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
+    """The outputs of ``layers`` (plain ``nn.Linear`` over the same input) from one matrix product with their
+    weights concatenated: one larger matmul forward and two backward instead of one and two per layer (the
+    parameters stay separate, so checkpoints and Muon's per-matrix updates are unchanged)."""
+    weight = torch.cat([m.weight for m in layers])
+    bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
+    return F.linear(x, weight, bias).split([m.out_features for m in layers], dim=-1)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads. ``project`` computes the queries, keys and values for
     both ways of attending: ``forward`` (many queries through SDPA; with a ``KVCache`` it appends this layer's
     keys and values at ``cache.pos``) and ``decode`` (one query per row, written out, over a static cache: it
-    writes its key and value at the slot it is given)."""
+    writes its key and value at the slot it is given).
+
+    ``concat_projections`` (a class-wide switch, set by the trainer from ``MINILLM_PROJ``): the query, key and
+    value projections as one matrix product (``concat_linear``), as the MLP's gate and up projections."""
+
+    concat_projections = False
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -173,9 +190,13 @@ class Attention(nn.Module):
         normed (QK-norm) and rotated by ``rope``."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
-        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, H, D)), *rope)  # (B, T, H, D)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, Hkv, D)), *rope)  # (B, T, Hkv, D)
-        return q, k, self.v_proj(x).view(B, T, Hkv, D)  # v (B, T, Hkv, D)
+        if Attention.concat_projections and all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
+            q, k, v = concat_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rope(self.q_norm(q.view(B, T, H, D)), *rope)  # (B, T, H, D)
+        k = apply_rope(self.k_norm(k.view(B, T, Hkv, D)), *rope)  # (B, T, Hkv, D)
+        return q, k, v.view(B, T, Hkv, D)  # v (B, T, Hkv, D)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None,
                 cache: KVCache | None = None) -> Tensor:
@@ -246,6 +267,9 @@ class MLP(nn.Module):
             gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
             return F.silu(gate) * up
         if self.swiglu:
+            if Attention.concat_projections and type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
+                gate, up = concat_linear(x, (self.gate_proj, self.up_proj))
+                return F.silu(gate) * up
             return F.silu(self.gate_proj(x)) * self.up_proj(x)
         return F.gelu(self.up_proj(x), approximate="tanh")
 

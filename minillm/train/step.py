@@ -228,11 +228,14 @@ def skips_cold_compile(tcfg: TrainConfig, device: torch.device, key: str) -> boo
 
 
 def apply_model_levers(device: torch.device) -> None:
-    """The levers that live in the model's code (``MINILLM_NORM``: ``RMSNorm.explicit``), set for ``device``
-    before anything traces or runs the model (``maybe_compile`` calls it first)."""
-    from minillm.model.gpt import RMSNorm
+    """The levers that live in the model's code (``MINILLM_NORM``: ``RMSNorm.explicit`` and ``half_weight``;
+    ``MINILLM_PROJ``: ``Attention.concat_projections``), set for ``device`` before anything traces or runs the
+    model (``maybe_compile`` calls it first)."""
+    from minillm.model.gpt import Attention, RMSNorm
 
-    RMSNorm.explicit = lever("NORM", device.type) == "explicit"
+    norm = lever("NORM", device.type)
+    RMSNorm.explicit, RMSNorm.half_weight = norm != "fused", norm == "halfweight"
+    Attention.concat_projections = lever("PROJ", device.type) == "concat"
 
 
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
