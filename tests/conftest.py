@@ -102,3 +102,15 @@ def wait_for_step(proc, step: int, timeout: float = 120) -> list[str]:
             return lines
     proc.kill()
     raise AssertionError(f"train never reached step {step}:\n" + "".join(lines))
+
+
+@pytest.fixture(autouse=True)
+def _model_levers_restored():
+    """``train.step.apply_model_levers`` sets class-wide switches of the model (CUDA's defaults when a test hands
+    ``maybe_compile`` a CUDA device): each test starts and ends with the CPU's (the fused norm, separate
+    projections), so that no test runs on another's levers."""
+    from minillm.model.gpt import Attention, RMSNorm
+
+    saved = RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections
+    yield
+    RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections = saved

@@ -441,9 +441,9 @@ def test_a_compilation_marks_its_shapes_only_once_it_has_succeeded(monkeypatch, 
     assert marked()
 
 
-def test_the_compile_key_names_the_shapes_and_the_software():
-    """One key per model config, micro-batch, precision, document masking and torch version: a change to any of them
-    compiles new kernels."""
+def test_the_compile_key_names_the_shapes_and_the_software(monkeypatch):
+    """One key per model config, micro-batch, precision, document masking, torch version and the levers that change
+    the graphs (MINILLM_NORM, MINILLM_PROJ): a change to any of them compiles new kernels."""
     import dataclasses
 
     from minillm.lora import LoRAConfig, apply_lora
@@ -457,14 +457,19 @@ def test_the_compile_key_names_the_shapes_and_the_software():
               ts.compile_key(model, dataclasses.replace(tcfg, batch_size=tcfg.batch_size + 1), cuda, bf16),
               ts.compile_key(model, dataclasses.replace(tcfg, doc_masking=True), cuda, bf16),
               ts.compile_key(model, tcfg, cuda, torch.float16)]
+    for var, value in (("MINILLM_NORM", "fused"), ("MINILLM_PROJ", "concat")):  # unset: CUDA's halfweight, separate
+        monkeypatch.setenv(var, value)
+        others.append(ts.compile_key(model, tcfg, cuda, bf16))
+        monkeypatch.delenv(var)
+    assert ts.compile_key(model, tcfg, cuda, bf16) == base
     apply_lora(model, LoRAConfig())  # a finetune's adapters: other graphs than pretraining's
     others.append(ts.compile_key(model, tcfg, cuda, bf16))
-    assert len({base, *others}) == 6
+    assert len({base, *others}) == 8
 
 
 def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
     """MINILLM_NORM=explicit switches RMSNorm to plain ops in maybe_compile, before a step or a background compile
-    traces the model, for every --compile mode; unset, the fused op stays (CPU and CUDA)."""
+    traces the model, for every --compile mode; unset, CUDA takes halfweight and the CPU the fused op."""
     from minillm.model.gpt import RMSNorm
 
     monkeypatch.setattr(RMSNorm, "explicit", False)
@@ -473,7 +478,9 @@ def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
     ts.maybe_compile(model, tcfg, torch.device("cpu"))
     assert RMSNorm.explicit
     monkeypatch.delenv("MINILLM_NORM")
-    ts.maybe_compile(model, tcfg, torch.device("cuda"))
+    ts.maybe_compile(model, tcfg, torch.device("cuda"))  # CUDA's default: halfweight (measured to win)
+    assert RMSNorm.explicit and RMSNorm.half_weight
+    ts.maybe_compile(model, tcfg, torch.device("cpu"))  # the CPU's: the fused op
     assert not RMSNorm.explicit and not RMSNorm.half_weight
     monkeypatch.setenv("MINILLM_NORM", "halfweight")
     ts.maybe_compile(model, tcfg, torch.device("cpu"))
