@@ -539,6 +539,7 @@ def test_the_explicit_rms_norm_is_the_fused_one(monkeypatch, dtype, half_weight)
     from minillm.model.gpt import RMSNorm
 
     monkeypatch.setattr(RMSNorm, "half_weight", half_weight)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the plain ops are for compiled regions
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, qk_norm=True))
@@ -605,3 +606,20 @@ def test_concatenated_projections_give_the_separate_ones(monkeypatch, lora, n_kv
                 if "lora_B" in n:
                     p.zero_()
         assert run(True)[0] != pytest.approx(lc, rel=1e-4)
+
+
+def test_the_explicit_rms_norm_runs_the_fused_op_outside_compile(monkeypatch):
+    """Eagerly (``--compile off``, the first steps of ``--compile auto``), RMSNorm keeps torch's one fused op even
+    with the explicit lever on: the plain ops are six kernels there, with nothing to fuse them."""
+    from minillm.model.gpt import RMSNorm
+
+    calls = []
+    real = torch.nn.functional.rms_norm
+    monkeypatch.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(RMSNorm, "explicit", True)
+    norm, h = RMSNorm(8, eps=1e-6), torch.randn(4, 8)
+    norm(h)
+    assert calls == [1]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    norm(h)
+    assert calls == [1]  # compiled: the plain ops

@@ -40,15 +40,16 @@ class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` whose fp32 weight meets a bf16/fp16 input (under autocast) in the input's dtype: torch's
     fused kernel refuses mixed dtypes ("Mismatch dtype between input and weight") and falls back to several.
 
-    ``explicit`` (a class-wide switch, set by the trainer from ``MINILLM_NORM``): the same arithmetic as plain ops,
-    as torch's own decomposition of ``rms_norm`` writes it (upcast, mean of squares, rsqrt, weight, cast back), so
-    that a compiled backward is derived from them rather than from ``_fused_rms_norm_backward``."""
+    ``explicit`` (a class-wide switch, set by the trainer from ``MINILLM_NORM``): inside ``torch.compile``, the same
+    arithmetic as plain ops, as torch's own decomposition of ``rms_norm`` writes it (upcast, mean of squares, rsqrt,
+    weight, cast back), so that inductor derives the backward from them rather than from
+    ``_fused_rms_norm_backward``; run eagerly, the fused op stays (one kernel where the plain ops are six)."""
 
     explicit = False
     half_weight = False  # with ``explicit``: cast the normalised input back first, then the weight in its dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        if not RMSNorm.explicit:
+        if not (RMSNorm.explicit and torch.compiler.is_compiling()):
             return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
