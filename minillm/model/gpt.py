@@ -37,16 +37,12 @@ LN_EPS = 1e-5  # GPT-2 layer_norm_epsilon
 
 
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` whose fp32 weight meets a bf16/fp16 input (under autocast) in the input's dtype: torch's
-    fused kernel refuses mixed dtypes ("Mismatch dtype between input and weight") and falls back to several.
+    """``nn.RMSNorm`` whose fp32 weight meets a bf16/fp16 input (under autocast) in the input's dtype (torch's fused
+    kernel refuses mixed dtypes). ``explicit``, ``half_weight``: class-wide switches set from ``MINILLM_NORM``
+    (``optim/levers.py``): inside ``torch.compile`` the same arithmetic as plain ops, so that inductor derives the
+    backward itself (faster than ``_fused_rms_norm_backward``); eagerly the fused op stays (one kernel, not six)."""
 
-    ``explicit`` (a class-wide switch, set by the trainer from ``MINILLM_NORM``): inside ``torch.compile``, the same
-    arithmetic as plain ops, as torch's own decomposition of ``rms_norm`` writes it (upcast, mean of squares, rsqrt,
-    weight, cast back), so that inductor derives the backward from them rather than from
-    ``_fused_rms_norm_backward``; run eagerly, the fused op stays (one kernel where the plain ops are six)."""
-
-    explicit = False
-    half_weight = False  # with ``explicit``: cast the normalised input back first, then the weight in its dtype
+    explicit = half_weight = False  # half_weight: the normalised input cast back first, then times the weight
 
     def forward(self, x: Tensor) -> Tensor:
         if not (RMSNorm.explicit and torch.compiler.is_compiling()):
@@ -154,10 +150,12 @@ def sdpa_context(attention: str, device: torch.device, masked: bool) -> contextl
     return sdpa_kernel([getattr(SDPBackend, n) for n in names])
 
 
-def concat_linear(x: Tensor, layers: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
-    """The outputs of ``layers`` (plain ``nn.Linear`` over the same input) from one matrix product with their
-    weights concatenated: one larger matmul forward and two backward instead of one and two per layer (the
-    parameters stay separate, so checkpoints and Muon's per-matrix updates are unchanged)."""
+def linears(x: Tensor, layers: tuple[nn.Module, ...]) -> tuple[Tensor, ...]:
+    """Each of ``layers`` applied to ``x``; with ``Attention.concat_projections`` and plain ``nn.Linear`` layers, as
+    one matrix product of their concatenated weights (the parameters stay separate: checkpoints, LoRA and Muon's
+    per-matrix updates are unchanged)."""
+    if not (Attention.concat_projections and all(type(m) is nn.Linear for m in layers)):
+        return tuple(m(x) for m in layers)
     weight = torch.cat([m.weight for m in layers])
     bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
     return F.linear(x, weight, bias).split([m.out_features for m in layers], dim=-1)
@@ -167,10 +165,8 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads. ``project`` computes the queries, keys and values for
     both ways of attending: ``forward`` (many queries through SDPA; with a ``KVCache`` it appends this layer's
     keys and values at ``cache.pos``) and ``decode`` (one query per row, written out, over a static cache: it
-    writes its key and value at the slot it is given).
-
-    ``concat_projections`` (a class-wide switch, set by the trainer from ``MINILLM_PROJ``): the query, key and
-    value projections as one matrix product (``concat_linear``), as the MLP's gate and up projections."""
+    writes its key and value at the slot it is given). ``concat_projections`` (set from ``MINILLM_PROJ``): q, k, v
+    as one matrix product (``linears``), and the MLP's gate and up."""
 
     concat_projections = False
 
@@ -191,10 +187,7 @@ class Attention(nn.Module):
         normed (QK-norm) and rotated by ``rope``."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv, self.head_dim
-        if Attention.concat_projections and all(type(m) is nn.Linear for m in (self.q_proj, self.k_proj, self.v_proj)):
-            q, k, v = concat_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
         q = apply_rope(self.q_norm(q.view(B, T, H, D)), *rope)  # (B, T, H, D)
         k = apply_rope(self.k_norm(k.view(B, T, Hkv, D)), *rope)  # (B, T, Hkv, D)
         return q, k, v.view(B, T, Hkv, D)  # v (B, T, Hkv, D)
@@ -268,10 +261,8 @@ class MLP(nn.Module):
             gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
             return F.silu(gate) * up
         if self.swiglu:
-            if Attention.concat_projections and type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
-                gate, up = concat_linear(x, (self.gate_proj, self.up_proj))
-                return F.silu(gate) * up
-            return F.silu(self.gate_proj(x)) * self.up_proj(x)
+            gate, up = linears(x, (self.gate_proj, self.up_proj))
+            return F.silu(gate) * up
         return F.gelu(self.up_proj(x), approximate="tanh")
 
 
