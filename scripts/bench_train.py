@@ -29,9 +29,11 @@ Levers (issue 20; each switched by its environment variable of ``minillm/optim/l
   explicitnorm MINILLM_NORM=explicit                    RMSNorm as plain ops (inductor derives the backward)
   halfnorm    MINILLM_NORM=halfweight                   the same, the weight multiplied in the activations' dtype
   concat      MINILLM_PROJ=concat                       q/k/v and gate/up projections each as one matrix product
+  coord       MINILLM_TUNE=coordinate                   inductor's coordinate-descent tuning of each kernel's blocks
+  fusednorm   MINILLM_NORM=fused                        torch's fused RMSNorm op inside the compiled regions too
 
-``sync`` and ``ns`` are CUDA's defaults since they were measured (so on a GPU ``base`` includes them); the
-before-and-after of the defaults on a GPU is ``--ab hostsync,matmulns --ab base``.
+``sync``, ``ns`` and ``halfnorm`` are CUDA's defaults since they were measured (so on a GPU ``base`` includes them);
+the before-and-after of the defaults on a GPU is ``--ab hostsync,matmulns,fusednorm --ab base``.
 
 ``--timing each`` (the default) times each step between two synchronisations and reports the median; ``total``
 times the timed steps back to back with one synchronisation at the end (what a training run sees: the host
@@ -72,7 +74,8 @@ LEVERS = {"sync": ("MINILLM_STEP_SYNC", "log"), "cudagraphs": ("MINILLM_COMPILE_
           "autotune": ("MINILLM_COMPILE_MODE", "max-autotune-no-cudagraphs"), "ns": ("MINILLM_MUON_NS", "fused"),
           "hostsync": ("MINILLM_STEP_SYNC", "step"), "matmulns": ("MINILLM_MUON_NS", "matmul"),
           "explicitnorm": ("MINILLM_NORM", "explicit"), "halfnorm": ("MINILLM_NORM", "halfweight"),
-          "concat": ("MINILLM_PROJ", "concat")}
+          "concat": ("MINILLM_PROJ", "concat"), "coord": ("MINILLM_TUNE", "coordinate"),
+          "fusednorm": ("MINILLM_NORM", "fused")}
 
 
 def bench_one(name: str, args, dist=None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,5 @@ def _model_levers_restored():
     saved = RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections
     yield
     RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections = saved
+    if "torch._inductor.config" in sys.modules:  # MINILLM_TUNE's switch
+        sys.modules["torch._inductor.config"].coordinate_descent_tuning = False

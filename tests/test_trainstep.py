@@ -457,14 +457,14 @@ def test_the_compile_key_names_the_shapes_and_the_software(monkeypatch):
               ts.compile_key(model, dataclasses.replace(tcfg, batch_size=tcfg.batch_size + 1), cuda, bf16),
               ts.compile_key(model, dataclasses.replace(tcfg, doc_masking=True), cuda, bf16),
               ts.compile_key(model, tcfg, cuda, torch.float16)]
-    for var, value in (("MINILLM_NORM", "fused"), ("MINILLM_PROJ", "concat")):  # unset: CUDA's halfweight, separate
-        monkeypatch.setenv(var, value)
+    for var, value in (("MINILLM_NORM", "fused"), ("MINILLM_PROJ", "concat"), ("MINILLM_TUNE", "coordinate")):
+        monkeypatch.setenv(var, value)  # unset: CUDA's halfweight, separate, default
         others.append(ts.compile_key(model, tcfg, cuda, bf16))
         monkeypatch.delenv(var)
     assert ts.compile_key(model, tcfg, cuda, bf16) == base
     apply_lora(model, LoRAConfig())  # a finetune's adapters: other graphs than pretraining's
     others.append(ts.compile_key(model, tcfg, cuda, bf16))
-    assert len({base, *others}) == 8
+    assert len({base, *others}) == 9
 
 
 def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
@@ -502,3 +502,17 @@ def test_the_projection_lever_reaches_the_model(monkeypatch):
     monkeypatch.delenv("MINILLM_PROJ")
     ts.maybe_compile(model, tcfg, torch.device("cuda"))
     assert not Attention.concat_projections
+
+
+def test_the_tuning_lever_reaches_inductor(monkeypatch):
+    """MINILLM_TUNE=coordinate turns on inductor's coordinate-descent tuning before the regions compile; unset, it
+    is off again (inductor's default)."""
+    import torch._inductor.config as inductor_config
+
+    model, tcfg = _tiny_run("off")
+    monkeypatch.setenv("MINILLM_TUNE", "coordinate")
+    ts.maybe_compile(model, tcfg, torch.device("cpu"))
+    assert inductor_config.coordinate_descent_tuning
+    monkeypatch.delenv("MINILLM_TUNE")
+    ts.maybe_compile(model, tcfg, torch.device("cuda"))
+    assert not inductor_config.coordinate_descent_tuning

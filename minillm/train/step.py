@@ -203,7 +203,7 @@ def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device,
                        "params": params,
                        "batch": tcfg.batch_size, "dtype": str(dtype), "doc_masking": tcfg.doc_masking,
                        "mode": lever("COMPILE_MODE", device.type), "norm": lever("NORM", device.type),
-                       "proj": lever("PROJ", device.type)}, sort_keys=True, default=str)
+                       "proj": lever("PROJ", device.type), "tune": lever("TUNE", device.type)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -231,13 +231,18 @@ def skips_cold_compile(tcfg: TrainConfig, device: torch.device, key: str) -> boo
 
 def apply_model_levers(device: torch.device) -> None:
     """The levers that live in the model's code (``MINILLM_NORM``: ``RMSNorm.explicit`` and ``half_weight``;
-    ``MINILLM_PROJ``: ``Attention.concat_projections``), set for ``device`` before anything traces or runs the
-    model (``maybe_compile`` calls it first)."""
+    ``MINILLM_PROJ``: ``Attention.concat_projections``) and inductor's kernel tuning (``MINILLM_TUNE``), set for
+    ``device`` before anything traces or runs the model (``maybe_compile`` calls it first)."""
     from minillm.model.gpt import Attention, RMSNorm
 
     norm = lever("NORM", device.type)
     RMSNorm.explicit, RMSNorm.half_weight = norm != "fused", norm == "halfweight"
     Attention.concat_projections = lever("PROJ", device.type) == "concat"
+    tune = lever("TUNE", device.type) == "coordinate"
+    if tune or "torch._inductor.config" in sys.modules:  # inductor's import costs start-up: only when it is wanted
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = tune
 
 
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
