@@ -64,14 +64,11 @@ def test_bench_train_ab_table_takes_medians_of_the_rounds_that_ran():
 def test_bench_train_profile_sums_each_kernel_category_per_step():
     """--profile's breakdown: CUDA kernels by category (first matching name fragment), their time and count divided
     by the profiled steps; the host's events are not kernels and count nowhere."""
-    import importlib.util
     from types import SimpleNamespace
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _load("bench_train")
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     ev = lambda name, us, dev=cuda: SimpleNamespace(name=name, device_time_total=us, device_type=dev)  # noqa: E731
     events = [ev("nvjet_tst_128x64", 3000), ev("sm90_xmma_gemm_bf16", 1000), ev("flash_fwd_kernel", 500),
@@ -92,8 +89,9 @@ def test_bench_train_profile_sums_each_kernel_category_per_step():
 
 
 def test_levers_gpu_script_names_only_levers_and_values_that_exist():
-    """scripts/levers_gpu.sh (the one device call of issue 20): valid bash, every --ab lever one bench_train knows,
-    every MINILLM_ variable it sets a lever's with one of its values."""
+    """scripts/levers_gpu.sh (the one device call of issue 20): valid bash, every lever of its default VARIANTS one
+    bench_train knows (and base always run), every MINILLM_ variable it sets a lever's with one of its values, and
+    each variant's variable found the way the script finds it (bench_train's LEVERS)."""
     import re
 
     from minillm.optim.levers import LEVERS
@@ -101,10 +99,13 @@ def test_levers_gpu_script_names_only_levers_and_values_that_exist():
     script = ROOT / "scripts" / "levers_gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    names = {n for v in re.findall(r"--ab (\S+)", text) for n in v.split(",")}
-    known = set(re.findall(r'"(\w+)": \("MINILLM_', (ROOT / "scripts" / "bench_train.py").read_text()))
-    assert known >= {"sync", "cudagraphs", "ns", "hostsync", "matmulns"}
-    assert names <= known | {"base"} and {"base", "hostsync", "matmulns"} <= names, names
+    names = {n for v in re.search(r'VARIANTS:-"([^"]*)"', text).group(1).split() for n in v.split(",")}
+    bench = _load("bench_train")
+    assert {"sync", "cudagraphs", "ns", "hostsync", "matmulns", "coord", "concat", "fusednorm"} <= set(bench.LEVERS)
+    assert names and names <= set(bench.LEVERS), names
+    assert "(--ab base)" in text
+    assert all(var.removeprefix("MINILLM_") in LEVERS and value in LEVERS[var.removeprefix("MINILLM_")]
+               for var, value in bench.LEVERS.values())
     sets = re.findall(r"MINILLM_(\w+)=([\w-]+)", text)
     assert {k for k, _ in sets} <= set(LEVERS) and all(v in LEVERS[k] for k, v in sets)
 
@@ -154,10 +155,11 @@ def test_bench_generate_only_runs_the_rows_named():
         + ["tiny bf16 default graphK batch 2"])
 
 
-def _load_bench_ddp():
+def _load(name: str):
+    """The script ``scripts/<name>.py`` as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_ddp", ROOT / "scripts" / "bench_ddp.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -202,7 +204,7 @@ def test_bench_ddp_speedup_is_each_configs_rows_ratio(tmp_path, monkeypatch):
     the other config's)."""
     import argparse
 
-    mod = _load_bench_ddp()
+    mod = _load("bench_ddp")
     args = argparse.Namespace(logs=tmp_path / "logs", budget=0, sub_timeout=60, dry_run=False, nproc=2, device="cpu",
                               steps=2, warmup=1, batch_size=0, vocab=0, config=["a.toml", "b.toml"])
     bench = mod.Bench(args)
@@ -229,7 +231,7 @@ def test_bench_ddp_speedup_is_each_configs_rows_ratio(tmp_path, monkeypatch):
 def test_bench_ddp_stop_survives_a_process_that_ends_while_it_looks(monkeypatch):
     """Seen in CI (session 30): a worker that exited between two reads of its /proc entry in the wait for the stopped
     tree made ``_stop`` fail with a TypeError (None subscripted); each process is now read once per look."""
-    mod = _load_bench_ddp()
+    mod = _load("bench_ddp")
     reads = iter([(1, "100"), None])  # alive at the first read, gone at the second
     monkeypatch.setattr(mod, "_stat", lambda pid: next(reads, None))
     monkeypatch.setattr(mod, "_descendants", lambda pid: [(4242, "999")])
@@ -250,7 +252,7 @@ def test_bench_ddp_sub_run_failure_and_timeout_are_recorded(tmp_path):
     import argparse
     import time
 
-    mod = _load_bench_ddp()
+    mod = _load("bench_ddp")
     args = argparse.Namespace(logs=tmp_path / "logs", budget=0, sub_timeout=4, dry_run=False)
     bench = mod.Bench(args)
     rec = bench.run("fails", [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"])
