@@ -490,29 +490,21 @@ def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
     assert not RMSNorm.explicit and not RMSNorm.half_weight
 
 
-def test_the_projection_lever_reaches_the_model(monkeypatch):
-    """MINILLM_PROJ=concat switches Attention.concat_projections on in maybe_compile; unset, off on CPU and CUDA."""
-    from minillm.model.gpt import Attention
-
-    monkeypatch.setattr(Attention, "concat_projections", False)
-    model, tcfg = _tiny_run("off")
-    monkeypatch.setenv("MINILLM_PROJ", "concat")
-    ts.maybe_compile(model, tcfg, torch.device("cpu"))
-    assert Attention.concat_projections
-    monkeypatch.delenv("MINILLM_PROJ")
-    ts.maybe_compile(model, tcfg, torch.device("cuda"))
-    assert not Attention.concat_projections
-
-
-def test_the_tuning_lever_reaches_inductor(monkeypatch):
-    """MINILLM_TUNE=coordinate turns on inductor's coordinate-descent tuning before the regions compile; unset, it
-    is off again (inductor's default)."""
+@pytest.mark.parametrize("var, value", [("MINILLM_PROJ", "concat"), ("MINILLM_TUNE", "coordinate")])
+def test_the_switch_levers_reach_the_model_and_inductor(monkeypatch, var, value):
+    """MINILLM_PROJ=concat (Attention.concat_projections) and MINILLM_TUNE=coordinate (inductor's coordinate-descent
+    tuning) are on once maybe_compile has run, before the regions compile; unset, off on CUDA and the CPU."""
     import torch._inductor.config as inductor_config
 
+    from minillm.model.gpt import Attention
+
+    probe = {"MINILLM_PROJ": lambda: Attention.concat_projections,
+             "MINILLM_TUNE": lambda: inductor_config.coordinate_descent_tuning}[var]
     model, tcfg = _tiny_run("off")
-    monkeypatch.setenv("MINILLM_TUNE", "coordinate")
+    monkeypatch.setenv(var, value)
     ts.maybe_compile(model, tcfg, torch.device("cpu"))
-    assert inductor_config.coordinate_descent_tuning
-    monkeypatch.delenv("MINILLM_TUNE")
-    ts.maybe_compile(model, tcfg, torch.device("cuda"))
-    assert not inductor_config.coordinate_descent_tuning
+    assert probe()
+    monkeypatch.delenv(var)
+    for device in ("cuda", "cpu"):
+        ts.maybe_compile(model, tcfg, torch.device(device))
+        assert not probe()
