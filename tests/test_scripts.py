@@ -331,3 +331,14 @@ def test_bench_quality_prepares_once_and_warms_the_libraries_without_touching_th
     again = mod.prepare(corpus, tmp_path / "work", 600)
     assert "tokenizer_s" not in again and "split_s" not in again and again["warm_s"] > 0
     assert not (tmp_path / "inductor").exists()
+
+
+def test_prepare_device_call_script_is_valid_and_ships_no_typer():
+    """scripts/prepare_device_call.sh: valid bash; the wheels it downloads for the GPU machine are ftfy and wcwidth
+    only (PyPI's typer needs pydantic, which that machine lacks: installed over its own typer, it broke the CLI)."""
+    import re
+
+    script = ROOT / "scripts" / "prepare_device_call.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    downloads = re.findall(r"pip download .*--dest \S+ (.+)", script.read_text())
+    assert [d.split() for d in downloads] == [["ftfy", "wcwidth"]]
