@@ -195,8 +195,8 @@ WARM_MARKS = "minillm-compiled"
 def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The name of what a compilation of the training regions depends on: torch's version, the device's name, the
     model config and its parameters (names, shapes, which train: a LoRA adapter changes the graphs), the
-    micro-batch, the precision, document masking, the compile mode and the levers that change the graphs (the norm,
-    the projections)."""
+    micro-batch, the precision, document masking, the compile mode and the levers that change the kernels (the norm,
+    the projections, inductor's tuning)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
     params = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
     blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(model.cfg),
