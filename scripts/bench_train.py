@@ -26,7 +26,7 @@ Levers (issue 20; each switched by its environment variable of ``minillm/optim/l
   ns          MINILLM_MUON_NS=fused                     Muon's Newton-Schulz as baddbmm, tall and wide batched together
   hostsync    MINILLM_STEP_SYNC=step                    the check on the host, one sync per step (the CPU's default)
   matmulns    MINILLM_MUON_NS=matmul                    Muon's plain matmul iteration (the CPU's default)
-  explicitnorm MINILLM_NORM=explicit                    RMSNorm as plain ops (inductor derives the backward)
+  explicitnorm MINILLM_NORM=explicit                   RMSNorm as plain ops (inductor derives the backward)
   halfnorm    MINILLM_NORM=halfweight                   the same, the weight multiplied in the activations' dtype
   concat      MINILLM_PROJ=concat                       q/k/v and gate/up projections each as one matrix product
   coord       MINILLM_TUNE=coordinate                   inductor's coordinate-descent tuning of each kernel's blocks
@@ -217,18 +217,28 @@ KERNEL_CATEGORIES = (("attention", ("flash", "fmha", "attention", "efficient", "
                      ("aten other", ("",)))
 
 
+def _per_kernel(events) -> dict[str, list[float]]:
+    """GPU ms and calls of each CUDA kernel name over a profile's events (the host's events are not kernels)."""
+    import torch
+
+    acc: dict[str, list[float]] = {}  # name -> [ms, calls]
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            a = acc.setdefault(e.name, [0.0, 0])
+            a[0] += e.device_time_total / 1e3
+            a[1] += 1
+    return acc
+
+
 def kernel_categories(events, steps: int) -> dict:
     """GPU time (ms) and kernel count per step of each ``KERNEL_CATEGORIES`` category, from a CUDA profile's events
     over ``steps`` steps: where a step's time goes, comparable across models and tools."""
-    import torch
-
     out: dict[str, list[float]] = {}  # category -> [ms, kernels] over all the steps
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            name = e.name.lower()
-            acc = out.setdefault(next(c for c, frags in KERNEL_CATEGORIES if any(f in name for f in frags)), [0.0, 0])
-            acc[0] += e.device_time_total / 1e3
-            acc[1] += 1
+    for name, (ms, n) in _per_kernel(events).items():
+        low = name.lower()
+        acc = out.setdefault(next(c for c, frags in KERNEL_CATEGORIES if any(f in low for f in frags)), [0.0, 0])
+        acc[0] += ms
+        acc[1] += n
     total = sum(ms for ms, _ in out.values())
     return {c: {"ms": round(ms / steps, 3), "kernels": round(n / steps, 1)} for c, (ms, n) in out.items()} | {
         "total_ms": round(total / steps, 3)}
@@ -237,15 +247,7 @@ def kernel_categories(events, steps: int) -> dict:
 def top_kernels(events, steps: int, n: int) -> list[tuple[str, float, float]]:
     """The ``n`` CUDA kernels taking the most GPU time: (full name, ms per step, calls per step), from a profile's
     events over ``steps`` steps (the profiler's own table cuts names at 55 characters)."""
-    import torch
-
-    acc: dict[str, list[float]] = {}
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            a = acc.setdefault(e.name, [0.0, 0])
-            a[0] += e.device_time_total / 1e3
-            a[1] += 1
-    rows = sorted(acc.items(), key=lambda kv: -kv[1][0])[:n]
+    rows = sorted(_per_kernel(events).items(), key=lambda kv: -kv[1][0])[:n]
     return [(name[:240], round(ms / steps, 3), round(calls / steps, 1)) for name, (ms, calls) in rows]
 
 

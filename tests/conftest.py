@@ -113,7 +113,9 @@ def _model_levers_restored():
     from minillm.model.gpt import Attention, RMSNorm
 
     saved = RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections
+    inductor = sys.modules.get("torch._inductor.config")  # MINILLM_TUNE's switch, where inductor is imported
+    tuning = inductor.coordinate_descent_tuning if inductor else False
     yield
     RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections = saved
-    if "torch._inductor.config" in sys.modules:  # MINILLM_TUNE's switch
-        sys.modules["torch._inductor.config"].coordinate_descent_tuning = False
+    if "torch._inductor.config" in sys.modules:
+        sys.modules["torch._inductor.config"].coordinate_descent_tuning = tuning

@@ -199,11 +199,10 @@ def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device,
     the projections, inductor's tuning)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
     params = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+    levers = {name: lever(name, device.type) for name in ("COMPILE_MODE", "NORM", "PROJ", "TUNE")}
     blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(model.cfg),
-                       "params": params,
-                       "batch": tcfg.batch_size, "dtype": str(dtype), "doc_masking": tcfg.doc_masking,
-                       "mode": lever("COMPILE_MODE", device.type), "norm": lever("NORM", device.type),
-                       "proj": lever("PROJ", device.type), "tune": lever("TUNE", device.type)}, sort_keys=True, default=str)
+                       "params": params, "batch": tcfg.batch_size, "dtype": str(dtype),
+                       "doc_masking": tcfg.doc_masking, "levers": levers}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
