@@ -12,8 +12,9 @@ Decode rows: for each --configs preset (random weights, vocab --vocab) and --dty
 (default = generate's defaults: temperature 0.8, top-k 50, top-p 0.95, repetition penalty 1.1; greedy = argmax,
 no penalty), each --decoders entry (graph1: one token per CUDA-graph replay and read-back, the decoder before
 issue 22; graphK: --chunk tokens per replay, sampling on the GPU; graphKf: graphK decoding with each layer's q/k/v
-and gate/up projections concatenated, three matrix products fewer a layer; on CPU the static step run eagerly;
-graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on; graphKb: generate's
+and gate/up projections concatenated, three matrix products fewer a layer, and in bf16 on CUDA the step as Triton
+kernels (five a layer, ``minillm.model.triton_decode``: generate's default); graphKe: graphKf without the kernels
+(MINILLM_DECODE=torch); on CPU the static step run eagerly; graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on; graphKb: generate's
 --compile background, graphKf while graphKc's step compiles on a thread, then graphKc: the row reports the first run's
 tokens/s, the background compile's seconds and a profile of the compile thread's stack sampled every 0.5 s (also when
 --compile-wait runs out first), then the compiled chunk's tokens/s; graphKct, graphKca: graphKb compiling under
@@ -44,6 +45,7 @@ line per row on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -110,14 +112,31 @@ def measure(row: dict, fn, device: torch.device, repeats: int) -> dict:
 
 
 def decoders(names: list[str], device: torch.device, chunk: int) -> dict[str, tuple[str, int, bool, dict]]:
-    """Decoder name -> (generate_batch's mode, chunk, fused, inductor options while the row runs)."""
+    """Decoder name -> (generate_batch's mode, chunk, fused, inductor options while the row runs). graphKe runs
+    with MINILLM_DECODE=torch (``decode_env``)."""
     k_mode = "graph" if device.type == "cuda" else "static"
     table = {"graph1": (decode_mode(device, "auto"), 1, False, {}), "graphK": (k_mode, chunk, False, {}),
-             "graphKf": (k_mode, chunk, True, {}), "graphKc": ("compiled", chunk, True, {}),
+             "graphKf": (k_mode, chunk, True, {}), "graphKe": (k_mode, chunk, True, {}),
+             "graphKc": ("compiled", chunk, True, {}),
              "graphKb": ("background", chunk, True, {}),
              "graphKct": ("background", chunk, True, {"coordinate_descent_tuning": True}),
              "graphKca": ("background", chunk, True, torch._inductor.list_mode_options()["max-autotune-no-cudagraphs"])}
     return {n: table[n] for n in names}
+
+
+@contextlib.contextmanager
+def decode_env(decoder: str):
+    """graphKe: the fused step without the Triton kernels (MINILLM_DECODE=torch, the default decoder before them)."""
+    old = os.environ.get("MINILLM_DECODE")
+    if decoder == "graphKe":
+        os.environ["MINILLM_DECODE"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINILLM_DECODE", None)
+        else:
+            os.environ["MINILLM_DECODE"] = old
 
 
 def selected(name: str, only: str) -> bool:
@@ -269,7 +288,7 @@ def decode_rows(args, device: torch.device) -> None:
         row = {"kind": "decode", "name": name, "config": config, "dtype": dtype, "sampling": sname, "decoder": dname,
                "mode": mode, "chunk": chunk, "fused": fused, "batch": rows, "params": model.num_params(),
                "inductor_options": options}
-        with torch._inductor.config.patch(options):
+        with torch._inductor.config.patch(options), decode_env(dname):
             if mode == "background":
                 background_row(row, run, model, device, args.repeats, args.compile_wait or None)
             else:
@@ -415,7 +434,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16", help="weight and KV-cache dtypes: fp32, bf16, comma-separated")
     ap.add_argument("--sampling", default="default,greedy", help="default (generate's), greedy; comma-separated")
     ap.add_argument("--decoders", default="graph1,graphK,graphKf",
-                    help="graph1 (one token per replay), graphK (--chunk per replay), graphKf (graphK with the fused "
+                    help="graph1 (one token per replay), graphKe (graphKf without the Triton kernels: MINILLM_DECODE=torch), graphK (--chunk per replay), graphKf (graphK with the fused "
                          "q/k/v and gate/up projections), graphKc (graphKf torch.compile'd, --compile on: a compile per row, "
                          "so not in the default), graphKb (--compile background: graphKf, then graphKc once compiled on "
                          "a thread), graphKct (graphKb compiling with inductor's coordinate_descent_tuning), graphKca "

@@ -48,7 +48,7 @@ class TokenStep:
     every such chunk shares: the model, its fused weights (``StaticDecodeStep.fused``), the settings."""
 
     def __init__(self, static: StaticDecodeStep, sampling: Sampling, stop_id: int | None):
-        self.model, self.fused, self.sampling, self.stop_id = static.model, static.fused, sampling, stop_id
+        self.decode, self.sampling, self.stop_id = static.decode, sampling, stop_id
 
     def run(self, logits: Tensor, noise: Tensor | None, unsure: Tensor | None, bufs: tuple) -> Tensor:
         """Step ``i`` of the chunk: sample from ``logits`` (B, V) with ``noise`` (Exp(1), or None when greedy),
@@ -63,7 +63,7 @@ class TokenStep:
             done |= nxt == self.stop_id
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        logits = self.model.decode_step(nxt[:, None], slot + i, offsets, key_valid, keys, values, self.fused)
+        logits = self.decode(nxt[:, None], slot + i, offsets, key_valid, keys, values)
         i += 1
         return logits
 

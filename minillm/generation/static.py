@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from minillm.errors import UsageError
 from minillm.generation.background import busy
+from minillm.model import triton_decode
 from minillm.model.fused_decode import FusedDecode, qk_rope_weights
 from minillm.model.gpt import GPT, KVCache
 
@@ -59,9 +60,14 @@ class StaticDecodeStep(nn.Module):
     its SwiGLU gate/up projections, concatenated into one matrix each (three matrix products fewer a layer), and
     the factors of its RoPE tables (QK-norm's weights, the attention's scale: ``qk_rope_weights``). These are
     copies, made here and refreshed in place by ``refresh`` (each ``generate_batch`` calls it), so a captured graph
-    keeps reading them; layers whose projections are not plain ``nn.Linear`` (an unmerged LoRA) decode unfused."""
+    keeps reading them; layers whose projections are not plain ``nn.Linear`` (an unmerged LoRA) decode unfused.
 
-    def __init__(self, model: GPT, cache: KVCache, fused: bool = False):
+    ``kernels`` (with ``fused``): decode with the Triton kernels (``minillm.model.triton_decode``: five a layer)
+    where ``triton_decode.supported`` allows (bf16 or fp16 on CUDA, RMSNorm and SwiGLU, triton installed);
+    ``self.kernels`` says whether it does, ``self.why_not`` why not. Not inside ``torch.compile``, which
+    compiles ``GPT.decode_step`` itself."""
+
+    def __init__(self, model: GPT, cache: KVCache, fused: bool = False, kernels: bool = False):
         super().__init__()
         self.model = model
         self.register_buffer("k", cache.k, persistent=False)  # (L, B, Hkv, S, D), shared with the cache
@@ -71,6 +77,8 @@ class StaticDecodeStep(nn.Module):
             layers = [(fuse(b.attn.q_proj, b.attn.k_proj, b.attn.v_proj),
                        fuse(b.mlp.gate_proj, b.mlp.up_proj) if b.mlp.swiglu else None) for b in model.blocks]
             self.fused = FusedDecode(layers, qk_rope_weights(model))
+        self.why_not = triton_decode.supported(model, self.fused, cache.k.dtype, cache.k.device) if kernels else None
+        self.kernels = kernels and self.why_not is None
 
     def refresh(self) -> None:
         """Copy the model's current weights into the concatenated ones and the RoPE tables' factors."""
@@ -86,7 +94,15 @@ class StaticDecodeStep(nn.Module):
     def forward(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor) -> Tensor:
         """idx (B, 1), slot (1,) the cache slot of this token, offsets (B,) left padding,
         key_valid (B, S) False at padding -> logits (B, V)."""
-        return self.model.decode_step(idx, slot, offsets, key_valid, self.k, self.v, self.fused)
+        return self.decode(idx, slot, offsets, key_valid, self.k, self.v)
+
+    def decode(self, idx: Tensor, slot: Tensor, offsets: Tensor, key_valid: Tensor, keys: Tensor,
+               values: Tensor) -> Tensor:
+        """``GPT.decode_step`` over ``keys``/``values`` (this cache's, or a ``StepChunk``'s twin), with the fused
+        weights, through the Triton kernels when ``kernels`` (and not under ``torch.compile``)."""
+        if self.kernels and not torch.compiler.is_compiling():
+            return triton_decode.decode_step(self.model, self.fused, idx, slot, offsets, key_valid, keys, values)
+        return self.model.decode_step(idx, slot, offsets, key_valid, keys, values, self.fused)
 
 
 def fuse(*layers: nn.Module) -> tuple[Tensor, Tensor | None] | None:
@@ -178,14 +194,14 @@ def static_decoder(model: GPT, batch: int, max_len: int, mode: str, fused: bool 
     """The KV cache and static decode step of ``model`` at this shape, built (compiled, captured) once and kept
     on the model (``model.decoders``), so every batch of a ``generate`` reuses them. ``mode``: static (eager),
     graph (eager, captured in a CUDA graph on CUDA) or compiled (torch.compile, captured too). ``fused``: see
-    ``StaticDecodeStep``."""
+    ``StaticDecodeStep``; with ``mode`` graph, through the Triton kernels where they are supported."""
     p = next(model.parameters())
     key = (batch, max_len, mode, p.dtype, p.device) + (("fused",) if fused else ())
     if key not in model.decoders:
         if len(model.decoders) >= MAX_DECODERS:
             model.decoders.clear()
         cache = KVCache(model.cfg, batch, max_len, p.device, p.dtype)
-        module = StaticDecodeStep(model, cache, fused)
+        module = StaticDecodeStep(model, cache, fused, kernels=mode == "graph")
         step: Callable = Compiled(module.forward) if mode == "compiled" else module
         if mode in ("graph", "compiled") and p.device.type == "cuda":
             step = GraphedStep(step, batch, max_len, p.device)

@@ -1,0 +1,124 @@
+"""The decode step as five Triton kernels a layer, for bf16 decoding on a CUDA GPU, where at batch 1 a step is
+bound by its number of kernels (a few microseconds each, even replayed in a CUDA graph), not by the bytes of the
+weights. ``GPT.decode_step`` with its fused weights (``fused_decode``) runs ~18 kernels a layer; here each layer is
+
+1. ``qkv``: norm1, the q/k/v projections (one concatenated matrix), QK-norm, RoPE and the attention's scale, the
+   keys and values written into the cache at the step's slot, the queries into a buffer;
+2. ``attend``: the one query per row over the cache's visible slots (online softmax, fp32);
+3. ``add_linear``: the output projection summed into the residual stream in place;
+4. ``norm_linear`` with ``SWIGLU``: norm2, the gate/up projections (one concatenated matrix), silu(gate) * up;
+5. ``add_linear``: the down projection summed into the residual stream;
+
+and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). The same math as ``GPT.decode_step``,
+rounded differently: each kernel accumulates in fp32 and rounds once, to the activations' dtype, where the eager
+step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux); ``supported`` says when a
+model can decode this way. The matrix products are ``tl.dot`` over blocks of 16 rows (rows past the batch are
+masked), so one program serves batch 1 to 16 rows and the grid covers larger batches.
+
+The kernels also run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, fp32), which is how the tests
+check their arithmetic on a machine without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor, nn
+
+from minillm.model.fused_decode import FusedDecode
+
+ROWS = 16  # rows of the batch per program: tl.dot's smallest block
+BLOCK_K = 64  # the reduction's block over the input features
+BLOCK_N = {"qkv": 0, "linear": 32, "head": 64}  # outputs per program (qkv: one head per program)
+BLOCK_S = 64  # cache slots per iteration of the attention
+
+
+def available() -> bool:
+    """Whether Triton can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def supported(model: nn.Module, fused: FusedDecode | None, dtype: torch.dtype, device: torch.device) -> str | None:
+    """None when ``model`` can decode with these kernels, else why not (a sentence). ``MINILLM_DECODE=torch``
+    turns them off (the eager fused step then decodes, as before)."""
+    cfg = model.cfg
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter, on the CPU (the tests)
+    if os.environ.get("MINILLM_DECODE", "triton") == "torch":
+        return "MINILLM_DECODE=torch"
+    if device.type != "cuda" and not interpreted:
+        return "not a CUDA device"
+    if dtype not in (torch.bfloat16, torch.float16) and not interpreted:
+        return f"{str(dtype).removeprefix('torch.')} weights (the kernels decode bf16 or fp16)"
+    if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu":
+        return f"{cfg.norm} and {cfg.mlp} (the kernels are for rmsnorm and swiglu)"
+    D = cfg.head_dim
+    if D < 32 or D & (D - 1):
+        return f"head_dim {D} (the kernels need a power of two >= 32)"
+    if fused is None or any(qkv is None or gate_up is None for qkv, gate_up in fused.layers):
+        return "a layer without the concatenated projections (an unmerged LoRA)"
+    if any(type(b.attn.o_proj) is not nn.Linear or type(b.mlp.down_proj) is not nn.Linear for b in model.blocks):
+        return "an output or down projection that is not a plain nn.Linear (an unmerged LoRA)"
+    if not available():
+        return "triton is not installed"
+    return None
+
+
+def kernels():
+    """The Triton kernels (``triton_kernels``), imported on first use: importing triton takes a while, and a CPU
+    install may lack it."""
+    from minillm.model import triton_kernels
+
+    return triton_kernels
+
+
+def decode_step(model: nn.Module, fused: FusedDecode, idx: Tensor, slot: Tensor, offsets: Tensor,
+                key_valid: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """``GPT.decode_step`` (the same arguments; ``fused``: its concatenated weights, ``StaticDecodeStep``) in five
+    kernels a layer and one for the output layer -> logits (B, V) fp32. Every shape is fixed and nothing syncs with
+    the host, so a CUDA graph captures it."""
+    k = kernels()
+    cfg = model.cfg
+    B, S = idx.size(0), keys.size(3)
+    C, H, HKV, D = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim
+    hidden, V = cfg.mlp_hidden, cfg.vocab_size
+    rb = -(-B // ROWS)  # row blocks
+    x = model.tok_emb(idx[:, 0]).contiguous()  # (B, C): the residual stream, updated in place
+    q = torch.empty(B, H * D, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(q)
+    h = torch.empty(B, hidden, dtype=x.dtype, device=x.device)
+    valid = key_valid.view(torch.uint8)
+    cos, sin = model.rope.cos, model.rope.sin  # (T, D) fp32
+    bn = BLOCK_N["linear"]
+    for i, block in enumerate(model.blocks):
+        a, mlp = block.attn, block.mlp
+        (w_qkv, b_qkv), (w_gu, b_gu) = fused.layers[i]
+        qn = a.q_norm.weight if cfg.qk_norm else w_qkv
+        kn = a.k_norm.weight if cfg.qk_norm else w_qkv
+        k.qkv[(rb, H + 2 * HKV)](
+            x, block.norm1.weight, w_qkv, _or(b_qkv, w_qkv), qn, kn, cos, sin, slot, offsets, q, keys[i], values[i],
+            B, C, S, cos.size(0), block.norm1.eps, a.q_norm.eps if cfg.qk_norm else 0.0, D ** -0.5,
+            H=H, HKV=HKV, D=D, HAS_BIAS=b_qkv is not None, QK_NORM=cfg.qk_norm, ROWS=ROWS, BLOCK_K=BLOCK_K)
+        k.attend[(B, H)](q, keys[i], values[i], valid, slot, y, S, H=H, HKV=HKV, D=D, BLOCK_S=BLOCK_S)
+        _add_linear(k, y, a.o_proj, x, rb, bn)
+        k.norm_linear[(rb, -(-hidden // bn))](
+            x, block.norm2.weight, w_gu, _or(b_gu, w_gu), h, B, C, hidden, block.norm2.eps,
+            SWIGLU=True, HAS_BIAS=b_gu is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K)
+        _add_linear(k, h, mlp.down_proj, x, rb, bn)
+    logits = torch.empty(B, V, dtype=torch.float32, device=x.device)
+    bh = BLOCK_N["head"]
+    k.norm_linear[(rb, -(-V // bh))](
+        x, model.norm_f.weight, model.lm_head.weight, model.lm_head.weight, logits, B, C, V, model.norm_f.eps,
+        SWIGLU=False, HAS_BIAS=False, ROWS=ROWS, BLOCK_N=bh, BLOCK_K=BLOCK_K)
+    return logits
+
+
+def _add_linear(k, y: Tensor, proj: nn.Linear, x: Tensor, rb: int, bn: int) -> None:
+    N, K = proj.weight.shape
+    k.add_linear[(rb, -(-N // bn))](y, proj.weight, _or(proj.bias, proj.weight), x, x.size(0), K, N,
+                                       HAS_BIAS=proj.bias is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K)
+
+
+def _or(t: Tensor | None, other: Tensor) -> Tensor:
+    """A pointer for a kernel argument its flag leaves unread."""
+    return other if t is None else t

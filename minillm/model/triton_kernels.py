@@ -1,0 +1,164 @@
+"""The Triton kernels of ``triton_decode`` (importing this module imports triton). Each accumulates in fp32 and
+rounds once, to its output's dtype. Row blocks of ``ROWS`` rows (``tl.dot``'s smallest), rows past the batch masked."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rstd(x_ptr, rows, row_ok, C, eps, BLOCK_K: tl.constexpr):
+    """1 / RMS of each row of x (B, C) -> (ROWS,) fp32."""
+    ss = tl.zeros_like(rows).to(tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * C + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < C), other=0.0)
+        x = x.to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return 1.0 / tl.sqrt(ss / C + eps)
+
+
+@triton.jit
+def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr, off_ptr, q_ptr, k_ptr, v_ptr,
+        B, C, S, T, eps, qk_eps, scale, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row block, head of q|k|v): norm1(x) @ w[head's D rows]^T, then for q and k QK-norm and RoPE
+    (position slot - offset, clamped to the table's T rows), q times ``scale`` into q (B, H, D), k and v into
+    the cache (B, HKV, S, D) at the slot."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    head = tl.program_id(1)
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, HALF)
+    r = rstd(x_ptr, rows, row_ok, C, eps, BLOCK_K)
+    acc1 = tl.zeros((ROWS, HALF), tl.float32)  # the head's first half of features
+    acc2 = tl.zeros((ROWS, HALF), tl.float32)  # ... and its second (RoPE pairs feature i with i + D/2)
+    n1 = head * D + d
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        x = tl.load(x_ptr + rows[:, None] * C + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        xn = (x.to(tl.float32) * r[:, None] * nw[None, :]).to(w_ptr.dtype.element_ty)
+        w1 = tl.load(w_ptr + n1[None, :] * C + ks[:, None], mask=k_ok[:, None], other=0.0)  # (BLOCK_K, HALF)
+        w2 = tl.load(w_ptr + (n1 + HALF)[None, :] * C + ks[:, None], mask=k_ok[:, None], other=0.0)
+        acc1 += tl.dot(xn, w1)
+        acc2 += tl.dot(xn, w2)
+    if HAS_BIAS:
+        acc1 += tl.load(b_ptr + n1).to(tl.float32)[None, :]
+        acc2 += tl.load(b_ptr + n1 + HALF).to(tl.float32)[None, :]
+    slot = tl.load(slot_ptr)
+    if head < H + HKV:  # a query or key head: QK-norm, RoPE
+        if QK_NORM:
+            rq = 1.0 / tl.sqrt((tl.sum(acc1 * acc1, axis=1) + tl.sum(acc2 * acc2, axis=1)) / D + qk_eps)
+            is_q = head < H
+            w1n = tl.where(is_q, tl.load(qn_ptr + d), tl.load(kn_ptr + d)).to(tl.float32)
+            w2n = tl.where(is_q, tl.load(qn_ptr + d + HALF), tl.load(kn_ptr + d + HALF)).to(tl.float32)
+            acc1 = acc1 * rq[:, None] * w1n[None, :]
+            acc2 = acc2 * rq[:, None] * w2n[None, :]
+        pos = slot - tl.load(off_ptr + rows, mask=row_ok, other=0)
+        pos = tl.minimum(tl.maximum(pos, 0), T - 1)
+        c1 = tl.load(cos_ptr + pos[:, None] * D + d[None, :])
+        c2 = tl.load(cos_ptr + pos[:, None] * D + d[None, :] + HALF)
+        s1 = tl.load(sin_ptr + pos[:, None] * D + d[None, :])
+        s2 = tl.load(sin_ptr + pos[:, None] * D + d[None, :] + HALF)
+        o1 = acc1 * c1 - acc2 * s1
+        o2 = acc2 * c2 + acc1 * s2
+        if head < H:
+            dst = q_ptr + rows[:, None] * (H * D) + head * D + d[None, :]
+            tl.store(dst, (o1 * scale).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(dst + HALF, (o2 * scale).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            dst = k_ptr + rows[:, None] * (HKV * S * D) + (head - H) * (S * D) + slot * D + d[None, :]
+            tl.store(dst, o1.to(k_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(dst + HALF, o2.to(k_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        dst = v_ptr + rows[:, None] * (HKV * S * D) + (head - H - HKV) * (S * D) + slot * D + d[None, :]
+        tl.store(dst, acc1.to(v_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(dst + HALF, acc2.to(v_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def attend(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, y_ptr, S, H: tl.constexpr, HKV: tl.constexpr,
+           D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (row, query head): softmax(q . keys) @ values over the slots up to the step's that ``valid``
+    (B, S) marks; q already scaled. -> y (B, H * D)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // (H // HKV)
+    d = tl.arange(0, D)
+    slot = tl.load(slot_ptr)
+    q = tl.load(q_ptr + b * (H * D) + h * D + d).to(tl.float32)
+    base = b * (HKV * S * D) + hk * (S * D)
+    m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
+    den = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
+    acc = tl.zeros((D,), tl.float32)
+    for s0 in range(0, slot + 1, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        live = s <= slot
+        seen = live & (tl.load(valid_ptr + b * S + s, mask=live, other=0) != 0)
+        keys = tl.load(k_ptr + base + s[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+        score = tl.where(seen, tl.sum(keys.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot seen yet: keep exp() finite
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(score - m_ref)
+        vals = tl.load(v_ptr + base + s[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * vals.to(tl.float32), axis=0)
+        den = den * alpha + tl.sum(p, axis=0)
+        m = m_new
+    tl.store(y_ptr + b * (H * D) + h * D + d, (acc / den).to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def add_linear(y_ptr, w_ptr, b_ptr, x_ptr, B, K, N, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x (B, N) += y (B, K) @ w (N, K)^T (+ b), in place, accumulated in fp32 with x's old value."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        y = tl.load(y_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + n[None, :] * K + ks[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(y.to(w.dtype), w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dst = x_ptr + rows[:, None] * N + n[None, :]
+    ok = row_ok[:, None] & n_ok[None, :]
+    x = tl.load(dst, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dst, (x + acc).to(x_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def norm_linear(x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, B, C, N, eps, SWIGLU: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (B, N) = rms_norm(x, nw) (B, C) @ w^T (+ b); with ``SWIGLU``, w (2N, C) holds the gate's rows then
+    the up projection's, and out = silu(gate) * up."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < B
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    r = rstd(x_ptr, rows, row_ok, C, eps, BLOCK_K)
+    acc = tl.zeros((ROWS, BLOCK_N), tl.float32)
+    up = tl.zeros((ROWS, BLOCK_N), tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < C
+        x = tl.load(x_ptr + rows[:, None] * C + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        xn = (x.to(tl.float32) * r[:, None] * nw[None, :]).to(w_ptr.dtype.element_ty)
+        ok = k_ok[:, None] & n_ok[None, :]
+        acc += tl.dot(xn, tl.load(w_ptr + n[None, :] * C + ks[:, None], mask=ok, other=0.0))
+        if SWIGLU:
+            up += tl.dot(xn, tl.load(w_ptr + (n + N)[None, :] * C + ks[:, None], mask=ok, other=0.0))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            up += tl.load(b_ptr + N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * up
+    tl.store(out_ptr + rows[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & n_ok[None, :])

@@ -1,0 +1,173 @@
+"""The decode step as Triton kernels (``minillm.model.triton_decode``): the logits and the cache it writes are
+``GPT.decode_step``'s (left padding, grouped-query heads, QK-norm, biases), hidden slots never leak into the
+attention, generation through it gives the eager step's tokens, and ``supported`` says when it cannot run.
+
+Without a GPU the kernels run in Triton's interpreter in fp32 (``TRITON_INTERPRET=1``; skipped where triton is not
+installed: CI's CPU machine); with CUDA they run compiled, in bf16, against the fp32 step."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from minillm.config import ModelConfig
+from minillm.generation import Sampling, generate_batch
+from minillm.generation.static import StaticDecodeStep, static_decoder, step_module
+from minillm.model import triton_decode
+from minillm.model.gpt import GPT, KVCache
+
+CUDA = torch.cuda.is_available()
+SHAPES = {
+    "plain": {},
+    "gqa_qknorm": {"n_head": 4, "n_kv_head": 2, "n_embd": 128, "qk_norm": True},
+    "bias": {"bias": True, "qk_norm": True},
+}
+
+
+@pytest.fixture
+def device(monkeypatch) -> str:
+    """Where the kernels run: CUDA, else Triton's interpreter on the CPU."""
+    if CUDA:
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read as triton and the kernels are imported, and by supported()
+    tl = pytest.importorskip("triton.language")
+    if not type(tl.zeros_like).__name__.startswith("Interpreted"):
+        pytest.skip("triton was imported before TRITON_INTERPRET was set: its own functions are compiled ones")
+    import minillm.model.triton_kernels as k
+
+    if not type(k.qkv).__name__.startswith("Interpreted"):
+        pytest.skip("the kernels were imported compiled, for a GPU")
+    return "cpu"
+
+
+def model(shape: str, seed: int = 0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    base = {"vocab_size": 320, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 64}
+    cfg = ModelConfig(**(base | SHAPES[shape] | kw))
+    m = GPT(cfg).eval()
+    with torch.no_grad():  # norms and biases away from their 1 and 0, so that a kernel that skips one is seen
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return m
+
+
+def random_cache(cfg: ModelConfig, batch: int, slots: int, pads: list[int], device: str, dtype) -> KVCache:
+    cache = KVCache(cfg, batch, slots, device, dtype)
+    cache.set_left_padding(pads)
+    g = torch.Generator().manual_seed(1)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    return cache
+
+
+def both_steps(m: GPT, device: str, dtype, slot: int = 21, pads=(0, 2, 5), slots: int = 40):
+    """(the fp32 ``GPT.decode_step`` of ``m``: logits, cache) and (the kernels' on ``m`` in ``dtype``: logits, cache)."""
+    B = len(pads)
+    idx = torch.randint(0, m.cfg.vocab_size, (B, 1), generator=torch.Generator().manual_seed(2))
+    ref_cache = random_cache(m.cfg, B, slots, list(pads), "cpu", torch.float32)
+    with torch.no_grad():
+        ref = m.decode_step(idx, torch.tensor([slot]), ref_cache.offsets, ref_cache.key_mask, ref_cache.k, ref_cache.v)
+    mk = copy.deepcopy(m).to(device, dtype)
+    cache = random_cache(m.cfg, B, slots, list(pads), device, dtype)
+    step = StaticDecodeStep(mk, cache, fused=True, kernels=True)
+    assert step.kernels, step.why_not
+    with torch.no_grad():
+        out = step(idx.to(device), torch.tensor([slot], device=device), cache.offsets, cache.key_mask)
+    return (ref, ref_cache), (out.float().cpu(), cache)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_give_the_decode_steps_logits_and_cache(device, shape):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = 0.06 if device == "cuda" else 1e-5  # bf16 against fp32; fp32 against fp32
+    (ref, ref_cache), (out, cache) = both_steps(model(shape), device, dtype)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (out - ref).abs().max() < tol * max(1.0, ref.abs().max())
+    assert torch.equal(out.argmax(-1), ref.argmax(-1)) or device == "cuda"
+    for got, want in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
+        assert (got.float().cpu() - want).abs().max() < tol * 4  # the new keys (QK-norm, RoPE) and values at slot 21
+    assert not torch.equal(ref_cache.k[:, :, :, 21], random_cache(model(shape).cfg, 3, 40, [0, 2, 5], "cpu",
+                                                                  torch.float32).k[:, :, :, 21])  # slot 21 was written
+
+
+def test_hidden_slots_do_not_reach_the_attention(device):
+    """Keys and values past the step's slot and in a row's left padding change nothing; one inside the row does."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = model("gqa_qknorm").to(device, dtype)
+    B, slots, slot = 2, 40, 20
+    pads = [0, 7]
+
+    def logits(poke: tuple | None) -> torch.Tensor:
+        cache = random_cache(m.cfg, B, slots, pads, device, dtype)
+        if poke is not None:
+            row, where = poke
+            cache.k[:, row, :, where] += 50
+            cache.v[:, row, :, where] -= 50
+        step = StaticDecodeStep(m, cache, fused=True, kernels=True)
+        with torch.no_grad():
+            return step(torch.tensor([[3], [4]], device=device), torch.tensor([slot], device=device), cache.offsets,
+                        cache.key_mask).float().cpu()
+
+    base = logits(None)
+    assert torch.equal(logits((0, slice(slot + 1, slots))), base)  # the future
+    assert torch.equal(logits((1, slice(0, 7))), base)  # row 1's padding
+    assert not torch.equal(logits((1, slice(7, 8))), base)  # row 1's first real token
+
+
+def test_generation_through_the_kernels_gives_the_eager_steps_tokens(device):
+    """Greedy, batched with left padding, one token at a time and in chunks of 4 (``StepChunk``): the kernels' tokens
+    are the eager fused step's (fp32 in the interpreter; on CUDA bf16 greedy tokens may part after a near tie, so
+    there the one-step and chunked kernels are held to each other)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = model("gqa_qknorm", vocab_size=64).to(device, dtype)
+    prompts, n = [[1, 5, 6, 7], [1, 2]], 10
+    greedy = Sampling(temperature=0)
+
+    def tokens(mode: str, chunk: int) -> list[list[int]]:
+        return [c.tokens for c in generate_batch(m, prompts, n, sampling=greedy, mode=mode, chunk=chunk, fused=True)]
+
+    one = tokens("graph", 1)
+    assert [step_module(v[1]).kernels for v in m.decoders.values() if isinstance(v, tuple)] == [True]
+    assert tokens("graph", 4) == one
+    if device == "cpu":
+        assert one == tokens("static", 1)  # the eager fused step, no kernels
+    assert all(len(t) == n for t in one)
+
+
+def test_supported_says_why_not(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    m = model("plain")
+    fused = StaticDecodeStep(m, KVCache(m.cfg, 1, 8), fused=True).fused
+
+    def why(mm=m, f=fused, dtype=torch.bfloat16, dev=cuda) -> str | None:
+        return triton_decode.supported(mm, f, dtype, dev)
+
+    assert why(dev=torch.device("cpu")) == "not a CUDA device"
+    assert "float32 weights" in why(dtype=torch.float32)
+    assert why(f=None).startswith("a layer without")
+    gelu = model("plain")
+    gelu.cfg = dataclasses.replace(gelu.cfg, norm="layernorm", mlp="gelu")
+    assert why(mm=gelu) == "layernorm and gelu (the kernels are for rmsnorm and swiglu)"
+    assert "head_dim 16" in why(mm=GPT(ModelConfig(vocab_size=64, n_head=4, n_embd=64)))
+    lora = copy.deepcopy(m)
+    lora.blocks[0].attn.o_proj = nn.Sequential(lora.blocks[0].attn.o_proj)
+    assert why(mm=lora).startswith("an output or down projection")
+    monkeypatch.setenv("MINILLM_DECODE", "torch")
+    assert why() == "MINILLM_DECODE=torch"
+    monkeypatch.delenv("MINILLM_DECODE")
+    assert why() in (None, "triton is not installed")
+
+
+def test_only_the_graph_decoder_takes_the_kernels():
+    """The static (CPU) and compiled decoders keep ``GPT.decode_step``: kernels are asked for by mode graph only."""
+    m = model("plain")
+    _, step = static_decoder(m, 1, 16, "static", fused=True)
+    assert not step.kernels
