@@ -276,6 +276,7 @@ def decode_rows(args, device: torch.device) -> None:
             torch.manual_seed(0)
             models[(config, dtype)] = GPT(mcfg).to(device, DTYPES[dtype]).eval()
         model = models[(config, dtype)]
+        model.decoders.clear()  # each row builds its own decoders (graphKe's are not graphKf's)
         mode, chunk, fused, options = decoders([dname], device, args.chunk)[dname]
         batch = [prompt] if rows == 1 else prompts[:rows]
 

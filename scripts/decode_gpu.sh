@@ -21,3 +21,8 @@ if [ "${PROFILE:-1}" = 1 ]; then
     python scripts/profile_decode.py --config large --dtypes bf16 --modes graph --top 30 > "$OUT/profile_large.txt" 2>&1
     grep -E "tokens/s|per token" "$OUT/profile_large.txt"
 fi
+if [ "${TUNE:-0}" = 1 ]; then
+    python scripts/tune_decode.py --configs "${CONFIGS:-large,small}" --batches 1,32 > "$OUT/tune.jsonl" 2> "$OUT/tune.err"
+    cat "$OUT/tune.jsonl" | python -c "import sys, json; [print(r['config'], r['batch'], r['variant'], r['tokens_per_s']) for r in map(json.loads, sys.stdin)]"
+    tail -3 "$OUT/tune.err"
+fi

@@ -83,6 +83,7 @@ def main() -> None:
     for dtype in (DTYPES[d] for d in args.dtypes.split(",")):
         torch.manual_seed(0)
         model = GPT(mcfg).cuda().to(dtype).eval()
+        fused = dtype != torch.float32  # as generate decodes (bf16: the Triton kernels where supported)
         for mode in args.modes.split(","):
             generate_batch(model, prompt, args.new_tokens, sampling=GREEDY, mode=mode)  # capture (and compile)
             cache, step = next(v for k, v in model.decoders.items() if k[0] == 1 and k[2] == mode)
@@ -102,10 +103,10 @@ def main() -> None:
             print(f"{str(dtype):15} {mode:9} replay {replay:.3f} ms | step call {call:.3f} | + sample and sync "
                   f"{full:.3f} | generate {gen:.3f} ms/token ({1e3 / gen:.0f} tokens/s)", flush=True)
             for sname, sampling in (("greedy", GREEDY), ("default", DEFAULT)):
-                def chunked(model=model, sampling=sampling, mode=mode) -> int:
+                def chunked(model=model, sampling=sampling, mode=mode, fused=fused) -> int:
                     g = torch.Generator("cuda").manual_seed(0)
                     return len(generate_batch(model, prompt, args.new_tokens, sampling=sampling, mode=mode,
-                                              chunk=args.chunk, generator=g)[0].tokens)
+                                              chunk=args.chunk, generator=g, fused=fused)[0].tokens)
 
                 chunked()  # warm-up and capture
                 runner = next(v for k, v in model.decoders.items() if isinstance(v, StepChunk) and k[3] == mode

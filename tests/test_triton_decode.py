@@ -83,26 +83,38 @@ def both_steps(m: GPT, device: str, dtype, slot: int = 21, pads=(0, 2, 5), slots
     return (ref, ref_cache), (out.float().cpu(), cache)
 
 
+@pytest.fixture
+def slots_per_block(monkeypatch):
+    """The attention's blocks of 16 slots: several blocks over the tests' 40-slot caches, one all padding."""
+    monkeypatch.setitem(triton_decode.BLOCKS, "slots", 16)
+
+
+@pytest.mark.parametrize("blocks", ["one", "several"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernels_give_the_decode_steps_logits_and_cache(device, shape):
+def test_kernels_give_the_decode_steps_logits_and_cache(device, shape, blocks, monkeypatch):
+    if blocks == "several":
+        monkeypatch.setitem(triton_decode.BLOCKS, "slots", 16)  # 3 blocks over 40 slots; row 2's first all padding
+    else:
+        monkeypatch.setitem(triton_decode.BLOCKS, "slots", 64)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tol = 0.06 if device == "cuda" else 1e-5  # bf16 against fp32; fp32 against fp32
-    (ref, ref_cache), (out, cache) = both_steps(model(shape), device, dtype)
+    (ref, ref_cache), (out, cache) = both_steps(model(shape), device, dtype, pads=(0, 2, 17))
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert (out - ref).abs().max() < tol * max(1.0, ref.abs().max())
     assert torch.equal(out.argmax(-1), ref.argmax(-1)) or device == "cuda"
     for got, want in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):
         assert (got.float().cpu() - want).abs().max() < tol * 4  # the new keys (QK-norm, RoPE) and values at slot 21
-    assert not torch.equal(ref_cache.k[:, :, :, 21], random_cache(model(shape).cfg, 3, 40, [0, 2, 5], "cpu",
+    assert not torch.equal(ref_cache.k[:, :, :, 21], random_cache(model(shape).cfg, 3, 40, [0, 2, 17], "cpu",
                                                                   torch.float32).k[:, :, :, 21])  # slot 21 was written
 
 
-def test_hidden_slots_do_not_reach_the_attention(device):
-    """Keys and values past the step's slot and in a row's left padding change nothing; one inside the row does."""
+def test_hidden_slots_do_not_reach_the_attention(device, slots_per_block):
+    """Keys and values past the step's slot and in a row's left padding change nothing; one inside the row does
+    (blocks of 16 slots: the first of row 1 is all padding)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     m = model("gqa_qknorm").to(device, dtype)
     B, slots, slot = 2, 40, 20
-    pads = [0, 7]
+    pads = [0, 17]
 
     def logits(poke: tuple | None) -> torch.Tensor:
         cache = random_cache(m.cfg, B, slots, pads, device, dtype)
@@ -117,8 +129,8 @@ def test_hidden_slots_do_not_reach_the_attention(device):
 
     base = logits(None)
     assert torch.equal(logits((0, slice(slot + 1, slots))), base)  # the future
-    assert torch.equal(logits((1, slice(0, 7))), base)  # row 1's padding
-    assert not torch.equal(logits((1, slice(7, 8))), base)  # row 1's first real token
+    assert torch.equal(logits((1, slice(0, 17))), base)  # row 1's padding
+    assert not torch.equal(logits((1, slice(17, 18))), base)  # row 1's first real token
 
 
 def test_generation_through_the_kernels_gives_the_eager_steps_tokens(device):

@@ -4,12 +4,13 @@ weights. ``GPT.decode_step`` with its fused weights (``fused_decode``) runs ~18 
 
 1. ``qkv``: norm1, the q/k/v projections (one concatenated matrix), QK-norm, RoPE and the attention's scale, the
    keys and values written into the cache at the step's slot, the queries into a buffer;
-2. ``attend``: the one query per row over the cache's visible slots (online softmax, fp32);
+2. ``attend`` and ``combine``: the one query per row over the cache's visible slots, in blocks of slots side by
+   side (softmax in fp32 per block, then the blocks merged: "flash-decoding");
 3. ``add_linear``: the output projection summed into the residual stream in place;
 4. ``norm_linear`` with ``SWIGLU``: norm2, the gate/up projections (one concatenated matrix), silu(gate) * up;
 5. ``add_linear``: the down projection summed into the residual stream;
 
-and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). The same math as ``GPT.decode_step``,
+(six kernels) and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). The same math as ``GPT.decode_step``,
 rounded differently: each kernel accumulates in fp32 and rounds once, to the activations' dtype, where the eager
 step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux); ``supported`` says when a
 model can decode this way. The matrix products are ``tl.dot`` over blocks of 16 rows (rows past the batch are
@@ -29,9 +30,8 @@ from torch import Tensor, nn
 from minillm.model.fused_decode import FusedDecode
 
 ROWS = 16  # rows of the batch per program: tl.dot's smallest block
-BLOCK_K = 64  # the reduction's block over the input features
-BLOCK_N = {"qkv": 0, "linear": 32, "head": 64}  # outputs per program (qkv: one head per program)
-BLOCK_S = 64  # cache slots per iteration of the attention
+BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
+    "qkv_k": 64, "linear_n": 32, "linear_k": 64, "head_n": 64, "head_k": 64, "slots": 64}
 
 
 def available() -> bool:
@@ -89,7 +89,12 @@ def decode_step(model: nn.Module, fused: FusedDecode, idx: Tensor, slot: Tensor,
     h = torch.empty(B, hidden, dtype=x.dtype, device=x.device)
     valid = key_valid.view(torch.uint8)
     cos, sin = model.rope.cos, model.rope.sin  # (T, D) fp32
-    bn = BLOCK_N["linear"]
+    bs = BLOCKS["slots"]
+    NS = -(-S // bs)  # blocks of slots
+    m = torch.empty(B, H, NS, dtype=torch.float32, device=x.device)
+    den = torch.empty_like(m)
+    acc = torch.empty(B, H, NS, D, dtype=torch.float32, device=x.device)
+    bn, bk = BLOCKS["linear_n"], BLOCKS["linear_k"]
     for i, block in enumerate(model.blocks):
         a, mlp = block.attn, block.mlp
         (w_qkv, b_qkv), (w_gu, b_gu) = fused.layers[i]
@@ -98,25 +103,30 @@ def decode_step(model: nn.Module, fused: FusedDecode, idx: Tensor, slot: Tensor,
         k.qkv[(rb, H + 2 * HKV)](
             x, block.norm1.weight, w_qkv, _or(b_qkv, w_qkv), qn, kn, cos, sin, slot, offsets, q, keys[i], values[i],
             B, C, S, cos.size(0), block.norm1.eps, a.q_norm.eps if cfg.qk_norm else 0.0, D ** -0.5,
-            H=H, HKV=HKV, D=D, HAS_BIAS=b_qkv is not None, QK_NORM=cfg.qk_norm, ROWS=ROWS, BLOCK_K=BLOCK_K)
-        k.attend[(B, H)](q, keys[i], values[i], valid, slot, y, S, H=H, HKV=HKV, D=D, BLOCK_S=BLOCK_S)
-        _add_linear(k, y, a.o_proj, x, rb, bn)
+            H=H, HKV=HKV, D=D, HAS_BIAS=b_qkv is not None, QK_NORM=cfg.qk_norm, ROWS=ROWS, BLOCK_K=BLOCKS["qkv_k"])
+        k.attend[(B, H, NS)](q, keys[i], values[i], valid, slot, m, den, acc, S, NS, H=H, HKV=HKV, D=D, BLOCK_S=bs)
+        k.combine[(B, H)](m, den, acc, slot, y, NS, H=H, D=D, BLOCK_S=bs, NSP=triton_next_pow2(NS))
+        _add_linear(k, y, a.o_proj, x, rb, bn, bk)
         k.norm_linear[(rb, -(-hidden // bn))](
             x, block.norm2.weight, w_gu, _or(b_gu, w_gu), h, B, C, hidden, block.norm2.eps,
-            SWIGLU=True, HAS_BIAS=b_gu is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K)
-        _add_linear(k, h, mlp.down_proj, x, rb, bn)
+            SWIGLU=True, HAS_BIAS=b_gu is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=bk)
+        _add_linear(k, h, mlp.down_proj, x, rb, bn, bk)
     logits = torch.empty(B, V, dtype=torch.float32, device=x.device)
-    bh = BLOCK_N["head"]
+    bh = BLOCKS["head_n"]
     k.norm_linear[(rb, -(-V // bh))](
         x, model.norm_f.weight, model.lm_head.weight, model.lm_head.weight, logits, B, C, V, model.norm_f.eps,
-        SWIGLU=False, HAS_BIAS=False, ROWS=ROWS, BLOCK_N=bh, BLOCK_K=BLOCK_K)
+        SWIGLU=False, HAS_BIAS=False, ROWS=ROWS, BLOCK_N=bh, BLOCK_K=BLOCKS["head_k"])
     return logits
 
 
-def _add_linear(k, y: Tensor, proj: nn.Linear, x: Tensor, rb: int, bn: int) -> None:
+def _add_linear(k, y: Tensor, proj: nn.Linear, x: Tensor, rb: int, bn: int, bk: int) -> None:
     N, K = proj.weight.shape
     k.add_linear[(rb, -(-N // bn))](y, proj.weight, _or(proj.bias, proj.weight), x, x.size(0), K, N,
-                                       HAS_BIAS=proj.bias is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=BLOCK_K)
+                                    HAS_BIAS=proj.bias is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _or(t: Tensor | None, other: Tensor) -> Tensor:

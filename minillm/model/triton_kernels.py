@@ -78,35 +78,53 @@ def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr,
 
 
 @triton.jit
-def attend(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, y_ptr, S, H: tl.constexpr, HKV: tl.constexpr,
-           D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (row, query head): softmax(q . keys) @ values over the slots up to the step's that ``valid``
-    (B, S) marks; q already scaled. -> y (B, H * D)."""
+def attend(q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, m_ptr, den_ptr, acc_ptr, S, NS, H: tl.constexpr,
+           HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (row, query head, block j of BLOCK_S slots): one block's share of softmax(q . keys) @ values over the
+    slots up to the step's that ``valid`` (B, S) marks; q already scaled. -> the block's max score m, the sum of
+    exp(score - m) and the sum of exp(score - m) * value, each (B, H, NS[, D]) (``combine`` merges them). Blocks
+    past the step's slot do nothing (``combine`` skips them)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    hk = h // (H // HKV)
-    d = tl.arange(0, D)
+    j = tl.program_id(2)
     slot = tl.load(slot_ptr)
-    q = tl.load(q_ptr + b * (H * D) + h * D + d).to(tl.float32)
-    base = b * (HKV * S * D) + hk * (S * D)
-    m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)
-    den = tl.sum(tl.zeros((BLOCK_S,), tl.float32), axis=0)
-    acc = tl.zeros((D,), tl.float32)
-    for s0 in range(0, slot + 1, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
+    if j * BLOCK_S <= slot:
+        hk = h // (H // HKV)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * (H * D) + h * D + d).to(tl.float32)
+        base = b * (HKV * S * D) + hk * (S * D)
+        s = j * BLOCK_S + tl.arange(0, BLOCK_S)
         live = s <= slot
         seen = live & (tl.load(valid_ptr + b * S + s, mask=live, other=0) != 0)
         keys = tl.load(k_ptr + base + s[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-        score = tl.where(seen, tl.sum(keys.to(tl.float32) * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(score, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no slot seen yet: keep exp() finite
-        alpha = tl.exp(m - m_ref)
-        p = tl.exp(score - m_ref)
         vals = tl.load(v_ptr + base + s[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(p[:, None] * vals.to(tl.float32), axis=0)
-        den = den * alpha + tl.sum(p, axis=0)
-        m = m_new
-    tl.store(y_ptr + b * (H * D) + h * D + d, (acc / den).to(y_ptr.dtype.element_ty))
+        score = tl.where(seen, tl.sum(keys.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        m = tl.max(score, axis=0)
+        p = tl.exp(score - tl.where(m == float("-inf"), 0.0, m))  # every slot hidden: p = 0
+        out = (b * H + h) * NS + j
+        tl.store(m_ptr + out, m)
+        tl.store(den_ptr + out, tl.sum(p, axis=0))
+        tl.store(acc_ptr + out * D + d, tl.sum(p[:, None] * vals.to(tl.float32), axis=0))
+
+
+@triton.jit
+def combine(m_ptr, den_ptr, acc_ptr, slot_ptr, y_ptr, NS, H: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+            NSP: tl.constexpr):
+    """Program (row, query head): the blocks of ``attend`` up to the step's slot merged -> y (B, H * D)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr)
+    j = tl.arange(0, NSP)
+    ok = (j < NS) & (j * BLOCK_S <= slot)
+    base = (b * H + h) * NS
+    m = tl.load(m_ptr + base + j, mask=ok, other=float("-inf"))
+    top = tl.max(m, axis=0)  # finite: the step's own slot is always seen
+    w = tl.where(ok, tl.exp(m - top), 0.0)
+    den = tl.sum(w * tl.load(den_ptr + base + j, mask=ok, other=0.0), axis=0)
+    d = tl.arange(0, D)
+    acc = tl.load(acc_ptr + (base + j)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    y = tl.sum(w[:, None] * acc, axis=0) / den
+    tl.store(y_ptr + b * (H * D) + h * D + d, y.to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
