@@ -62,7 +62,7 @@ def main() -> None:
                 triton_decode.BLOCKS.update(default | blocks)
                 model.decoders.clear()
 
-                def run() -> int:
+                def run(model=model, prompts=prompts) -> int:
                     out = generate_batch(model, prompts, args.new_tokens, sampling=Sampling(temperature=0),
                                          mode="graph", chunk=DECODE_CHUNK, fused=True)
                     return sum(len(c.tokens) for c in out)
