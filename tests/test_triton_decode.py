@@ -183,3 +183,54 @@ def test_only_the_graph_decoder_takes_the_kernels():
     m = model("plain")
     _, step = static_decoder(m, 1, 16, "static", fused=True)
     assert not step.kernels
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_the_triton_sampler_draws_the_exact_samplers_tokens_from_the_same_noise(device, top_p):
+    """Untied fp32 logits, the penalty on seen tokens, top-k 50 and top-p: with the same Exp(1) noise the Triton
+    sampler picks the tokens ``sample_next_token`` picks; no row is unsure."""
+    from minillm.generation.sampling import noise_like, sample_next_token
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(64, 2000, generator=g) * 3).to(device)
+    seen = (torch.rand(64, 2000, generator=g) < 0.1).to(device)
+    noise = noise_like(logits, torch.Generator(device).manual_seed(6))
+    args = (logits, 0.8, 50, top_p, 1.3)
+    want = sample_next_token(*args, seen=seen, noise=noise)
+    unsure = torch.zeros(64, dtype=torch.bool, device=device)
+    got = sample_next_token(*args, seen=seen, noise=noise, unsure=unsure, fast=True)
+    assert torch.equal(got, want) and not unsure.any()
+    other = sample_next_token(*args, seen=seen, noise=noise_like(logits, torch.Generator(device).manual_seed(7)),
+                              fast=True)
+    assert (other != want).sum() > 10  # the noise decides
+
+
+def test_the_triton_sampler_marks_ties_past_its_candidates_and_redoes_them_exactly(device):
+    """A row whose every logit ties (more tied tokens than candidates) is unsure inside a graph, and picked by the
+    exact sampler, over the whole vocabulary, without ``unsure``."""
+    from minillm.generation.sampling import noise_like, sample_next_token
+
+    logits = torch.randn(3, 500, generator=torch.Generator().manual_seed(8)).to(device)
+    logits[1] = 0.5
+    noise = noise_like(logits, torch.Generator(device).manual_seed(9))
+    unsure = torch.zeros(3, dtype=torch.bool, device=device)
+    sample_next_token(logits, 1.0, 20, 0.95, 1.0, noise=noise, unsure=unsure, fast=True)
+    assert unsure.tolist() == [False, True, False]
+    exact = sample_next_token(logits, 1.0, 20, 0.95, 1.0, noise=noise)
+    assert torch.equal(sample_next_token(logits, 1.0, 20, 0.95, 1.0, noise=noise, fast=True), exact)
+
+
+def test_sampled_generation_through_the_kernels_is_the_same_one_step_or_chunked(device):
+    """generate's default sampling with a seed: the one-step loop and the K-step chunks sample with the Triton
+    sampler alike (the same tokens), and another seed gives other tokens."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = model("plain", vocab_size=128).to(device, dtype)
+    sampling = Sampling(temperature=0.8, top_k=20, top_p=0.95, repetition_penalty=1.1)
+
+    def tokens(chunk: int, seed: int = 0) -> list[list[int]]:
+        g = torch.Generator(device).manual_seed(seed)
+        return [c.tokens for c in generate_batch(m, [[1, 5, 6], [1]], 12, sampling=sampling, generator=g,
+                                                 mode="graph", chunk=chunk, fused=True)]
+
+    one = tokens(1)
+    assert tokens(4) == one and tokens(1, seed=1) != one

@@ -118,6 +118,7 @@ def sample_next_token(
     seen: Tensor | None = None,  # (B, V) bool, True for tokens in the context (instead of ``context``)
     unsure: Tensor | None = None,  # (B,) bool: see below
     noise: Tensor | None = None,  # (B, V) the Exp(1) noise to draw with (``noise_like``), instead of ``generator``
+    fast: bool = False,  # with temperature > 0 and top-k: the Triton sampler (``triton_decode.sample``)
 ) -> Tensor:  # (B,)
     """Pick the next token of each row. Temperature 0 is greedy and never touches the generator.
     Repetition penalty (CTRL): logits of tokens in the context are divided by it when positive and
@@ -127,10 +128,24 @@ def sample_next_token(
     With both top-k and top-p, only ``top_k + MARGIN`` candidates are sorted (``nucleus_top_k``), not the
     vocabulary. A row whose candidates cannot decide (ties at the k-th logit past the margin) is redone over the
     whole vocabulary with the same random numbers: after a host check, or, with ``unsure`` given (inside a CUDA
-    graph: no host sync), not redone but marked True in ``unsure``, and the caller redoes the step."""
+    graph: no host sync), not redone but marked True in ``unsure``, and the caller redoes the step.
+
+    ``fast`` (the decoders that run the Triton decode kernels, bf16 on CUDA): with temperature > 0 and
+    0 < top_k < V, the same distribution and random numbers in four kernels instead of ~30, rounded differently
+    (``minillm.model.triton_decode.sample``); otherwise as without it."""
     logits = logits.float()
     if seen is None and context is not None and context.numel() and repetition_penalty != 1.0:
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, context, True)
+    if fast and temperature > 0 and 0 < top_k < logits.size(-1):
+        from minillm.model import triton_decode
+
+        noise = noise_like(logits, generator) if noise is None else noise
+        flags = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if unsure is None else unsure
+        token = triton_decode.sample(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, flags)
+        if unsure is None and bool(flags.any()):  # rare: a host sync only then, and those rows picked exactly
+            exact = sample_next_token(logits, temperature, top_k, top_p, repetition_penalty, seen=seen, noise=noise)
+            token = torch.where(flags, exact, token)
+        return token
     logits = penalize(logits, repetition_penalty, seen)
     if temperature == 0:
         return logits.argmax(dim=-1)

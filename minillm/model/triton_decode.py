@@ -132,3 +132,30 @@ def triton_next_pow2(n: int) -> int:
 def _or(t: Tensor | None, other: Tensor) -> Tensor:
     """A pointer for a kernel argument its flag leaves unread."""
     return other if t is None else t
+
+
+SAMPLE_MARGIN = 16  # candidates beyond the top k (as ``sampling.MARGIN``)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+           seen: Tensor | None, noise: Tensor, unsure: Tensor | None) -> Tensor:
+    """``sampling.sample_next_token`` with temperature > 0 and 0 < top_k < V in four kernels: the penalty and the
+    temperature (``penalize``), torch's top-k of ``top_k`` + 16 candidates, and ``pick`` (top-k with its ties,
+    top-p, the draw with ``noise``). The same distribution and the same random numbers, rounded differently, and
+    ties ordered as ``torch.topk`` leaves them (the exact path orders them by token id): the tokens are not
+    ``sample_next_token``'s exactly. Where every candidate past the k-th ties with it, ``unsure`` is set (the
+    caller redoes the step exactly), or without ``unsure`` the row is picked from the candidates alone."""
+    k = kernels()
+    B, V = logits.shape
+    adjusted = torch.empty(B, V, dtype=torch.float32, device=logits.device)
+    has_seen = seen is not None and repetition_penalty != 1.0
+    block = 1024
+    k.penalize[(B, -(-V // block))](logits, seen.view(torch.uint8) if has_seen else logits, adjusted, V,
+                                    repetition_penalty, temperature, HAS_SEEN=has_seen, BLOCK=block)
+    n = min(V, top_k + SAMPLE_MARGIN)
+    vals, idx = torch.topk(adjusted, n, dim=-1)
+    token = torch.empty(B, dtype=torch.long, device=logits.device)
+    flags = torch.zeros(B, dtype=torch.uint8, device=logits.device) if unsure is None else unsure.view(torch.uint8)
+    k.pick[(B,)](vals, idx, noise, token, flags, V, n, top_k, top_p, TOP_P=top_p < 1.0,
+                 NP=triton_next_pow2(n))
+    return token

@@ -180,3 +180,45 @@ def norm_linear(x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, B, C, N, eps, SWIGLU: tl.c
         acc = acc / (1.0 + tl.exp(-acc)) * up
     tl.store(out_ptr + rows[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def penalize(logits_ptr, seen_ptr, out_ptr, V, penalty, temperature, HAS_SEEN: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, block of the vocabulary): the CTRL repetition penalty on the seen tokens' logits (divided when
+    positive, multiplied when negative), then divided by the temperature, in fp32 -> out (B, V)."""
+    b = tl.program_id(0)
+    v = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = v < V
+    x = tl.load(logits_ptr + b * V + v, mask=ok, other=0.0).to(tl.float32)
+    if HAS_SEEN:
+        s = tl.load(seen_ptr + b * V + v, mask=ok, other=0) != 0
+        x = tl.where(s, tl.where(x > 0, x / penalty, x * penalty), x)
+    tl.store(out_ptr + b * V + v, x / temperature, mask=ok)
+
+
+@triton.jit
+def pick(vals_ptr, idx_ptr, noise_ptr, token_ptr, unsure_ptr, V, N, top_k, top_p, TOP_P: tl.constexpr,
+         NP: tl.constexpr):
+    """Program (row): from the row's N largest logits (``vals``, descending, and their ``idx``), top-k (every logit
+    >= the k-th), then top-p (the smallest prefix reaching ``top_p``; the first always kept), then the token drawn
+    as ``torch.multinomial`` draws it, argmax of p / Exp(1) noise (``noise`` (B, V)) -> token (B,). ``unsure`` (B,)
+    is set where every candidate past the k-th ties with it (more may lie outside them)."""
+    b = tl.program_id(0)
+    j = tl.arange(0, NP)
+    ok = j < N
+    vals = tl.load(vals_ptr + b * N + j, mask=ok, other=float("-inf"))
+    idx = tl.load(idx_ptr + b * N + j, mask=ok, other=0)
+    kth = tl.load(vals_ptr + b * N + top_k - 1)
+    in_k = ok & (vals >= kth)
+    e = tl.where(in_k, tl.exp(vals - tl.max(vals, axis=0)), 0.0)
+    probs = e / tl.sum(e, axis=0)
+    keep = in_k
+    if TOP_P:
+        keep = in_k & ((tl.cumsum(probs, axis=0) - probs) < top_p)
+    noise = tl.load(noise_ptr + b * V + idx, mask=keep, other=1.0)
+    score = tl.where(keep, probs / noise, -1.0)
+    best = tl.argmax(score, axis=0)
+    tl.store(token_ptr + b, tl.sum(tl.where(j == best, idx, 0), axis=0))
+    last = tl.load(vals_ptr + b * N + N - 1)
+    if (N < V) & (last >= kth):
+        tl.store(unsure_ptr + b, 1)
