@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One device call for issue 22 (decoding): the CUDA decoding tests, then bench_generate's rows with the Triton decode
-# kernels (graphKf, generate's default) against the eager fused step (graphKe), then a kernel profile of the K-step
-# graph. Prepare with `bash scripts/prepare_device_call.sh`, carry [".gpu"]; results under $OUT (or /tmp/decode_gpu).
-#   ROWS="..." (bench_generate --only), CONFIGS (default large,small), PROFILE=0 to skip the profile.
+# One device call for issue 22 (decoding), on a CUDA GPU: the CUDA decoding tests; the Triton kernels' block sizes
+# tried (scripts/tune_decode.py) and the best kept for the rest of the call (MINILLM_DECODE_BLOCKS); a kernel
+# profile of the K-step graph; bench_generate's rows with the Triton kernels (graphKf, generate's default) against the
+# eager fused step (graphKe), and with FULL=1 the whole bench (the transformers row, the held-out loss check, the
+# first streamed token). Prepare with `bash scripts/prepare_device_call.sh`, carry [".gpu"]; results under $OUT.
+#   TESTS=0, TUNE=0, PROFILE=0 skip those parts; ROWS="..." (bench_generate --only, without FULL).
 set -u
 OUT=${OUT:-/tmp/decode_gpu}
 mkdir -p "$OUT"
@@ -10,19 +12,44 @@ python -m pip install -q --no-index --no-deps .gpu/wheels/*.whl 2> /dev/null
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-python -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_generation_static.py \
-    tests/test_generation_decoder.py tests/test_fused_decode.py -k "not background" 2>&1 | tail -15 | tee "$OUT/tests.txt"
-ROWS=${ROWS:-"large default batch 1,large greedy batch 1,large default batch 32,small default batch 1,small greedy batch 1"}
-python scripts/bench_generate.py --no-train --no-hf --dtypes bf16 --sampling default,greedy \
-    --configs "${CONFIGS:-large,small}" --decoders graphKe,graphKf --repeats 3 --batch 32 --only "$ROWS" \
-    > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
-grep -E "tok/s|Error|error" "$OUT/bench_generate.err" | tail -30
+if [ "${TESTS:-1}" = 1 ]; then
+    python -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_generation_static.py \
+        tests/test_generation_decoder.py tests/test_fused_decode.py tests/test_generation_sampling.py \
+        -k "not background" 2>&1 | tail -4 | tee "$OUT/tests.txt"
+fi
+if [ "${TUNE:-1}" = 1 ]; then
+    python scripts/tune_decode.py --configs large,small --batches 1,32 > "$OUT/tune.jsonl" 2> "$OUT/tune.err"
+    tail -2 "$OUT/tune.err"
+    # the variant with the best geometric mean of tokens/s over the rows, relative to base
+    MINILLM_DECODE_BLOCKS=$(python - "$OUT/tune.jsonl" <<'PY'
+import json, math, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+base = {(r["config"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "base"}
+score = {}
+for r in rows:
+    score.setdefault(r["variant"], []).append(math.log(r["tokens_per_s"] / base[(r["config"], r["batch"])]))
+for r in rows:
+    print(r["config"], r["batch"], r["variant"], r["tokens_per_s"], file=sys.stderr)
+best = max(score, key=lambda v: sum(score[v]) / len(score[v]))
+print(f"best {best}: {math.exp(sum(score[best]) / len(score[best])):.3f}x base", file=sys.stderr)
+print(json.dumps(next(r["blocks"] for r in rows if r["variant"] == best)))
+PY
+)
+    export MINILLM_DECODE_BLOCKS
+    echo "MINILLM_DECODE_BLOCKS=$MINILLM_DECODE_BLOCKS" | tee "$OUT/blocks.txt"
+fi
 if [ "${PROFILE:-1}" = 1 ]; then
     python scripts/profile_decode.py --config large --dtypes bf16 --modes graph --top 30 > "$OUT/profile_large.txt" 2>&1
     grep -E "tokens/s|per token" "$OUT/profile_large.txt"
+    grep -E "^ +(attend|combine|add_linear|norm_linear|qkv|penalize|pick) " "$OUT/profile_large.txt" | cut -c1-60,150-200
 fi
-if [ "${TUNE:-0}" = 1 ]; then
-    python scripts/tune_decode.py --configs "${CONFIGS:-large,small}" --batches 1,32 > "$OUT/tune.jsonl" 2> "$OUT/tune.err"
-    cat "$OUT/tune.jsonl" | python -c "import sys, json; [print(r['config'], r['batch'], r['variant'], r['tokens_per_s']) for r in map(json.loads, sys.stdin)]"
-    tail -3 "$OUT/tune.err"
+if [ "${FULL:-0}" = 1 ]; then
+    python scripts/bench_generate.py --dtypes bf16 --decoders graphKe,graphKf --repeats 3 --batch 32 \
+        --configs large,small --workdir /tmp/bench-generate > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
+else
+    ROWS=${ROWS:-"large default batch 1,large greedy batch 1,large default batch 32,small default batch 1,small greedy batch 1"}
+    python scripts/bench_generate.py --no-train --no-hf --dtypes bf16 --sampling default,greedy \
+        --configs large,small --decoders graphKe,graphKf --repeats 3 --batch 32 --only "$ROWS" \
+        > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
 fi
+grep -E "tok/s|held-out|first streamed|Error|error" "$OUT/bench_generate.err" | tail -40

@@ -22,6 +22,7 @@ check their arithmetic on a machine without a GPU."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import torch
@@ -32,6 +33,7 @@ from minillm.model.fused_decode import FusedDecode
 ROWS = 16  # rows of the batch per program: tl.dot's smallest block
 BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
     "qkv_k": 64, "linear_n": 32, "linear_k": 64, "head_n": 64, "head_k": 64, "slots": 64}
+BLOCKS.update(json.loads(os.environ.get("MINILLM_DECODE_BLOCKS", "{}")))  # for scripts/tune_decode.py's trials
 
 
 def available() -> bool:
