@@ -18,25 +18,27 @@ if [ "${TESTS:-1}" = 1 ]; then
         -k "not background and not compiled" 2>&1 | tail -4 | tee "$OUT/tests.txt"
 fi
 if [ "${TUNE:-1}" = 1 ]; then
-    python scripts/tune_decode.py --configs large,small --batches 1,32 > "$OUT/tune.jsonl" 2> "$OUT/tune.err"
+    python scripts/tune_decode.py --configs large,small --batches 1,32 --chunks 16,32 > "$OUT/tune.jsonl" 2> "$OUT/tune.err"
     tail -2 "$OUT/tune.err"
-    # the variant with the best geometric mean of tokens/s over the rows, relative to base
-    MINILLM_DECODE_BLOCKS=$(python - "$OUT/tune.jsonl" <<'PY'
+    # the variant and chunk with the best geometric mean of tokens/s over the rows, relative to base at chunk 16
+    BEST=$(python - "$OUT/tune.jsonl" <<'PY'
 import json, math, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-base = {(r["config"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "base"}
+base = {(r["config"], r["batch"]): r["tokens_per_s"] for r in rows if r["variant"] == "base" and r["chunk"] == 16}
 score = {}
 for r in rows:
-    score.setdefault(r["variant"], []).append(math.log(r["tokens_per_s"] / base[(r["config"], r["batch"])]))
+    score.setdefault((r["variant"], r["chunk"]), []).append(math.log(r["tokens_per_s"] / base[(r["config"], r["batch"])]))
 for r in rows:
-    print(r["config"], r["batch"], r["variant"], r["tokens_per_s"], file=sys.stderr)
+    print(r["config"], r["batch"], r["variant"], r["chunk"], r["tokens_per_s"], file=sys.stderr)
 best = max(score, key=lambda v: sum(score[v]) / len(score[v]))
 print(f"best {best}: {math.exp(sum(score[best]) / len(score[best])):.3f}x base", file=sys.stderr)
-print(json.dumps(next(r["blocks"] for r in rows if r["variant"] == best)))
+blocks = next(r["blocks"] for r in rows if (r["variant"], r["chunk"]) == best)
+print(best[1], json.dumps(blocks, separators=(",", ":")))
 PY
 )
-    export MINILLM_DECODE_BLOCKS
-    echo "MINILLM_DECODE_BLOCKS=$MINILLM_DECODE_BLOCKS" | tee "$OUT/blocks.txt"
+    CHUNK=${BEST%% *}
+    export MINILLM_DECODE_BLOCKS=${BEST#* }
+    echo "MINILLM_DECODE_BLOCKS=$MINILLM_DECODE_BLOCKS CHUNK=$CHUNK" | tee "$OUT/blocks.txt"
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
     python scripts/profile_decode.py --config large --dtypes bf16 --modes graph --top 30 > "$OUT/profile_large.txt" 2>&1
@@ -44,12 +46,12 @@ if [ "${PROFILE:-1}" = 1 ]; then
     grep -E "^ +(attend|combine|add_linear|norm_linear|qkv|penalize|pick) " "$OUT/profile_large.txt" | cut -c1-60,150-200
 fi
 if [ "${FULL:-0}" = 1 ]; then
-    python scripts/bench_generate.py --dtypes bf16 --decoders graphKe,graphKf --repeats 3 --batch 32 \
+    python scripts/bench_generate.py --dtypes bf16 --decoders graphKe,graphKf --repeats 3 --batch 32 --chunk "${CHUNK:-16}" \
         --configs large,small --workdir /tmp/bench-generate > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
 else
     ROWS=${ROWS:-"large default batch 1,large greedy batch 1,large default batch 32,small default batch 1,small greedy batch 1"}
     python scripts/bench_generate.py --no-train --no-hf --dtypes bf16 --sampling default,greedy \
-        --configs large,small --decoders graphKe,graphKf --repeats 3 --batch 32 --only "$ROWS" \
+        --configs large,small --decoders graphKe,graphKf --repeats 3 --batch 32 --only "$ROWS" --chunk "${CHUNK:-16}" \
         > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
 fi
 grep -E "tok/s|held-out|first streamed|Error|error" "$OUT/bench_generate.err" | tail -40

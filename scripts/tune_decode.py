@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -26,12 +27,13 @@ from minillm.generation import DECODE_CHUNK, Sampling, generate_batch  # noqa: E
 from minillm.model import triton_decode  # noqa: E402
 from minillm.model.gpt import GPT  # noqa: E402
 
-VARIANTS = {
+VARIANTS = {  # on top of the defaults (base); "first": the defaults before this script's first GPU call
     "base": {},
-    "n16k128": {"linear_n": 16, "linear_k": 128, "qkv_k": 128, "head_k": 128},
-    "n16k256": {"linear_n": 16, "linear_k": 256, "qkv_k": 128, "head_k": 128},
-    "n32k256": {"linear_n": 32, "linear_k": 256, "qkv_k": 256, "head_n": 128, "head_k": 128},
-    "slots32": {"slots": 32},
+    "first": {"qkv_k": 64, "linear_n": 32, "linear_k": 64, "head_n": 64, "head_k": 64, "slots": 64},
+    "n64k256": {"linear_n": 64, "head_k": 256},
+    "n32k512": {"linear_k": 512, "qkv_k": 512, "head_n": 256},
+    "n16k512": {"linear_n": 16, "linear_k": 512, "qkv_k": 512},
+    "h256k256": {"head_n": 256, "head_k": 256},
     "slots128": {"slots": 128},
 }
 
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}; "
                     "or a JSON object of BLOCKS entries")
     ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--chunks", default=str(DECODE_CHUNK), help="tokens per CUDA-graph replay, comma-separated")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -57,14 +60,14 @@ def main() -> None:
         model = GPT(mcfg).cuda().to(torch.bfloat16).eval()
         for batch in map(int, args.batches.split(",")):
             prompts = [torch.randint(0, 32000, (64,), generator=g).tolist() for _ in range(batch)]
-            for name, blocks in variants.items():
+            for (name, blocks), chunk in itertools.product(variants.items(), map(int, args.chunks.split(","))):
                 triton_decode.BLOCKS.clear()
                 triton_decode.BLOCKS.update(default | blocks)
                 model.decoders.clear()
 
-                def run(model=model, prompts=prompts) -> int:
+                def run(model=model, prompts=prompts, chunk=chunk) -> int:
                     out = generate_batch(model, prompts, args.new_tokens, sampling=Sampling(temperature=0),
-                                         mode="graph", chunk=DECODE_CHUNK, fused=True)
+                                         mode="graph", chunk=chunk, fused=True)
                     return sum(len(c.tokens) for c in out)
 
                 run()
@@ -75,7 +78,8 @@ def main() -> None:
                     n = run()
                     torch.cuda.synchronize()
                     secs.append(time.perf_counter() - t)
-                row = {"config": config, "batch": batch, "variant": name, "blocks": dict(triton_decode.BLOCKS),
+                row = {"config": config, "batch": batch, "variant": name, "chunk": chunk,
+                       "blocks": dict(triton_decode.BLOCKS),
                        "tokens_per_s": round(n / statistics.median(secs), 1)}
                 print(json.dumps(row), flush=True)
     triton_decode.BLOCKS.clear()

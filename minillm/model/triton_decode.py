@@ -32,7 +32,7 @@ from minillm.model.fused_decode import FusedDecode
 
 ROWS = 16  # rows of the batch per program: tl.dot's smallest block
 BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
-    "qkv_k": 64, "linear_n": 32, "linear_k": 64, "head_n": 64, "head_k": 64, "slots": 64}
+    "qkv_k": 256, "linear_n": 32, "linear_k": 256, "head_n": 128, "head_k": 128, "slots": 64}  # tune_decode.py
 BLOCKS.update(json.loads(os.environ.get("MINILLM_DECODE_BLOCKS", "{}")))  # for scripts/tune_decode.py's trials
 
 
@@ -102,9 +102,10 @@ def decode_step(model: nn.Module, fused: FusedDecode, idx: Tensor, slot: Tensor,
         (w_qkv, b_qkv), (w_gu, b_gu) = fused.layers[i]
         qn = a.q_norm.weight if cfg.qk_norm else w_qkv
         kn = a.k_norm.weight if cfg.qk_norm else w_qkv
+        assert not cfg.qk_norm or a.q_norm.eps == a.k_norm.eps == block.norm1.eps  # the kernel takes one eps
         k.qkv[(rb, H + 2 * HKV)](
             x, block.norm1.weight, w_qkv, _or(b_qkv, w_qkv), qn, kn, cos, sin, slot, offsets, q, keys[i], values[i],
-            B, C, S, cos.size(0), block.norm1.eps, a.q_norm.eps if cfg.qk_norm else 0.0, D ** -0.5,
+            B, C, S, cos.size(0), block.norm1.eps,
             H=H, HKV=HKV, D=D, HAS_BIAS=b_qkv is not None, QK_NORM=cfg.qk_norm, ROWS=ROWS, BLOCK_K=BLOCKS["qkv_k"])
         k.attend[(B, H, NS)](q, keys[i], values[i], valid, slot, m, den, acc, S, NS, H=H, HKV=HKV, D=D, BLOCK_S=bs)
         k.combine[(B, H)](m, den, acc, slot, y, NS, H=H, D=D, BLOCK_S=bs, NSP=triton_next_pow2(NS))

@@ -19,11 +19,11 @@ def rstd(x_ptr, rows, row_ok, C, eps, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr, off_ptr, q_ptr, k_ptr, v_ptr,
-        B, C, S, T, eps, qk_eps, scale, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+        B, C, S, T, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
         HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, head of q|k|v): norm1(x) @ w[head's D rows]^T, then for q and k QK-norm and RoPE
-    (position slot - offset, clamped to the table's T rows), q times ``scale`` into q (B, H, D), k and v into
-    the cache (B, HKV, S, D) at the slot."""
+    (position slot - offset, clamped to the table's T rows), q times the attention's scale D^-0.5 into q (B, H, D),
+    k and v into the cache (B, HKV, S, D) at the slot. Both norms take ``eps``."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
     head = tl.program_id(1)
@@ -49,7 +49,7 @@ def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr,
     slot = tl.load(slot_ptr)
     if head < H + HKV:  # a query or key head: QK-norm, RoPE
         if QK_NORM:
-            rq = 1.0 / tl.sqrt((tl.sum(acc1 * acc1, axis=1) + tl.sum(acc2 * acc2, axis=1)) / D + qk_eps)
+            rq = 1.0 / tl.sqrt((tl.sum(acc1 * acc1, axis=1) + tl.sum(acc2 * acc2, axis=1)) / D + eps)
             is_q = head < H
             w1n = tl.where(is_q, tl.load(qn_ptr + d), tl.load(kn_ptr + d)).to(tl.float32)
             w2n = tl.where(is_q, tl.load(qn_ptr + d + HALF), tl.load(kn_ptr + d + HALF)).to(tl.float32)
@@ -64,6 +64,7 @@ def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr,
         o1 = acc1 * c1 - acc2 * s1
         o2 = acc2 * c2 + acc1 * s2
         if head < H:
+            scale = 1.0 / tl.sqrt(D * 1.0)  # the attention's, in the queries
             dst = q_ptr + rows[:, None] * (H * D) + head * D + d[None, :]
             tl.store(dst, (o1 * scale).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
             tl.store(dst + HALF, (o2 * scale).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
