@@ -45,7 +45,8 @@ class TokenStep:
     """One step of a ``StepChunk`` as a function of the chunk's buffers, every one passed in (``run``): what
     ``--compile`` compiles, so that one compiled function serves any chunk of its shape (the background compile
     runs it on buffers of its own, then the chunk decoding the user's text calls it with its own). Holds only what
-    every such chunk shares: the model, its fused weights (``StaticDecodeStep.fused``), the settings."""
+    every such chunk shares: the static step's ``decode`` (the model, its fused weights, the Triton kernels where it
+    runs them: then sampling takes the Triton sampler too, ``fast``; neither under torch.compile), the settings."""
 
     def __init__(self, static: StaticDecodeStep, sampling: Sampling, stop_id: int | None):
         self.decode, self.sampling, self.stop_id = static.decode, sampling, stop_id

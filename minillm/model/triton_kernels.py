@@ -18,6 +18,14 @@ def rstd(x_ptr, rows, row_ok, C, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def normed(x_ptr, nw_ptr, w_ptr, rows, row_ok, ks, k_ok, C, r):
+    """Columns ``ks`` of rms_norm(x, nw) (rows' 1 / RMS ``r``), in the weights' (``w_ptr``) dtype: (ROWS, BLOCK_K)."""
+    x = tl.load(x_ptr + rows[:, None] * C + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    return (x.to(tl.float32) * r[:, None] * nw[None, :]).to(w_ptr.dtype.element_ty)
+
+
+@triton.jit
 def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr, off_ptr, q_ptr, k_ptr, v_ptr,
         B, C, S, T, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
         HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -36,9 +44,7 @@ def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr,
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < C
-        x = tl.load(x_ptr + rows[:, None] * C + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        xn = (x.to(tl.float32) * r[:, None] * nw[None, :]).to(w_ptr.dtype.element_ty)
+        xn = normed(x_ptr, nw_ptr, w_ptr, rows, row_ok, ks, k_ok, C, r)
         w1 = tl.load(w_ptr + n1[None, :] * C + ks[:, None], mask=k_ok[:, None], other=0.0)  # (BLOCK_K, HALF)
         w2 = tl.load(w_ptr + (n1 + HALF)[None, :] * C + ks[:, None], mask=k_ok[:, None], other=0.0)
         acc1 += tl.dot(xn, w1)
@@ -166,9 +172,7 @@ def norm_linear(x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, B, C, N, eps, SWIGLU: tl.c
     for k0 in range(0, C, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < C
-        x = tl.load(x_ptr + rows[:, None] * C + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        xn = (x.to(tl.float32) * r[:, None] * nw[None, :]).to(w_ptr.dtype.element_ty)
+        xn = normed(x_ptr, nw_ptr, w_ptr, rows, row_ok, ks, k_ok, C, r)
         ok = k_ok[:, None] & n_ok[None, :]
         acc += tl.dot(xn, tl.load(w_ptr + n[None, :] * C + ks[:, None], mask=ok, other=0.0))
         if SWIGLU:
