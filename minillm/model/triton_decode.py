@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from minillm.model.fused_decode import FusedDecode
 
-ROWS = 16  # rows of the batch per program: tl.dot's smallest block
+ROWS = 16  # rows of the batch per program, tl.dot's smallest block (triton_kernels.ROWS, the kernels' own)
 BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
     "qkv_k": 256, "linear_n": 32, "linear_k": 256, "head_n": 128, "head_k": 128, "slots": 64}  # tune_decode.py
 BLOCKS.update(json.loads(os.environ.get("MINILLM_DECODE_BLOCKS", "{}")))  # for scripts/tune_decode.py's trials
@@ -105,27 +105,27 @@ def decode_step(model: nn.Module, fused: FusedDecode, idx: Tensor, slot: Tensor,
         assert not cfg.qk_norm or a.q_norm.eps == a.k_norm.eps == block.norm1.eps  # the kernel takes one eps
         k.qkv[(rb, H + 2 * HKV)](
             x, block.norm1.weight, w_qkv, _or(b_qkv, w_qkv), qn, kn, cos, sin, slot, offsets, q, keys[i], values[i],
-            B, C, S, cos.size(0), block.norm1.eps,
-            H=H, HKV=HKV, D=D, HAS_BIAS=b_qkv is not None, QK_NORM=cfg.qk_norm, ROWS=ROWS, BLOCK_K=BLOCKS["qkv_k"])
+            B, C, S, cos.size(0), block.norm1.eps, SCALE=D ** -0.5,
+            H=H, HKV=HKV, D=D, HAS_BIAS=b_qkv is not None, QK_NORM=cfg.qk_norm, BLOCK_K=BLOCKS["qkv_k"])
         k.attend[(B, H, NS)](q, keys[i], values[i], valid, slot, m, den, acc, S, NS, H=H, HKV=HKV, D=D, BLOCK_S=bs)
         k.combine[(B, H)](m, den, acc, slot, y, NS, H=H, D=D, BLOCK_S=bs, NSP=triton_next_pow2(NS))
         _add_linear(k, y, a.o_proj, x, rb, bn, bk)
         k.norm_linear[(rb, -(-hidden // bn))](
             x, block.norm2.weight, w_gu, _or(b_gu, w_gu), h, B, C, hidden, block.norm2.eps,
-            SWIGLU=True, HAS_BIAS=b_gu is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=bk)
+            SWIGLU=True, HAS_BIAS=b_gu is not None, BLOCK_N=bn, BLOCK_K=bk)
         _add_linear(k, h, mlp.down_proj, x, rb, bn, bk)
     logits = torch.empty(B, V, dtype=torch.float32, device=x.device)
     bh = BLOCKS["head_n"]
     k.norm_linear[(rb, -(-V // bh))](
         x, model.norm_f.weight, model.lm_head.weight, model.lm_head.weight, logits, B, C, V, model.norm_f.eps,
-        SWIGLU=False, HAS_BIAS=False, ROWS=ROWS, BLOCK_N=bh, BLOCK_K=BLOCKS["head_k"])
+        SWIGLU=False, HAS_BIAS=False, BLOCK_N=bh, BLOCK_K=BLOCKS["head_k"])
     return logits
 
 
 def _add_linear(k, y: Tensor, proj: nn.Linear, x: Tensor, rb: int, bn: int, bk: int) -> None:
     N, K = proj.weight.shape
     k.add_linear[(rb, -(-N // bn))](y, proj.weight, _or(proj.bias, proj.weight), x, x.size(0), K, N,
-                                    HAS_BIAS=proj.bias is not None, ROWS=ROWS, BLOCK_N=bn, BLOCK_K=bk)
+                                    HAS_BIAS=proj.bias is not None, BLOCK_N=bn, BLOCK_K=bk)
 
 
 def triton_next_pow2(n: int) -> int:

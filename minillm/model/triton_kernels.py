@@ -4,6 +4,8 @@ rounds once, to its output's dtype. Row blocks of ``ROWS`` rows (``tl.dot``'s sm
 import triton
 import triton.language as tl
 
+ROWS = tl.constexpr(16)  # rows of the batch per program: tl.dot's smallest block (triton_decode.ROWS)
+
 
 @triton.jit
 def rstd(x_ptr, rows, row_ok, C, eps, BLOCK_K: tl.constexpr):
@@ -27,10 +29,10 @@ def normed(x_ptr, nw_ptr, w_ptr, rows, row_ok, ks, k_ok, C, r):
 
 @triton.jit
 def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr, off_ptr, q_ptr, k_ptr, v_ptr,
-        B, C, S, T, eps, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-        HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+        B, C, S, T, eps, SCALE: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+        HAS_BIAS: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (row block, head of q|k|v): norm1(x) @ w[head's D rows]^T, then for q and k QK-norm and RoPE
-    (position slot - offset, clamped to the table's T rows), q times the attention's scale D^-0.5 into q (B, H, D),
+    (position slot - offset, clamped to the table's T rows), q times the attention's ``SCALE`` into q (B, H, D),
     k and v into the cache (B, HKV, S, D) at the slot. Both norms take ``eps``."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < B
@@ -70,10 +72,9 @@ def qkv(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, slot_ptr,
         o1 = acc1 * c1 - acc2 * s1
         o2 = acc2 * c2 + acc1 * s2
         if head < H:
-            scale = 1.0 / tl.sqrt(D * 1.0)  # the attention's, in the queries
             dst = q_ptr + rows[:, None] * (H * D) + head * D + d[None, :]
-            tl.store(dst, (o1 * scale).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(dst + HALF, (o2 * scale).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(dst, (o1 * SCALE).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(dst + HALF, (o2 * SCALE).to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             dst = k_ptr + rows[:, None] * (HKV * S * D) + (head - H) * (S * D) + slot * D + d[None, :]
             tl.store(dst, o1.to(k_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -135,7 +136,7 @@ def combine(m_ptr, den_ptr, acc_ptr, slot_ptr, y_ptr, NS, H: tl.constexpr, D: tl
 
 
 @triton.jit
-def add_linear(y_ptr, w_ptr, b_ptr, x_ptr, B, K, N, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+def add_linear(y_ptr, w_ptr, b_ptr, x_ptr, B, K, N, HAS_BIAS: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """x (B, N) += y (B, K) @ w (N, K)^T (+ b), in place, accumulated in fp32 with x's old value."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -159,7 +160,7 @@ def add_linear(y_ptr, w_ptr, b_ptr, x_ptr, B, K, N, HAS_BIAS: tl.constexpr, ROWS
 
 @triton.jit
 def norm_linear(x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, B, C, N, eps, SWIGLU: tl.constexpr,
-                HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out (B, N) = rms_norm(x, nw) (B, C) @ w^T (+ b); with ``SWIGLU``, w (2N, C) holds the gate's rows then
     the up projection's, and out = silu(gate) * up."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
