@@ -18,7 +18,7 @@ if [ "${TESTS:-1}" = 1 ]; then
         -k "not background and not compiled" 2>&1 | tail -4 | tee "$OUT/tests.txt"
 fi
 if [ "${TUNE:-1}" = 1 ]; then
-    python scripts/tune_decode.py --configs large,small --batches 1,32 --chunks 16,32 > "$OUT/tune.jsonl" 2> "$OUT/tune.err"
+    python scripts/tune_decode.py --configs large,small --batches 1,32 --chunks 16,32 --variants "${VARIANTS:-base,first,n64k256,n32k512,n16k512,h256k256,slots128}" > "$OUT/tune.jsonl" 2> "$OUT/tune.err"
     tail -2 "$OUT/tune.err"
     # the variant and chunk with the best geometric mean of tokens/s over the rows, relative to base at chunk 16
     BEST=$(python - "$OUT/tune.jsonl" <<'PY'
