@@ -234,3 +234,33 @@ def test_sampled_generation_through_the_kernels_is_the_same_one_step_or_chunked(
 
     one = tokens(1)
     assert tokens(4) == one and tokens(1, seed=1) != one
+
+
+def test_kernels_that_fail_to_build_leave_the_eager_step_with_a_warning(monkeypatch):
+    """A Triton that cannot build the kernels (an old or broken install): the first, eager, call warns and the step
+    decodes as without them, with the same logits; generation goes on (no triton needed: the failure is simulated)."""
+    m = model("plain")
+    monkeypatch.setattr(triton_decode, "supported", lambda *a: None)
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setattr(triton_decode, "decode_step", broken)
+    monkeypatch.setattr(triton_decode, "sample", broken)
+    cache = random_cache(m.cfg, 1, 16, [0], "cpu", torch.float32)
+    step = StaticDecodeStep(m, cache, fused=True, kernels=True)
+    assert step.kernels
+    args = (torch.tensor([[3]]), torch.tensor([5]), cache.offsets, cache.key_mask)
+    with pytest.warns(RuntimeWarning, match="PTX assembly failed"), torch.no_grad():
+        got = step(*args)
+    assert not step.kernels and "failed" in step.why_not
+    with torch.no_grad():
+        assert torch.equal(got, m.decode_step(*args, cache.k, cache.v, step.fused))
+    sampling = Sampling(temperature=0.8, top_k=20, top_p=0.95, repetition_penalty=1.1)
+    m.decoders.clear()
+    with pytest.warns(RuntimeWarning):
+        out = generate_batch(m, [[1, 2]], 6, sampling=sampling, mode="graph", chunk=2, fused=True,
+                             generator=torch.Generator().manual_seed(0))
+    want = generate_batch(model("plain"), [[1, 2]], 6, sampling=sampling, mode="static", chunk=2, fused=True,
+                          generator=torch.Generator().manual_seed(0))
+    assert [c.tokens for c in out] == [c.tokens for c in want]

@@ -46,11 +46,10 @@ class TokenStep:
     ``--compile`` compiles, so that one compiled function serves any chunk of its shape (the background compile
     runs it on buffers of its own, then the chunk decoding the user's text calls it with its own). Holds only what
     every such chunk shares: the static step's ``decode`` (the model, its fused weights, the Triton kernels where it
-    runs them: then sampling takes the Triton sampler too, ``fast``; neither under torch.compile), the settings."""
+    runs them: then sampling takes the Triton sampler too; neither under torch.compile), the settings."""
 
     def __init__(self, static: StaticDecodeStep, sampling: Sampling, stop_id: int | None):
-        self.decode, self.sampling, self.stop_id = static.decode, sampling, stop_id
-        self.fast = static.kernels  # the Triton sampler with the Triton decode step (``sample_next_token``)
+        self.static, self.decode, self.sampling, self.stop_id = static, static.decode, sampling, stop_id
 
     def run(self, logits: Tensor, noise: Tensor | None, unsure: Tensor | None, bufs: tuple) -> Tensor:
         """Step ``i`` of the chunk: sample from ``logits`` (B, V) with ``noise`` (Exp(1), or None when greedy),
@@ -59,7 +58,7 @@ class TokenStep:
         out, done, seen, i, slot, offsets, key_valid, keys, values = bufs
         s = self.sampling
         nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, seen=seen,
-                                unsure=unsure, noise=noise, fast=self.fast and not torch.compiler.is_compiling())
+                                unsure=unsure, noise=noise, fast=self.static.kernels and not torch.compiler.is_compiling())
         out.index_copy_(1, i, nxt.masked_fill(done, PAD)[:, None])
         if self.stop_id is not None:
             done |= nxt == self.stop_id
@@ -324,7 +323,6 @@ def generate_batch(
                 and all(not a or len(s) + chunk - s0 <= block for a, s, s0 in zip(active, seqs, start, strict=True)))
 
     logits = dec.prefill(seqs) if max_new_tokens > 0 else None
-    fast = dec.static is not None and step_module(dec.static).kernels  # sampling as the chunks do (TokenStep.fast)
     n = 0  # tokens sampled so far
     while n < max_new_tokens:
         if chunk_fits():
@@ -344,7 +342,8 @@ def generate_batch(
             n += chunk
             continue
         nxt = sample_next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                                sampling.repetition_penalty, generator=generator, seen=seen, fast=fast)  # (B,)
+                                sampling.repetition_penalty, generator=generator, seen=seen,
+                                fast=dec.static is not None and step_module(dec.static).kernels)  # as TokenStep
         take(nxt.tolist())
         if not any(active) or n == max_new_tokens - 1:
             break

@@ -137,15 +137,10 @@ def sample_next_token(
     if seen is None and context is not None and context.numel() and repetition_penalty != 1.0:
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, context, True)
     if fast and temperature > 0 and 0 < top_k < logits.size(-1):
-        from minillm.model import triton_decode
-
-        noise = noise_like(logits, generator) if noise is None else noise
-        flags = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if unsure is None else unsure
-        token = triton_decode.sample(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, flags)
-        if unsure is None and bool(flags.any()):  # rare: a host sync only then, and those rows picked exactly
-            exact = sample_next_token(logits, temperature, top_k, top_p, repetition_penalty, seen=seen, noise=noise)
-            token = torch.where(flags, exact, token)
-        return token
+        token, noise = fast_sample(logits, temperature, top_k, top_p, repetition_penalty, generator, seen, unsure,
+                                   noise)
+        if token is not None:
+            return token
     logits = penalize(logits, repetition_penalty, seen)
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -160,3 +155,24 @@ def sample_next_token(
     else:
         kept = nucleus_sorted(logits, top_k, top_p)
     return (torch.softmax(kept, dim=-1) / noise).argmax(dim=-1)
+
+
+def fast_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                generator: torch.Generator | None, seen: Tensor | None, unsure: Tensor | None,
+                noise: Tensor | None) -> tuple[Tensor | None, Tensor]:
+    """``sample_next_token``'s ``fast`` path (``triton_decode.sample``) -> (the tokens, or None where the kernels
+    failed at an eager call: the caller then samples exactly; the noise drawn)."""
+    from minillm.model import triton_decode
+
+    noise = noise_like(logits, generator) if noise is None else noise
+    flags = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if unsure is None else unsure
+    try:
+        token = triton_decode.sample(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, flags)
+    except Exception:  # a Triton that cannot build the kernels here (the decode step warns of it)
+        if logits.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise
+        return None, noise
+    if unsure is None and bool(flags.any()):  # rare: a host sync only then, and those rows picked exactly
+        exact = sample_next_token(logits, temperature, top_k, top_p, repetition_penalty, seen=seen, noise=noise)
+        token = torch.where(flags, exact, token)
+    return token, noise

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -65,7 +66,8 @@ class StaticDecodeStep(nn.Module):
     ``kernels`` (with ``fused``): decode with the Triton kernels (``minillm.model.triton_decode``: five a layer)
     where ``triton_decode.supported`` allows (bf16 or fp16 on CUDA, RMSNorm and SwiGLU, triton installed);
     ``self.kernels`` says whether it does, ``self.why_not`` why not. Not inside ``torch.compile``, which
-    compiles ``GPT.decode_step`` itself."""
+    compiles ``GPT.decode_step`` itself. Kernels that fail at their first (eager, warm-up) call turn ``kernels``
+    off with a warning: the step decodes as without them."""
 
     def __init__(self, model: GPT, cache: KVCache, fused: bool = False, kernels: bool = False):
         super().__init__()
@@ -101,7 +103,14 @@ class StaticDecodeStep(nn.Module):
         """``GPT.decode_step`` over ``keys``/``values`` (this cache's, or a ``StepChunk``'s twin), with the fused
         weights, through the Triton kernels when ``kernels`` (and not under ``torch.compile``)."""
         if self.kernels and not torch.compiler.is_compiling():
-            return triton_decode.decode_step(self.model, self.fused, idx, slot, offsets, key_valid, keys, values)
+            try:
+                return triton_decode.decode_step(self.model, self.fused, idx, slot, offsets, key_valid, keys, values)
+            except Exception as e:  # a Triton that cannot build them here: the eager step, said once
+                if idx.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise
+                self.kernels = False
+                self.why_not = f"the Triton kernels failed ({type(e).__name__}: {str(e)[:200]})"
+                warnings.warn(f"{self.why_not}; decoding without them (slower)", RuntimeWarning, stacklevel=2)
         return self.model.decode_step(idx, slot, offsets, key_valid, keys, values, self.fused)
 
 
