@@ -13,7 +13,7 @@ Decode rows: for each --configs preset (random weights, vocab --vocab) and --dty
 no penalty), each --decoders entry (graph1: one token per CUDA-graph replay and read-back, the decoder before
 issue 22; graphK: --chunk tokens per replay, sampling on the GPU; graphKf: graphK decoding with each layer's q/k/v
 and gate/up projections concatenated, three matrix products fewer a layer, and in bf16 on CUDA the step as Triton
-kernels (five a layer, ``minillm.model.triton_decode``: generate's default); graphKe: graphKf without the kernels
+kernels (six a layer, ``minillm.model.triton_decode``: generate's default); graphKe: graphKf without the kernels
 (MINILLM_DECODE=torch); on CPU the static step run eagerly; graphKc: graphKf with each step, sampling included, torch.compile'd, generate's --compile on; graphKb: generate's
 --compile background, graphKf while graphKc's step compiles on a thread, then graphKc: the row reports the first run's
 tokens/s, the background compile's seconds and a profile of the compile thread's stack sampled every 0.5 s (also when

@@ -63,7 +63,7 @@ class StaticDecodeStep(nn.Module):
     copies, made here and refreshed in place by ``refresh`` (each ``generate_batch`` calls it), so a captured graph
     keeps reading them; layers whose projections are not plain ``nn.Linear`` (an unmerged LoRA) decode unfused.
 
-    ``kernels`` (with ``fused``): decode with the Triton kernels (``minillm.model.triton_decode``: five a layer)
+    ``kernels`` (with ``fused``): decode with the Triton kernels (``minillm.model.triton_decode``: six a layer)
     where ``triton_decode.supported`` allows (bf16 or fp16 on CUDA, RMSNorm and SwiGLU, triton installed);
     ``self.kernels`` says whether it does, ``self.why_not`` why not. Not inside ``torch.compile``, which
     compiles ``GPT.decode_step`` itself. Kernels that fail at their first (eager, warm-up) call turn ``kernels``

@@ -1,4 +1,4 @@
-"""The decode step as five Triton kernels a layer, for bf16 decoding on a CUDA GPU, where at batch 1 a step is
+"""The decode step as six Triton kernels a layer, for bf16 decoding on a CUDA GPU, where at batch 1 a step is
 bound by its number of kernels (a few microseconds each, even replayed in a CUDA graph), not by the bytes of the
 weights. ``GPT.decode_step`` with its fused weights (``fused_decode``) runs ~18 kernels a layer; here each layer is
 
@@ -10,11 +10,12 @@ weights. ``GPT.decode_step`` with its fused weights (``fused_decode``) runs ~18 
 4. ``norm_linear`` with ``SWIGLU``: norm2, the gate/up projections (one concatenated matrix), silu(gate) * up;
 5. ``add_linear``: the down projection summed into the residual stream;
 
-(six kernels) and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). The same math as ``GPT.decode_step``,
-rounded differently: each kernel accumulates in fp32 and rounds once, to the activations' dtype, where the eager
+and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). ``sample`` is the sampler in four
+kernels (``penalize``, torch's top-k, ``pick``). The same math as ``GPT.decode_step``, rounded differently: each kernel accumulates in fp32 and rounds once, to the activations' dtype, where the eager
 step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux); ``supported`` says when a
 model can decode this way. The matrix products are ``tl.dot`` over blocks of 16 rows (rows past the batch are
-masked), so one program serves batch 1 to 16 rows and the grid covers larger batches.
+masked), so one program serves batch 1 to 16 rows and the grid covers larger batches. ``BLOCKS``: the block sizes,
+measured on an H100 (``scripts/tune_decode.py``; ``MINILLM_DECODE_BLOCKS``, a JSON object, overrides them).
 
 The kernels also run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, fp32), which is how the tests
 check their arithmetic on a machine without a GPU."""
@@ -76,7 +77,7 @@ def kernels():
 
 def decode_step(model: nn.Module, fused: FusedDecode, idx: Tensor, slot: Tensor, offsets: Tensor,
                 key_valid: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """``GPT.decode_step`` (the same arguments; ``fused``: its concatenated weights, ``StaticDecodeStep``) in five
+    """``GPT.decode_step`` (the same arguments; ``fused``: its concatenated weights, ``StaticDecodeStep``) in six
     kernels a layer and one for the output layer -> logits (B, V) fp32. Every shape is fixed and nothing syncs with
     the host, so a CUDA graph captures it."""
     k = kernels()
