@@ -264,3 +264,14 @@ def test_kernels_that_fail_to_build_leave_the_eager_step_with_a_warning(monkeypa
     want = generate_batch(model("plain"), [[1, 2]], 6, sampling=sampling, mode="static", chunk=2, fused=True,
                           generator=torch.Generator().manual_seed(0))
     assert [c.tokens for c in out] == [c.tokens for c in want]
+
+
+def test_a_batch_over_one_row_block(device, slots_per_block):
+    """20 rows: two blocks of 16 rows, the second part-filled (its rows past the batch masked): every row's logits
+    are the decode step's, each with its own padding."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tol = 0.06 if device == "cuda" else 1e-5
+    pads = tuple(i % 19 for i in range(20))
+    (ref, _), (out, _) = both_steps(model("gqa_qknorm"), device, dtype, pads=pads)
+    assert out.shape == (20, 320)
+    assert (out - ref).abs().max(dim=-1).values.max() < tol * max(1.0, ref.abs().max())
