@@ -275,3 +275,19 @@ def test_a_batch_over_one_row_block(device, slots_per_block):
     (ref, _), (out, _) = both_steps(model("gqa_qknorm"), device, dtype, pads=pads)
     assert out.shape == (20, 320)
     assert (out - ref).abs().max(dim=-1).values.max() < tol * max(1.0, ref.abs().max())
+
+
+def test_generation_through_the_kernels_slides_as_the_eager_step(device):
+    """70 new tokens after a 4-token prompt with a block of 64: the context slides once (re-encoded, then single steps
+    around it); greedy tokens through the kernels, in chunks of 8, are the eager fused step's (fp32 in the
+    interpreter; on CUDA bf16, the one-step kernels' instead)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    m = model("gqa_qknorm", vocab_size=64).to(device, dtype)
+    greedy = Sampling(temperature=0, repetition_penalty=1.3)
+
+    def tokens(mode: str, chunk: int) -> list[int]:
+        return generate_batch(m, [[1, 5, 6, 7]], 70, sampling=greedy, mode=mode, chunk=chunk, fused=True)[0].tokens
+
+    got = tokens("graph", 8)
+    assert len(got) == 70
+    assert got == (tokens("graph", 1) if device == "cuda" else tokens("static", 8))
