@@ -169,6 +169,9 @@ def test_supported_says_why_not(monkeypatch):
     gelu.cfg = dataclasses.replace(gelu.cfg, norm="layernorm", mlp="gelu")
     assert why(mm=gelu) == "layernorm and gelu (the kernels are for rmsnorm and swiglu)"
     assert "head_dim 16" in why(mm=GPT(ModelConfig(vocab_size=64, n_head=4, n_embd=64)))
+    qk = model("gqa_qknorm")
+    qk.blocks[1].attn.k_norm.eps = 1e-5
+    assert why(mm=qk, f=StaticDecodeStep(qk, KVCache(qk.cfg, 1, 8), fused=True).fused).startswith("QK-norm with")
     lora = copy.deepcopy(m)
     lora.blocks[0].attn.o_proj = nn.Sequential(lora.blocks[0].attn.o_proj)
     assert why(mm=lora).startswith("an output or down projection")
@@ -178,11 +181,14 @@ def test_supported_says_why_not(monkeypatch):
     assert why() in (None, "triton is not installed")
 
 
-def test_only_the_graph_decoder_takes_the_kernels():
-    """The static (CPU) and compiled decoders keep ``GPT.decode_step``: kernels are asked for by mode graph only."""
+def test_only_the_graph_decoder_takes_the_kernels(monkeypatch):
+    """The static (CPU) and compiled decoders keep ``GPT.decode_step``: kernels are asked for by mode graph only
+    (here where ``supported`` would allow them everywhere)."""
+    monkeypatch.setattr(triton_decode, "supported", lambda *a: None)
     m = model("plain")
-    _, step = static_decoder(m, 1, 16, "static", fused=True)
-    assert not step.kernels
+    assert not static_decoder(m, 1, 16, "static", fused=True)[1].kernels
+    assert step_module(static_decoder(m, 1, 16, "compiled", fused=True)[1]).kernels is False
+    assert static_decoder(m, 1, 16, "graph", fused=True)[1].kernels
 
 
 @pytest.mark.parametrize("top_p", [0.9, 1.0])

@@ -167,7 +167,8 @@ def fast_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, re
     noise = noise_like(logits, generator) if noise is None else noise
     flags = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if unsure is None else unsure
     try:
-        token = triton_decode.sample(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, flags)
+        token = triton_decode.sample(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, flags,
+                                     candidates=top_k + MARGIN)
     except Exception:  # a Triton that cannot build the kernels here (the decode step warns of it)
         if logits.is_cuda and torch.cuda.is_current_stream_capturing():
             raise

@@ -62,6 +62,8 @@ def supported(model: nn.Module, fused: FusedDecode | None, dtype: torch.dtype, d
         return "a layer without the concatenated projections (an unmerged LoRA)"
     if any(type(b.attn.o_proj) is not nn.Linear or type(b.mlp.down_proj) is not nn.Linear for b in model.blocks):
         return "an output or down projection that is not a plain nn.Linear (an unmerged LoRA)"
+    if cfg.qk_norm and any(not b.attn.q_norm.eps == b.attn.k_norm.eps == b.norm1.eps for b in model.blocks):
+        return "QK-norm with another eps than the layer's norm (the kernel takes one)"
     if not available():
         return "triton is not installed"
     return None
@@ -103,13 +105,12 @@ def decode_step(model: nn.Module, fused: FusedDecode, idx: Tensor, slot: Tensor,
         (w_qkv, b_qkv), (w_gu, b_gu) = fused.layers[i]
         qn = a.q_norm.weight if cfg.qk_norm else w_qkv
         kn = a.k_norm.weight if cfg.qk_norm else w_qkv
-        assert not cfg.qk_norm or a.q_norm.eps == a.k_norm.eps == block.norm1.eps  # the kernel takes one eps
         k.qkv[(rb, H + 2 * HKV)](
             x, block.norm1.weight, w_qkv, _or(b_qkv, w_qkv), qn, kn, cos, sin, slot, offsets, q, keys[i], values[i],
             B, C, S, cos.size(0), block.norm1.eps, SCALE=D ** -0.5,
             H=H, HKV=HKV, D=D, HAS_BIAS=b_qkv is not None, QK_NORM=cfg.qk_norm, BLOCK_K=BLOCKS["qkv_k"])
         k.attend[(B, H, NS)](q, keys[i], values[i], valid, slot, m, den, acc, S, NS, H=H, HKV=HKV, D=D, BLOCK_S=bs)
-        k.combine[(B, H)](m, den, acc, slot, y, NS, H=H, D=D, BLOCK_S=bs, NSP=triton_next_pow2(NS))
+        k.combine[(B, H)](m, den, acc, slot, y, NS, H=H, D=D, BLOCK_S=bs, NSP=k.next_power_of_2(NS))
         _add_linear(k, y, a.o_proj, x, rb, bn, bk)
         k.norm_linear[(rb, -(-hidden // bn))](
             x, block.norm2.weight, w_gu, _or(b_gu, w_gu), h, B, C, hidden, block.norm2.eps,
@@ -129,26 +130,19 @@ def _add_linear(k, y: Tensor, proj: nn.Linear, x: Tensor, rb: int, bn: int, bk: 
                                     HAS_BIAS=proj.bias is not None, BLOCK_N=bn, BLOCK_K=bk)
 
 
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _or(t: Tensor | None, other: Tensor) -> Tensor:
     """A pointer for a kernel argument its flag leaves unread."""
     return other if t is None else t
 
 
-SAMPLE_MARGIN = 16  # candidates beyond the top k (as ``sampling.MARGIN``)
-
-
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-           seen: Tensor | None, noise: Tensor, unsure: Tensor | None) -> Tensor:
+           seen: Tensor | None, noise: Tensor, unsure: Tensor, candidates: int) -> Tensor:
     """``sampling.sample_next_token`` with temperature > 0 and 0 < top_k < V in four kernels: the penalty and the
-    temperature (``penalize``), torch's top-k of ``top_k`` + 16 candidates, and ``pick`` (top-k with its ties,
-    top-p, the draw with ``noise``). The same distribution and the same random numbers, rounded differently, and
-    ties ordered as ``torch.topk`` leaves them (the exact path orders them by token id): the tokens are not
-    ``sample_next_token``'s exactly. Where every candidate past the k-th ties with it, ``unsure`` is set (the
-    caller redoes the step exactly), or without ``unsure`` the row is picked from the candidates alone."""
+    temperature (``penalize``), torch's top-k of ``candidates`` (top_k and a margin), and ``pick`` (top-k with its
+    ties, top-p, the draw with ``noise``). The same distribution and the same random numbers, rounded differently,
+    and ties ordered as ``torch.topk`` leaves them (the exact path orders them by token id): the tokens are not
+    ``sample_next_token``'s exactly. Where every candidate past the k-th ties with it, ``unsure`` (B,) bool is set
+    (the caller redoes the step exactly)."""
     k = kernels()
     B, V = logits.shape
     adjusted = torch.empty(B, V, dtype=torch.float32, device=logits.device)
@@ -156,10 +150,9 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetit
     block = 1024
     k.penalize[(B, -(-V // block))](logits, seen.view(torch.uint8) if has_seen else logits, adjusted, V,
                                     repetition_penalty, temperature, HAS_SEEN=has_seen, BLOCK=block)
-    n = min(V, top_k + SAMPLE_MARGIN)
+    n = min(V, candidates)
     vals, idx = torch.topk(adjusted, n, dim=-1)
     token = torch.empty(B, dtype=torch.long, device=logits.device)
-    flags = torch.zeros(B, dtype=torch.uint8, device=logits.device) if unsure is None else unsure.view(torch.uint8)
-    k.pick[(B,)](vals, idx, noise, token, flags, V, n, top_k, top_p, TOP_P=top_p < 1.0,
-                 NP=triton_next_pow2(n))
+    k.pick[(B,)](vals, idx, noise, token, unsure.view(torch.uint8), V, n, top_k, top_p, TOP_P=top_p < 1.0,
+                 NP=k.next_power_of_2(n))
     return token

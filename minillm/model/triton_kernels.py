@@ -4,6 +4,7 @@ rounds once, to its output's dtype. Row blocks of ``ROWS`` rows (``tl.dot``'s sm
 import triton
 import triton.language as tl
 
+next_power_of_2 = triton.next_power_of_2
 ROWS = tl.constexpr(16)  # rows of the batch per program: tl.dot's smallest block (triton_decode.ROWS)
 
 
