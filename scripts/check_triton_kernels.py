@@ -40,12 +40,14 @@ def cases(k) -> dict:
                                        "N": "i32", "eps": "fp32", "SWIGLU": "constexpr", "HAS_BIAS": "constexpr",
                                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
                         {"SWIGLU": True, "HAS_BIAS": False, "BLOCK_N": 32, "BLOCK_K": 256}),
-        "penalize": (k.penalize, {"logits_ptr": "*fp32", "seen_ptr": "*u8", "out_ptr": "*fp32", "V": "i32", "penalty": "fp32",
-                                 "temperature": "fp32", "HAS_SEEN": "constexpr", "BLOCK": "constexpr"},
-                     {"HAS_SEEN": True, "BLOCK": 1024}),
-        "pick": (k.pick, {"vals_ptr": "*fp32", "idx_ptr": "*i64", "noise_ptr": "*fp32", "token_ptr": "*i64",
-                         "unsure_ptr": "*u8", "V": "i32", "N": "i32", "top_k": "i32", "top_p": "fp32",
-                         "TOP_P": "constexpr", "NP": "constexpr"}, {"TOP_P": True, "NP": 128}),
+        "candidates": (k.candidates, {"logits_ptr": "*fp32", "seen_ptr": "*u8", "cand_ptr": "*i64", "V": "i32",
+                                     "penalty": "fp32", "temperature": "fp32", "HAS_SEEN": "constexpr",
+                                     "BLOCK": "constexpr", "KP": "constexpr"},
+                       {"HAS_SEEN": True, "BLOCK": 2048, "KP": 128}),
+        "pick": (k.pick, {"cand_ptr": "*i64", "noise_ptr": "*fp32", "token_ptr": "*i64", "unsure_ptr": "*u8",
+                         "V": "i32", "N": "i32", "NC": "i32", "top_k": "i32", "top_p": "fp32",
+                         "TOP_P": "constexpr", "KP": "constexpr", "NCP": "constexpr"},
+                 {"TOP_P": True, "KP": 128, "NCP": 2048}),
     }
 
 

@@ -4,7 +4,8 @@
 # profile of the K-step graph; bench_generate's rows with the Triton kernels (graphKf, generate's default) against the
 # eager fused step (graphKe), and with FULL=1 the whole bench (the transformers row, the held-out loss check, the
 # first streamed token). Prepare with `bash scripts/prepare_device_call.sh`, carry [".gpu"]; results under $OUT.
-#   TESTS=0, TUNE=0, PROFILE=0 skip those parts; ROWS="..." (bench_generate --only, without FULL).
+#   TESTS=0, TUNE=0, PROFILE=0, SAMPLER=0 skip those parts; ROWS="..." (bench_generate --only, without FULL);
+#   BASE=dir: the same rows, graphKf, from another tree too (`git archive REV | tar -x -C dir`), in the same call.
 set -u
 OUT=${OUT:-/tmp/decode_gpu}
 mkdir -p "$OUT"
@@ -14,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${TESTS:-1}" = 1 ]; then
     python -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_generation_static.py \
-        tests/test_generation_decoder.py tests/test_fused_decode.py tests/test_generation_sampling.py \
+        tests/test_generation_decoder.py tests/test_fused_decode.py tests/test_generation_sampling.py tests/test_generation.py \
         -k "not background and not compiled" 2>&1 | tail -4 | tee "$OUT/tests.txt"
 fi
 if [ "${TUNE:-1}" = 1 ]; then
@@ -44,6 +45,16 @@ if [ "${PROFILE:-1}" = 1 ]; then
     python scripts/profile_decode.py --config large --dtypes bf16 --modes graph --top 30 > "$OUT/profile_large.txt" 2>&1
     grep -E "tokens/s|per token" "$OUT/profile_large.txt"
     grep -E "^ +(attend|combine|add_linear|norm_linear|qkv|penalize|pick) " "$OUT/profile_large.txt" | cut -c1-60,150-200
+fi
+if [ "${SAMPLER:-1}" = 1 ]; then
+    python scripts/bench_sampler.py --batches 1,32 --blocks 1024,2048,4096 | tee "$OUT/bench_sampler.jsonl"
+fi
+if [ -n "${BASE:-}" ]; then  # the same rows from another tree (the code before, unpacked by `git archive`)
+    (cd "$BASE" && PYTHONPATH=. python scripts/bench_generate.py --no-train --no-hf --dtypes bf16 \
+        --sampling default,greedy --configs large,small --decoders graphKf --repeats 3 --batch 32 \
+        --only "${ROWS:-large default batch 1,large greedy batch 1,large default batch 32,small default batch 1,small greedy batch 1}" \
+        > "$OUT/bench_base.jsonl" 2> "$OUT/bench_base.err")
+    grep -E "tok/s" "$OUT/bench_base.err" | sed 's/^/base: /'
 fi
 if [ "${FULL:-0}" = 1 ]; then
     python scripts/bench_generate.py --dtypes bf16 --decoders graphKe,graphKf --repeats 3 --batch 32 --chunk "${CHUNK:-16}" \

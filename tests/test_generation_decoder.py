@@ -63,16 +63,16 @@ def test_the_recording_covers_early_ends_and_full_lengths():
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Every StepChunk call: the (B, K) tokens it returned."""
+    """Every chunk read (``StepChunk.finish``): the (B, K) tokens it returned."""
     calls = []
-    real = StepChunk.__call__
+    real = StepChunk.finish
 
     def wrapped(self, *a, **kw):
         out = real(self, *a, **kw)
-        calls.append(out)
+        calls.append(out[0])
         return out
 
-    monkeypatch.setattr(StepChunk, "__call__", wrapped)
+    monkeypatch.setattr(StepChunk, "finish", wrapped)
     return calls
 
 
@@ -115,6 +115,49 @@ def test_a_generation_ending_inside_a_chunk_leaves_the_generator_where_one_step_
         states.append((out.tokens, g.get_state()))
     assert len(states[0][0]) == 21 and states[0][0] == states[1][0]
     assert torch.equal(states[0][1], states[1][1])
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every chunk launched: whether it followed the previous one before that was read (``follow``)."""
+    follows = []
+    real = StepChunk.launch
+
+    def wrapped(self, *a, follow=False, **kw):
+        follows.append(follow)
+        return real(self, *a, follow=follow, **kw)
+
+    monkeypatch.setattr(StepChunk, "launch", wrapped)
+    return follows
+
+
+def test_the_next_chunk_is_launched_before_the_last_is_read(launches):
+    """A long generation launches each chunk while the previous one is still unread (the GPU never waits for the
+    host between chunks), and its tokens are the one-step loop's; a background compile's chunks do not."""
+    m = varied_model(block_size=128)
+    s = CASES["default"]
+    one = generate_batch(m, PROMPTS[:2], 60, sampling=s, generator=torch.Generator().manual_seed(1), mode="static")
+    got = generate_batch(m, PROMPTS[:2], 60, sampling=s, generator=torch.Generator().manual_seed(1), mode="static",
+                         chunk=8)
+    assert [c.tokens for c in got] == [c.tokens for c in one]
+    assert launches[0] is False and launches.count(True) >= 5
+
+
+@pytest.mark.parametrize("at", [8, 11])  # the last token of the first chunk, or inside the second
+def test_a_generation_stopped_while_the_next_chunk_runs_rewinds_the_generator(at):
+    """``on_token`` stops the only row at token ``at`` while the chunk after it is already launched: the tokens
+    and the generator after are the one-step loop's (the launched chunk's draws are undone)."""
+    m = varied_model()
+    s = CASES["hot"]
+    got = []
+    for chunk in (1, 8):
+        g = torch.Generator().manual_seed(4)
+        seen = []
+        out = generate_batch(m, [PROMPTS[0]], 40, sampling=s, generator=g, mode="static", chunk=chunk,
+                             on_token=lambda _b, t, seen=seen: seen.append(t) or len(seen) == at)[0]
+        got.append((out.tokens, out.reason, g.get_state()))
+    assert len(got[0][0]) == at and got[0][1] == "stop"
+    assert got[0][:2] == got[1][:2] and torch.equal(got[0][2], got[1][2])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -121,3 +121,27 @@ def test_bf16_fused_decoding_stays_near_the_fp32_plain_step(kw):
     assert fused.dtype == torch.float32 and not torch.equal(fused, logits(m16, False))  # really the fused step
     torch.testing.assert_close(fused, ref, atol=5e-2, rtol=0)
     assert torch.equal(fused.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_re_encode_after_each_slide_replays_one_graph_with_the_eager_tokens():
+    """One row, 200 greedy tokens through a block of 64: the context slides and is re-encoded (48 tokens) again and
+    again; from the second time on as a captured graph (``GraphedPrefill``), replayed, with plain PyTorch's tokens
+    (fp32)."""
+    from minillm.generation import Sampling, generate_batch
+    from minillm.generation.static import GraphedPrefill, step_module
+    from tests.test_generation import varied_model
+
+    m = varied_model(0, 64, 64, torch.float32).cuda()
+    greedy = Sampling(temperature=0, repetition_penalty=1.3)
+    want = generate_batch(m, [[1, 5, 6, 7]], 200, sampling=greedy, mode="eager")[0].tokens
+    replays = []
+    real = torch.cuda.CUDAGraph.replay
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda.CUDAGraph, "replay", lambda g: (replays.append(g), real(g))[1])
+        got = generate_batch(m, [[1, 5, 6, 7]], 200, sampling=greedy, mode="graph", chunk=8)[0].tokens
+    assert got == want
+    static = next(step_module(v[1]) for v in m.decoders.values() if isinstance(v, tuple))
+    prefill = static.prefills[48]
+    assert isinstance(prefill, GraphedPrefill) and prefill.graph is not None
+    assert replays.count(prefill.graph) >= 5

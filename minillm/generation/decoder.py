@@ -41,6 +41,16 @@ DECODE_CHUNK = 16  # generate's --decode-chunk: decode steps per CUDA-graph repl
 PAD = -1  # what a chunk emits for a row after its stop token
 
 
+@dataclass
+class Ticket:
+    """A chunk launched (``StepChunk.launch``) and not yet read (``finish``)."""
+
+    slot: int  # its first cache slot
+    state: Tensor | None  # the generator's state before it (None when greedy)
+    snap: int  # which of the chunk's snapshots and host buffers it has
+    event: torch.cuda.Event | None  # recorded after its read-back copies (CUDA)
+
+
 class TokenStep:
     """One step of a ``StepChunk`` as a function of the chunk's buffers, every one passed in (``run``): what
     ``--compile`` compiles, so that one compiled function serves any chunk of its shape (the background compile
@@ -115,6 +125,12 @@ class StepChunk:
         self.own = torch.Generator(dev) if graphed and sampling.temperature > 0 else None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
+        pin = dev.type == "cuda"  # two of each: the chunk being read and the one launched after it (``launch``)
+        self.snaps = [(torch.empty_like(self.logits), None if self.seen is None else torch.empty_like(self.seen),
+                       torch.empty_like(self.done)) for _ in range(2)]
+        self.host = [(torch.empty(B, k, dtype=torch.long, pin_memory=pin),
+                      torch.empty(B, dtype=torch.bool, pin_memory=pin)) for _ in range(2)]
+        self.flip = 0
 
     @property
     def bufs(self) -> tuple:
@@ -157,27 +173,71 @@ class StepChunk:
             generator.set_state(self.own.get_state())
         return None
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether the next chunk may be launched before this one is read (``launch(follow=True)``): not while a
+        background compile is pending or at work (its switch happens between chunks)."""
+        return not self.pending and self.background is None
+
+    def launch(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
+               key_valid: Tensor, generator: torch.Generator | None, follow: bool = False) -> Ticket:
+        """Start decoding k tokens per row from ``logits`` (B, V) and ``seen`` at cache slot ``slot``; read them with
+        ``finish``. ``follow``: go on from the previous chunk's own buffers (its logits, mask and stopped rows: what
+        ``finish`` would copy back), launched before that chunk is read, so that the GPU does not wait for the host
+        between chunks; the rows the host stopped (``on_token``) go on there, their tokens unread."""
+        if follow:
+            self.unsure.zero_()
+            self.slot.fill_(slot)
+        else:
+            self.follow_background()
+            self.load(logits, seen, active, slot, offsets, key_valid)
+        n, self.flip = self.flip, self.flip ^ 1
+        for mine, snap in zip((self.logits, self.seen, self.done), self.snaps[n], strict=True):  # for a redo
+            if snap is not None:
+                snap.copy_(mine)
+        state = generator.get_state() if self.sampling.temperature > 0 else None
+        self.run(generator)
+        out, unsure = self.host[n]
+        out.copy_(self.out, non_blocking=True)
+        unsure.copy_(self.unsure, non_blocking=True)
+        event = None
+        if self.out.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return Ticket(slot, state, n, event)
+
+    def finish(self, ticket: Ticket, logits: Tensor, seen: Tensor | None, generator: torch.Generator | None,
+               last: bool) -> tuple[list[list[int]], bool]:
+        """The (B, k) tokens of a launched chunk, as lists (the one read-back), and whether it was redone (see the
+        class; a chunk launched after it is then void: launch it again). ``last`` (no chunk launched after it),
+        or redone: the next logits and the mask are copied into ``logits`` and ``seen``."""
+        if self.background is not None:  # a compile on another thread: wait with the interpreter lock released
+            synchronize(self.logits.device)  # (the read-back holds it: on an H100 chunks ran at a third of their speed)
+        elif ticket.event is not None:
+            ticket.event.synchronize()
+        out, unsure = self.host[ticket.snap]
+        rows, redone = out.tolist(), bool(unsure.any())
+        if redone:  # redo the chunk eagerly, from its inputs, with the host check
+            if ticket.state is not None:
+                generator.set_state(ticket.state)
+            for mine, snap in zip((self.logits, self.seen, self.done), self.snaps[ticket.snap], strict=True):
+                if snap is not None:
+                    mine.copy_(snap)
+            self.unsure.zero_()
+            self.slot.fill_(ticket.slot)
+            self.body(generator, redo=True)
+            rows = self.out.tolist()
+        if last or redone:
+            logits.copy_(self.logits)
+            if seen is not None:
+                seen.copy_(self.seen)
+        return rows, redone
+
     def __call__(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
                  key_valid: Tensor, generator: torch.Generator | None) -> list[list[int]]:
         """Decode k tokens per row from ``logits`` (B, V); ``logits`` and ``seen`` are updated in place."""
-        self.follow_background()
-        state = generator.get_state() if self.sampling.temperature > 0 else None
-        self.load(logits, seen, active, slot, offsets, key_valid)
-        self.run(generator)
-        if self.background is not None:  # a compile on another thread: wait with the interpreter lock released
-            synchronize(self.logits.device)  # (the read-back holds it: on an H100 chunks ran at a third of their speed)
-        rows = torch.cat([self.out, self.unsure[:, None]], 1).tolist()  # the one read-back: (B, k) tokens, unsure
-        unsure = [r.pop() for r in rows]
-        if any(unsure):  # redo the chunk eagerly, with the host check
-            if state is not None:
-                generator.set_state(state)
-            self.load(logits, seen, active, slot, offsets, key_valid)
-            self.body(generator, redo=True)
-            rows = self.out.tolist()
-        logits.copy_(self.logits)
-        if seen is not None:
-            seen.copy_(self.seen)
-        return rows
+        ticket = self.launch(logits, seen, active, slot, offsets, key_valid, generator)
+        return self.finish(ticket, logits, seen, generator, last=True)[0]
 
     def load(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
              key_valid: Tensor) -> None:
@@ -318,25 +378,35 @@ def generate_batch(
             if on_token is not None and on_token(b, t):
                 active[b], reasons[b] = False, "stop"
 
-    def chunk_fits() -> bool:
+    def chunk_fits(ahead: int = 0) -> bool:  # ahead: tokens launched and not yet taken
         return (chunk > 1 and dec.static is not None and dec.cache.pos + chunk <= dec.cache.max_len
-                and all(not a or len(s) + chunk - s0 <= block for a, s, s0 in zip(active, seqs, start, strict=True)))
+                and all(not a or len(s) + ahead + chunk - s0 <= block
+                        for a, s, s0 in zip(active, seqs, start, strict=True)))
 
     logits = dec.prefill(seqs) if max_new_tokens > 0 else None
     n = 0  # tokens sampled so far
+    rng = generator or default_generator(dec.device)
+    pending: Ticket | None = None  # a chunk launched and not yet read
     while n < max_new_tokens:
-        if chunk_fits():
-            rng = generator or default_generator(dec.device)
-            state = rng.get_state() if sampling.temperature > 0 else None
-            c = dec.cache
-            rows = step_chunk(model, dec, chunk, sampling, stop_id, warn)(logits, seen, active, c.pos, c.offsets,
-                                                                     c.key_mask, rng)
+        c = dec.cache
+        if pending is None and chunk_fits():
+            runner = step_chunk(model, dec, chunk, sampling, stop_id, warn)
+            pending = runner.launch(logits, seen, active, c.pos, c.offsets, c.key_mask, rng)
             c.pos += chunk
+        if pending is not None:
+            ticket, pending = pending, None
+            if runner.pipelined and n + chunk < max_new_tokens and chunk_fits(chunk):  # the next, before reading
+                pending = runner.launch(logits, seen, active, c.pos, c.offsets, c.key_mask, rng, follow=True)
+                c.pos += chunk
+            rows, redone = runner.finish(ticket, logits, seen, rng, last=pending is None)
+            if redone and pending is not None:  # launched from what the redo changed: void
+                pending = None
+                c.pos -= chunk
             for i in range(chunk):
                 take([r[i] for r in rows])
                 if not any(active) or n + i == max_new_tokens - 1:
-                    if state is not None and i < chunk - 1:  # rewind: as if the loop had stopped here
-                        rng.set_state(state)
+                    if ticket.state is not None and (i < chunk - 1 or pending is not None):
+                        rng.set_state(ticket.state)  # rewind: as if the loop had stopped here
                         skip_draws(rng, i + 1, tuple(logits.shape), dec.device)
                     return [Completion(o, r) for o, r in zip(outs, reasons, strict=True)]
             n += chunk

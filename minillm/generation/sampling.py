@@ -4,6 +4,7 @@ that it also runs inside a CUDA graph (``decoder.StepChunk``)."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -165,13 +166,18 @@ def fast_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, re
     from minillm.model import triton_decode
 
     noise = noise_like(logits, generator) if noise is None else noise
+    if triton_decode.sampler_failed is not None:
+        return None, noise
     flags = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if unsure is None else unsure
     try:
         token = triton_decode.sample(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, flags,
                                      candidates=top_k + MARGIN)
-    except Exception:  # a Triton that cannot build the kernels here (the decode step warns of it)
+    except Exception as e:  # a Triton that cannot build the kernels here (an old one without tl.topk): not again
         if logits.is_cuda and torch.cuda.is_current_stream_capturing():
             raise
+        triton_decode.sampler_failed = f"{type(e).__name__}: {str(e)[:200]}"
+        warnings.warn(f"the Triton sampler failed ({triton_decode.sampler_failed}); sampling without it (slower)",
+                      RuntimeWarning, stacklevel=2)
         return None, noise
     if unsure is None and bool(flags.any()):  # rare: a host sync only then, and those rows picked exactly
         exact = sample_next_token(logits, temperature, top_k, top_p, repetition_penalty, seen=seen, noise=noise)

@@ -81,6 +81,7 @@ class StaticDecodeStep(nn.Module):
             self.fused = FusedDecode(layers, qk_rope_weights(model))
         self.why_not = triton_decode.supported(model, self.fused, cache.k.dtype, cache.k.device) if kernels else None
         self.kernels = kernels and self.why_not is None
+        self.prefills: dict[int, GraphedPrefill] = {}  # _Decoder.prefill's graphs over this cache, by length
 
     def refresh(self) -> None:
         """Copy the model's current weights into the concatenated ones and the RoPE tables' factors."""
@@ -196,6 +197,46 @@ class GraphedStep:
         return self.out
 
 
+class GraphedPrefill:
+    """``_Decoder.prefill`` of one row of ``T`` tokens from slot 0 of ``cache``, replayed as a CUDA graph. A long
+    generation at batch 1 re-encodes its context at every slide, always ``slide_keep(block)`` tokens: eagerly ~400
+    kernel launches a time (on an H100 ~2 ms of the host's, a sixth of a small model's 64 tokens between slides).
+    As ``GraphedStep``: the first call runs eagerly (on a side stream), the second captures and replays, so a prompt
+    length seen once is never captured."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, T: int):
+        self.model, self.cache, self.calls = model, cache, 0
+        self.x = torch.zeros(1, T, dtype=torch.long, device=cache.k.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Tensor | None = None
+        self.padding: tuple[Tensor, Tensor] | None = None  # the cache's offsets and key mask the graph reads
+
+    def __call__(self, x: Tensor) -> Tensor:  # x (1, T) -> logits (1, V)
+        c = self.cache
+        c.reset()
+        self.x.copy_(x)
+        if self.graph is None:
+            c.set_left_padding([0])
+            if self.calls < 1 or busy():
+                self.calls += 1
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = self.model(self.x, cache=c)[:, -1]
+                torch.cuda.current_stream().wait_stream(side)
+                return out
+            self.padding = (c.offsets, c.key_mask)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.out = self.model(self.x, cache=c)[:, -1]  # (the forward's Python moves c.pos on, once)
+            self.graph = graph
+        c.offsets, c.key_mask = self.padding
+        c.pos = self.x.size(1)
+        self.graph.replay()
+        return self.out.clone()
+
+
+MAX_PREFILLS = 4  # GraphedPrefill lengths kept per static decoder; one more clears them
 MAX_DECODERS = 8  # static decoders kept per model (shapes); one more clears them
 
 
@@ -257,6 +298,13 @@ class _Decoder:
         T = max(len(w) for w in windows)
         pads = [T - len(w) for w in windows]
         x = torch.tensor([[w[0]] * p + w for w, p in zip(windows, pads, strict=True)], device=self.device)  # (B, T)
+        if isinstance(self.static, GraphedStep) and len(windows) == 1:  # graph mode on CUDA, one row
+            prefills = step_module(self.static).prefills
+            if T not in prefills:
+                if len(prefills) >= MAX_PREFILLS:
+                    prefills.clear()
+                prefills[T] = GraphedPrefill(self.model, self.cache, T)
+            return prefills[T](x)
         self.cache.reset()
         if any(pads) or self.static is not None:
             self.cache.set_left_padding(pads)

@@ -10,8 +10,8 @@ weights. ``GPT.decode_step`` with its fused weights (``fused_decode``) runs ~18 
 4. ``norm_linear`` with ``SWIGLU``: norm2, the gate/up projections (one concatenated matrix), silu(gate) * up;
 5. ``add_linear``: the down projection summed into the residual stream;
 
-and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). ``sample`` is the sampler in four
-kernels (``penalize``, torch's top-k, ``pick``). The same math as ``GPT.decode_step``, rounded differently: each kernel accumulates in fp32 and rounds once, to the activations' dtype, where the eager
+and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). ``sample`` is the sampler in two
+kernels (``candidates``: the top-k of each block of the vocabulary; ``pick``). The same math as ``GPT.decode_step``, rounded differently: each kernel accumulates in fp32 and rounds once, to the activations' dtype, where the eager
 step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux); ``supported`` says when a
 model can decode this way. The matrix products are ``tl.dot`` over blocks of 16 rows (rows past the batch are
 masked), so one program serves batch 1 to 16 rows and the grid covers larger batches. ``BLOCKS``: the block sizes,
@@ -33,7 +33,9 @@ from minillm.model.fused_decode import FusedDecode
 
 ROWS = 16  # rows of the batch per program, tl.dot's smallest block (triton_kernels.ROWS, the kernels' own)
 BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
-    "qkv_k": 256, "linear_n": 32, "linear_k": 256, "head_n": 128, "head_k": 128, "slots": 64}  # tune_decode.py
+    "qkv_k": 256, "linear_n": 32, "linear_k": 256, "head_n": 128, "head_k": 128, "slots": 64,  # tune_decode.py
+    "vocab": 2048}  # the sampler's block of the vocabulary
+sampler_failed: str | None = None  # why ``sample`` failed to build (then ``sampling.fast_sample`` stops trying)
 BLOCKS.update(json.loads(os.environ.get("MINILLM_DECODE_BLOCKS", "{}")))  # for scripts/tune_decode.py's trials
 
 
@@ -137,22 +139,22 @@ def _or(t: Tensor | None, other: Tensor) -> Tensor:
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
            seen: Tensor | None, noise: Tensor, unsure: Tensor, candidates: int) -> Tensor:
-    """``sampling.sample_next_token`` with temperature > 0 and 0 < top_k < V in four kernels: the penalty and the
-    temperature (``penalize``), torch's top-k of ``candidates`` (top_k and a margin), and ``pick`` (top-k with its
-    ties, top-p, the draw with ``noise``). The same distribution and the same random numbers, rounded differently,
-    and ties ordered as ``torch.topk`` leaves them (the exact path orders them by token id): the tokens are not
-    ``sample_next_token``'s exactly. Where every candidate past the k-th ties with it, ``unsure`` (B,) bool is set
-    (the caller redoes the step exactly)."""
+    """``sampling.sample_next_token`` with temperature > 0 and 0 < top_k < V in two kernels: ``candidates`` (the
+    penalty and the temperature, then the largest ``candidates`` (top_k and a margin) of each block of the
+    vocabulary) and ``pick`` (the largest of those, top-k with its ties, top-p, the draw with ``noise``). The same
+    distribution, random numbers and order of ties (by token) as ``sample_next_token``, rounded differently. Where
+    every candidate past the k-th ties with it, ``unsure`` (B,) bool is set (the caller redoes the step exactly)."""
     k = kernels()
     B, V = logits.shape
-    adjusted = torch.empty(B, V, dtype=torch.float32, device=logits.device)
-    has_seen = seen is not None and repetition_penalty != 1.0
-    block = 1024
-    k.penalize[(B, -(-V // block))](logits, seen.view(torch.uint8) if has_seen else logits, adjusted, V,
-                                    repetition_penalty, temperature, HAS_SEEN=has_seen, BLOCK=block)
     n = min(V, candidates)
-    vals, idx = torch.topk(adjusted, n, dim=-1)
+    kp = k.next_power_of_2(n)  # candidates kept per block
+    block = max(kp, min(BLOCKS["vocab"], k.next_power_of_2(V)))
+    nb = -(-V // block)
+    cand = torch.empty(B, nb * kp, dtype=torch.int64, device=logits.device)
+    has_seen = seen is not None and repetition_penalty != 1.0
+    k.candidates[(B, nb)](logits, seen.view(torch.uint8) if has_seen else logits, cand, V, repetition_penalty,
+                          temperature, HAS_SEEN=has_seen, BLOCK=block, KP=kp)
     token = torch.empty(B, dtype=torch.long, device=logits.device)
-    k.pick[(B,)](vals, idx, noise, token, unsure.view(torch.uint8), V, n, top_k, top_p, TOP_P=top_p < 1.0,
-                 NP=k.next_power_of_2(n))
+    k.pick[(B,)](cand, noise, token, unsure.view(torch.uint8), V, n, nb * kp, top_k, top_p, TOP_P=top_p < 1.0,
+                 KP=kp, NCP=k.next_power_of_2(nb * kp))
     return token

@@ -190,32 +190,59 @@ def norm_linear(x_ptr, nw_ptr, w_ptr, b_ptr, out_ptr, B, C, N, eps, SWIGLU: tl.c
 
 
 @triton.jit
-def penalize(logits_ptr, seen_ptr, out_ptr, V, penalty, temperature, HAS_SEEN: tl.constexpr, BLOCK: tl.constexpr):
+def pack(x, v, V):
+    """fp32 values ``x`` at tokens ``v`` as int64 keys in the same order, ties broken towards the lower token: the
+    value's bits, made order-preserving, high; V - 1 - v low (``unpack`` inverts it)."""
+    bits = x.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (V - 1 - v).to(tl.int64)
+
+
+@triton.jit
+def unpack(key, V):
+    """``pack``'s keys -> (the fp32 values, the tokens)."""
+    high = (key >> 32).to(tl.int32)
+    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), V - 1 - (key & 0x7FFFFFFF).to(tl.int32)  # the low part < 2**31
+
+
+@triton.jit
+def candidates(logits_ptr, seen_ptr, cand_ptr, V, penalty, temperature, HAS_SEEN: tl.constexpr,
+               BLOCK: tl.constexpr, KP: tl.constexpr):
     """Program (row, block of the vocabulary): the CTRL repetition penalty on the seen tokens' logits (divided when
-    positive, multiplied when negative), then divided by the temperature, in fp32 -> out (B, V)."""
+    positive, multiplied when negative), divided by the temperature, in fp32; then the block's ``KP`` largest as
+    ``pack``'s keys, descending -> cand (B, blocks * KP)."""
     b = tl.program_id(0)
-    v = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    blk = tl.program_id(1)
+    v = blk * BLOCK + tl.arange(0, BLOCK)
     ok = v < V
     x = tl.load(logits_ptr + b * V + v, mask=ok, other=0.0).to(tl.float32)
     if HAS_SEEN:
         s = tl.load(seen_ptr + b * V + v, mask=ok, other=0) != 0
         x = tl.where(s, tl.where(x > 0, x / penalty, x * penalty), x)
-    tl.store(out_ptr + b * V + v, x / temperature, mask=ok)
+    lowest = tl.full([BLOCK], 1, tl.int64) << 63  # below every value's key: the block's padding
+    key = tl.where(ok, pack(x / temperature, v, V), lowest)
+    j = tl.arange(0, KP)
+    tl.store(cand_ptr + (b * tl.num_programs(1) + blk) * KP + j, tl.topk(key, KP))
 
 
 @triton.jit
-def pick(vals_ptr, idx_ptr, noise_ptr, token_ptr, unsure_ptr, V, N, top_k, top_p, TOP_P: tl.constexpr,
-         NP: tl.constexpr):
-    """Program (row): from the row's N largest logits (``vals``, descending, and their ``idx``), top-k (every logit
-    >= the k-th), then top-p (the smallest prefix reaching ``top_p``; the first always kept), then the token drawn
-    as ``torch.multinomial`` draws it, argmax of p / Exp(1) noise (``noise`` (B, V)) -> token (B,). ``unsure`` (B,)
-    is set where every candidate past the k-th ties with it (more may lie outside them)."""
+def pick(cand_ptr, noise_ptr, token_ptr, unsure_ptr, V, N, NC, top_k, top_p, TOP_P: tl.constexpr,
+         KP: tl.constexpr, NCP: tl.constexpr):
+    """Program (row): the row's N largest logits from its NC candidates (``candidates``' keys; N <= KP), descending,
+    ties in token order; top-k (every logit >= the k-th), then top-p (the smallest prefix reaching ``top_p``; the
+    first always kept), then the token drawn as ``torch.multinomial`` draws it, argmax of p / Exp(1) noise
+    (``noise`` (B, V)) -> token (B,). ``unsure`` (B,) is set where every candidate past the k-th ties with it
+    (more may lie outside them)."""
     b = tl.program_id(0)
-    j = tl.arange(0, NP)
+    c = tl.arange(0, NCP)
+    lowest = tl.full([NCP], 1, tl.int64) << 63
+    keys = tl.load(cand_ptr + b * NC + c, mask=c < NC, other=0)
+    vals, idx = unpack(tl.topk(tl.where(c < NC, keys, lowest), KP), V)
+    j = tl.arange(0, KP)
     ok = j < N
-    vals = tl.load(vals_ptr + b * N + j, mask=ok, other=float("-inf"))
-    idx = tl.load(idx_ptr + b * N + j, mask=ok, other=0)
-    kth = tl.load(vals_ptr + b * N + top_k - 1)
+    vals = tl.where(ok, vals, float("-inf"))
+    kth = tl.max(tl.where(j == top_k - 1, vals, float("-inf")), axis=0)
     in_k = ok & (vals >= kth)
     e = tl.where(in_k, tl.exp(vals - tl.max(vals, axis=0)), 0.0)
     probs = e / tl.sum(e, axis=0)
@@ -225,7 +252,7 @@ def pick(vals_ptr, idx_ptr, noise_ptr, token_ptr, unsure_ptr, V, N, top_k, top_p
     noise = tl.load(noise_ptr + b * V + idx, mask=keep, other=1.0)
     score = tl.where(keep, probs / noise, -1.0)
     best = tl.argmax(score, axis=0)
-    tl.store(token_ptr + b, tl.sum(tl.where(j == best, idx, 0), axis=0))
-    last = tl.load(vals_ptr + b * N + N - 1)
+    tl.store(token_ptr + b, tl.sum(tl.where(j == best, idx, 0), axis=0).to(tl.int64))
+    last = tl.max(tl.where(j == N - 1, vals, float("-inf")), axis=0)
     if (N < V) & (last >= kth):
         tl.store(unsure_ptr + b, 1)
