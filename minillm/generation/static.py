@@ -231,6 +231,8 @@ class GraphedPrefill:
                 self.out = self.model(self.x, cache=c)[:, -1]  # (the forward's Python moves c.pos on, once)
             self.graph = graph
         c.offsets, c.key_mask = self.padding
+        c.offsets.zero_()  # no padding (a ``_Decoder.slide`` may have written into them since)
+        c.key_mask.fill_(True)
         c.pos = self.x.size(1)
         self.graph.replay()
         return self.out.clone()
