@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from minillm.config import ModelConfig
-from minillm.generation import Sampling, generate_batch
+from minillm.generation import PAD, Sampling, StepChunk, generate_batch
 from minillm.generation.static import StaticDecodeStep, static_decoder, step_module
 from minillm.model import triton_decode
 from minillm.model.gpt import GPT, KVCache
@@ -248,20 +248,30 @@ def test_the_triton_sampler_orders_ties_by_token_as_the_exact_sampler(device, vo
     assert torch.equal(got, sample_next_token(logits, 1.0, 20, 0.9, 1.0, noise=noise)) and not unsure.any()
 
 
-def test_sampled_generation_through_the_kernels_is_the_same_one_step_or_chunked(device):
+def test_sampled_generation_through_the_kernels_is_the_same_one_step_or_chunked(device, monkeypatch):
     """generate's default sampling with a seed: the one-step loop and the K-step chunks sample with the Triton
     sampler alike (the same tokens), and another seed gives other tokens."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     m = model("plain", vocab_size=128).to(device, dtype)
     sampling = Sampling(temperature=0.8, top_k=20, top_p=0.95, repetition_penalty=1.1)
 
-    def tokens(chunk: int, seed: int = 0) -> list[list[int]]:
+    def tokens(chunk: int, seed: int = 0, stop_id: int | None = None) -> list[list[int]]:
         g = torch.Generator(device).manual_seed(seed)
         return [c.tokens for c in generate_batch(m, [[1, 5, 6], [1]], 12, sampling=sampling, generator=g,
-                                                 mode="graph", chunk=chunk, fused=True)]
+                                                 mode="graph", chunk=chunk, fused=True, stop_id=stop_id)]
 
     one = tokens(1)
     assert tokens(4) == one and tokens(1, seed=1) != one
+    stop = one[0][5]  # row 0 ends there (the kernel's bookkeeping: its later tokens padding), row 1 goes on
+    read = []  # the chunks' (B, K) tokens as read back
+    finish = StepChunk.finish
+    monkeypatch.setattr(StepChunk, "finish", lambda self, *a, **kw: (lambda r: (read.append(r[0]), r)[1])(
+        finish(self, *a, **kw)))
+    ended = tokens(4, stop_id=stop)
+    assert ended == tokens(1, stop_id=stop) and ended[0] == one[0][:one[0].index(stop)]
+    row0 = [t for rows in read for t in rows[0]]
+    at = row0.index(stop)
+    assert row0[:at] == ended[0] and row0[at + 1:] and set(row0[at + 1:]) == {PAD}
 
 
 def test_kernels_that_fail_to_build_leave_the_eager_step_with_a_warning(monkeypatch):

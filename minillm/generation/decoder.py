@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from minillm.distributed import synchronize
 from minillm.errors import MiniLLMError
 from minillm.generation.background import Background, busy
-from minillm.generation.sampling import Sampling, noise_like, sample_next_token, skip_draws
+from minillm.generation.sampling import Sampling, fast_sample, noise_like, sample_next_token, skip_draws
 from minillm.generation.static import (
     MAX_DECODERS,
     Compiled,
@@ -67,13 +67,19 @@ class TokenStep:
         ``bufs``: ``StepChunk.bufs``."""
         out, done, seen, i, slot, offsets, key_valid, keys, values = bufs
         s = self.sampling
-        nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, seen=seen,
-                                unsure=unsure, noise=noise, fast=self.static.kernels and not torch.compiler.is_compiling())
-        out.index_copy_(1, i, nxt.masked_fill(done, PAD)[:, None])
-        if self.stop_id is not None:
-            done |= nxt == self.stop_id
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
+        fast = self.static.kernels and not torch.compiler.is_compiling()
+        nxt = None
+        if fast and unsure is not None and s.temperature > 0 and 0 < s.top_k < logits.size(-1):  # the Triton
+            nxt = fast_sample(logits.float(), s.temperature, s.top_k, s.top_p, s.repetition_penalty, None,  # sampler,
+                              seen, unsure, noise, record=(out, i, done, self.stop_id, PAD))[0]  # bookkeeping too
+        if nxt is None:
+            nxt = sample_next_token(logits, s.temperature, s.top_k, s.top_p, s.repetition_penalty, seen=seen,
+                                    unsure=unsure, noise=noise, fast=fast)
+            out.index_copy_(1, i, nxt.masked_fill(done, PAD)[:, None])
+            if self.stop_id is not None:
+                done |= nxt == self.stop_id
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
         logits = self.decode(nxt[:, None], slot + i, offsets, key_valid, keys, values)
         i += 1
         return logits

@@ -160,9 +160,10 @@ def sample_next_token(
 
 def fast_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
                 generator: torch.Generator | None, seen: Tensor | None, unsure: Tensor | None,
-                noise: Tensor | None) -> tuple[Tensor | None, Tensor]:
+                noise: Tensor | None, record: tuple | None = None) -> tuple[Tensor | None, Tensor]:
     """``sample_next_token``'s ``fast`` path (``triton_decode.sample``) -> (the tokens, or None where the kernels
-    failed at an eager call: the caller then samples exactly; the noise drawn)."""
+    failed at an eager call: the caller then samples exactly; the noise drawn). ``record`` (with ``unsure``: no
+    host check): ``triton_decode.sample``'s, the chunk step's bookkeeping done by its kernel."""
     from minillm.model import triton_decode
 
     noise = noise_like(logits, generator) if noise is None else noise
@@ -171,7 +172,7 @@ def fast_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, re
     flags = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device) if unsure is None else unsure
     try:
         token = triton_decode.sample(logits, temperature, top_k, top_p, repetition_penalty, seen, noise, flags,
-                                     candidates=top_k + MARGIN)
+                                     candidates=top_k + MARGIN, record=record if unsure is not None else None)
     except Exception as e:  # a Triton that cannot build the kernels here (an old one without tl.topk): not again
         if logits.is_cuda and torch.cuda.is_current_stream_capturing():
             raise

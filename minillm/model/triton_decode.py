@@ -138,12 +138,15 @@ def _or(t: Tensor | None, other: Tensor) -> Tensor:
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
-           seen: Tensor | None, noise: Tensor, unsure: Tensor, candidates: int) -> Tensor:
+           seen: Tensor | None, noise: Tensor, unsure: Tensor, candidates: int, record: tuple | None = None) -> Tensor:
     """``sampling.sample_next_token`` with temperature > 0 and 0 < top_k < V in two kernels: ``candidates`` (the
     penalty and the temperature, then the largest ``candidates`` (top_k and a margin) of each block of the
     vocabulary) and ``pick`` (the largest of those, top-k with its ties, top-p, the draw with ``noise``). The same
     distribution, random numbers and order of ties (by token) as ``sample_next_token``, rounded differently. Where
-    every candidate past the k-th ties with it, ``unsure`` (B,) bool is set (the caller redoes the step exactly)."""
+    every candidate past the k-th ties with it, ``unsure`` (B,) bool is set (the caller redoes the step exactly).
+    ``record``: (out (B, K), i (1,), done (B,) bool, stop_id or None, pad): ``pick`` also does a ``StepChunk`` step's
+    bookkeeping (``decoder.TokenStep``): the token into out[:, i] (``pad`` where done), done at ``stop_id``, the
+    token marked in ``seen`` (with the penalty), saving five kernels a token."""
     k = kernels()
     B, V = logits.shape
     n = min(V, candidates)
@@ -155,6 +158,9 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetit
     k.candidates[(B, nb)](logits, seen.view(torch.uint8) if has_seen else logits, cand, V, repetition_penalty,
                           temperature, HAS_SEEN=has_seen, BLOCK=block, KP=kp)
     token = torch.empty(B, dtype=torch.long, device=logits.device)
-    k.pick[(B,)](cand, noise, token, unsure.view(torch.uint8), V, n, nb * kp, top_k, top_p, TOP_P=top_p < 1.0,
-                 KP=kp, NCP=k.next_power_of_2(nb * kp))
+    out, i, done, stop_id, pad = record or (token, token, unsure, None, 0)
+    k.pick[(B,)](cand, noise, token, unsure.view(torch.uint8), V, n, nb * kp, top_k, top_p, out, i,
+                 done.view(torch.uint8), seen.view(torch.uint8) if has_seen else token, -1 if stop_id is None else stop_id,
+                 pad, out.size(-1), TOP_P=top_p < 1.0, KP=kp, NCP=k.next_power_of_2(nb * kp), RECORD=record is not None,
+                 HAS_STOP=stop_id is not None, MARK_SEEN=record is not None and has_seen)
     return token
