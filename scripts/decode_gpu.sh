@@ -42,9 +42,11 @@ PY
     echo "MINILLM_DECODE_BLOCKS=$MINILLM_DECODE_BLOCKS CHUNK=$CHUNK" | tee "$OUT/blocks.txt"
 fi
 if [ "${PROFILE:-1}" = 1 ]; then
-    python scripts/profile_decode.py --config large --dtypes bf16 --modes graph --top 30 > "$OUT/profile_large.txt" 2>&1
-    grep -E "tokens/s|per token" "$OUT/profile_large.txt"
-    grep -E "^ +(attend|combine|add_linear|norm_linear|qkv|penalize|pick) " "$OUT/profile_large.txt" | cut -c1-60,150-200
+    for c in ${PROFILE_CONFIGS:-large}; do
+        python scripts/profile_decode.py --config "$c" --dtypes bf16 --modes graph --top 30 > "$OUT/profile_$c.txt" 2>&1
+        grep -E "tokens/s|per token" "$OUT/profile_$c.txt" | sed "s/^/$c: /"
+        grep -E "^ +(attend|combine|add_linear|norm_linear|qkv|candidates|pick) " "$OUT/profile_$c.txt" | cut -c1-60,150-200
+    done
 fi
 if [ "${SAMPLER:-1}" = 1 ]; then
     python scripts/bench_sampler.py --batches 1,32 --blocks 1024,2048,4096 | tee "$OUT/bench_sampler.jsonl"
