@@ -4,7 +4,7 @@
 # profile of the K-step graph; bench_generate's rows with the Triton kernels (graphKf, generate's default) against the
 # eager fused step (graphKe), and with FULL=1 the whole bench (the transformers row, the held-out loss check, the
 # first streamed token). Prepare with `bash scripts/prepare_device_call.sh`, carry [".gpu"]; results under $OUT.
-#   TESTS=0, TUNE=0, PROFILE=0, SAMPLER=0 skip those parts; ROWS="..." (bench_generate --only, without FULL);
+#   TESTS=0, TUNE=0, PROFILE=0, SAMPLER=0, BENCH=0 skip those parts; ROWS="..." (bench_generate --only, without FULL);
 #   BASE=dir: the same rows, graphKf, from another tree too (`git archive REV | tar -x -C dir`), in the same call.
 set -u
 OUT=${OUT:-/tmp/decode_gpu}
@@ -58,7 +58,9 @@ if [ -n "${BASE:-}" ]; then  # the same rows from another tree (the code before,
         > "$OUT/bench_base.jsonl" 2> "$OUT/bench_base.err")
     grep -E "tok/s" "$OUT/bench_base.err" | sed 's/^/base: /'
 fi
-if [ "${FULL:-0}" = 1 ]; then
+if [ "${BENCH:-1}" = 0 ]; then
+    exit 0
+elif [ "${FULL:-0}" = 1 ]; then
     python scripts/bench_generate.py --dtypes bf16 --decoders graphKe,graphKf --repeats 3 --batch 32 --chunk "${CHUNK:-16}" \
         --configs large,small --workdir /tmp/bench-generate > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
 else
