@@ -47,9 +47,9 @@ def cases(k) -> dict:
         "pick": (k.pick, {"cand_ptr": "*i64", "noise_ptr": "*fp32", "token_ptr": "*i64", "unsure_ptr": "*u8",
                          "V": "i32", "N": "i32", "NC": "i32", "top_k": "i32", "top_p": "fp32", "out_ptr": "*i64",
                          "i_ptr": "*i64", "done_ptr": "*u8", "seen_ptr": "*u8", "stop_id": "i32", "pad": "i32",
-                         "K": "i32", "TOP_P": "constexpr", "KP": "constexpr", "NCP": "constexpr",
-                         "RECORD": "constexpr", "HAS_STOP": "constexpr", "MARK_SEEN": "constexpr"},
-                 {"TOP_P": True, "KP": 128, "NCP": 2048, "RECORD": True, "HAS_STOP": True, "MARK_SEEN": True}),
+                         "K": "i32", "record": "i32", "has_stop": "i32", "mark_seen": "i32",
+                         "TOP_P": "constexpr", "KP": "constexpr", "NCP": "constexpr"},
+                 {"TOP_P": True, "KP": 128, "NCP": 2048}),
     }
 
 

@@ -5,6 +5,7 @@
 # eager fused step (graphKe), and with FULL=1 the whole bench (the transformers row, the held-out loss check, the
 # first streamed token). Prepare with `bash scripts/prepare_device_call.sh`, carry [".gpu"]; results under $OUT.
 #   TESTS=0, TUNE=0, PROFILE=0, SAMPLER=0, BENCH=0 skip those parts; ROWS="..." (bench_generate --only, without FULL);
+#   SAMPLER_BLOCKS, SAMPLER_WARPS: the sampler's trials (the fastest kept for the rest of the call);
 #   BASE=dir: the same rows, graphKf, from another tree too (`git archive REV | tar -x -C dir`), in the same call.
 set -u
 OUT=${OUT:-/tmp/decode_gpu}
@@ -48,8 +49,20 @@ if [ "${PROFILE:-1}" = 1 ]; then
         grep -E "^ +(attend|combine|add_linear|norm_linear|qkv|candidates|pick) " "$OUT/profile_$c.txt" | cut -c1-60,150-200
     done
 fi
-if [ "${SAMPLER:-1}" = 1 ]; then
-    python scripts/bench_sampler.py --batches 1,32 --blocks 1024,2048,4096 | tee "$OUT/bench_sampler.jsonl"
+if [ "${SAMPLER:-1}" = 1 ]; then  # the sampler's vocabulary block and warps: the fastest at batch 1 kept for the call
+    python scripts/bench_sampler.py --batches 1,32 --blocks "${SAMPLER_BLOCKS:-1024,2048,4096}" \
+        --warps "${SAMPLER_WARPS:-4}" | tee "$OUT/bench_sampler.jsonl"
+    export MINILLM_DECODE_BLOCKS=$(python - "$OUT/bench_sampler.jsonl" "${MINILLM_DECODE_BLOCKS:-}" <<'PY'
+import json, re, sys
+rows = {r["batch"]: r for r in map(json.loads, open(sys.argv[1]))}
+times = {k[:-3]: v for k, v in rows[1].items() if k.endswith("_us") and k.startswith("triton")}
+ok = [k for k in times if all(r.get(k + "_same_tokens", False) for r in rows.values())]
+best = min(ok, key=lambda k: (times[k], rows.get(32, rows[1])[k + "_us"]))
+block, warps = map(int, re.match(r"triton_(\d+)_w(\d+)", best).groups())
+print(json.dumps(json.loads(sys.argv[2] or "{}") | {"vocab": block, "sample_warps": warps}, separators=(",", ":")))
+PY
+)
+    echo "MINILLM_DECODE_BLOCKS=$MINILLM_DECODE_BLOCKS" | tee -a "$OUT/blocks.txt"
 fi
 if [ -n "${BASE:-}" ]; then  # the same rows from another tree (the code before, unpacked by `git archive`)
     (cd "$BASE" && PYTHONPATH=. python scripts/bench_generate.py --no-train --no-hf --dtypes bf16 \
@@ -60,9 +73,10 @@ if [ -n "${BASE:-}" ]; then  # the same rows from another tree (the code before,
 fi
 if [ "${BENCH:-1}" = 0 ]; then
     exit 0
-elif [ "${FULL:-0}" = 1 ]; then
+elif [ "${FULL:-0}" = 1 ]; then  # ROWS here: only those decode rows; NOHF=1: no transformers rows
     python scripts/bench_generate.py --dtypes bf16 --decoders graphKe,graphKf --repeats 3 --batch 32 --chunk "${CHUNK:-16}" \
-        --configs large,small --workdir /tmp/bench-generate > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
+        --configs large,small --workdir /tmp/bench-generate ${ROWS:+--only "$ROWS"} ${NOHF:+--no-hf} \
+        > "$OUT/bench_generate.jsonl" 2> "$OUT/bench_generate.err"
 else
     ROWS=${ROWS:-"large default batch 1,large greedy batch 1,large default batch 32,small default batch 1,small greedy batch 1"}
     python scripts/bench_generate.py --no-train --no-hf --dtypes bf16 --sampling default,greedy \

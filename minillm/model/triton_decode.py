@@ -34,7 +34,7 @@ from minillm.model.fused_decode import FusedDecode
 ROWS = 16  # rows of the batch per program, tl.dot's smallest block (triton_kernels.ROWS, the kernels' own)
 BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
     "qkv_k": 256, "linear_n": 32, "linear_k": 256, "head_n": 128, "head_k": 128, "slots": 64,  # tune_decode.py
-    "vocab": 2048}  # the sampler's block of the vocabulary
+    "vocab": 2048, "sample_warps": 4}  # the sampler's: its block of the vocabulary, warps a program
 sampler_failed: str | None = None  # why ``sample`` failed to build (then ``sampling.fast_sample`` stops trying)
 BLOCKS.update(json.loads(os.environ.get("MINILLM_DECODE_BLOCKS", "{}")))  # for scripts/tune_decode.py's trials
 
@@ -155,12 +155,13 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetit
     nb = -(-V // block)
     cand = torch.empty(B, nb * kp, dtype=torch.int64, device=logits.device)
     has_seen = seen is not None and repetition_penalty != 1.0
+    warps = BLOCKS["sample_warps"]
     k.candidates[(B, nb)](logits, seen.view(torch.uint8) if has_seen else logits, cand, V, repetition_penalty,
-                          temperature, HAS_SEEN=has_seen, BLOCK=block, KP=kp)
+                          temperature, HAS_SEEN=has_seen, BLOCK=block, KP=kp, num_warps=warps)
     token = torch.empty(B, dtype=torch.long, device=logits.device)
     out, i, done, stop_id, pad = record or (token, token, unsure, None, 0)
     k.pick[(B,)](cand, noise, token, unsure.view(torch.uint8), V, n, nb * kp, top_k, top_p, out, i,
                  done.view(torch.uint8), seen.view(torch.uint8) if has_seen else token, -1 if stop_id is None else stop_id,
-                 pad, out.size(-1), TOP_P=top_p < 1.0, KP=kp, NCP=k.next_power_of_2(nb * kp), RECORD=record is not None,
-                 HAS_STOP=stop_id is not None, MARK_SEEN=record is not None and has_seen)
+                 pad, out.size(-1), int(record is not None), int(stop_id is not None), int(record is not None and has_seen),
+                 TOP_P=top_p < 1.0, KP=kp, NCP=k.next_power_of_2(nb * kp), num_warps=warps)
     return token

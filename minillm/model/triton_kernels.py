@@ -226,17 +226,17 @@ def candidates(logits_ptr, seen_ptr, cand_ptr, V, penalty, temperature, HAS_SEEN
     tl.store(cand_ptr + (b * tl.num_programs(1) + blk) * KP + j, tl.topk(key, KP))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["record", "has_stop", "mark_seen"])  # one build for the one-step and chunk paths
 def pick(cand_ptr, noise_ptr, token_ptr, unsure_ptr, V, N, NC, top_k, top_p, out_ptr, i_ptr, done_ptr, seen_ptr,
-         stop_id, pad, K, TOP_P: tl.constexpr, KP: tl.constexpr, NCP: tl.constexpr, RECORD: tl.constexpr,
-         HAS_STOP: tl.constexpr, MARK_SEEN: tl.constexpr):
+         stop_id, pad, K, record, has_stop, mark_seen, TOP_P: tl.constexpr, KP: tl.constexpr, NCP: tl.constexpr):
     """Program (row): the row's N largest logits from its NC candidates (``candidates``' keys; N <= KP), descending,
     ties in token order; top-k (every logit >= the k-th), then top-p (the smallest prefix reaching ``top_p``; the
     first always kept), then the token drawn as ``torch.multinomial`` draws it, argmax of p / Exp(1) noise
     (``noise`` (B, V)) -> token (B,). ``unsure`` (B,) is set where every candidate past the k-th ties with it
-    (more may lie outside them). ``RECORD`` (a ``StepChunk``'s step ``i``, ``i_ptr``): the token also into
-    out (B, K) at column i, ``pad`` where the row had ended (``done`` (B,)); with ``HAS_STOP`` the row ends at
-    ``stop_id``; with ``MARK_SEEN`` the token marked in ``seen`` (B, V)."""
+    (more may lie outside them). ``record`` (a ``StepChunk``'s step ``i``, ``i_ptr``): the token also into
+    out (B, K) at column i, ``pad`` where the row had ended (``done`` (B,)); with ``has_stop`` the row ends at
+    ``stop_id``; with ``mark_seen`` the token marked in ``seen`` (B, V). (Flags, not constexprs: the kernel
+    compiles once, a second or two for its sorting network.)"""
     b = tl.program_id(0)
     c = tl.arange(0, NCP)
     lowest = tl.full([NCP], 1, tl.int64) << 63
@@ -257,12 +257,12 @@ def pick(cand_ptr, noise_ptr, token_ptr, unsure_ptr, V, N, NC, top_k, top_p, out
     best = tl.argmax(score, axis=0)
     token = tl.sum(tl.where(j == best, idx, 0), axis=0).to(tl.int64)
     tl.store(token_ptr + b, token)
-    if RECORD:
+    if record != 0:
         ended = tl.load(done_ptr + b) != 0
         tl.store(out_ptr + b * K + tl.load(i_ptr), tl.where(ended, pad, token))
-        if HAS_STOP:
+        if has_stop != 0:
             tl.store(done_ptr + b, (ended | (token == stop_id)).to(tl.uint8))
-        if MARK_SEEN:
+        if mark_seen != 0:
             tl.store(seen_ptr + b * V + token, 1)
     last = tl.max(tl.where(j == N - 1, vals, float("-inf")), axis=0)
     if (N < V) & (last >= kth):
