@@ -62,12 +62,15 @@ def main() -> None:
     from triton.compiler import ASTSource
 
     from minillm.model import triton_kernels
+    from minillm.model.triton_decode import BLOCKS
 
     failed = 0
     for arch in map(int, args.arch.split(",")):
         for name, (fn, sig, const) in cases(triton_kernels).items():
             try:
-                c = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32))
+                warps = BLOCKS["sample_warps"] if name in ("candidates", "pick") else 4  # as triton_decode launches
+                c = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                                   options={"num_warps": warps})
                 print(f"sm_{arch} {name:12} ok ({len(c.asm['cubin'])} bytes of cubin)")
             except Exception as e:  # noqa: BLE001 (each kernel's failure is reported)
                 failed += 1

@@ -143,6 +143,22 @@ def test_the_next_chunk_is_launched_before_the_last_is_read(launches):
     assert launches[0] is False and launches.count(True) >= 5
 
 
+def test_no_chunk_is_launched_ahead_before_the_graph_is_captured():
+    """A graphed chunk captures at its second launch: launched ahead, the capture would hold back the first chunk's
+    read-back (``--stream``'s first print), so the chunk after the first waits for it; once captured, chunks follow."""
+    from minillm.generation.static import StaticDecodeStep
+    from minillm.model.gpt import KVCache
+
+    m = varied_model()
+    cache = KVCache(m.cfg, 1, 32, "cpu", torch.float64)
+    chunk = StepChunk(StaticDecodeStep(m, cache), cache, 4, CASES["default"], None, m.cfg.vocab_size, graphed=True)
+    assert not chunk.pipelined
+    chunk.graph = object()  # as if captured
+    assert chunk.pipelined
+    assert StepChunk(StaticDecodeStep(m, cache), cache, 4, CASES["default"], None, m.cfg.vocab_size,
+                     graphed=False).pipelined
+
+
 @pytest.mark.parametrize("at", [8, 11])  # the last token of the first chunk, or inside the second
 def test_a_generation_stopped_while_the_next_chunk_runs_rewinds_the_generator(at):
     """``on_token`` stops the only row at token ``at`` while the chunk after it is already launched: the tokens

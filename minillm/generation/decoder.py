@@ -182,8 +182,9 @@ class StepChunk:
     @property
     def pipelined(self) -> bool:
         """Whether the next chunk may be launched before this one is read (``launch(follow=True)``): not while a
-        background compile is pending or at work (its switch happens between chunks)."""
-        return not self.pending and self.background is None
+        background compile is pending or at work (its switch happens between chunks), nor before the graph is
+        captured (the capture would hold back the first chunk's tokens: ``--stream``'s first print)."""
+        return not self.pending and self.background is None and (not self.graphed or self.graph is not None)
 
     def launch(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
                key_valid: Tensor, generator: torch.Generator | None, follow: bool = False) -> Ticket:

@@ -34,7 +34,7 @@ from minillm.model.fused_decode import FusedDecode
 ROWS = 16  # rows of the batch per program, tl.dot's smallest block (triton_kernels.ROWS, the kernels' own)
 BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
     "qkv_k": 256, "linear_n": 32, "linear_k": 256, "head_n": 128, "head_k": 128, "slots": 64,  # tune_decode.py
-    "vocab": 2048, "sample_warps": 4}  # the sampler's: its block of the vocabulary, warps a program
+    "vocab": 2048, "sample_warps": 16}  # the sampler's: its block of the vocabulary, warps a program
 sampler_failed: str | None = None  # why ``sample`` failed to build (then ``sampling.fast_sample`` stops trying)
 BLOCKS.update(json.loads(os.environ.get("MINILLM_DECODE_BLOCKS", "{}")))  # for scripts/tune_decode.py's trials
 
