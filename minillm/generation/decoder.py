@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from minillm.distributed import synchronize
 from minillm.errors import MiniLLMError
 from minillm.generation.background import Background, busy
-from minillm.generation.sampling import Sampling, fast_sample, noise_like, sample_next_token, skip_draws
+from minillm.generation.sampling import (
+    Sampling,
+    fast_sample,
+    noise_like,
+    sample_next_token,
+    skip_draws,
+    takes_fast,
+)
 from minillm.generation.static import (
     MAX_DECODERS,
     Compiled,
@@ -69,7 +76,7 @@ class TokenStep:
         s = self.sampling
         fast = self.static.kernels and not torch.compiler.is_compiling()
         nxt = None
-        if fast and unsure is not None and s.temperature > 0 and 0 < s.top_k < logits.size(-1):  # the Triton
+        if fast and unsure is not None and takes_fast(s.temperature, s.top_k, logits.size(-1)):  # the Triton
             nxt = fast_sample(logits.float(), s.temperature, s.top_k, s.top_p, s.repetition_penalty, None,  # sampler,
                               seen, unsure, noise, record=(out, i, done, self.stop_id, PAD))[0]  # bookkeeping too
         if nxt is None:
@@ -87,9 +94,10 @@ class TokenStep:
 
 class StepChunk:
     """``k`` decode steps of ``static`` (a ``StaticDecodeStep``: the model, over ``cache``) with sampling on the
-    device. Each call copies its inputs into static buffers (the logits to sample from, the seen-token mask, which
-    rows have ended, the first slot, the padding), runs the steps and returns the (B, k) tokens as lists (the one
-    read-back), leaving the next logits and the updated mask in place. Rows that ended (stop token) emit ``PAD``;
+    device. ``launch`` copies a chunk's inputs into static buffers (the logits to sample from, the seen-token mask,
+    which rows have ended, the first slot, the padding) and runs the steps; ``finish`` returns the (B, k) tokens as
+    lists (the one read-back) and leaves the next logits and the updated mask in place. A chunk may be launched
+    before the one before it is read (``launch(follow=True)``). Rows that ended (stop token) emit ``PAD``;
     their model input stays the sampled token, as in the one-step loop.
 
     ``graphed`` (CUDA): the first call runs eagerly on a side stream (warm-up), the second captures the k steps as
@@ -199,9 +207,7 @@ class StepChunk:
             self.follow_background()
             self.load(logits, seen, active, slot, offsets, key_valid)
         n, self.flip = self.flip, self.flip ^ 1
-        for mine, snap in zip((self.logits, self.seen, self.done), self.snaps[n], strict=True):  # for a redo
-            if snap is not None:
-                snap.copy_(mine)
+        self.snapshot(n)  # for a redo
         state = generator.get_state() if self.sampling.temperature > 0 else None
         self.run(generator)
         out, unsure = self.host[n]
@@ -227,9 +233,7 @@ class StepChunk:
         if redone:  # redo the chunk eagerly, from its inputs, with the host check
             if ticket.state is not None:
                 generator.set_state(ticket.state)
-            for mine, snap in zip((self.logits, self.seen, self.done), self.snaps[ticket.snap], strict=True):
-                if snap is not None:
-                    mine.copy_(snap)
+            self.snapshot(ticket.snap, restore=True)
             self.unsure.zero_()
             self.slot.fill_(ticket.slot)
             self.body(generator, redo=True)
@@ -240,11 +244,14 @@ class StepChunk:
                 seen.copy_(self.seen)
         return rows, redone
 
-    def __call__(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
-                 key_valid: Tensor, generator: torch.Generator | None) -> list[list[int]]:
-        """Decode k tokens per row from ``logits`` (B, V); ``logits`` and ``seen`` are updated in place."""
-        ticket = self.launch(logits, seen, active, slot, offsets, key_valid, generator)
-        return self.finish(ticket, logits, seen, generator, last=True)[0]
+    def snapshot(self, n: int, restore: bool = False) -> None:
+        """Copy the chunk's inputs that its steps change (logits, seen-token mask, ended rows) into snapshot ``n``,
+        or back from it (``restore``)."""
+        for mine, snap in zip((self.logits, self.seen, self.done), self.snaps[n], strict=True):
+            if snap is not None and restore:
+                mine.copy_(snap)
+            elif snap is not None:
+                snap.copy_(mine)
 
     def load(self, logits: Tensor, seen: Tensor | None, active: list[bool], slot: int, offsets: Tensor,
              key_valid: Tensor) -> None:

@@ -132,12 +132,12 @@ def sample_next_token(
     graph: no host sync), not redone but marked True in ``unsure``, and the caller redoes the step.
 
     ``fast`` (the decoders that run the Triton decode kernels, bf16 on CUDA): with temperature > 0 and
-    0 < top_k < V, the same distribution and random numbers in four kernels instead of ~30, rounded differently
-    (``minillm.model.triton_decode.sample``); otherwise as without it."""
+    0 < top_k < V (``takes_fast``), the same distribution and random numbers in two kernels instead of ~30, rounded
+    differently (``minillm.model.triton_decode.sample``); otherwise as without it."""
     logits = logits.float()
     if seen is None and context is not None and context.numel() and repetition_penalty != 1.0:
         seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, context, True)
-    if fast and temperature > 0 and 0 < top_k < logits.size(-1):
+    if fast and takes_fast(temperature, top_k, logits.size(-1)):
         token, noise = fast_sample(logits, temperature, top_k, top_p, repetition_penalty, generator, seen, unsure,
                                    noise)
         if token is not None:
@@ -156,6 +156,11 @@ def sample_next_token(
     else:
         kept = nucleus_sorted(logits, top_k, top_p)
     return (torch.softmax(kept, dim=-1) / noise).argmax(dim=-1)
+
+
+def takes_fast(temperature: float, top_k: int, vocab: int) -> bool:
+    """Whether the Triton sampler (``fast_sample``) covers these settings: sampling (not greedy) with a top-k."""
+    return temperature > 0 and 0 < top_k < vocab
 
 
 def fast_sample(logits: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float,

@@ -11,8 +11,9 @@ weights. ``GPT.decode_step`` with its fused weights (``fused_decode``) runs ~18 
 5. ``add_linear``: the down projection summed into the residual stream;
 
 and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). ``sample`` is the sampler in two
-kernels (``candidates``: the top-k of each block of the vocabulary; ``pick``). The same math as ``GPT.decode_step``, rounded differently: each kernel accumulates in fp32 and rounds once, to the activations' dtype, where the eager
-step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux); ``supported`` says when a
+kernels (``candidates``: the top-k of each block of the vocabulary; ``pick``). The same math as
+``GPT.decode_step``, rounded differently: each kernel accumulates in fp32 and rounds once, to the activations'
+dtype, where the eager step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux); ``supported`` says when a
 model can decode this way. The matrix products are ``tl.dot`` over blocks of 16 rows (rows past the batch are
 masked), so one program serves batch 1 to 16 rows and the grid covers larger batches. ``BLOCKS``: the block sizes,
 measured on an H100 (``scripts/tune_decode.py``; ``MINILLM_DECODE_BLOCKS``, a JSON object, overrides them).
@@ -35,8 +36,8 @@ ROWS = 16  # rows of the batch per program, tl.dot's smallest block (triton_kern
 BLOCKS = {  # per kernel: outputs per program (BLOCK_N) and the reduction's block (BLOCK_K); slots per program
     "qkv_k": 256, "linear_n": 32, "linear_k": 256, "head_n": 128, "head_k": 128, "slots": 64,  # tune_decode.py
     "vocab": 2048, "sample_warps": 16}  # the sampler's: its block of the vocabulary, warps a program
-sampler_failed: str | None = None  # why ``sample`` failed to build (then ``sampling.fast_sample`` stops trying)
 BLOCKS.update(json.loads(os.environ.get("MINILLM_DECODE_BLOCKS", "{}")))  # for scripts/tune_decode.py's trials
+sampler_failed: str | None = None  # why ``sample`` failed to build (then ``sampling.fast_sample`` stops trying)
 
 
 def available() -> bool:
