@@ -133,7 +133,7 @@ def launches(monkeypatch):
 
 def test_the_next_chunk_is_launched_before_the_last_is_read(launches):
     """A long generation launches each chunk while the previous one is still unread (the GPU never waits for the
-    host between chunks), and its tokens are the one-step loop's; a background compile's chunks do not."""
+    host between chunks), and its tokens are the one-step loop's."""
     m = varied_model(block_size=128)
     s = CASES["default"]
     one = generate_batch(m, PROMPTS[:2], 60, sampling=s, generator=torch.Generator().manual_seed(1), mode="static")
