@@ -109,13 +109,16 @@ def wait_for_step(proc, step: int, timeout: float = 120) -> list[str]:
 def _model_levers_restored():
     """``train.step.apply_model_levers`` sets class-wide switches of the model (CUDA's defaults when a test hands
     ``maybe_compile`` a CUDA device): each test starts and ends with the CPU's (the fused norm, separate
-    projections), so that no test runs on another's levers."""
+    projections, the plain loss), so that no test runs on another's levers."""
+    from minillm.model import loss
     from minillm.model.gpt import Attention, RMSNorm
 
     saved = RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections
+    triton_loss = loss.TRITON_LOSS
     inductor = sys.modules.get("torch._inductor.config")  # MINILLM_TUNE's switch, where inductor is imported
     tuning = inductor.coordinate_descent_tuning if inductor else False
     yield
     RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections = saved
+    loss.TRITON_LOSS = triton_loss
     if "torch._inductor.config" in sys.modules:
         sys.modules["torch._inductor.config"].coordinate_descent_tuning = tuning

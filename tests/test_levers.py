@@ -24,13 +24,14 @@ def test_each_lever_is_off_by_default_and_takes_only_its_values(monkeypatch):
 
 def test_unset_levers_take_the_gpu_winners_on_cuda_and_stay_exact_elsewhere(monkeypatch):
     """The measured winners (the device-side non-finite check, Muon's fused Newton-Schulz, the norm as plain ops with
-    the weight in the activations' dtype) are CUDA's defaults; the CPU (and MPS) keep the synchronous, exact path; a
+    the weight in the activations' dtype, the loss's
+    Triton kernel) are CUDA's defaults; the CPU (and MPS) keep the synchronous, exact path; a
     set variable wins on every device."""
     for name in LEVERS:
         monkeypatch.delenv(f"MINILLM_{name}", raising=False)
     assert [lever(n, "cuda") for n in LEVERS] == ["log", "default", "fused", "default", "budget", "halfweight",
-                                                 "separate", "default"]
-    exact = ["step", "default", "matmul", "default", "always", "fused", "separate", "default"]
+                                                 "separate", "default", "triton"]
+    exact = ["step", "default", "matmul", "default", "always", "fused", "separate", "default", "plain"]
     assert [lever(n, "cpu") for n in LEVERS] == exact
     assert [lever(n, "mps") for n in LEVERS] == exact
     monkeypatch.setenv("MINILLM_STEP_SYNC", "step")

@@ -8,6 +8,10 @@ Two paths, picked by ``output_loss``:
   implementations: liger-kernel's Triton kernel where it can run (``loss_kernel = "liger"``, CUDA, the
   ``kernels`` extra installed, a training step) and chunked PyTorch everywhere else.
 
+A compiled training step on CUDA takes a third path, ``triton_loss`` (``MINILLM_LOSS=triton``, CUDA's default
+when triton imports): the output layer, then one Triton kernel that writes each row's loss and turns its logits
+into their gradient in place, one pass over the (N, V) tensor where the plain path makes three.
+
 The fused path is taken for training steps with ``loss_kernel = "liger"`` on CUDA, and with the TOML key
 ``loss_chunk`` > 0 (its rows per chunk, for either implementation; only a per-token loss with a gradient,
 which the fused path does not give, stays plain), and for every training step run eagerly on a GPU
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 from minillm.config import ModelConfig
 
 IGNORE_INDEX = -1  # targets with this value add no loss
+TRITON_LOSS = False  # compiled CUDA training steps take ``triton_loss`` (``train.step.apply_model_levers`` sets it)
 LIGER_CHUNK_ROWS = 4096  # rows per chunk of the fused path unless loss_chunk says (256 MB of bf16 logits at 32k vocabulary)
 
 
@@ -40,6 +45,11 @@ def output_loss(h: Tensor, head: nn.Linear, targets: Tensor, cfg: ModelConfig, r
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     B, T, C = h.shape
     kernel = _liger_for(cfg, h, reduction)
+    if kernel is None and cfg.loss_chunk == 0 and takes_triton(h, reduction):
+        from minillm.model import triton_loss
+
+        total = triton_loss.linear_cross_entropy(h.reshape(B * T, C), head.weight, targets.reshape(-1))
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
     if (kernel is not None or (cfg.loss_chunk > 0 and not (reduction == "none" and torch.is_grad_enabled()))
             or eager_on_gpu(h, reduction)):
         losses = linear_cross_entropy(h.reshape(B * T, C), head.weight, targets.reshape(-1),
@@ -59,6 +69,13 @@ def eager_on_gpu(h: Tensor, reduction: str) -> bool:
     gigabytes (the medium preset: 32k rows x 32k vocabulary); compiled, inductor fuses those into two, and the
     plain path stays. The same loss either way (fp32 arithmetic over bf16 logits; ``tests/test_loss.py``)."""
     return h.is_cuda and reduction == "mean" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def takes_triton(h: Tensor, reduction: str) -> bool:
+    """A training step's loss inside ``torch.compile`` on CUDA with ``TRITON_LOSS`` on: ``triton_loss``'s one
+    pass over the logits (the mean with a gradient only; evaluation and per-token losses stay plain)."""
+    return (TRITON_LOSS and h.is_cuda and reduction == "mean" and torch.is_grad_enabled()
+            and torch.compiler.is_compiling())
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

@@ -199,7 +199,7 @@ def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device,
     the projections, inductor's tuning)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
     params = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
-    levers = {name: lever(name, device.type) for name in ("COMPILE_MODE", "NORM", "PROJ", "TUNE")}
+    levers = {name: lever(name, device.type) for name in ("COMPILE_MODE", "NORM", "PROJ", "TUNE", "LOSS")}
     blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(model.cfg),
                        "params": params, "batch": tcfg.batch_size, "dtype": str(dtype),
                        "doc_masking": tcfg.doc_masking, "levers": levers}, sort_keys=True, default=str)
@@ -232,16 +232,31 @@ def apply_model_levers(device: torch.device) -> None:
     """The levers that live in the model's code (``MINILLM_NORM``: ``RMSNorm.explicit`` and ``half_weight``;
     ``MINILLM_PROJ``: ``Attention.concat_projections``) and inductor's kernel tuning (``MINILLM_TUNE``), set for
     ``device`` before anything traces or runs the model (``maybe_compile`` calls it first)."""
+    from minillm.model import loss
     from minillm.model.gpt import Attention, RMSNorm
 
     norm = lever("NORM", device.type)
     RMSNorm.explicit, RMSNorm.half_weight = norm != "fused", norm == "halfweight"
     Attention.concat_projections = lever("PROJ", device.type) == "concat"
+    loss.TRITON_LOSS = lever("LOSS", device.type) == "triton" and device.type == "cuda" and _triton_loss_imports()
     tune = lever("TUNE", device.type) == "coordinate"
     if tune or "torch._inductor.config" in sys.modules:  # inductor's import costs start-up: only when it is wanted
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = tune
+
+
+def _triton_loss_imports() -> bool:
+    """Whether ``MINILLM_LOSS=triton`` can run: triton is installed. Unset, the lever falls back to the plain loss
+    without it; set by the user, its absence is an error that names the fix."""
+    from minillm.model.triton_decode import available
+
+    if available():
+        return True
+    if explicit("LOSS"):
+        raise MiniLLMError("MINILLM_LOSS=triton needs triton (shipped with torch's CUDA wheels on Linux): install it, "
+                         "or unset MINILLM_LOSS for the plain loss")
+    return False
 
 
 def maybe_compile(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device, whole: bool = False,
