@@ -85,7 +85,7 @@ def sweep(name: str, iters: int) -> list[dict]:
         for warps in (4, 8, 16, 32):
             triton_loss.BLOCK, triton_loss.WARPS = block, warps
             work = logits.clone()
-            ms = timed(lambda: triton_loss.cross_entropy_grad_(work, targets), iters)
+            ms = timed(lambda work=work: triton_loss.cross_entropy_grad_(work, targets), iters)
             gbs = 2 * logits.numel() * logits.element_size() / ms / 1e6
             rows.append({"shape": name, "block": block, "warps": warps, "kernel_ms": round(ms, 3),
                          "GB_per_s": round(gbs)})

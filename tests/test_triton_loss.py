@@ -140,5 +140,5 @@ def test_compiled_on_cuda_it_gives_the_plain_paths_loss_and_gradients(monkeypatc
         value.backward()
         out[path] = value.item(), hh.grad.float(), head.weight.grad.clone()
     assert out[True][0] == pytest.approx(out[False][0], rel=2e-3)
-    for a, b in zip(out[True][1:], out[False][1:]):
+    for a, b in zip(out[True][1:], out[False][1:], strict=True):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
