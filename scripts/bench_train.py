@@ -75,7 +75,8 @@ LEVERS = {"sync": ("MINILLM_STEP_SYNC", "log"), "cudagraphs": ("MINILLM_COMPILE_
           "hostsync": ("MINILLM_STEP_SYNC", "step"), "matmulns": ("MINILLM_MUON_NS", "matmul"),
           "explicitnorm": ("MINILLM_NORM", "explicit"), "halfnorm": ("MINILLM_NORM", "halfweight"),
           "concat": ("MINILLM_PROJ", "concat"), "coord": ("MINILLM_TUNE", "coordinate"),
-          "fusednorm": ("MINILLM_NORM", "fused"), "plainloss": ("MINILLM_LOSS", "plain")}
+          "fusednorm": ("MINILLM_NORM", "fused"), "plainloss": ("MINILLM_LOSS", "plain"),
+          "splitreduce": ("MINILLM_REDUCE", "split")}
 
 
 def bench_one(name: str, args, dist=None) -> dict:

@@ -117,8 +117,11 @@ def _model_levers_restored():
     triton_loss = loss.TRITON_LOSS
     inductor = sys.modules.get("torch._inductor.config")  # MINILLM_TUNE's switch, where inductor is imported
     tuning = inductor.coordinate_descent_tuning if inductor else False
+    mix = getattr(inductor.triton, "mix_order_reduction", None) if inductor else None
     yield
     RMSNorm.explicit, RMSNorm.half_weight, Attention.concat_projections = saved
     loss.TRITON_LOSS = triton_loss
     if "torch._inductor.config" in sys.modules:
         sys.modules["torch._inductor.config"].coordinate_descent_tuning = tuning
+        if mix is not None:
+            sys.modules["torch._inductor.config"].triton.mix_order_reduction = mix

@@ -30,8 +30,8 @@ def test_unset_levers_take_the_gpu_winners_on_cuda_and_stay_exact_elsewhere(monk
     for name in LEVERS:
         monkeypatch.delenv(f"MINILLM_{name}", raising=False)
     assert [lever(n, "cuda") for n in LEVERS] == ["log", "default", "fused", "default", "budget", "halfweight",
-                                                 "separate", "default", "triton"]
-    exact = ["step", "default", "matmul", "default", "always", "fused", "separate", "default", "plain"]
+                                                 "separate", "default", "triton", "mixed"]
+    exact = ["step", "default", "matmul", "default", "always", "fused", "separate", "default", "plain", "mixed"]
     assert [lever(n, "cpu") for n in LEVERS] == exact
     assert [lever(n, "mps") for n in LEVERS] == exact
     monkeypatch.setenv("MINILLM_STEP_SYNC", "step")

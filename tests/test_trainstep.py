@@ -457,14 +457,15 @@ def test_the_compile_key_names_the_shapes_and_the_software(monkeypatch):
               ts.compile_key(model, dataclasses.replace(tcfg, batch_size=tcfg.batch_size + 1), cuda, bf16),
               ts.compile_key(model, dataclasses.replace(tcfg, doc_masking=True), cuda, bf16),
               ts.compile_key(model, tcfg, cuda, torch.float16)]
-    for var, value in (("MINILLM_NORM", "fused"), ("MINILLM_PROJ", "concat"), ("MINILLM_TUNE", "coordinate")):
-        monkeypatch.setenv(var, value)  # unset: CUDA's halfweight, separate, default
+    for var, value in (("MINILLM_NORM", "fused"), ("MINILLM_PROJ", "concat"), ("MINILLM_TUNE", "coordinate"),
+                       ("MINILLM_LOSS", "plain"), ("MINILLM_REDUCE", "split")):
+        monkeypatch.setenv(var, value)  # unset: CUDA's halfweight, separate, default, triton, mixed
         others.append(ts.compile_key(model, tcfg, cuda, bf16))
         monkeypatch.delenv(var)
     assert ts.compile_key(model, tcfg, cuda, bf16) == base
     apply_lora(model, LoRAConfig())  # a finetune's adapters: other graphs than pretraining's
     others.append(ts.compile_key(model, tcfg, cuda, bf16))
-    assert len({base, *others}) == 9
+    assert len({base, *others}) == 11
 
 
 def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
@@ -490,16 +491,18 @@ def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
     assert not RMSNorm.explicit and not RMSNorm.half_weight
 
 
-@pytest.mark.parametrize("var, value", [("MINILLM_PROJ", "concat"), ("MINILLM_TUNE", "coordinate")])
+@pytest.mark.parametrize("var, value", [("MINILLM_PROJ", "concat"), ("MINILLM_TUNE", "coordinate"),
+                                        ("MINILLM_REDUCE", "split")])
 def test_the_switch_levers_reach_the_model_and_inductor(monkeypatch, var, value):
-    """MINILLM_PROJ=concat (Attention.concat_projections) and MINILLM_TUNE=coordinate (inductor's coordinate-descent
-    tuning) are on once maybe_compile has run, before the regions compile; unset, off on CUDA and the CPU."""
+    """MINILLM_PROJ=concat (Attention.concat_projections), MINILLM_TUNE=coordinate (inductor's coordinate-descent
+    tuning) and MINILLM_REDUCE=split (inductor's mix-order reductions off) are on once maybe_compile has run, before the regions compile; unset, off on CUDA and the CPU."""
     import torch._inductor.config as inductor_config
 
     from minillm.model.gpt import Attention
 
     probe = {"MINILLM_PROJ": lambda: Attention.concat_projections,
-             "MINILLM_TUNE": lambda: inductor_config.coordinate_descent_tuning}[var]
+             "MINILLM_TUNE": lambda: inductor_config.coordinate_descent_tuning,
+             "MINILLM_REDUCE": lambda: not inductor_config.triton.mix_order_reduction}[var]
     model, tcfg = _tiny_run("off")
     monkeypatch.setenv(var, value)
     ts.maybe_compile(model, tcfg, torch.device("cpu"))

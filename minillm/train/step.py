@@ -199,7 +199,8 @@ def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device,
     the projections, inductor's tuning)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
     params = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
-    levers = {name: lever(name, device.type) for name in ("COMPILE_MODE", "NORM", "PROJ", "TUNE", "LOSS")}
+    levers = {name: lever(name, device.type) for name in ("COMPILE_MODE", "NORM", "PROJ", "TUNE", "LOSS",
+                                                          "REDUCE")}
     blob = json.dumps({"torch": torch.__version__, "device": name, "model": dataclasses.asdict(model.cfg),
                        "params": params, "batch": tcfg.batch_size, "dtype": str(dtype),
                        "doc_masking": tcfg.doc_masking, "levers": levers}, sort_keys=True, default=str)
@@ -228,6 +229,9 @@ def skips_cold_compile(tcfg: TrainConfig, device: torch.device, key: str) -> boo
             and lever("COLD_COMPILE", device.type) == "budget" and not _mark(key).exists())
 
 
+_MIX_ORDER_DEFAULT: dict[str, bool] = {}  # torch's own mix_order_reduction, before MINILLM_REDUCE touched it
+
+
 def apply_model_levers(device: torch.device) -> None:
     """The levers that live in the model's code (``MINILLM_NORM``: ``RMSNorm.explicit`` and ``half_weight``;
     ``MINILLM_PROJ``: ``Attention.concat_projections``) and inductor's kernel tuning (``MINILLM_TUNE``), set for
@@ -240,10 +244,14 @@ def apply_model_levers(device: torch.device) -> None:
     Attention.concat_projections = lever("PROJ", device.type) == "concat"
     loss.TRITON_LOSS = lever("LOSS", device.type) == "triton" and device.type == "cuda" and _triton_loss_imports()
     tune = lever("TUNE", device.type) == "coordinate"
-    if tune or "torch._inductor.config" in sys.modules:  # inductor's import costs start-up: only when it is wanted
+    split = lever("REDUCE", device.type) == "split"
+    if tune or split or "torch._inductor.config" in sys.modules:  # inductor's import costs start-up: only when wanted
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = tune
+        if hasattr(inductor_config.triton, "mix_order_reduction"):  # torch >= 2.10
+            _MIX_ORDER_DEFAULT.setdefault("torch", inductor_config.triton.mix_order_reduction)
+            inductor_config.triton.mix_order_reduction = False if split else _MIX_ORDER_DEFAULT["torch"]
 
 
 def _triton_loss_imports() -> bool:
