@@ -342,3 +342,23 @@ def test_prepare_device_call_script_is_valid_and_ships_no_typer():
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     downloads = re.findall(r"pip download .*--dest \S+ (.+)", script.read_text())
     assert [d.split() for d in downloads] == [["ftfy", "wcwidth"]]
+
+
+def test_bench_loss_shapes_are_the_presets_at_compare_trains_micro_batches():
+    """bench_loss.py times the loss at each preset's shape of compare_train.sh: rows = the reference micro-batch x
+    the preset's block, its width, its vocabulary (bench_train's REFERENCE, the shapes nanoGPT runs)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_loss
+        import bench_train
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from minillm.config import PRESETS
+
+    assert set(bench_loss.SHAPES) == set(bench_train.REFERENCE)
+    for name, (rows, width, vocab) in bench_loss.SHAPES.items():
+        batch, ref_vocab, _ = bench_train.REFERENCE[name]
+        model = PRESETS[name]["model"]
+        assert (rows, width, vocab) == (batch * model["block_size"], model["n_embd"], ref_vocab), name
+    out = _run("scripts/bench_loss.py", "--help")
+    assert "--sweep" in out

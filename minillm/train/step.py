@@ -255,11 +255,12 @@ def apply_model_levers(device: torch.device) -> None:
 
 
 def _triton_loss_imports() -> bool:
-    """Whether ``MINILLM_LOSS=triton`` can run: triton is installed. Unset, the lever falls back to the plain loss
-    without it; set by the user, its absence is an error that names the fix."""
+    """Whether ``MINILLM_LOSS=triton`` can run: triton is installed and torch has ``torch.library.triton_op``.
+    Unset, the lever falls back to the plain loss without them; set by the user, their absence is an error that
+    names the fix."""
     from minillm.model.triton_decode import available
 
-    if available():
+    if available() and hasattr(torch.library, "triton_op"):  # torch >= 2.6 registers Triton kernels as ops
         return True
     if explicit("LOSS"):
         raise MiniLLMError("MINILLM_LOSS=triton needs triton (shipped with torch's CUDA wheels on Linux): install it, "
