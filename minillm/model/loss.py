@@ -1,6 +1,6 @@
 """The loss of the output layer: cross-entropy of ``h @ w.T`` over the vocabulary, in fp32, ignoring targets -1.
 
-Two paths, picked by ``output_loss``:
+Two paths, picked by ``output_loss`` (and a third on CUDA, below):
 
 - **plain** (the default): the (N, V) logits, then ``F.cross_entropy``;
 - **fused** (``linear_cross_entropy``): the output layer and the loss a chunk of rows at a time, the gradient
@@ -10,7 +10,8 @@ Two paths, picked by ``output_loss``:
 
 A compiled training step on CUDA takes a third path, ``triton_loss`` (``MINILLM_LOSS=triton``, CUDA's default
 when triton imports): the output layer, then one Triton kernel that writes each row's loss and turns its logits
-into their gradient in place, one pass over the (N, V) tensor where the plain path makes three.
+into their gradient in place, reading the (N, V) logits from memory once where the plain path reads them twice
+and writes a new tensor.
 
 The fused path is taken for training steps with ``loss_kernel = "liger"`` on CUDA, and with the TOML key
 ``loss_chunk`` > 0 (its rows per chunk, for either implementation; only a per-token loss with a gradient,

@@ -196,7 +196,7 @@ def compile_key(model: torch.nn.Module, tcfg: TrainConfig, device: torch.device,
     """The name of what a compilation of the training regions depends on: torch's version, the device's name, the
     model config and its parameters (names, shapes, which train: a LoRA adapter changes the graphs), the
     micro-batch, the precision, document masking, the compile mode and the levers that change the kernels (the norm,
-    the projections, inductor's tuning)."""
+    the projections, inductor's tuning and its mix-order reductions, the loss)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device.type
     params = [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]
     levers = {name: lever(name, device.type) for name in ("COMPILE_MODE", "NORM", "PROJ", "TUNE", "LOSS",
