@@ -8,7 +8,7 @@
 #   3. correctness: `minillm train --config small` 200 steps on real text, seed 1337, --compile on, with the defaults
 #      and with each lever; the final validation loss of each within 0.5% of the defaults'.
 # Run from the repository root:  bash scripts/levers_gpu.sh
-# VARIANTS: bench_train.py --ab names (default "coord concat fusednorm"; base always runs); CONFIGS; ROUNDS (2).
+# VARIANTS: bench_train.py --ab names (default "splitreduce coord plainloss"; base always runs); CONFIGS; ROUNDS (2).
 # CORPUS: real text (default .gpu/es_small.txt, the first 3 MB of es_bible_rv1909: git ignores it, so carry it);
 # without it, the repository's own docs are the corpus. .gpu/wheels/*.whl are installed when present: ftfy and
 # wcwidth only (PyPI's typer now needs pydantic, which the GPU machine lacks: its own typer works, keep it).
@@ -17,7 +17,7 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/levers}
 mkdir -p "$OUT"
-VARIANTS=${VARIANTS:-"coord concat fusednorm"}
+VARIANTS=${VARIANTS:-"splitreduce coord plainloss"}
 CONFIGS=${CONFIGS:-"small medium large"}
 ROUNDS=${ROUNDS:-2}
 CORPUS=${CORPUS:-.gpu/es_small.txt}
@@ -28,11 +28,11 @@ fi
 ls .gpu/wheels/*.whl > /dev/null 2>&1 && pip install -q --no-index --no-deps .gpu/wheels/*.whl 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__)"
-unset MINILLM_STEP_SYNC MINILLM_COMPILE_MODE MINILLM_MUON_NS MINILLM_NORM MINILLM_PROJ MINILLM_TUNE
+unset MINILLM_STEP_SYNC MINILLM_COMPILE_MODE MINILLM_MUON_NS MINILLM_NORM MINILLM_PROJ MINILLM_TUNE MINILLM_LOSS MINILLM_REDUCE
 export TORCHINDUCTOR_CACHE_DIR=/tmp/levers_ic TRITON_CACHE_DIR=/tmp/levers_tc
 
 echo "== 0. the levers' CUDA tests"
-timeout 90 python -m pytest -q -p no:cacheprovider tests/test_trainstep.py tests/test_muon.py -k cuda 2>&1 | tail -3
+timeout 90 python -m pytest -q -p no:cacheprovider tests/test_trainstep.py tests/test_muon.py tests/test_triton_loss.py -k "cuda or triton" 2>&1 | tail -3
 
 echo "== 1. tokens/s per lever (ratio to base: the CUDA defaults)"
 ab=(--ab base); for v in $VARIANTS; do ab+=(--ab "$v"); done
