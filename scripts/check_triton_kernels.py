@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Compile the Triton decode kernels (``minillm/model/triton_kernels.py``) ahead of time for GPU architectures, on a
-machine without a GPU: Triton's front end, its passes and ptxas (shipped with triton) down to a cubin for each
+"""Compile the Triton decode kernels (``minillm/model/triton_kernels.py``) and the training loss's kernel
+(``minillm/model/triton_loss.py``) ahead of time for GPU architectures, on a machine without a GPU: Triton's front end, its passes and ptxas (shipped with triton) down to a cubin for each
 --arch, at the shapes of the ``large`` preset and the tuned blocks. A kernel that Triton cannot build shows here
 before a user's GPU meets it (``generate`` then falls back to the eager step with a warning).
 
@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def cases(k) -> dict:
-    """Kernel name -> (kernel, signature, constexprs)."""
+def cases(k, loss) -> dict:
+    """Kernel name -> (kernel, signature, constexprs); ``k``: the decode kernels' module, ``loss``: triton_loss."""
     P = "*bf16"
     return {
         "qkv": (k.qkv, {"x_ptr": P, "nw_ptr": P, "w_ptr": P, "b_ptr": P, "qn_ptr": P, "kn_ptr": P, "cos_ptr": P,
@@ -50,6 +50,10 @@ def cases(k) -> dict:
                          "K": "i32", "record": "i32", "has_stop": "i32", "mark_seen": "i32",
                          "TOP_P": "constexpr", "KP": "constexpr", "NCP": "constexpr"},
                  {"TOP_P": True, "KP": 128, "NCP": 2048}),
+        "cross_entropy_grad": (loss._cross_entropy_grad, {"logits_ptr": P, "targets_ptr": "*i64", "losses_ptr": "*fp32",
+                                                         "V": "i32", "stride": "i32", "IGNORE": "constexpr",
+                                                         "BLOCK": "constexpr"},
+                               {"IGNORE": -1, "BLOCK": loss.BLOCK}),
     }
 
 
@@ -61,16 +65,18 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from minillm.model import triton_kernels
+    from minillm.model import triton_kernels, triton_loss
     from minillm.model.triton_decode import BLOCKS
+
+    warps = {"candidates": BLOCKS["sample_warps"], "pick": BLOCKS["sample_warps"],  # as each is launched
+             "cross_entropy_grad": triton_loss.WARPS}
 
     failed = 0
     for arch in map(int, args.arch.split(",")):
-        for name, (fn, sig, const) in cases(triton_kernels).items():
+        for name, (fn, sig, const) in cases(triton_kernels, triton_loss).items():
             try:
-                warps = BLOCKS["sample_warps"] if name in ("candidates", "pick") else 4  # as triton_decode launches
                 c = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
-                                   options={"num_warps": warps})
+                                   options={"num_warps": warps.get(name, 4)})
                 print(f"sm_{arch} {name:12} ok ({len(c.asm['cubin'])} bytes of cubin)")
             except Exception as e:  # noqa: BLE001 (each kernel's failure is reported)
                 failed += 1

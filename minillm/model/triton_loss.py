@@ -48,7 +48,8 @@ def _cross_entropy_grad(logits_ptr, targets_ptr, losses_ptr, V, stride, IGNORE: 
     lanes = tl.where(running_max == float("-inf"), 0.0, running_sum * tl.exp(running_max - row_max))
     lse = row_max + tl.log(tl.sum(lanes, axis=0))
     valid = target != IGNORE
-    target_logit = tl.load(base + tl.where(valid, target, 0)).to(tl.float32)
+    inside_row = valid & (target >= 0) & (target < V)  # a target past the row (corrupt data) reads no other row
+    target_logit = tl.load(base + tl.where(inside_row, target, 0)).to(tl.float32)
     tl.store(losses_ptr + row, tl.where(valid, lse - target_logit, 0.0))
     for start in range(0, V, BLOCK):  # the gradient over the row, in place
         c = start + cols
