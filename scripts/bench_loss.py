@@ -55,6 +55,7 @@ def head_step(name: str, triton: bool, iters: int) -> dict:
     cfg = ModelConfig(vocab_size=v, n_embd=c)
     loss.TRITON_LOSS = triton
     torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats()
     fn = torch.compile(loss.output_loss, dynamic=False)
 
     def step():

@@ -50,7 +50,7 @@ def output_loss(h: Tensor, head: nn.Linear, targets: Tensor, cfg: ModelConfig, r
         from minillm.model import triton_loss
 
         total = triton_loss.linear_cross_entropy(h.reshape(B * T, C), head.weight, targets.reshape(-1))
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return per_target(total, targets)
     if (kernel is not None or (cfg.loss_chunk > 0 and not (reduction == "none" and torch.is_grad_enabled()))
             or eager_on_gpu(h, reduction)):
         losses = linear_cross_entropy(h.reshape(B * T, C), head.weight, targets.reshape(-1),
@@ -59,8 +59,13 @@ def output_loss(h: Tensor, head: nn.Linear, targets: Tensor, cfg: ModelConfig, r
         logits = head(h)  # (B, T, V), bf16/fp16 under autocast
         losses = cross_entropy(logits.view(B * T, -1), targets.reshape(-1))  # (B*T,)
         if reduction == "mean":
-            losses = losses.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+            losses = per_target(losses.sum(), targets)
     return losses if reduction == "mean" else losses.view(B, T)
+
+
+def per_target(total: Tensor, targets: Tensor) -> Tensor:
+    """A sum of per-target losses as their mean over the targets that are not ignored (0 when all are)."""
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def eager_on_gpu(h: Tensor, reduction: str) -> bool:
@@ -136,7 +141,7 @@ def linear_cross_entropy(h: Tensor, w: Tensor, targets: Tensor, chunk: int, redu
             out.append(F.cross_entropy(logits, targets[s:s + chunk], ignore_index=IGNORE_INDEX, reduction="none"))
         return torch.cat(out)
     total = _LinearCrossEntropy.apply(h, w, targets, chunk)
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return per_target(total, targets)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
