@@ -58,6 +58,8 @@ class ModelConfig:
     dropout: float = _m(0.0, "Dropout on attention and MLP outputs (0 for short runs, 0.1 for many epochs).",
                         cli=(TRAIN, FINETUNE), finetune_help="Model dropout during fine-tuning (default: the base's).")
     bias: bool = _m(False, "Biases in linear layers and norms (off in the Llama family).", cli=())
+    norm_weight: bool = _m(True, "Learn each norm's per-channel gain; false: parameter-free norms (gain fixed at 1, "
+                                 "as modded-nanogpt and nanochat), no gain gradients to reduce.", cli=())
     tie_embeddings: bool = _m(True, "Share the input embedding and output layer weights.", cli=())
     qk_norm: bool = _m(False, "RMS-normalize queries and keys per head before attention (exports as Qwen3).", cli=())
     gradient_checkpointing: bool = _m(False, "Recompute activations in the backward pass to save memory.",

@@ -623,3 +623,48 @@ def test_the_explicit_rms_norm_runs_the_fused_op_outside_compile(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     norm(h)
     assert calls == [1]  # compiled: the plain ops
+
+
+@pytest.mark.parametrize("kw", [{"qk_norm": True}, {"norm": "layernorm", "bias": True, "mlp": "gelu"}])
+def test_parameter_free_norms_train_with_their_gains_fixed_and_keep_the_layout(kw):
+    """``norm_weight=False``: no norm has a parameter (nothing for the optimizer, no gain gradient to reduce), the
+    gains stay exactly 1 (biases 0) through training, the state dict has the same keys as the learned-gain model's
+    (checkpoints and export keep their layout), and at init the two models are the same function."""
+    free, learned = model(norm_weight=False, **kw).train(), model(norm_weight=True, **kw).train()
+    assert not [n for n, _ in free.named_parameters() if "norm" in n]
+    assert [n for n, _ in learned.named_parameters() if "norm" in n]
+    assert free.state_dict().keys() == learned.state_dict().keys()
+    x = tokens(4, 16)
+    y = torch.roll(x, -1, dims=1)
+    torch.testing.assert_close(free(x, y), learned(x, y), rtol=0, atol=0)
+    for m in (free, learned):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        for _ in range(5):
+            opt.zero_grad()
+            m(x, y).backward()
+            opt.step()
+    gains = {n: t for n, t in free.state_dict().items() if "norm" in n}
+    assert gains and all(torch.equal(t, torch.ones_like(t) if n.endswith("weight") else torch.zeros_like(t))
+                         for n, t in gains.items())
+    assert any(not torch.equal(t, torch.ones_like(t))
+               for n, t in learned.state_dict().items() if "norm" in n and n.endswith("weight"))
+    fresh = model(seed=3, norm_weight=False, **kw)
+    fresh.load_state_dict(free.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), free.eval()(x), rtol=0, atol=0)
+
+
+def test_parameter_free_norms_under_the_presets_optimizers():
+    """Muon + AdamW (the small preset's optimizers) build and step a parameter-free model: the norms are in
+    neither optimizer, every other parameter is in exactly one."""
+    from minillm.config import TrainConfig
+    from minillm.optim.groups import configure_optimizer
+
+    m = model(norm_weight=False, qk_norm=True).train()
+    opts = configure_optimizer(m, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    held = [id(p) for o in opts for g in o.param_groups for p in g["params"]]
+    assert sorted(held) == sorted(id(p) for p in m.parameters())
+    x = tokens(2, 16)
+    m(x, torch.roll(x, -1, dims=1)).backward()
+    for o in opts:
+        o.step()
+    assert torch.equal(m.blocks[0].attn.q_norm.weight, torch.ones(m.cfg.head_dim))

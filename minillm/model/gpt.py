@@ -2,12 +2,11 @@
 built GPT-2 style (LayerNorm, GELU), with grouped-query attention, optional QK-norm, tied embeddings,
 gradient checkpointing, document masking and incremental decoding over a KV cache.
 
-Read top to bottom: norms and RoPE, attention, MLP, the block, the model, the KV cache. Attention is written
-once: ``Attention.project`` gives the queries, keys and values (projections, QK-norm, RoPE) to both
-``forward`` (training, evaluation, prefill; appends to a ``KVCache``) and ``decode`` (one new token per row
-over a static cache, for compiled and CUDA-graph decoding); bf16 decoding's fused step, the same math in fewer
-kernels a layer, is in ``fused_decode.py``. The loss is in ``loss.py``, the estimates of parameters, FLOPs and
-memory in ``memory.py``.
+Read top to bottom: norms and RoPE, attention, MLP, the block, the model, the KV cache. Attention is written once:
+``Attention.project`` gives the queries, keys and values (projections, QK-norm, RoPE) to both ``forward`` (training,
+evaluation, prefill; appends to a ``KVCache``) and ``decode`` (one new token per row over a static cache, for
+compiled and CUDA-graph decoding); bf16 decoding's fused step, the same math in fewer kernels a layer, is in
+``fused_decode.py``. The loss is in ``loss.py``, the estimates of parameters, FLOPs and memory in ``memory.py``.
 
 Module names match Hugging Face's Llama/Qwen3 layout one to one (``attn.q_proj`` ~ ``self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm1`` ~ ``input_layernorm``, ...), and RoPE uses the rotate-half convention, so
@@ -54,10 +53,13 @@ class RMSNorm(nn.RMSNorm):
         return (y * self.weight.to(x.dtype)).to(x.dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=LN_EPS, bias=cfg.bias)
-    return RMSNorm(dim, eps=RMS_EPS)
+def make_norm(cfg: ModelConfig, dim: int, rms: bool = False) -> nn.Module:
+    """``cfg.norm`` over ``dim`` (``rms``: RMSNorm); ``norm_weight`` false: gain 1, bias 0 as buffers (same layout)."""
+    norm = RMSNorm(dim, eps=RMS_EPS) if rms or cfg.norm != "layernorm" else nn.LayerNorm(dim, eps=LN_EPS, bias=cfg.bias)
+    for name, p in [] if cfg.norm_weight else list(norm.named_parameters()):
+        delattr(norm, name)
+        norm.register_buffer(name, p.detach())
+    return norm
 
 
 # --------------------------------------------------------------------------------------------- RoPE
@@ -178,8 +180,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.q_norm = RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim, eps=RMS_EPS) if cfg.qk_norm else nn.Identity()
+        self.q_norm = make_norm(cfg, cfg.head_dim, rms=True) if cfg.qk_norm else nn.Identity()
+        self.k_norm = make_norm(cfg, cfg.head_dim, rms=True) if cfg.qk_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
     def project(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -343,8 +345,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one tensor, one gradient, counted once
-        # generation's static decoders by shape (a KV cache and its compiled or captured decode step), built
-        # on first use and kept with the model they run (minillm.generation.static_decoder)
+        # generation's static decoders by shape, built on first use (minillm.generation.decoder)
         self.decoders: dict[tuple, tuple] = {}
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -398,8 +399,7 @@ class GPT(nn.Module):
         (``key_valid`` (B, S), False at padding, and the slots up to ``slot``). ``keys``/``values``: a
         ``KVCache``'s ``k``/``v`` (L, B, Hkv, S, D). ``fused``: the weights of the fused decode step (fewer
         kernels a layer, ``fused_decode``), or None. -> logits (B, V), as ``forward`` with the cache gives."""
-        # a row's context never exceeds the block (generation slides it), so its position is in the RoPE
-        # table; the clamp only keeps finished rows, whose tokens are dropped, inside it
+        # a row's position is in the RoPE table (generation slides the context); the clamp keeps finished rows in it
         positions = (slot - offsets).clamp(0, self.cfg.block_size - 1)[:, None]  # (B, 1)
         rope = self.rope(positions, 1, in_table=True)  # cos, sin (B, 1, 1, D)
         visible = key_valid & (torch.arange(keys.size(3), device=idx.device) <= slot)  # (B, S)
