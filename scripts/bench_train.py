@@ -31,6 +31,11 @@ Levers (issue 20; each switched by its environment variable of ``minillm/optim/l
   concat      MINILLM_PROJ=concat                       q/k/v and gate/up projections each as one matrix product
   coord       MINILLM_TUNE=coordinate                   inductor's coordinate-descent tuning of each kernel's blocks
   fusednorm   MINILLM_NORM=fused                        torch's fused RMSNorm op inside the compiled regions too
+  plainloss   MINILLM_LOSS=plain                        the compiled cross-entropy instead of the Triton kernel
+  splitreduce MINILLM_REDUCE=split                      inductor's mix-order reductions off
+
+A variant's ``key=value`` items are config overrides of its rows only (``--set`` for that variant): a model change
+timed beside the defaults in one process, e.g. ``--ab base --ab norm_weight=false --ab dropout=0``.
 
 ``sync``, ``ns`` and ``halfnorm`` are CUDA's defaults since they were measured (so on a GPU ``base`` includes them);
 the before-and-after of the defaults on a GPU is ``--ab hostsync,matmulns,fusednorm --ab base``.
@@ -276,10 +281,16 @@ def _syncs_per_step(step, prefetch, n: int = 2) -> float:
     return sum("synchroniz" in str(w.message) for w in caught) / n
 
 
+def split_variant(variant: str) -> tuple[list[str], list[str]]:
+    """A ``--ab`` variant's lever names and its ``key=value`` config overrides (``--set`` for its rows only)."""
+    items = [] if variant == "base" else variant.split(",")
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
 @contextlib.contextmanager
 def levers(variant: str):
     """The environment of a ``--ab`` variant: its levers' variables set (``base``: none), restored after."""
-    names = [] if variant == "base" else variant.split(",")
+    names = split_variant(variant)[0]
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise SystemExit(f"--ab {variant}: unknown lever {unknown[0]}; use base or any of {', '.join(LEVERS)}")
@@ -297,6 +308,7 @@ def levers(variant: str):
 
 def _ab_row(name: str, variant: str, args, dist) -> dict:
     """A ``--ab`` row; a variant that fails becomes a row with its ``error`` (the other variants still run)."""
+    args = argparse.Namespace(**{**vars(args), "set": [*args.set, *split_variant(variant)[1]]})
     try:
         return bench_one(name, args, dist) | {"levers": variant}
     except Exception as e:  # noqa: BLE001  a lever that breaks is a result too
@@ -354,7 +366,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     ap.add_argument("--no-sync", action="store_true", help="measure the step without its host sync (upper bound)")
     ap.add_argument("--ab", action="append", default=[],
-                    help=f"a variant to run each config with: base, or levers joined by commas ({', '.join(LEVERS)}); "
+                    help=f"a variant to run each config with: base, or levers joined by commas ({', '.join(LEVERS)}) "
+                         "and config overrides for that variant's rows (norm_weight=false, dropout=0); "
                          "repeat; ends with a table of tokens/s and the ratio to base")
     ap.add_argument("--rounds", type=int, default=1, help="with --ab: runs of every variant, interleaved")
     ap.add_argument("--timing", choices=("each", "total"), default="each",

@@ -8,7 +8,8 @@
 #   3. correctness: `minillm train --config small` 200 steps on real text, seed 1337, --compile on, with the defaults
 #      and with each lever; the final validation loss of each within 0.5% of the defaults'.
 # Run from the repository root:  bash scripts/levers_gpu.sh
-# VARIANTS: bench_train.py --ab names (default "splitreduce coord plainloss"; base always runs); CONFIGS; ROUNDS (2).
+# VARIANTS: bench_train.py --ab names (default "plainloss norm_weight=false"; base always runs; a key=value variant is
+# a model change, timed in step 1 only: its quality is bench_quality.py's to judge, not step 3's); CONFIGS; ROUNDS (2).
 # CORPUS: real text (default .gpu/es_small.txt, the first 3 MB of es_bible_rv1909: git ignores it, so carry it);
 # without it, the repository's own docs are the corpus. .gpu/wheels/*.whl are installed when present: ftfy and
 # wcwidth only (PyPI's typer now needs pydantic, which the GPU machine lacks: its own typer works, keep it).
@@ -17,7 +18,7 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/levers}
 mkdir -p "$OUT"
-VARIANTS=${VARIANTS:-"splitreduce coord plainloss"}
+VARIANTS=${VARIANTS:-"plainloss norm_weight=false"}
 CONFIGS=${CONFIGS:-"small medium large"}
 ROUNDS=${ROUNDS:-2}
 CORPUS=${CORPUS:-.gpu/es_small.txt}
@@ -77,10 +78,11 @@ train() {  # train NAME [VAR=VALUE...]: one run with those levers, its own compi
 lever_env() {  # the VAR=VALUE of a bench_train --ab name
   python -c "import sys; sys.path.insert(0, 'scripts'); from bench_train import LEVERS; v, x = LEVERS['$1']; print(f'{v}={x}')"
 }
+LEVER_VARIANTS=$(for v in $VARIANTS; do case $v in *=*) ;; *) echo "$v";; esac; done)
 train base &
-for v in $VARIANTS; do sleep 2; train "$v" "$(lever_env "$v")" & done
+for v in $LEVER_VARIANTS; do sleep 2; train "$v" "$(lever_env "$v")" & done
 wait
-python - "$OUT" base $VARIANTS <<'PY'
+python - "$OUT" base $LEVER_VARIANTS <<'PY'
 import json, sys
 from pathlib import Path
 out, names = Path(sys.argv[1]), sys.argv[2:]

@@ -41,6 +41,17 @@ def test_bench_train_ab_runs_each_lever_and_tabulates_the_ratio_to_base():
     assert r.returncode == 1 and "--ab warp: unknown lever warp; use base or any of sync," in r.stderr
 
 
+def test_bench_train_ab_variant_may_set_a_config_field_for_its_rows_only():
+    """``--ab norm_weight=false``: a variant's ``key=value`` items are ``--set`` overrides of its own rows (a model
+    change measured beside the defaults in one process); the base row keeps the config's value."""
+    out = _run("scripts/bench_train.py", "--config", "configs/tiny.toml", "--device", "cpu", "--steps", "1",
+               "--warmup", "1", "--vocab", "512", "--json", "--timing", "total",
+               "--ab", "base", "--ab", "norm_weight=false", "--ab", "sync,dropout=0.5")
+    *rows, _ = [json.loads(line) for line in out.strip().splitlines()]
+    assert [(r["levers"], r["set"]) for r in rows] == [("base", []), ("norm_weight=false", ["norm_weight=false"]),
+                                                       ("sync,dropout=0.5", ["dropout=0.5"])]
+
+
 def test_bench_train_ab_table_takes_medians_of_the_rounds_that_ran():
     import importlib.util
 
