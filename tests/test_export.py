@@ -30,6 +30,7 @@ VARIANTS = {
     "llama-untied-gqa": {"tie_embeddings": False, "n_kv_head": 2},
     "qwen3": {"qk_norm": True},
     "llama-bias": {"bias": True},
+    "qwen3-parameter-free-norms": {"qk_norm": True, "norm_weight": False},  # the gains exported as ones
 }
 
 

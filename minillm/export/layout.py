@@ -161,7 +161,8 @@ def config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
     n_kv = int(c.get("num_key_value_heads") or n_head)
     theta = float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0)
     extra = (c.get("minillm") or {}).get("model_config", {})
-    runtime = {k: extra[k] for k in ("dropout", "attention", "loss_chunk", "gradient_checkpointing") if k in extra}
+    runtime = {k: extra[k] for k in ("dropout", "attention", "loss_chunk", "gradient_checkpointing", "norm_weight")
+               if k in extra}
     cfg = ModelConfig(vocab_size=int(c["vocab_size"]), block_size=int(c["max_position_embeddings"]),
                       n_layer=int(c["num_hidden_layers"]), n_head=n_head, n_embd=n_embd,
                       n_kv_head=0 if n_kv == n_head else n_kv, rope_theta=theta, bias=bias,
