@@ -110,10 +110,16 @@ def test_levers_gpu_script_names_only_levers_and_values_that_exist():
     script = ROOT / "scripts" / "levers_gpu.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    names = {n for v in re.search(r'VARIANTS:-"([^"]*)"', text).group(1).split() for n in v.split(",")}
+    items = {n for v in re.search(r'VARIANTS:-"([^"]*)"', text).group(1).split() for n in v.split(",")}
+    names, overrides = {n for n in items if "=" not in n}, {n for n in items if "=" in n}
     bench = _load("bench_train")
     assert {"sync", "cudagraphs", "ns", "hostsync", "matmulns", "coord", "concat", "fusednorm"} <= set(bench.LEVERS)
     assert names and names <= set(bench.LEVERS), names
+    from minillm.config import resolve
+
+    for item in overrides:  # a config override (a model change): a field the presets resolve with
+        key, _, value = item.partition("=")
+        resolve("small", {key: json.loads(value)})
     assert "(--ab base)" in text
     assert all(var.removeprefix("MINILLM_") in LEVERS and value in LEVERS[var.removeprefix("MINILLM_")]
                for var, value in bench.LEVERS.values())
