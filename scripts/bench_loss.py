@@ -81,7 +81,7 @@ def sweep(name: str, iters: int) -> list[dict]:
     n, _, v = SHAPES[name]
     logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
     targets = torch.randint(0, v, (n,), device="cuda")
-    rows = []
+    rows, kept = [], (triton_loss.BLOCK, triton_loss.WARPS)
     for block in (1024, 2048, 4096, 8192):
         for warps in (4, 8, 16, 32):
             triton_loss.BLOCK, triton_loss.WARPS = block, warps
@@ -90,6 +90,7 @@ def sweep(name: str, iters: int) -> list[dict]:
             gbs = 2 * logits.numel() * logits.element_size() / ms / 1e6
             rows.append({"shape": name, "block": block, "warps": warps, "kernel_ms": round(ms, 3),
                          "GB_per_s": round(gbs)})
+    triton_loss.BLOCK, triton_loss.WARPS = kept  # the next shape's step runs at the module's settings again
     return rows
 
 

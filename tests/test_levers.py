@@ -24,8 +24,7 @@ def test_each_lever_is_off_by_default_and_takes_only_its_values(monkeypatch):
 
 def test_unset_levers_take_the_gpu_winners_on_cuda_and_stay_exact_elsewhere(monkeypatch):
     """The measured winners (the device-side non-finite check, Muon's fused Newton-Schulz, the norm as plain ops with
-    the weight in the activations' dtype, the loss's
-    Triton kernel) are CUDA's defaults; the CPU (and MPS) keep the synchronous, exact path; a
+    the weight in the activations' dtype, the loss's Triton kernel) are CUDA's defaults; the CPU (and MPS) keep the synchronous, exact path; a
     set variable wins on every device."""
     for name in LEVERS:
         monkeypatch.delenv(f"MINILLM_{name}", raising=False)

@@ -495,7 +495,8 @@ def test_the_norm_lever_reaches_the_model_before_anything_runs(monkeypatch):
                                         ("MINILLM_REDUCE", "split")])
 def test_the_switch_levers_reach_the_model_and_inductor(monkeypatch, var, value):
     """MINILLM_PROJ=concat (Attention.concat_projections), MINILLM_TUNE=coordinate (inductor's coordinate-descent
-    tuning) and MINILLM_REDUCE=split (inductor's mix-order reductions off) are on once maybe_compile has run, before the regions compile; unset, off on CUDA and the CPU."""
+    tuning) and MINILLM_REDUCE=split (inductor's mix-order reductions off) are on once maybe_compile has run, before
+    the regions compile; unset, off on CUDA and the CPU."""
     import torch._inductor.config as inductor_config
 
     from minillm.model.gpt import Attention

@@ -13,8 +13,8 @@ weights. ``GPT.decode_step`` with its fused weights (``fused_decode``) runs ~18 
 and the output layer is one ``norm_linear`` (norm_f, lm_head, fp32 logits). ``sample`` is the sampler in two
 kernels (``candidates``: the top-k of each block of the vocabulary; ``pick``). The same math as
 ``GPT.decode_step``, rounded differently: each kernel accumulates in fp32 and rounds once, to the activations'
-dtype, where the eager step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux); ``supported`` says when a
-model can decode this way. The matrix products are ``tl.dot`` over blocks of 16 rows (rows past the batch are
+dtype, where the eager step rounds after every op. Needs ``triton`` (shipped with torch's CUDA wheels on Linux);
+``supported`` says when a model can decode this way. The matrix products are ``tl.dot`` over blocks of 16 rows (rows past the batch are
 masked), so one program serves batch 1 to 16 rows and the grid covers larger batches. ``BLOCKS``: the block sizes,
 measured on an H100 (``scripts/tune_decode.py``; ``MINILLM_DECODE_BLOCKS``, a JSON object, overrides them).
 

@@ -234,8 +234,9 @@ _MIX_ORDER_DEFAULT: dict[str, bool] = {}  # torch's own mix_order_reduction, bef
 
 def apply_model_levers(device: torch.device) -> None:
     """The levers that live in the model's code (``MINILLM_NORM``: ``RMSNorm.explicit`` and ``half_weight``;
-    ``MINILLM_PROJ``: ``Attention.concat_projections``) and inductor's kernel tuning (``MINILLM_TUNE``), set for
-    ``device`` before anything traces or runs the model (``maybe_compile`` calls it first)."""
+    ``MINILLM_PROJ``: ``Attention.concat_projections``; ``MINILLM_LOSS``: ``loss.TRITON_LOSS``) and inductor's (its
+    kernel tuning, ``MINILLM_TUNE``; its mix-order reductions, ``MINILLM_REDUCE``), set for ``device`` before
+    anything traces or runs the model (``maybe_compile`` calls it first)."""
     from minillm.model import loss
     from minillm.model.gpt import Attention, RMSNorm
 
